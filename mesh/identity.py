@@ -2,14 +2,12 @@
 
 The same 32-byte ed25519 seed is the libp2p host key, so ``node_id`` is the libp2p peer id. The key file
 is PKCS#8 PEM, mode 0600, written atomically (temp file, fsync, rename) so a crash never leaves a broken
-identity behind. This module is pure apart from that one file: no libp2p, no trio.
+identity behind. No libp2p and no trio here.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from mesh.errors import IdentityError, SignatureError
+from mesh.fsutil import atomic_write
 from mesh.ids import NodeId
 
 log = logging.getLogger(__name__)
@@ -98,20 +97,10 @@ def load_or_create(data_dir: Path) -> Identity:
         identity = Identity(key)
         log.info("identity loaded node_id=%s path=%s", identity.node_id, path)
         return identity
-    data_dir.mkdir(parents=True, exist_ok=True)
     identity = Identity.generate()
     pem = identity.private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".identity.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, pem)
-        os.fsync(fd)
-        os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, pem, mode=0o600)
     log.info("identity created node_id=%s path=%s", identity.node_id, path)
     return identity

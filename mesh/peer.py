@@ -144,7 +144,8 @@ class PeerCore:
             coordinator=lead.coordinator,
         )
         self._last_info = info
-        events += self.membership.observe(info, self.identity.public_key, now)
+        # Our own entry; its status events duplicate the ones _set_status already returned.
+        self.membership.observe(info, self.identity.public_key, now)
         return seal_node_info(info, self.identity), events
 
     def receive(self, data: bytes, now: float) -> list[PeerEvent]:

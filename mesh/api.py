@@ -1,0 +1,105 @@
+"""The local HTTP API (Starlette on hypercorn's trio worker, inside the peer's own nursery).
+
+Errors always answer ``{"error": {"code": ..., "message": ...}}`` with a matching status code, and are
+logged with their code; a bad request never disturbs the peer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from mesh.errors import MeshError, PeerError
+from mesh.wire import NodeStatus
+
+if TYPE_CHECKING:
+    from mesh.node import Node
+
+log = logging.getLogger(__name__)
+
+
+def error_response(err: MeshError) -> JSONResponse:
+    log.warning("api error %s: %s", err.code, err, extra={"event": "api_error", "code": err.code})
+    return JSONResponse({"error": err.to_dict()}, status_code=err.http_status)
+
+
+def build_app(node: Node) -> Starlette:
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "node_id": node.node_id, "node_status": node.core.status.value})
+
+    async def node_info(request: Request) -> JSONResponse:
+        return JSONResponse(node.node_info())
+
+    async def nodes(request: Request) -> JSONResponse:
+        return JSONResponse(node.nodes())
+
+    async def node_health(request: Request) -> JSONResponse:
+        node_id = request.query_params.get("node_id", node.node_id)
+        if not node_id:
+            raise PeerError("node_id must not be empty", code="MISSING_PARAMETER")
+        return JSONResponse(node.node_health(node_id))
+
+    async def coordinator(request: Request) -> JSONResponse:
+        return JSONResponse(node.coordinator())
+
+    async def drain(request: Request) -> JSONResponse:
+        node.request_drain()
+        return JSONResponse({"status": NodeStatus.DRAINING.value, "node_id": node.node_id}, status_code=202)
+
+    async def on_mesh_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, MeshError)
+        return error_response(exc)
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "BAD_REQUEST")
+        err = PeerError(f"{request.method} {request.url.path}: {exc.detail}", code=code)
+        err.http_status = exc.status_code
+        return error_response(err)
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The one documented boundary where any exception is caught: one request failed, the peer goes on.
+        log.error("api handler failed for %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": {"code": "INTERNAL", "message": "internal error"}}, status_code=500)
+
+    routes = [
+        Route("/api/health", health),
+        Route("/api/node-info", node_info),
+        Route("/api/nodes", nodes),
+        Route("/api/node-health", node_health),
+        Route("/api/coordinator", coordinator),
+        Route("/api/drain", drain, methods=["POST"]),
+    ]
+    return Starlette(
+        routes=routes,
+        exception_handlers={MeshError: on_mesh_error, HTTPException: on_http_error, Exception: on_unexpected},
+    )
+
+
+async def serve_api(
+    node: Node, listen: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve until cancelled; reports the bound ``http://host:port`` (a port of 0 is filled in)."""
+    config = HypercornConfig()
+    config.bind = [listen]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 5
+    config.h11_max_incomplete_size = 16 * 1024  # requests here are small; refuse huge headers early
+    app = build_app(node)
+
+    async def _serve(task_status: trio.TaskStatus[list[str]]) -> None:
+        await serve(app, config, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(_serve)
+        task_status.started(binds[0])

@@ -1,0 +1,163 @@
+"""``meshnode``: start a peer, look at the mesh, drain a peer, run the local demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+import trio
+
+from mesh import config as config_mod
+from mesh import logs
+from mesh.errors import MeshError
+
+log = logging.getLogger("meshnode")
+DEFAULT_API = "127.0.0.1:8470"
+
+
+def _api_url(addr: str) -> str:
+    return addr if addr.startswith("http") else f"http://{addr}"
+
+
+def api_get(addr: str, path: str, *, method: str = "GET", timeout: float = 5.0) -> Any:
+    """Call the local HTTP API; returns decoded JSON, raises MeshError with the API's code."""
+    req = urllib.request.Request(_api_url(addr) + path, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            err = json.loads(exc.read())["error"]
+        except (ValueError, KeyError, TypeError):
+            err = {"code": "HTTP_ERROR", "message": str(exc)}
+        raise MeshError(err["message"], code=err["code"]) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise MeshError(f"cannot reach the peer's API at {addr}: {exc}", code="API_UNREACHABLE") from None
+
+
+# ---- start --------------------------------------------------------------------------------------
+
+
+async def _start(cfg: config_mod.Config) -> None:
+    from mesh import node as node_mod
+
+    # Signals are caught from the start, so a SIGTERM during start-up still drains cleanly.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals, trio.open_nursery() as nursery:
+
+        async def run_peer(task_status: trio.TaskStatus[node_mod.Node]) -> None:
+            await node_mod.run(cfg, task_status=task_status)
+            nursery.cancel_scope.cancel()  # the peer has drained and closed: stop the signal watcher
+
+        peer = await nursery.start(run_peer)
+        print(f"meshnode peer {peer.node_id}", flush=True)
+        for addr in peer.transport.addrs():
+            print(f"  bootstrap address: {addr}", flush=True)
+        if peer.api_url:
+            print(f"  api: {peer.api_url}", flush=True)
+        async for sig in signals:
+            if peer.drain_requested.is_set():
+                log.warning("second signal: stopping now")
+                nursery.cancel_scope.cancel()
+                return
+            log.info("signal %s: draining", signal.Signals(sig).name)
+            peer.request_drain()
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    cfg = config_mod.build(args)
+    logs.setup(cfg.log.level, cfg.log.json)
+    trio.run(_start, cfg)
+    return 0
+
+
+# ---- status / drain -----------------------------------------------------------------------------
+
+
+def _fmt_gb(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def format_status(nodes: dict[str, Any]) -> str:
+    header = ("NODE", "NAME", "STATUS", "ROLE", "CPU", "MEM GB", "FREE GB", "LOAD", "GPUS", "GFLOP/S")
+    rows = [header]
+    for n in nodes["nodes"]:
+        hw = n["hardware"]
+        role = "coordinator" if n["is_coordinator"] else ""
+        if n.get("is_self"):
+            role = (role + " (self)").strip()
+        gpus = ",".join(g["name"] for g in hw["gpus"]) or "-"
+        rows.append((
+            n["node_id"][:16] + "…", n.get("name") or "-", n["status"], role, str(hw["cpu_cores"]),
+            _fmt_gb(hw["memory_gb"]), _fmt_gb(hw["memory_free_gb"]), f"{hw['load']:.2f}", gpus,
+            f"{n['compute_flops'] / 1e9:.1f}",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.append(f"coordinator: {nodes['coordinator'] or '(none yet)'}   term: {nodes['term']}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    nodes = api_get(args.api, "/api/nodes")
+    if args.json:
+        print(json.dumps(nodes, indent=2))
+    else:
+        print(format_status(nodes))
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    reply = api_get(args.api, "/api/drain", method="POST")
+    print(f"peer {reply['node_id']} is {reply['status']}; it goes offline and exits once drained")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mesh import demo
+
+    cfg = config_mod.build(args)
+    logs.setup("warning", False)
+    return demo.main(cfg, args.config)
+
+
+# ---- entry point --------------------------------------------------------------------------------
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshnode", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("start", help="start a peer")
+    config_mod.add_arguments(p)
+    p.set_defaults(func=cmd_start)
+    p = sub.add_parser("status", help="print the mesh as this peer sees it")
+    p.add_argument("--api", default=DEFAULT_API, help="the peer's API address (host:port)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("drain", help="drain the local peer: draining, then offline, then exit")
+    p.add_argument("--api", default=DEFAULT_API, help="the peer's API address (host:port)")
+    p.set_defaults(func=cmd_drain)
+    p = sub.add_parser("demo", help="start a local mesh on 127.0.0.1 and show it working")
+    config_mod.add_arguments(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MeshError as err:
+        print(f"meshnode: error {err.code}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""One frozen config tree: built-in defaults < a TOML file < command-line flags.
+
+Every option is declared once in ``OPTIONS``: its config key (``section.key``), its CLI flag, its type
+and its help. The CLI builds its flags from that table, so a key without a flag cannot exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from mesh.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    name: str = ""  # a human name shown in `meshnode status`; the node id stays the key's peer id
+    data_dir: str = "~/.meshnode"  # identity key and (later) models live here
+    accept_public_jobs: bool = True  # whether the coordinator may give this peer work
+    require_gpu: bool = False  # policy: peers without a GPU may not coordinate or serve
+    min_free_memory_gb: float = 0.25  # below this the peer reports itself degraded
+    benchmark_seconds: float = 0.3  # length of the start-up matmul benchmark (the compute score)
+    drain_seconds: float = 2.0  # how long a draining peer keeps announcing itself before going offline
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkConfig:
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)
+    bootstrap: tuple[str, ...] = ()
+    mdns: bool = True  # LAN discovery; binds UDP 5353 on every interface
+    peer_exchange: bool = True  # dial members learned from gossip
+    loopback_only: bool = False  # dial loopback addresses only (local meshes, tests)
+    dial_interval: float = 2.0  # seconds between rounds of (re)dialing bootstrap peers and members
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipSection:
+    heartbeat_interval: float = 1.0
+    suspect_after: float = 1.6
+    offline_after: float = 2.6
+    registering_for: float = 2.0
+    forget_after: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    listen: str = "127.0.0.1:8470"  # "" turns the HTTP API off
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    json: bool = False  # one JSON object per line
+
+
+@dataclass(frozen=True, slots=True)
+class DemoConfig:
+    peers: int = 3  # how many local peers `meshnode demo` starts
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    membership: MembershipSection = field(default_factory=MembershipSection)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.node.data_dir).expanduser()
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    key: str  # "section.field"
+    flag: str
+    help: str
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("node.name", "--name", "human-readable peer name"),
+    Option("node.data_dir", "--data-dir", "directory for the identity key and models"),
+    Option("node.accept_public_jobs", "--accept-public-jobs", "let the coordinator give this peer work"),
+    Option("node.require_gpu", "--require-gpu", "only peers with a GPU may coordinate or serve"),
+    Option("node.min_free_memory_gb", "--min-free-memory-gb", "report degraded below this free memory"),
+    Option("node.benchmark_seconds", "--benchmark-seconds", "length of the start-up compute benchmark"),
+    Option("node.drain_seconds", "--drain-seconds", "seconds announced as draining before going offline"),
+    Option("network.listen", "--listen", "multiaddr to listen on (repeatable)"),
+    Option("network.bootstrap", "--bootstrap", "full multiaddr of a peer to join through (repeatable)"),
+    Option("network.mdns", "--mdns", "discover peers on the LAN with mDNS"),
+    Option("network.peer_exchange", "--peer-exchange", "dial members learned from gossip"),
+    Option("network.loopback_only", "--loopback-only", "dial loopback addresses only"),
+    Option("network.dial_interval", "--dial-interval", "seconds between redial rounds"),
+    Option("membership.heartbeat_interval", "--heartbeat-interval", "seconds between heartbeats"),
+    Option("membership.suspect_after", "--suspect-after", "silence (s) before a peer is degraded"),
+    Option("membership.offline_after", "--offline-after", "silence (s) before a peer is offline"),
+    Option("membership.registering_for", "--registering-for", "seconds in registering after start"),
+    Option("membership.forget_after", "--forget-after", "seconds before an offline peer is forgotten"),
+    Option("api.listen", "--api", "host:port of the local HTTP API ('' to disable)"),
+    Option("log.level", "--log-level", "debug, info, warning or error"),
+    Option("log.json", "--log-json", "log one JSON object per line"),
+    Option("demo.peers", "--peers", "number of local peers for `meshnode demo`"),
+)
+
+
+def _field_type(key: str) -> Any:
+    section, name = key.split(".")
+    section_cls = {f.name: f.default_factory for f in fields(Config)}[section]  # type: ignore[misc]
+    default = getattr(section_cls(), name)
+    return type(default)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per option; unset flags stay None so the file and defaults show through."""
+    parser.add_argument("--config", metavar="FILE", help="TOML config file")
+    for opt in OPTIONS:
+        kind = _field_type(opt.key)
+        dest = opt.key.replace(".", "__")
+        if kind is bool:
+            parser.add_argument(opt.flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                                help=opt.help)
+        elif kind is tuple:
+            parser.add_argument(opt.flag, dest=dest, action="append", default=None, help=opt.help)
+        else:
+            parser.add_argument(opt.flag, dest=dest, type=kind, default=None, help=opt.help)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    kind = _field_type(key)
+    if kind is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings")
+        return tuple(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _apply(config: Config, values: dict[str, Any]) -> Config:
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = _coerce(key, value)
+    for section, changes in sections.items():
+        config = replace(config, **{section: replace(getattr(config, section), **changes)})
+    return config
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config into ``{"section.key": value}``; unknown sections or keys are errors."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    known = {opt.key for opt in OPTIONS}
+    flat: dict[str, Any] = {}
+    for section, table in raw.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
+        for name, value in table.items():
+            key = f"{section}.{name}"
+            if key not in known:
+                raise ConfigError(f"{path}: unknown option {key!r}")
+            flat[key] = value
+    return flat
+
+
+def build(args: argparse.Namespace | None = None, file: str | Path | None = None) -> Config:
+    """Defaults, then the file (``--config`` or ``file``), then flags that were given."""
+    config = Config()
+    path = file if file is not None else getattr(args, "config", None)
+    if path:
+        config = _apply(config, load_file(path))
+    if args is not None:
+        given = {}
+        for opt in OPTIONS:
+            value = getattr(args, opt.key.replace(".", "__"), None)
+            if value is not None:
+                given[opt.key] = value
+        config = _apply(config, given)
+    try:
+        validate(config)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return config
+
+
+def validate(config: Config) -> None:
+    m = config.membership
+    if not 0 < m.heartbeat_interval < m.suspect_after < m.offline_after < m.forget_after:
+        raise ValueError("membership: need 0 < heartbeat_interval < suspect_after < offline_after < forget_after")
+    if config.log.level.lower() not in ("debug", "info", "warning", "error"):
+        raise ValueError(f"log.level: unknown level {config.log.level!r}")
+    if not config.network.listen:
+        raise ValueError("network.listen: at least one address is needed")
+    if config.demo.peers < 1:
+        raise ValueError("demo.peers must be at least 1")

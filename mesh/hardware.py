@@ -1,0 +1,84 @@
+"""What this machine has: psutil for CPU, memory, load and battery; torch for GPUs and the compute score.
+
+``measure_flops`` is blocking torch work: callers run it with ``trio.to_thread.run_sync``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import psutil
+
+from mesh.wire import Battery, GpuInfo, Hardware
+
+log = logging.getLogger(__name__)
+_GB = 1024**3
+#: Square fp32 matmuls of this size: big enough to reach steady-state BLAS speed, small enough that a
+#: 0.3 s benchmark runs many iterations even on a slow laptop.
+BENCH_MATRIX = 512
+
+
+def gpus() -> tuple[GpuInfo, ...]:
+    import torch
+
+    out = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            try:
+                free, total = torch.cuda.mem_get_info(i)
+                usage = 1.0 - free / total
+            except RuntimeError:
+                usage = 0.0
+            out.append(GpuInfo(name=props.name, memory_gb=props.total_memory / _GB, usage=usage))
+    return tuple(out)
+
+
+def snapshot(gpu_list: tuple[GpuInfo, ...] = ()) -> Hardware:
+    """Current numbers; cheap enough to call every heartbeat (GPU list measured once at start)."""
+    vm = psutil.virtual_memory()
+    cores = psutil.cpu_count(logical=True) or 1
+    try:
+        load = os.getloadavg()[0] / cores
+    except OSError:
+        load = psutil.cpu_percent(interval=None) / 100.0
+    battery = None
+    try:
+        b = psutil.sensors_battery()
+    except (AttributeError, NotImplementedError, OSError):
+        b = None
+    if b is not None:
+        battery = Battery(level=float(b.percent), charging=bool(b.power_plugged))
+    return Hardware(
+        gpus=gpu_list,
+        cpu_cores=cores,
+        memory_gb=vm.total / _GB,
+        memory_free_gb=vm.available / _GB,
+        load=load,
+        battery=battery,
+    )
+
+
+def measure_flops(seconds: float) -> float:
+    """FLOP/s of fp32 matmuls on the best local device (GPU if any), measured for ``seconds``."""
+    import torch
+
+    if seconds <= 0:
+        return 0.0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(BENCH_MATRIX, BENCH_MATRIX, device=device)
+    b = torch.randn(BENCH_MATRIX, BENCH_MATRIX, device=device)
+    (a @ b).sum().item()  # warm-up (and lazy CUDA init)
+    iters = 0
+    start = time.perf_counter()
+    while True:
+        (a @ b).sum().item()
+        iters += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            break
+    flops = 2 * BENCH_MATRIX**3 * iters / elapsed
+    log.info("compute benchmark: %.2f GFLOP/s on %s (%d matmuls of %d^2)", flops / 1e9, device, iters, BENCH_MATRIX)
+    return flops

@@ -1,0 +1,164 @@
+"""Real ``meshnode start`` processes on 127.0.0.1: used by ``meshnode demo``, the integration tests
+and the benchmarks. Each peer gets its own data dir and a log file (JSON lines) in it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mesh.cli import api_get
+from mesh.errors import MeshError
+from mesh.node import NODE_FILE
+
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T | None], timeout: float, interval: float = 0.2, what: str = "condition") -> T:
+    """Poll ``check`` until it returns something truthy; TimeoutError naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class PeerProcess:
+    name: str
+    data_dir: Path
+    proc: subprocess.Popen[bytes]
+    node_id: str = ""
+    api: str = ""
+    addrs: list[str] = field(default_factory=list)
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "peer.log"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def get(self, path: str) -> Any:
+        return api_get(self.api, path, timeout=3.0)
+
+    def try_get(self, path: str) -> Any | None:
+        try:
+            return self.get(path)
+        except MeshError:
+            return None
+
+    def log_records(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+
+
+@dataclass
+class LocalMesh:
+    """Start and own peer processes; ``close()`` (or the context manager) kills whatever is left."""
+
+    base_dir: Path
+    config_file: str | None = None
+    extra_args: tuple[str, ...] = ()
+    peers: list[PeerProcess] = field(default_factory=list)
+
+    def start_peer(self, name: str, bootstrap: list[str] = (), *, timeout: float = 60.0,
+                   args: tuple[str, ...] = ()) -> PeerProcess:
+        data_dir = self.base_dir / name
+        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / NODE_FILE).unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "mesh.cli", "start", "--data-dir", str(data_dir), "--name", name,
+               "--log-json"]
+        if self.config_file:
+            cmd += ["--config", self.config_file]
+        for b in bootstrap:
+            cmd += ["--bootstrap", b]
+        cmd += [*self.extra_args, *args]
+        log = open(data_dir / "peer.log", "ab")  # the child holds its own copy of the descriptor
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        peer = PeerProcess(name, data_dir, proc)
+        self.peers.append(peer)
+
+        def started() -> dict[str, Any] | None:
+            if not peer.alive():
+                raise RuntimeError(f"peer {name} exited with {proc.returncode}; see {peer.log_path}")
+            try:
+                info = json.loads((data_dir / NODE_FILE).read_text())
+            except (OSError, ValueError):
+                return None
+            return info if info.get("pid") == proc.pid else None
+
+        info = wait_for(started, timeout, what=f"peer {name} to start")
+        peer.node_id, peer.api, peer.addrs = info["node_id"], info["api"], info["addrs"]
+        return peer
+
+    def start_chain(self, count: int, prefix: str = "peer") -> list[PeerProcess]:
+        """Start ``count`` peers where each bootstraps from the previous one only."""
+        started: list[PeerProcess] = []
+        for i in range(count):
+            bootstrap = started[-1].addrs[:1] if started else []
+            started.append(self.start_peer(f"{prefix}-{chr(ord('a') + i)}", bootstrap))
+        return started
+
+    def close(self, timeout: float = 10.0) -> None:
+        for p in self.peers:
+            p.signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in self.peers:
+            try:
+                p.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.proc.kill()
+                p.proc.wait()
+
+    def __enter__(self) -> LocalMesh:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def mesh_view(peer: PeerProcess) -> tuple[frozenset[tuple[str, str]], str | None, int] | None:
+    """(node_id, status) pairs, coordinator and term as one peer sees them; None if it does not answer."""
+    nodes = peer.try_get("/api/nodes")
+    if nodes is None:
+        return None
+    return frozenset((n["node_id"], n["status"]) for n in nodes["nodes"]), nodes["coordinator"], nodes["term"]
+
+
+def agreed(peers: list[PeerProcess], *, also_offline: list[str] = ()) -> tuple[str, int] | None:
+    """(coordinator, term) when every peer lists every peer of ``peers`` as ready (and each id in
+    ``also_offline`` as offline) and all name the same coordinator and term; else None."""
+    expected = {(p.node_id, "ready") for p in peers} | {(i, "offline") for i in also_offline}
+    views = [mesh_view(p) for p in peers]
+    if any(v is None for v in views):
+        return None
+    if any(set(v[0]) != expected for v in views):  # type: ignore[index]
+        return None
+    leads = {(v[1], v[2]) for v in views}  # type: ignore[index]
+    if len(leads) != 1:
+        return None
+    coordinator, term = next(iter(leads))
+    return (coordinator, term) if coordinator in {p.node_id for p in peers} else None

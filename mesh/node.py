@@ -1,0 +1,296 @@
+"""The composition root: one peer, one root nursery. Wires identity, hardware, transport, the pure
+peer core and the HTTP API together and drives them with time.
+
+Tasks (all children of one nursery, none fire-and-forget):
+    heartbeats  - publish this peer's signed NodeInfo every heartbeat_interval (never blocked by a peer)
+    receive     - feed gossip to the core; rejections logged with their code, never raised
+    ticks       - failure detection, lifecycle and election, four times per heartbeat
+    dialer      - (re)dial bootstrap peers and members learned from gossip (peer exchange), mDNS finds
+    api         - the local HTTP API
+    lifecycle   - drain on request or signal: draining for drain_seconds, then a goodbye, then exit
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import trio
+
+from mesh import hardware
+from mesh.config import Config
+from mesh.errors import NotFoundError, PeerError
+from mesh.fsutil import atomic_write
+from mesh.identity import Identity, load_or_create
+from mesh.ids import NodeId
+from mesh.membership import Forgotten, MembershipConfig, StatusChanged
+from mesh.peer import LeaderChanged, PeerCore, PeerEvent, PeerProfile
+from mesh.transport import GossipMessage, Transport, is_loopback_addr, peer_id_of
+from mesh.wire import NODES_TOPIC, GpuInfo, NodeStatus, open_signed
+
+log = logging.getLogger(__name__)
+VERSION = "0.1.0"
+#: Dials in flight at once: a large mesh learned in one gossip round must not open hundreds of sockets.
+MAX_CONCURRENT_DIALS = 8
+NODE_FILE = "node.json"  # addresses of the running peer, for scripts and tests
+
+
+class Node:
+    def __init__(
+        self, config: Config, identity: Identity, core: PeerCore, transport: Transport,
+        gpus: tuple[GpuInfo, ...], flops: float,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.core = core
+        self.transport = transport
+        self.gpus = gpus
+        self.flops = flops
+        self.api_url = ""
+        self.started_wall = time.time()
+        self.drain_requested = trio.Event()
+        self.finished = trio.Event()
+        self._dial_failures: dict[str, str] = {}
+
+    @property
+    def node_id(self) -> NodeId:
+        return self.identity.node_id
+
+    # ---- time and events -------------------------------------------------------------------------
+
+    @staticmethod
+    def now() -> float:
+        return trio.current_time()
+
+    def wall(self, t: float) -> float:
+        """A monotonic core timestamp as Unix time."""
+        return time.time() - (self.now() - t)
+
+    def _log_events(self, events: list[PeerEvent]) -> None:
+        for ev in events:
+            if isinstance(ev, StatusChanged):
+                log.info("peer %s: %s -> %s (%s)", ev.node_id, ev.old, ev.new, ev.reason,
+                         extra={"event": "status_changed", "node_id": self.node_id, "peer": ev.node_id,
+                                "old": ev.old and ev.old.value, "new": ev.new.value, "reason": ev.reason})
+            elif isinstance(ev, LeaderChanged):
+                log.info("coordinator %s (term %d), was %s (term %d)", ev.new.coordinator, ev.new.term,
+                         ev.old.coordinator, ev.old.term,
+                         extra={"event": "coordinator_changed", "node_id": self.node_id,
+                                "coordinator": ev.new.coordinator, "term": ev.new.term})
+            elif isinstance(ev, Forgotten):
+                log.info("peer %s forgotten", ev.node_id,
+                         extra={"event": "forgotten", "node_id": self.node_id, "peer": ev.node_id})
+
+    def _reject(self, err: PeerError, sender: str) -> None:
+        log.warning("rejected gossip from %s: %s %s", sender, err.code, err,
+                    extra={"event": "rejected", "code": err.code, "node_id": self.node_id, "peer": sender})
+
+    # ---- tasks -----------------------------------------------------------------------------------
+
+    async def heartbeats(self) -> None:
+        interval = self.config.membership.heartbeat_interval
+        next_at = self.now()
+        while True:
+            await self.publish_heartbeat()
+            next_at += interval
+            if next_at < self.now():  # we fell behind (a stalled loop): do not burst to catch up
+                next_at = self.now() + interval
+            await trio.sleep_until(next_at)
+
+    async def publish_heartbeat(self) -> None:
+        data, events = self.core.heartbeat(
+            self.now(),
+            hardware=hardware.snapshot(self.gpus),
+            compute_flops=self.flops,
+            addrs=tuple(self.transport.addrs()),
+            api=self.api_url,
+        )
+        self._log_events(events)
+        # A publish must never hold up the next heartbeat, whatever a peer's socket does.
+        with trio.move_on_after(self.config.membership.heartbeat_interval) as scope:
+            await self.transport.publish(NODES_TOPIC, data)
+        if scope.cancelled_caught:
+            log.warning("heartbeat publish took longer than the interval; skipped",
+                        extra={"event": "publish_slow", "node_id": self.node_id})
+
+    def accept_gossip(self, msg: GossipMessage) -> bool:
+        """Topic validator: refuse (and do not relay) anything malformed, forged or oversize."""
+        if msg.sender == self.node_id:
+            return True
+        try:
+            open_signed(msg.data)
+        except PeerError as err:
+            self._reject(err, msg.sender)
+            return False
+        return True
+
+    async def receive(self) -> None:
+        async with self.transport.subscribe(NODES_TOPIC) as messages:
+            async for msg in messages:
+                if msg.sender == self.node_id:
+                    continue  # gossip echoes our own messages
+                try:
+                    self._log_events(self.core.receive(msg.data, self.now()))
+                except PeerError as err:
+                    self._reject(err, msg.sender)
+
+    async def ticks(self) -> None:
+        while True:
+            self._log_events(self.core.tick(self.now()))
+            await trio.sleep(self.config.membership.heartbeat_interval / 4)
+
+    def _dial_targets(self) -> list[str]:
+        net = self.config.network
+        connected = self.transport.connected_peers()
+        targets: list[str] = []
+        for addr in net.bootstrap:
+            try:
+                if peer_id_of(addr) not in connected:
+                    targets.append(addr)
+            except PeerError as err:
+                log.error("bad bootstrap address %s: %s", addr, err, extra={"code": err.code})
+        if net.peer_exchange:
+            for m in self.core.membership.live():
+                # One side dials (the lower id) so two peers do not open two connections at once.
+                if m.node_id == self.node_id or m.node_id in connected or m.node_id < self.node_id:
+                    continue
+                for addr in m.info.addrs:
+                    if addr.endswith(f"/p2p/{m.node_id}"):
+                        targets.append(addr)
+                        break
+        if net.loopback_only:
+            targets = [a for a in targets if is_loopback_addr(a)]
+        return list(dict.fromkeys(targets))
+
+    async def _dial(self, addr: str, limiter: trio.CapacityLimiter) -> None:
+        async with limiter:
+            try:
+                peer = await self.transport.connect(addr)
+            except PeerError as err:
+                if self._dial_failures.get(addr) != str(err):
+                    log.info("dial %s failed: %s", addr, err, extra={"event": "dial_failed", "code": err.code})
+                self._dial_failures[addr] = str(err)
+                return
+        self._dial_failures.pop(addr, None)
+        log.info("connected to %s", peer, extra={"event": "connected", "node_id": self.node_id, "peer": peer})
+
+    async def dialer(self) -> None:
+        limiter = trio.CapacityLimiter(MAX_CONCURRENT_DIALS)
+        while True:
+            async with trio.open_nursery() as nursery:
+                for addr in self._dial_targets():
+                    nursery.start_soon(self._dial, addr, limiter)
+            await trio.sleep(self.config.network.dial_interval)
+
+    async def mdns_dialer(self) -> None:
+        limiter = trio.CapacityLimiter(MAX_CONCURRENT_DIALS)
+        async with trio.open_nursery() as nursery:
+            async for addr in self.transport.discovered:
+                if self.config.network.loopback_only and not is_loopback_addr(addr):
+                    continue
+                if peer_id_of(addr) not in self.transport.connected_peers():
+                    nursery.start_soon(self._dial, addr, limiter)
+
+    async def lifecycle(self) -> None:
+        await self.drain_requested.wait()
+        log.info("draining", extra={"event": "draining", "node_id": self.node_id})
+        self._log_events(self.core.drain(self.now()))
+        await self.publish_heartbeat()
+        await trio.sleep(self.config.node.drain_seconds)
+        self._log_events(self.core.stop(self.now()))
+        await self.publish_heartbeat()  # the goodbye: peers mark us offline at once
+        await trio.sleep(0.2)  # let the goodbye leave before the host closes
+        self.finished.set()
+
+    def request_drain(self) -> None:
+        self.drain_requested.set()
+
+    # ---- views for the API -----------------------------------------------------------------------
+
+    def node_info(self) -> dict[str, Any]:
+        info = self.core.info
+        out = dataclasses.asdict(info) if info is not None else {"node_id": self.node_id}
+        out["status"] = self.core.status.value
+        out["uptime_s"] = round(time.time() - self.started_wall, 3)
+        return out
+
+    def nodes(self) -> dict[str, Any]:
+        now = self.now()
+        lead = self.core.leadership
+        rows = []
+        for m in self.core.membership.members():
+            row = dataclasses.asdict(m.info)
+            row["status"] = m.status.value
+            row["reported_status"] = m.info.status.value
+            row["last_seen"] = round(self.wall(m.last_seen), 3)
+            row["is_coordinator"] = m.node_id == lead.coordinator
+            row["is_self"] = m.node_id == self.node_id
+            rows.append(row)
+        return {"nodes": rows, "coordinator": lead.coordinator, "term": lead.term, "self": self.node_id}
+
+    def node_health(self, node_id: str) -> dict[str, Any]:
+        m = self.core.membership.get(NodeId(node_id))
+        if m is None:
+            raise NotFoundError(f"no peer {node_id!r} in the membership table", code="UNKNOWN_NODE")
+        now = self.now()
+        issues = self.core.membership.issues(m, now)
+        return {
+            "node_id": m.node_id,
+            "is_healthy": m.status == NodeStatus.READY and not issues,
+            "status": m.status.value,
+            "last_seen": round(self.wall(m.last_seen), 3),
+            "current_load": m.info.hardware.load,
+            "issues": issues,
+        }
+
+    def coordinator(self) -> dict[str, Any]:
+        lead = self.core.leadership
+        return {"node_id": lead.coordinator, "term": lead.term}
+
+
+async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run one peer until it has drained (``Node.request_drain``) or is cancelled."""
+    from mesh.api import serve_api
+
+    data_dir = config.data_path
+    identity = load_or_create(data_dir)
+    gpus = await trio.to_thread.run_sync(hardware.gpus)
+    flops = await trio.to_thread.run_sync(hardware.measure_flops, config.node.benchmark_seconds)
+    m = config.membership
+    membership_config = MembershipConfig(
+        heartbeat_interval=m.heartbeat_interval, suspect_after=m.suspect_after,
+        offline_after=m.offline_after, forget_after=m.forget_after, require_gpu=config.node.require_gpu,
+    )
+    profile = PeerProfile(
+        version=VERSION, name=config.node.name, incarnation=int(time.time() * 1000),
+        accept_public_jobs=config.node.accept_public_jobs, registering_for=m.registering_for,
+        min_free_memory_gb=config.node.min_free_memory_gb,
+    )
+    core = PeerCore(identity, profile, membership_config, trio.current_time())
+    async with Transport.open(identity, config.network.listen, mdns=config.network.mdns,
+                              gossip_heartbeat=m.heartbeat_interval) as transport:
+        node = Node(config, identity, core, transport, gpus, flops)
+        transport.set_validator(NODES_TOPIC, node.accept_gossip)
+        async with trio.open_nursery() as nursery:
+            if config.api.listen:
+                node.api_url = await nursery.start(serve_api, node, config.api.listen)
+            addrs = transport.addrs()
+            atomic_write(data_dir / NODE_FILE, json.dumps(
+                {"node_id": node.node_id, "addrs": addrs, "api": node.api_url, "pid": os.getpid()}
+            ).encode())
+            log.info("peer %s listening on %s, api %s", node.node_id, " ".join(addrs), node.api_url or "off",
+                     extra={"event": "started", "node_id": node.node_id, "api": node.api_url})
+            for task in (node.receive, node.heartbeats, node.ticks, node.dialer, node.lifecycle):
+                nursery.start_soon(task)
+            if config.network.mdns:
+                nursery.start_soon(node.mdns_dialer)
+            task_status.started(node)
+            await node.finished.wait()
+            nursery.cancel_scope.cancel()
+    log.info("peer %s stopped", identity.node_id, extra={"event": "stopped", "node_id": identity.node_id})
+
+

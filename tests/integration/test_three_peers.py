@@ -1,0 +1,57 @@
+"""Three real `meshnode start` processes on 127.0.0.1 with a chained bootstrap (B knows A, C knows B)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from mesh.localmesh import LocalMesh, agreed, wait_for
+
+pytestmark = pytest.mark.integration
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "local-3.toml")
+
+
+def test_chain_of_three_converges_then_survives_kill_of_the_coordinator(tmp_path: Path) -> None:
+    with LocalMesh(tmp_path, CONFIG, extra_args=("--benchmark-seconds", "0.1")) as mesh:
+        t0 = time.monotonic()
+        peers = mesh.start_chain(3)
+        coordinator, term = wait_for(lambda: agreed(peers), timeout=15, what="3 peers ready, one coordinator")
+        print(f"converged in {time.monotonic() - t0:.1f}s: coordinator {coordinator} term {term}")
+        # Peer exchange: C only knew B, yet it is directly connected to A as well.
+        c = peers[2]
+        assert c.get("/api/node-health?node_id=" + peers[0].node_id)["is_healthy"] is True
+
+        victim = next(p for p in peers if p.node_id == coordinator)
+        survivors = [p for p in peers if p is not victim]
+        victim.signal(signal.SIGKILL)
+        t1 = time.monotonic()
+        new_coordinator, new_term = wait_for(
+            lambda: agreed(survivors, also_offline=[victim.node_id]), timeout=10,
+            what="survivors to agree on a new coordinator and mark the old one offline",
+        )
+        print(f"re-elected in {time.monotonic() - t1:.1f}s: {new_coordinator} term {new_term}")
+        assert new_coordinator != coordinator and new_term > term
+        health = survivors[0].get("/api/node-health?node_id=" + victim.node_id)
+        assert health["status"] == "offline" and not health["is_healthy"] and health["issues"]
+
+
+def test_drain_moves_a_peer_to_draining_then_offline_and_it_exits(tmp_path: Path) -> None:
+    with LocalMesh(tmp_path, CONFIG, extra_args=("--benchmark-seconds", "0.05", "--drain-seconds", "3")) as mesh:
+        a, b = mesh.start_chain(2)
+        wait_for(lambda: agreed([a, b]), timeout=15, what="2 peers to agree")
+        from mesh.cli import main
+
+        assert main(["drain", "--api", b.api]) == 0
+        wait_for(lambda: ("draining" in str(a.try_get("/api/node-health?node_id=" + b.node_id))), timeout=3,
+                 what="A to see B draining")
+        wait_for(lambda: (a.get("/api/node-health?node_id=" + b.node_id)["status"] == "offline"), timeout=8,
+                 what="A to see B offline")
+        assert b.proc.wait(timeout=5) == 0
+        events = [r.get("event") for r in b.log_records()]
+        assert "draining" in events and "stopped" in events
+        # SIGTERM does the same: a clean exit with status 0.
+        a.signal(signal.SIGTERM)
+        assert a.proc.wait(timeout=10) == 0
