@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) -m mesh.demo --config configs/local-3.toml
+	$(VENV)/bin/meshnode demo --config configs/local-3.toml
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

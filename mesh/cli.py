@@ -9,6 +9,7 @@ import signal
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
@@ -45,10 +46,15 @@ def api_get(addr: str, path: str, *, method: str = "GET", timeout: float = 5.0) 
 
 
 async def _start(cfg: config_mod.Config) -> None:
+    # Signals are caught from the start, so a SIGTERM during start-up still drains cleanly.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        await _serve_until_drained(cfg, signals)
+
+
+async def _serve_until_drained(cfg: config_mod.Config, signals: AsyncIterator[int]) -> None:
     from mesh import node as node_mod
 
-    # Signals are caught from the start, so a SIGTERM during start-up still drains cleanly.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals, trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery:
 
         async def run_peer(task_status: trio.TaskStatus[node_mod.Node]) -> None:
             await node_mod.run(cfg, task_status=task_status)

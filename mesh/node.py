@@ -219,7 +219,6 @@ class Node:
         return out
 
     def nodes(self) -> dict[str, Any]:
-        now = self.now()
         lead = self.core.leadership
         rows = []
         for m in self.core.membership.members():
