@@ -40,7 +40,7 @@ def main(cfg: Config, config_path: str | None) -> int:
             print(f"\nkilling the coordinator ({victim.name}) with SIGKILL...", flush=True)
             victim.signal(signal.SIGKILL)
             t1 = time.monotonic()
-            new, new_term = wait_for(lambda: agreed(survivors, also_offline=[victim.node_id]), timeout=20,
+            _, new_term = wait_for(lambda: agreed(survivors, also_offline=[victim.node_id]), timeout=20,
                                      what="a new coordinator")
             print(f"survivors marked it offline and agreed on a new coordinator in {time.monotonic() - t1:.1f}s "
                   f"(term {term} -> {new_term})\n", flush=True)

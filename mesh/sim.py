@@ -47,6 +47,7 @@ class SimMesh:
     step: float = 0.01
     now: float = 0.0
     rejected: list[tuple[NodeId, str]] = field(default_factory=list)
+    delivered: int = 0  # messages delivered (each one signature-verified by its receiver)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -129,6 +130,7 @@ class SimMesh:
 
     def _deliver(self, peer: SimPeer, data: bytes) -> None:
         assert peer.core is not None
+        self.delivered += 1
         try:
             peer.core.receive(data, self.now)
         except PeerError as exc:

@@ -68,7 +68,7 @@ def peer_id_of(addr: str) -> NodeId:
     try:
         return NodeId(info_from_p2p_addr(multiaddr.Multiaddr(addr)).peer_id.to_base58())
     except Exception as exc:  # multiaddr and libp2p raise many unrelated types for a bad address
-        raise PeerError(f"not a full multiaddr with /p2p/<peer id>: {addr!r} ({exc})", code="BAD_MULTIADDR")
+        raise PeerError(f"not a full multiaddr with /p2p/<peer id>: {addr!r} ({exc})", code="BAD_MULTIADDR") from None
 
 
 class _Notifee(INotifee):
