@@ -1,28 +1,20 @@
-"""The peer's persistent ed25519 identity and message signatures.
+"""The peer's ed25519 identity and message signatures (pure; the key file is ``mesh.keyfile``).
 
-The same 32-byte ed25519 seed is the libp2p host key, so ``node_id`` is the libp2p peer id. The key file
-is PKCS#8 PEM, mode 0600, written atomically (temp file, fsync, rename) so a crash never leaves a broken
-identity behind. No libp2p and no trio here.
+The same 32-byte ed25519 seed is the libp2p host key, so ``node_id`` is the libp2p peer id.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import base58
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from mesh.errors import IdentityError, SignatureError
-from mesh.fsutil import atomic_write
+from mesh.errors import SignatureError
 from mesh.ids import NodeId
 
-log = logging.getLogger(__name__)
-
-IDENTITY_FILE = "identity.key"
 PUBLIC_KEY_SIZE = 32
 SIGNATURE_SIZE = 64
 # libp2p's protobuf PublicKey{Type: Ed25519 (1), Data: 32 bytes}, then an identity multihash (code 0x00,
@@ -82,25 +74,3 @@ class Identity:
 
     def sign(self, message: bytes) -> bytes:
         return self.private_key.sign(message)
-
-
-def load_or_create(data_dir: Path) -> Identity:
-    """Load ``data_dir/identity.key``, or create it on first start (atomic write, mode 0600)."""
-    path = data_dir / IDENTITY_FILE
-    if path.exists():
-        try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except (ValueError, TypeError) as exc:
-            raise IdentityError(f"{path} is not a PEM ed25519 private key: {exc}") from exc
-        if not isinstance(key, Ed25519PrivateKey):
-            raise IdentityError(f"{path} holds a {type(key).__name__}, not an ed25519 key")
-        identity = Identity(key)
-        log.info("identity loaded node_id=%s path=%s", identity.node_id, path)
-        return identity
-    identity = Identity.generate()
-    pem = identity.private_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    atomic_write(path, pem, mode=0o600)
-    log.info("identity created node_id=%s path=%s", identity.node_id, path)
-    return identity

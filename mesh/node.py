@@ -25,8 +25,9 @@ from mesh import hardware
 from mesh.config import Config
 from mesh.errors import NotFoundError, PeerError
 from mesh.fsutil import atomic_write
-from mesh.identity import Identity, load_or_create
+from mesh.identity import Identity
 from mesh.ids import NodeId
+from mesh.keyfile import load_or_create
 from mesh.membership import Forgotten, MembershipConfig, StatusChanged
 from mesh.peer import LeaderChanged, PeerCore, PeerEvent, PeerProfile
 from mesh.transport import GossipMessage, Transport, is_loopback_addr, peer_id_of

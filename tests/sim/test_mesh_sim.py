@@ -102,3 +102,33 @@ def test_a_restarted_peer_comes_back_ready() -> None:
     mesh.start(victim.index)  # same key, new incarnation
     assert mesh.run_until(lambda m: m.converged(), timeout=10) is not None
     assert len(mesh.alive_peers()) == 5
+
+
+def test_forged_and_malformed_gossip_is_rejected_and_the_mesh_stays_converged() -> None:
+    import cbor2
+
+    from mesh.identity import Identity
+    from mesh.wire import NODE_INFO, NodeInfo, NodeStatus, encode_node_info, seal, seal_node_info
+
+    mesh = SimMesh(10, seed=7)
+    _join_all(mesh)
+    assert mesh.run_until(lambda m: m.converged(), timeout=20) is not None
+    (coord,) = mesh.coordinators()
+    mallory = Identity.generate()
+    # Mallory claims the coordinator's id and a huge term, to hijack the election.
+    hijack = NodeInfo(node_id=coord, incarnation=2**40, seq=1, status=NodeStatus.READY, version="x",
+                      term=10**6, coordinator=coord)
+    own = NodeInfo(node_id=mallory.node_id, incarnation=1, seq=1, status=NodeStatus.READY, version="x")
+    future = cbor2.loads(encode_node_info(own)) | {"capability_schema_version": "7.0"}
+    bad_sig = cbor2.loads(seal_node_info(own, mallory)) | {"s": bytes(64)}
+    for i in range(10):
+        mesh.inject(i, seal_node_info(hijack, mallory))
+        mesh.inject(i, seal(NODE_INFO, cbor2.dumps(future), mallory))
+        mesh.inject(i, cbor2.dumps(bad_sig))
+        mesh.inject(i, b"\x9f\x9f\x9f")
+    codes = [code for _, code in mesh.rejected]
+    for code in ("NODE_ID_CONFLICT", "INVALID_CAPABILITY_SCHEMA", "BAD_SIGNATURE", "MALFORMED_MESSAGE"):
+        assert codes.count(code) == 10, (code, codes)
+    mesh.run_for(3.0)
+    assert mesh.converged() and mesh.coordinators() == {coord}
+    assert {p.core.leadership.term for p in mesh.alive_peers()} == {1}

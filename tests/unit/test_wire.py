@@ -133,3 +133,17 @@ def test_unknown_kind_and_version() -> None:
     env = cbor2.loads(seal_node_info(info(), ME))
     env["v"] = 9
     assert _code(cbor2.dumps(env)) == "UNSUPPORTED_VERSION"
+
+
+def test_identity_file_is_created_once_then_reused(tmp_path) -> None:
+    import stat
+
+    from mesh.errors import IdentityError
+    from mesh.keyfile import IDENTITY_FILE, load_or_create
+
+    first = load_or_create(tmp_path)
+    assert stat.S_IMODE((tmp_path / IDENTITY_FILE).stat().st_mode) == 0o600
+    assert load_or_create(tmp_path).node_id == first.node_id
+    (tmp_path / IDENTITY_FILE).write_text("not a key")
+    with pytest.raises(IdentityError):
+        load_or_create(tmp_path)
