@@ -16,7 +16,6 @@ An offline peer that speaks again (it resumed or restarted) comes back with what
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from mesh.errors import NodeIdConflictError
@@ -192,6 +191,3 @@ class Membership:
         member.status_since = now
         return [StatusChanged(member.node_id, old, new, reason)]
 
-
-def live_ids(members: Iterable[Member]) -> list[NodeId]:
-    return [m.node_id for m in members if m.status != S.OFFLINE]

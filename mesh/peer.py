@@ -48,14 +48,6 @@ class LeaderChanged:
     new: Leadership
 
 
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """A message this peer refused, for logging: the code is stable, the detail is for people."""
-
-    code: str
-    detail: str
-
-
 PeerEvent = Event | LeaderChanged
 
 
@@ -186,7 +178,6 @@ class PeerCore:
         me = self.membership.get(self.node_id)
         if me is None:  # no heartbeat yet: we do not know our own score
             return []
-        if me.status != self.status:  # our status moved since the last heartbeat
-            me.status = self.status
+        me.status = self.status  # our own entry lags our status until the next heartbeat
         changed = self.election.update([self._candidate(m) for m in self.membership.members()])
         return [] if changed is None else [LeaderChanged(*changed)]

@@ -167,9 +167,6 @@ class Transport:
     def connected_peers(self) -> set[NodeId]:
         return {NodeId(p.to_base58()) for p in self._host.get_connected_peers()}
 
-    def connection_count(self) -> int:
-        return sum(len(c) for c in self._host.get_network().get_connections_map().values())
-
     def _on_connection(self, peer: NodeId, up: bool) -> None:
         log.debug("connection %s peer=%s", "up" if up else "down", peer)
 
@@ -197,9 +194,6 @@ class Transport:
         except Exception as exc:  # libp2p raises many unrelated types for a failed dial
             raise DialError(f"dial {addr} failed: {exc}") from None
         return peer
-
-    async def disconnect(self, peer: NodeId) -> None:
-        await self._host.get_network().close_peer(ID.from_base58(peer))
 
     # ---- gossip ----------------------------------------------------------------------------------
 
