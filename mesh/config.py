@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.errors import ConfigError
+from mesh.membership import MembershipConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +21,6 @@ class NodeConfig:
     name: str = ""  # a human name shown in `meshnode status`; the node id stays the key's peer id
     data_dir: str = "~/.meshnode"  # identity key and (later) models live here
     accept_public_jobs: bool = True  # whether the coordinator may give this peer work
-    require_gpu: bool = False  # policy: peers without a GPU may not coordinate or serve
     min_free_memory_gb: float = 0.25  # below this the peer reports itself degraded
     benchmark_seconds: float = 0.3  # length of the start-up matmul benchmark (the compute score)
     drain_seconds: float = 2.0  # how long a draining peer keeps announcing itself before going offline
@@ -34,15 +34,6 @@ class NetworkConfig:
     peer_exchange: bool = True  # dial members learned from gossip
     loopback_only: bool = False  # dial loopback addresses only (local meshes, tests)
     dial_interval: float = 2.0  # seconds between rounds of (re)dialing bootstrap peers and members
-
-
-@dataclass(frozen=True, slots=True)
-class MembershipSection:
-    heartbeat_interval: float = 1.0
-    suspect_after: float = 1.6
-    offline_after: float = 2.6
-    registering_for: float = 2.0
-    forget_after: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +56,7 @@ class DemoConfig:
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
-    membership: MembershipSection = field(default_factory=MembershipSection)
+    membership: MembershipConfig = field(default_factory=MembershipConfig)  # timings and require_gpu
     api: ApiConfig = field(default_factory=ApiConfig)
     log: LogConfig = field(default_factory=LogConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -86,7 +77,6 @@ OPTIONS: tuple[Option, ...] = (
     Option("node.name", "--name", "human-readable peer name"),
     Option("node.data_dir", "--data-dir", "directory for the identity key and models"),
     Option("node.accept_public_jobs", "--accept-public-jobs", "let the coordinator give this peer work"),
-    Option("node.require_gpu", "--require-gpu", "only peers with a GPU may coordinate or serve"),
     Option("node.min_free_memory_gb", "--min-free-memory-gb", "report degraded below this free memory"),
     Option("node.benchmark_seconds", "--benchmark-seconds", "length of the start-up compute benchmark"),
     Option("node.drain_seconds", "--drain-seconds", "seconds announced as draining before going offline"),
@@ -101,6 +91,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("membership.offline_after", "--offline-after", "silence (s) before a peer is offline"),
     Option("membership.registering_for", "--registering-for", "seconds in registering after start"),
     Option("membership.forget_after", "--forget-after", "seconds before an offline peer is forgotten"),
+    Option("membership.require_gpu", "--require-gpu", "only peers with a GPU may coordinate or serve"),
     Option("api.listen", "--api", "host:port of the local HTTP API ('' to disable)"),
     Option("log.level", "--log-level", "debug, info, warning or error"),
     Option("log.json", "--log-json", "log one JSON object per line"),
@@ -178,18 +169,15 @@ def load_file(path: str | Path) -> dict[str, Any]:
 
 def build(args: argparse.Namespace | None = None, file: str | Path | None = None) -> Config:
     """Defaults, then the file (``--config`` or ``file``), then flags that were given."""
-    config = Config()
     path = file if file is not None else getattr(args, "config", None)
-    if path:
-        config = _apply(config, load_file(path))
+    values = load_file(path) if path else {}
     if args is not None:
-        given = {}
         for opt in OPTIONS:
             value = getattr(args, opt.key.replace(".", "__"), None)
             if value is not None:
-                given[opt.key] = value
-        config = _apply(config, given)
-    try:
+                values[opt.key] = value
+    try:  # sections validate themselves when built (MembershipConfig checks its timings)
+        config = _apply(Config(), values)
         validate(config)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
@@ -197,9 +185,6 @@ def build(args: argparse.Namespace | None = None, file: str | Path | None = None
 
 
 def validate(config: Config) -> None:
-    m = config.membership
-    if not 0 < m.heartbeat_interval < m.suspect_after < m.offline_after < m.forget_after:
-        raise ValueError("membership: need 0 < heartbeat_interval < suspect_after < offline_after < forget_after")
     if config.log.level.lower() not in ("debug", "info", "warning", "error"):
         raise ValueError(f"log.level: unknown level {config.log.level!r}")
     if not config.network.listen:

@@ -58,15 +58,20 @@ class MembershipConfig:
     offline_after: float = 2.6
     # Offline peers are forgotten after this long (the table stays bounded under churn).
     forget_after: float = 300.0
+    # Seconds a starting peer stays `registering`, listening for an existing coordinator before it may
+    # claim a term itself (two heartbeats: long enough to hear a live mesh).
+    registering_for: float = 2.0
     # When set, peers without a GPU stay in the table but are not eligible to coordinate or serve.
     require_gpu: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval < self.suspect_after < self.offline_after < self.forget_after:
             raise ValueError(
-                "need 0 < heartbeat_interval < suspect_after < offline_after < forget_after, got "
+                "membership: need 0 < heartbeat_interval < suspect_after < offline_after < forget_after, got "
                 f"{self.heartbeat_interval}, {self.suspect_after}, {self.offline_after}, {self.forget_after}"
             )
+        if self.registering_for < 0:
+            raise ValueError(f"membership: registering_for must be >= 0, got {self.registering_for}")
 
 
 @dataclass(slots=True)

@@ -28,7 +28,7 @@ from mesh.fsutil import atomic_write
 from mesh.identity import Identity
 from mesh.ids import NodeId
 from mesh.keyfile import load_or_create
-from mesh.membership import Forgotten, MembershipConfig, StatusChanged
+from mesh.membership import Forgotten, StatusChanged
 from mesh.peer import LeaderChanged, PeerCore, PeerEvent, PeerProfile
 from mesh.transport import GossipMessage, Transport, is_loopback_addr, peer_id_of
 from mesh.wire import NODES_TOPIC, GpuInfo, NodeStatus, open_signed
@@ -261,16 +261,12 @@ async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_
     gpus = await trio.to_thread.run_sync(hardware.gpus)
     flops = await trio.to_thread.run_sync(hardware.measure_flops, config.node.benchmark_seconds)
     m = config.membership
-    membership_config = MembershipConfig(
-        heartbeat_interval=m.heartbeat_interval, suspect_after=m.suspect_after,
-        offline_after=m.offline_after, forget_after=m.forget_after, require_gpu=config.node.require_gpu,
-    )
     profile = PeerProfile(
         version=VERSION, name=config.node.name, incarnation=int(time.time() * 1000),
-        accept_public_jobs=config.node.accept_public_jobs, registering_for=m.registering_for,
+        accept_public_jobs=config.node.accept_public_jobs,
         min_free_memory_gb=config.node.min_free_memory_gb,
     )
-    core = PeerCore(identity, profile, membership_config, trio.current_time())
+    core = PeerCore(identity, profile, m, trio.current_time())
     async with Transport.open(identity, config.network.listen, mdns=config.network.mdns,
                               gossip_heartbeat=m.heartbeat_interval) as transport:
         node = Node(config, identity, core, transport, gpus, flops)

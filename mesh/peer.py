@@ -35,9 +35,6 @@ class PeerProfile:
     accept_public_jobs: bool = True
     features_supported: tuple[str, ...] = ("gossip-v1", "election-v1")
     advanced_features: Mapping[str, str | int | float | bool] = field(default_factory=dict)
-    # Seconds spent in `registering` after start, listening for an existing coordinator before this
-    # peer may claim a term itself (two heartbeats: long enough to hear a live mesh).
-    registering_for: float = 2.0
     # Below this much free memory the peer reports itself degraded (resource pressure).
     min_free_memory_gb: float = 0.25
 
@@ -154,7 +151,7 @@ class PeerCore:
 
     def tick(self, now: float) -> list[PeerEvent]:
         events: list[PeerEvent] = list(self.membership.tick(now))
-        if self.status == S.REGISTERING and now - self._started >= self.profile.registering_for:
+        if self.status == S.REGISTERING and now - self._started >= self.membership.config.registering_for:
             events += self._set_status(S.READY, now, "registration period over")
         return events + self._elect()
 
