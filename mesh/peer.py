@@ -158,15 +158,16 @@ class PeerCore:
     # ---- election --------------------------------------------------------------------------------
 
     def _candidate(self, m: Member) -> Candidate:
+        # Our own entry's status is synced in _elect; our term and claim come from the election itself,
+        # since our last heartbeat may predate them.
         is_self = m.node_id == self.node_id
-        status = self.status if is_self else m.status
         term = self.election.leadership.term if is_self else m.info.term
         claims = (self.election.leadership.coordinator == self.node_id) if is_self else m.info.claims_coordinator
         return Candidate(
             node_id=m.node_id,
             score=m.info.compute_flops,
-            eligible=self.membership.eligible(m) and status == S.READY,
-            claim_valid=status in (S.READY, S.DEGRADED),
+            eligible=self.membership.eligible(m),
+            claim_valid=m.status in (S.READY, S.DEGRADED),
             term=term,
             claims=claims,
         )
