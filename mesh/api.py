@@ -48,6 +48,21 @@ def build_app(node: Node) -> Starlette:
             raise PeerError("node_id must not be empty", code="MISSING_PARAMETER")
         return JSONResponse(node.node_health(node_id))
 
+    async def ping(request: Request) -> JSONResponse:
+        node_id = request.query_params.get("node_id", "")
+        if not node_id:
+            raise PeerError("node_id is required", code="MISSING_PARAMETER")
+        try:
+            timeout = float(request.query_params.get("timeout", "2"))
+        except ValueError:
+            raise PeerError("timeout must be a number of seconds", code="INVALID_PARAMETER") from None
+        if not 0 < timeout <= 30:
+            raise PeerError("timeout must be in (0, 30] seconds", code="INVALID_PARAMETER")
+        return JSONResponse(await node.ping(node_id, timeout))
+
+    async def runtime(request: Request) -> JSONResponse:
+        return JSONResponse(node.runtime())
+
     async def coordinator(request: Request) -> JSONResponse:
         return JSONResponse(node.coordinator())
 
@@ -77,6 +92,8 @@ def build_app(node: Node) -> Starlette:
         Route("/api/nodes", nodes),
         Route("/api/node-health", node_health),
         Route("/api/coordinator", coordinator),
+        Route("/api/ping", ping),
+        Route("/api/runtime", runtime),
         Route("/api/drain", drain, methods=["POST"]),
     ]
     return Starlette(

@@ -75,12 +75,38 @@ class MembershipConfig:
 
 
 @dataclass(slots=True)
+class Arrivals:
+    """How steadily one peer's heartbeats arrive here, since it (re)started: gaps between consecutive
+    heartbeats, how many were off pace (outside ±20% of the interval) and how many never came."""
+
+    count: int = 0
+    total: float = 0.0
+    min: float = 0.0
+    max: float = 0.0
+    off_pace: int = 0
+    missed: int = 0
+
+    def add(self, gap: float, seq_step: int, interval: float) -> None:
+        self.min = gap if self.count == 0 else min(self.min, gap)
+        self.max = max(self.max, gap)
+        self.count += 1
+        self.total += gap
+        self.off_pace += abs(gap - interval * seq_step) > 0.2 * interval or seq_step != 1
+        self.missed += max(0, seq_step - 1)
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+
+@dataclass(slots=True)
 class Member:
     info: NodeInfo
     public_key: bytes
     last_seen: float
     status: NodeStatus
     status_since: float
+    arrivals: Arrivals = field(default_factory=Arrivals)
 
     @property
     def node_id(self) -> NodeId:
@@ -125,7 +151,12 @@ class Membership:
             return [StatusChanged(info.node_id, None, status, "joined")]
         if (info.incarnation, info.seq) <= (member.info.incarnation, member.info.seq):
             return []  # gossip replay or duplicate delivery
-        reason = "restarted" if info.incarnation != member.info.incarnation else "heartbeat"
+        if info.incarnation != member.info.incarnation:
+            reason = "restarted"
+            member.arrivals = Arrivals()
+        else:
+            reason = "heartbeat"
+            member.arrivals.add(now - member.last_seen, info.seq - member.info.seq, self.config.heartbeat_interval)
         member.info = info
         member.last_seen = now
         return self._update(member, now, reason)

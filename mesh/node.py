@@ -19,6 +19,7 @@ import os
 import time
 from typing import Any
 
+import psutil
 import trio
 
 from mesh import hardware
@@ -155,10 +156,13 @@ class Node:
             except PeerError as err:
                 log.error("bad bootstrap address %s: %s", addr, err, extra={"code": err.code})
         if net.peer_exchange:
-            for m in self.core.membership.live():
-                # One side dials (the lower id) so two peers do not open two connections at once.
-                if m.node_id == self.node_id or m.node_id in connected or m.node_id < self.node_id:
-                    continue
+            for m in self.core.membership.members():
+                if m.node_id == self.node_id or m.node_id in connected or m.info.status == NodeStatus.OFFLINE:
+                    continue  # connected already, or it said goodbye (it dials us when it comes back)
+                if m.status != NodeStatus.OFFLINE and m.node_id < self.node_id:
+                    continue  # both live: the lower id dials, so two peers do not open two connections
+                # A peer that fell silent (frozen, crashed, cut off) is redialed from both sides every
+                # round until it is forgotten: it may come back on the same address at any moment.
                 for addr in m.info.addrs:
                     if addr.endswith(f"/p2p/{m.node_id}"):
                         targets.append(addr)
@@ -182,8 +186,11 @@ class Node:
     async def dialer(self) -> None:
         limiter = trio.CapacityLimiter(MAX_CONCURRENT_DIALS)
         while True:
+            targets = self._dial_targets()
+            for addr in set(self._dial_failures) - set(targets):  # forgotten peers: keep the dict bounded
+                del self._dial_failures[addr]
             async with trio.open_nursery() as nursery:
-                for addr in self._dial_targets():
+                for addr in targets:
                     nursery.start_soon(self._dial, addr, limiter)
             await trio.sleep(self.config.network.dial_interval)
 
@@ -229,6 +236,9 @@ class Node:
             row["last_seen"] = round(self.wall(m.last_seen), 3)
             row["is_coordinator"] = m.node_id == lead.coordinator
             row["is_self"] = m.node_id == self.node_id
+            a = m.arrivals
+            row["heartbeats"] = {"count": a.count, "mean_s": round(a.mean, 4), "min_s": round(a.min, 4),
+                                 "max_s": round(a.max, 4), "off_pace": a.off_pace, "missed": a.missed}
             rows.append(row)
         return {"nodes": rows, "coordinator": lead.coordinator, "term": lead.term, "self": self.node_id}
 
@@ -247,9 +257,34 @@ class Node:
             "issues": issues,
         }
 
+    async def ping(self, node_id: str, timeout: float) -> dict[str, Any]:
+        """Round trip to a member over a fresh stream; PEER_TIMEOUT when it does not answer in time."""
+        if self.core.membership.get(NodeId(node_id)) is None:
+            raise NotFoundError(f"no peer {node_id!r} in the membership table", code="UNKNOWN_NODE")
+        rtt = await self.transport.ping(NodeId(node_id), timeout=timeout)
+        return {"node_id": node_id, "rtt_ms": round(rtt * 1000, 3)}
+
+    def runtime(self) -> dict[str, Any]:
+        """Resource use of this process: what a long-running peer must keep flat."""
+        proc = psutil.Process()
+        with proc.oneshot():
+            rss, fds, threads = proc.memory_info().rss, proc.num_fds(), proc.num_threads()
+        return {
+            "tasks": _count_tasks(trio.lowlevel.current_root_task()),
+            "rss_bytes": rss,
+            "open_fds": fds,
+            "threads": threads,
+            "connections": len(self.transport.connected_peers()),
+            "uptime_s": round(time.time() - self.started_wall, 3),
+        }
+
     def coordinator(self) -> dict[str, Any]:
         lead = self.core.leadership
         return {"node_id": lead.coordinator, "term": lead.term}
+
+
+def _count_tasks(task: trio.lowlevel.Task) -> int:
+    return 1 + sum(_count_tasks(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
 
 
 async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
@@ -268,6 +303,7 @@ async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_
     )
     core = PeerCore(identity, profile, m, trio.current_time())
     async with Transport.open(identity, config.network.listen, mdns=config.network.mdns,
+                              loopback_only=config.network.loopback_only,
                               gossip_heartbeat=m.heartbeat_interval) as transport:
         node = Node(config, identity, core, transport, gpus, flops)
         transport.set_validator(NODES_TOPIC, node.accept_gossip)

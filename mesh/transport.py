@@ -7,19 +7,28 @@ the version it was written for (``LIBP2P_VERSION``; pyproject pins it).
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import secrets
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, IMuxedConn, INetConn, INetStream, INetwork, INotifee, IRawConnection
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import GossipSub
@@ -27,20 +36,51 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
-from mesh.errors import PeerError
+from mesh.errors import OversizeError, PeerError
 from mesh.identity import Identity
 from mesh.ids import NodeId
 
 log = logging.getLogger(__name__)
 
 LIBP2P_VERSION = "0.8.1"
+if importlib.metadata.version("libp2p") != LIBP2P_VERSION:  # pragma: no cover - a packaging mistake
+    log.warning("libp2p %s installed; the workarounds in %s were written for %s",
+                importlib.metadata.version("libp2p"), __name__, LIBP2P_VERSION)
 GOSSIP_PROTOCOLS = ["/meshsub/1.1.0", "/meshsub/1.0.0"]
+PING_PROTOCOL = "/meshnode/ping/1"
 #: A dial that takes longer than this on a LAN is a dead address; the next round tries again.
 DIAL_TIMEOUT = 5.0
+#: Deadline of one stream operation (open, read, write) unless the caller gives its own.
+STREAM_TIMEOUT = 5.0
+#: Liveness pings on every connection: a frozen peer's connection is aborted after about two of these.
+PING_INTERVAL = 1.0
+#: Frames of the request/response protocols are length-prefixed (4 bytes, big endian).
+_FRAME_HEADER = struct.Struct(">I")
 
 
 class DialError(PeerError):
     code = "DIAL_FAILED"
+    http_status = 502
+
+
+class PeerTimeoutError(PeerError):
+    """A peer did not answer in time: frozen, overloaded, or its connection silently died."""
+
+    code = "PEER_TIMEOUT"
+    http_status = 504
+
+
+class StreamClosedError(PeerError):
+    """The peer closed or reset the stream before the exchange was complete."""
+
+    code = "STREAM_CLOSED"
+    http_status = 502
+
+
+class PeerUnreachableError(PeerError):
+    """No connection to the peer and no address we may dial."""
+
+    code = "PEER_UNREACHABLE"
     http_status = 502
 
 
@@ -71,6 +111,120 @@ def peer_id_of(addr: str) -> NodeId:
         raise PeerError(f"not a full multiaddr with /p2p/<peer id>: {addr!r} ({exc})", code="BAD_MULTIADDR") from None
 
 
+class Stream:
+    """A libp2p stream where every operation has a deadline and failures are PeerErrors.
+
+    libp2p 0.8.1: a read from or write to a silent (stopped) peer blocks forever, so nothing here
+    waits without ``trio.fail_after``.
+    """
+
+    def __init__(self, raw: INetStream, peer: NodeId, timeout: float) -> None:
+        self._raw = raw
+        self.peer = peer
+        self.timeout = timeout
+
+    async def _io(self, what: str, op: Callable[[], Awaitable[Any]], timeout: float | None) -> Any:
+        limit = self.timeout if timeout is None else timeout
+        try:
+            with trio.fail_after(limit):
+                return await op()
+        except trio.TooSlowError:
+            raise PeerTimeoutError(f"{what} to/from {self.peer} took longer than {limit}s") from None
+        except StreamEOF:
+            raise StreamClosedError(f"{self.peer} closed the stream during {what}") from None
+        except PeerError:
+            raise
+        except Exception as exc:  # libp2p raises StreamReset, StreamError, MuxedConnUnavailable, ...
+            raise StreamClosedError(f"{what} with {self.peer} failed: {type(exc).__name__}: {exc}") from None
+
+    async def write(self, data: bytes, *, timeout: float | None = None) -> None:
+        await self._io("write", lambda: self._raw.write(data), timeout)
+
+    async def read_some(self, max_bytes: int, *, timeout: float | None = None) -> bytes:
+        """Up to ``max_bytes`` bytes; b"" once the peer has closed its side."""
+        try:
+            return await self._io("read", lambda: self._raw.read(max_bytes), timeout)
+        except StreamClosedError:
+            return b""
+
+    async def read_exactly(self, n: int, *, timeout: float | None = None) -> bytes:
+        deadline = trio.current_time() + (self.timeout if timeout is None else timeout)
+        buf = bytearray()
+        while len(buf) < n:
+            left = max(0.0, deadline - trio.current_time())
+            chunk = await self._io("read", functools.partial(self._raw.read, n - len(buf)), left)
+            if not chunk:
+                raise StreamClosedError(f"{self.peer} closed the stream after {len(buf)} of {n} bytes")
+            buf += chunk
+        return bytes(buf)
+
+    async def send_frame(self, data: bytes, *, timeout: float | None = None) -> None:
+        await self.write(_FRAME_HEADER.pack(len(data)) + data, timeout=timeout)
+
+    async def receive_frame(self, max_size: int, *, timeout: float | None = None) -> bytes:
+        """One length-prefixed frame; OversizeError before reading a body larger than ``max_size``."""
+        limit = self.timeout if timeout is None else timeout
+        deadline = trio.current_time() + limit
+        (size,) = _FRAME_HEADER.unpack(await self.read_exactly(_FRAME_HEADER.size, timeout=limit))
+        if size > max_size:
+            raise OversizeError(f"frame of {size} bytes from {self.peer} exceeds {max_size}")
+        return await self.read_exactly(size, timeout=max(0.0, deadline - trio.current_time()))
+
+    async def close(self) -> None:
+        """Half-close politely; never waits long on a peer that stopped reading."""
+        with trio.move_on_after(1.0):
+            try:
+                await self._raw.close()
+                return
+            except Exception:  # already reset or the connection is gone: nothing left to close
+                pass
+        await self.reset()
+
+    async def reset(self) -> None:
+        with trio.move_on_after(1.0):
+            try:
+                await self._raw.reset()
+            except Exception:  # the connection is already gone
+                pass
+
+
+def _fix_inbound_connection_leak(swarm: Swarm) -> None:
+    """libp2p 0.8.1: ``Swarm._do_handle_inbound_connection`` keeps each inbound connection's handler
+    (a task, and a slot of the inbound limiter) until the whole swarm stops (``manager.wait_finished``),
+    so after ``max_connections - min_connections`` (250) inbound connections the node refuses every new
+    one for the rest of its life. This replacement does the same upgrade, then waits for its own
+    connection to close. (TCP only: pre-multiplexed transports such as QUIC keep the original path.)"""
+    original = swarm._do_handle_inbound_connection
+
+    async def handle(read_write_closer: Any, maddr: multiaddr.Multiaddr, failure_event: Any) -> None:
+        if isinstance(read_write_closer, IMuxedConn):
+            await original(read_write_closer, maddr, failure_event)
+            return
+        remote = swarm._build_remote_multiaddr(read_write_closer)
+        if remote is not None and not await swarm.connection_gate.is_allowed(remote):
+            await _close_quietly(read_write_closer)
+            return
+        raw: IRawConnection = RawConnection(read_write_closer, False)
+        try:
+            muxed = await swarm.upgrade_inbound_raw_conn(raw, maddr)
+        except Exception as exc:  # a failed handshake: bad key, wrong protocol, limits, a port scan
+            log.debug("inbound connection on %s failed: %s", maddr, exc)
+            await _close_quietly(raw)
+            return
+        # The listener closes the socket when this handler returns, so wait for the connection's end.
+        await muxed.event_closed.wait()  # type: ignore[attr-defined]  # yamux (muxer_preference below)
+
+    swarm._do_handle_inbound_connection = handle  # type: ignore[method-assign]
+
+
+async def _close_quietly(conn: Any) -> None:
+    with trio.move_on_after(1.0):
+        try:
+            await conn.close()
+        except Exception:  # already closed by the other side
+            pass
+
+
 class _Notifee(INotifee):
     def __init__(self, on_change: Callable[[NodeId, bool], None]) -> None:
         self._on_change = on_change
@@ -97,8 +251,9 @@ class _Notifee(INotifee):
 class Transport:
     """A running libp2p host with gossipsub. Create with ``Transport.open(...)``."""
 
-    def __init__(self, host: IHost, pubsub: Pubsub, identity: Identity) -> None:
+    def __init__(self, host: IHost, pubsub: Pubsub, identity: Identity, loopback_only: bool) -> None:
         self._host = host
+        self._loopback_only = loopback_only
         self._pubsub = pubsub
         self.node_id: NodeId = identity.node_id
         self._discovered_send, self.discovered = trio.open_memory_channel[str](64)
@@ -111,18 +266,32 @@ class Transport:
         listen: Sequence[str],
         *,
         mdns: bool = False,
+        loopback_only: bool = False,
         gossip_heartbeat: float = 1.0,
     ) -> AsyncIterator[Transport]:
         key_pair = create_new_key_pair(identity.seed)
-        # libp2p 0.8.1: with the default max_connections_per_peer=3 every connect waits ~250 ms
-        # ("happy eyeballs" across connection slots); one connection per peer connects in ~10 ms.
-        conn_config = ConnectionConfig(max_connections_per_peer=1)
+        conn_config = ConnectionConfig(
+            # libp2p 0.8.1: with the default max_connections_per_peer=3 every connect waits ~250 ms
+            # ("happy eyeballs" across connection slots); one connection per peer connects in ~10 ms.
+            max_connections_per_peer=1,
+            # libp2p 0.8.1: a frozen peer (SIGSTOP, cable pulled) produces no event at all and its
+            # connection stays "up" forever. Ping every connection each second and abort it when a
+            # ping fails: the connection goes away ~2 s after the peer froze.
+            enable_health_monitoring=True,
+            health_initial_delay=PING_INTERVAL,
+            health_warmup_window=0,
+            health_check_interval=PING_INTERVAL,
+            ping_timeout=PING_INTERVAL,
+            abort_connection_on_ping_failure=True,
+        )
         host = new_host(
             key_pair=key_pair,
             enable_mDNS=mdns,
             enable_upnp=False,
             connection_config=conn_config,
+            muxer_preference="YAMUX",
         )
+        _fix_inbound_connection_leak(host.get_network())  # type: ignore[arg-type]
         gossipsub = GossipSub(
             protocols=GOSSIP_PROTOCOLS,
             degree=6,
@@ -138,8 +307,12 @@ class Transport:
         )
         pubsub = Pubsub(host, gossipsub)
         listen_addrs = [multiaddr.Multiaddr(a) for a in listen]
+        # An error raised by the caller's block is re-raised as itself once the host is closed, not
+        # wrapped in the ExceptionGroups of the libp2p service nurseries it passes through.
+        body_error: Exception | None = None
         async with host.run(listen_addrs=listen_addrs):
-            transport = cls(host, pubsub, identity)
+            transport = cls(host, pubsub, identity, loopback_only)
+            transport.handle(PING_PROTOCOL, transport._answer_ping, timeout=2.0)
             host.get_network().register_notifee(_Notifee(transport._on_connection))
             handler = transport._on_mdns_peer
             if mdns:
@@ -148,7 +321,10 @@ class Transport:
                 async with background_trio_service(pubsub), background_trio_service(gossipsub):
                     await pubsub.wait_until_ready()
                     transport._trio_token = trio.lowlevel.current_trio_token()
-                    yield transport
+                    try:
+                        yield transport
+                    except Exception as exc:
+                        body_error = exc
             finally:
                 if mdns:
                     peerDiscovery.unregister_peer_discovered_handler(handler)
@@ -157,6 +333,8 @@ class Transport:
                 with trio.move_on_after(2.0) as scope:
                     scope.shield = True
                     await host.close()
+        if body_error is not None:
+            raise body_error
 
     # ---- addresses and connections ---------------------------------------------------------------
 
@@ -194,6 +372,86 @@ class Transport:
         except Exception as exc:  # libp2p raises many unrelated types for a failed dial
             raise DialError(f"dial {addr} failed: {exc}") from None
         return peer
+
+    # ---- streams ---------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def open_stream(self, peer: NodeId, protocol: str, *, timeout: float = STREAM_TIMEOUT
+                          ) -> AsyncIterator[Stream]:
+        """A new stream to ``peer`` (dialing it first if needed), closed on exit, reset on error.
+        PeerTimeoutError when the peer does not answer within ``timeout``."""
+        try:
+            with trio.fail_after(timeout):
+                if peer not in self.connected_peers():
+                    await self._redial(peer)
+                raw = await self._host.new_stream(ID.from_base58(peer), [TProtocol(protocol)])
+        except trio.TooSlowError:
+            raise PeerTimeoutError(f"opening {protocol} to {peer} took longer than {timeout}s") from None
+        except PeerError:
+            raise
+        except Exception as exc:  # libp2p: StreamFailure, SwarmException, MultiselectClientError, ...
+            raise StreamClosedError(f"cannot open {protocol} to {peer}: {type(exc).__name__}: {exc}") from None
+        stream = Stream(raw, peer, timeout)
+        try:
+            yield stream
+        except BaseException:
+            await stream.reset()
+            raise
+        await stream.close()
+
+    async def _redial(self, peer: NodeId) -> None:
+        try:
+            known = self._host.get_peerstore().addrs(ID.from_base58(peer))
+        except Exception:  # libp2p: PeerStoreError for a peer never seen, ValueError for a bad id
+            known = []
+        addrs = [f"{a}/p2p/{peer}" for a in known]
+        if self._loopback_only:
+            addrs = [a for a in addrs if is_loopback_addr(a)]
+        if not addrs:
+            raise PeerUnreachableError(f"not connected to {peer} and no address to dial")
+        await self.connect(addrs[0])
+
+    def handle(self, protocol: str, handler: Callable[[Stream], Awaitable[None]], *,
+               max_concurrent: int = 16, timeout: float = STREAM_TIMEOUT) -> None:
+        """Serve ``protocol``: ``handler`` runs once per inbound stream, at most ``max_concurrent`` at
+        a time (more wait: back-pressure). A PeerError resets the stream and is logged with its code."""
+        limiter = trio.CapacityLimiter(max_concurrent)
+
+        async def on_stream(raw: INetStream) -> None:
+            peer = NodeId(raw.muxed_conn.peer_id.to_base58())
+            stream = Stream(raw, peer, timeout)
+            async with limiter:
+                try:
+                    await handler(stream)
+                except PeerError as err:
+                    log.info("%s from %s failed: %s %s", protocol, peer, err.code, err,
+                             extra={"event": "stream_failed", "code": err.code, "peer": peer})
+                    await stream.reset()
+                    return
+                except Exception:  # a bug in one handler must not take the connection (or peer) down
+                    log.exception("%s handler failed for a stream from %s", protocol, peer,
+                                  extra={"event": "stream_failed", "code": "INTERNAL", "peer": peer})
+                    await stream.reset()
+                    return
+            await stream.close()
+
+        self._host.set_stream_handler(TProtocol(protocol), on_stream)
+
+    async def ping(self, peer: NodeId, *, timeout: float = 2.0) -> float:
+        """Round-trip time in seconds over a fresh ``/meshnode/ping/1`` stream."""
+        payload = secrets.token_bytes(16)
+        with trio.fail_after(timeout + 1):  # the stream's own deadlines fire first
+            start = trio.current_time()
+            async with self.open_stream(peer, PING_PROTOCOL, timeout=timeout) as stream:
+                await stream.send_frame(payload)
+                echo = await stream.receive_frame(len(payload))
+        if echo != payload:
+            raise PeerError(f"{peer} answered the ping with other bytes", code="BAD_PING_REPLY")
+        return trio.current_time() - start
+
+    @staticmethod
+    async def _answer_ping(stream: Stream) -> None:
+        await stream.send_frame(await stream.receive_frame(64))
 
     # ---- gossip ----------------------------------------------------------------------------------
 
