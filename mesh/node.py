@@ -237,7 +237,8 @@ class Node:
             row["is_coordinator"] = m.node_id == lead.coordinator
             row["is_self"] = m.node_id == self.node_id
             a = m.arrivals
-            row["heartbeats"] = {"count": a.count, "mean_s": round(a.mean, 4), "min_s": round(a.min, 4),
+            row["heartbeats"] = {"count": a.count, "total_s": round(a.total, 4), "mean_s": round(a.mean, 4),
+                                 "min_s": round(a.min, 4),
                                  "max_s": round(a.max, 4), "off_pace": a.off_pace, "missed": a.missed}
             rows.append(row)
         return {"nodes": rows, "coordinator": lead.coordinator, "term": lead.term, "self": self.node_id}

@@ -31,6 +31,7 @@ from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.peer.peerstore import PeerStore
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
@@ -217,6 +218,29 @@ def _fix_inbound_connection_leak(swarm: Swarm) -> None:
     swarm._do_handle_inbound_connection = handle  # type: ignore[method-assign]
 
 
+class _PeerStore(PeerStore):
+    """libp2p 0.8.1: once the peerstore holds more than ``max_peers`` (1000) peers it evicts entries
+    without addresses first, and the host's own entry (its keys) is one of them: from then on identify
+    fails on every connection and the node is dead. This store never evicts its own host or a peer it is
+    connected to; the rest goes in the same order as upstream (no addresses first, then expired)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keep: Callable[[], set[ID]] = set
+
+    def _enforce_peer_limit(self) -> None:
+        excess = len(self.peer_data_map) - self.max_peers
+        if excess <= 0:
+            return
+        keep = self.keep()
+        candidates = [(bool(data.get_addrs()), not data.is_expired(), pid)
+                      for pid, data in self.peer_data_map.items() if pid not in keep]
+        candidates.sort(key=lambda c: c[:2])
+        for _, _, pid in candidates[:excess]:
+            self.peer_record_map.pop(pid, None)
+            del self.peer_data_map[pid]
+
+
 async def _close_quietly(conn: Any) -> None:
     with trio.move_on_after(1.0):
         try:
@@ -284,14 +308,17 @@ class Transport:
             ping_timeout=PING_INTERVAL,
             abort_connection_on_ping_failure=True,
         )
+        peerstore = _PeerStore()
         host = new_host(
             key_pair=key_pair,
+            peerstore_opt=peerstore,
             enable_mDNS=mdns,
             enable_upnp=False,
             connection_config=conn_config,
             muxer_preference="YAMUX",
         )
         _fix_inbound_connection_leak(host.get_network())  # type: ignore[arg-type]
+        peerstore.keep = lambda: {host.get_id(), *host.get_connected_peers()}
         gossipsub = GossipSub(
             protocols=GOSSIP_PROTOCOLS,
             degree=6,

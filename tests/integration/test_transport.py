@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
 
 from mesh.errors import OversizeError
 from mesh.identity import Identity
@@ -113,3 +115,19 @@ async def test_closed_host_releases_its_port_at_once() -> None:
     # And a new host binds the same port immediately.
     async with Transport.open(Identity.generate(), [f"/ip4/127.0.0.1/tcp/{port}"]) as again:
         assert f"/tcp/{port}/" in again.addrs()[0]
+
+
+async def test_a_full_peerstore_never_evicts_the_host_itself_or_connected_peers() -> None:
+    # libp2p 0.8.1 evicts address-less entries first once it holds > 1000 peers, its own keys included:
+    # after ~1000 distinct visitors the node could no longer identify itself to anyone.
+    async with pair() as (server, client):
+        store = server._host.get_peerstore()
+        for _ in range(1100):
+            store.add_pubkey(ID.from_pubkey(key := create_new_key_pair().public_key), key)
+        store._enforce_peer_limit()
+        assert len(store.peer_ids()) <= store.max_peers
+        assert server._host.get_public_key() is not None
+        assert ID.from_base58(client.node_id) in store.peer_ids()
+        async with Transport.open(Identity.generate(), [], loopback_only=True) as newcomer:
+            await newcomer.connect(server.addrs()[0])  # identify works: the server still has its keys
+            assert await newcomer.ping(server.node_id) > 0
