@@ -48,3 +48,28 @@ def setup(level: str = "info", as_json: bool = False) -> None:
     lib.propagate = True
     lib.handlers[:] = []
     lib.setLevel(logging.WARNING if level.lower() != "debug" else logging.INFO)
+
+
+class Throttle:
+    """At most one log line per key every ``every`` seconds; counts the lines held back in between.
+
+    A hostile or broken peer repeating the same bad message must not fill the disk of a node that runs
+    for weeks. The table is bounded: past ``max_keys`` the oldest key is dropped (it may log once more).
+    """
+
+    def __init__(self, every: float = 10.0, max_keys: int = 1024) -> None:
+        self.every = every
+        self.max_keys = max_keys
+        self._last: dict[object, tuple[float, int]] = {}  # key -> (when last logged, held back since)
+
+    def allow(self, key: object, now: float) -> int | None:
+        """None: hold this line back. Otherwise log it, noting the returned count of lines held back."""
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.every:
+            self._last[key] = (last[0], last[1] + 1)
+            return None
+        self._last.pop(key, None)
+        if len(self._last) >= self.max_keys:
+            del self._last[next(iter(self._last))]  # insertion order: the longest-quiet key
+        self._last[key] = (now, 0)
+        return last[1] if last is not None else 0

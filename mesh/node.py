@@ -29,6 +29,7 @@ from mesh.fsutil import atomic_write
 from mesh.identity import Identity
 from mesh.ids import NodeId
 from mesh.keyfile import load_or_create
+from mesh.logs import Throttle
 from mesh.membership import Forgotten, StatusChanged
 from mesh.peer import LeaderChanged, PeerCore, PeerEvent, PeerProfile
 from mesh.transport import GossipMessage, Transport, is_loopback_addr, peer_id_of
@@ -57,6 +58,7 @@ class Node:
         self.drain_requested = trio.Event()
         self.finished = trio.Event()
         self._dial_failures: dict[str, str] = {}
+        self._reject_throttle = Throttle(every=10.0)
 
     @property
     def node_id(self) -> NodeId:
@@ -88,8 +90,13 @@ class Node:
                          extra={"event": "forgotten", "node_id": self.node_id, "peer": ev.node_id})
 
     def _reject(self, err: PeerError, sender: str) -> None:
-        log.warning("rejected gossip from %s: %s %s", sender, err.code, err,
-                    extra={"event": "rejected", "code": err.code, "node_id": self.node_id, "peer": sender})
+        held_back = self._reject_throttle.allow((sender, err.code), self.now())
+        if held_back is None:
+            return
+        more = f" ({held_back} more like it not logged)" if held_back else ""
+        log.warning("rejected gossip from %s: %s %s%s", sender, err.code, err, more,
+                    extra={"event": "rejected", "code": err.code, "node_id": self.node_id, "peer": sender,
+                           "held_back": held_back})
 
     # ---- tasks -----------------------------------------------------------------------------------
 

@@ -119,12 +119,13 @@ def test_frozen_peer_goes_offline_requests_time_out_and_it_comes_back(tmp_path: 
         assert resumed <= 5.0 and restarted <= 5.0
 
 
-def test_sigterm_then_immediate_restart_on_the_same_port_rejoins(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_then_immediate_restart_on_the_same_port_rejoins(tmp_path: Path, sig: signal.Signals) -> None:
     with LocalMesh(tmp_path, CONFIG, extra_args=ARGS) as mesh:
         a, b = mesh.start_chain(2)
         wait_for(lambda: agreed([a, b]), timeout=15, what="2 peers agree")
         port = port_of(b)
-        b.signal(signal.SIGTERM)
+        b.signal(sig)
         assert b.proc.wait(timeout=15) == 0
         b2 = mesh.start_peer("peer-b", bootstrap=a.addrs[:1], args=("--listen", f"/ip4/127.0.0.1/tcp/{port}"))
         assert port_of(b2) == port and b2.node_id == b.node_id

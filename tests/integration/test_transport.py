@@ -122,12 +122,16 @@ async def test_a_full_peerstore_never_evicts_the_host_itself_or_connected_peers(
     # after ~1000 distinct visitors the node could no longer identify itself to anyone.
     async with pair() as (server, client):
         store = server._host.get_peerstore()
+        client_id = ID.from_base58(client.node_id)
+        with trio.fail_after(5):
+            while client_id not in store.peer_ids():  # identify fills it in just after the connect
+                await trio.sleep(0.05)
         for _ in range(1100):
             store.add_pubkey(ID.from_pubkey(key := create_new_key_pair().public_key), key)
         store._enforce_peer_limit()
         assert len(store.peer_ids()) <= store.max_peers
         assert server._host.get_public_key() is not None
-        assert ID.from_base58(client.node_id) in store.peer_ids()
+        assert client_id in store.peer_ids()
         async with Transport.open(Identity.generate(), [], loopback_only=True) as newcomer:
             await newcomer.connect(server.addrs()[0])  # identify works: the server still has its keys
             assert await newcomer.ping(server.node_id) > 0
