@@ -31,7 +31,7 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "local-3.toml")
 def churn(addr: str, count: int, burst: int) -> dict:
     out = subprocess.run([sys.executable, "-m", "mesh.churn", addr, "--count", str(count), "--burst", str(burst)],
                          capture_output=True, text=True, timeout=1800)
-    if out.returncode not in (0, 1):
+    if out.returncode not in (0, 1) or not out.stdout.strip():
         raise SystemExit(f"churn client failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout)
 

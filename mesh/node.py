@@ -6,6 +6,7 @@ Tasks (all children of one nursery, none fire-and-forget):
     receive     - feed gossip to the core; rejections logged with their code, never raised
     ticks       - failure detection, lifecycle and election, four times per heartbeat
     dialer      - (re)dial bootstrap peers and members learned from gossip (peer exchange), mDNS finds
+    reaper      - close the connection of a member that fell silent (libp2p never notices a frozen peer)
     api         - the local HTTP API
     lifecycle   - drain on request or signal: draining for drain_seconds, then a goodbye, then exit
 """
@@ -201,6 +202,23 @@ class Node:
                     nursery.start_soon(self._dial, addr, limiter)
             await trio.sleep(self.config.network.dial_interval)
 
+    async def reaper(self) -> None:
+        """Close the connection of a member that fell silent: libp2p 0.8.1 never notices a frozen or
+        vanished peer itself. Heartbeat silence is the liveness signal (it tolerates a missed beat); a
+        connection younger than ``offline_after`` is spared, so a peer that just came back has time to
+        speak before its old status counts against it."""
+        m = self.config.membership
+        while True:
+            await trio.sleep(m.heartbeat_interval / 2)
+            for member in self.core.membership.members():
+                if member.status != NodeStatus.OFFLINE or member.node_id == self.node_id:
+                    continue
+                age = self.transport.connection_age(member.node_id)
+                if age is not None and age >= m.offline_after:
+                    log.info("closing the connection to silent peer %s", member.node_id,
+                             extra={"event": "disconnect_silent", "node_id": self.node_id, "peer": member.node_id})
+                    await self.transport.disconnect(member.node_id)
+
     async def mdns_dialer(self) -> None:
         limiter = trio.CapacityLimiter(MAX_CONCURRENT_DIALS)
         async with trio.open_nursery() as nursery:
@@ -324,7 +342,7 @@ async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_
             ).encode())
             log.info("peer %s listening on %s, api %s", node.node_id, " ".join(addrs), node.api_url or "off",
                      extra={"event": "started", "node_id": node.node_id, "api": node.api_url})
-            for task in (node.receive, node.heartbeats, node.ticks, node.dialer, node.lifecycle):
+            for task in (node.receive, node.heartbeats, node.ticks, node.dialer, node.reaper, node.lifecycle):
                 nursery.start_soon(task)
             if config.network.mdns:
                 nursery.start_soon(node.mdns_dialer)

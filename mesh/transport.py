@@ -53,8 +53,8 @@ PING_PROTOCOL = "/meshnode/ping/1"
 DIAL_TIMEOUT = 5.0
 #: Deadline of one stream operation (open, read, write) unless the caller gives its own.
 STREAM_TIMEOUT = 5.0
-#: Liveness pings on every connection: a frozen peer's connection is aborted after about two of these.
-PING_INTERVAL = 1.0
+#: Liveness pings on every connection (libp2p's health monitor): one that fails aborts the connection.
+PING_INTERVAL = 5.0
 #: Frames of the request/response protocols are length-prefixed (4 bytes, big endian).
 _FRAME_HEADER = struct.Struct(">I")
 
@@ -278,6 +278,8 @@ class Transport:
     def __init__(self, host: IHost, pubsub: Pubsub, identity: Identity, loopback_only: bool) -> None:
         self._host = host
         self._loopback_only = loopback_only
+        self._connected_since: dict[NodeId, float] = {}
+        self._closing: dict[NodeId, trio.Event] = {}
         self._pubsub = pubsub
         self.node_id: NodeId = identity.node_id
         self._discovered_send, self.discovered = trio.open_memory_channel[str](64)
@@ -298,9 +300,12 @@ class Transport:
             # libp2p 0.8.1: with the default max_connections_per_peer=3 every connect waits ~250 ms
             # ("happy eyeballs" across connection slots); one connection per peer connects in ~10 ms.
             max_connections_per_peer=1,
-            # libp2p 0.8.1: a frozen peer (SIGSTOP, cable pulled) produces no event at all and its
-            # connection stays "up" forever. Ping every connection each second and abort it when a
-            # ping fails: the connection goes away ~2 s after the peer froze.
+            # libp2p 0.8.1: a frozen or vanished peer (SIGSTOP, power cut, cable pulled) produces no
+            # event at all and its connection stays "up" forever. Mesh members are handled by the node
+            # (it closes the connection of a member that fell silent: heartbeats are the liveness
+            # signal, with their tolerance for a missed beat). For every other connection, ping it and
+            # abort it after one failed ping; upstream aborts on a single failure, so the interval and
+            # timeout are long enough that a busy link (a shard download) never trips it.
             enable_health_monitoring=True,
             health_initial_delay=PING_INTERVAL,
             health_warmup_window=0,
@@ -344,6 +349,13 @@ class Transport:
             handler = transport._on_mdns_peer
             if mdns:
                 peerDiscovery.register_peer_discovered_handler(handler)
+            async def close_host() -> None:
+                # libp2p 0.8.1: leaving host.run() does not close the listener (it keeps accepting);
+                # an explicit close inside run() releases the port for an immediate restart.
+                with trio.move_on_after(2.0) as scope:
+                    scope.shield = True
+                    await host.close()
+
             try:
                 async with background_trio_service(pubsub), background_trio_service(gossipsub):
                     await pubsub.wait_until_ready()
@@ -352,14 +364,15 @@ class Transport:
                         yield transport
                     except Exception as exc:
                         body_error = exc
+                    finally:
+                        # Connections close before pubsub stops: libp2p 0.8.1 otherwise lets a late
+                        # subscription message reach the stopped pubsub, whose "Nursery is closed to new
+                        # arrivals" RuntimeError then escapes from the host.
+                        await close_host()
             finally:
                 if mdns:
                     peerDiscovery.unregister_peer_discovered_handler(handler)
-                # libp2p 0.8.1: leaving host.run() does not close the listener (it keeps accepting);
-                # an explicit close inside run() releases the port for an immediate restart.
-                with trio.move_on_after(2.0) as scope:
-                    scope.shield = True
-                    await host.close()
+                await close_host()  # idempotent; covers a failure while the services started
         if body_error is not None:
             raise body_error
 
@@ -372,8 +385,34 @@ class Transport:
     def connected_peers(self) -> set[NodeId]:
         return {NodeId(p.to_base58()) for p in self._host.get_connected_peers()}
 
+    def connection_age(self, peer: NodeId) -> float | None:
+        """Seconds since the current connection to ``peer`` opened; None when not connected."""
+        since = self._connected_since.get(peer)
+        if since is None or peer not in self.connected_peers():
+            return None
+        return trio.current_time() - since
+
+    async def disconnect(self, peer: NodeId) -> None:
+        """Close every connection to ``peer`` (bounded: a frozen peer cannot hold this up)."""
+        if peer in self._closing:
+            return
+        self._closing[peer] = done = trio.Event()
+        try:
+            with trio.move_on_after(2.0):
+                try:
+                    await self._host.disconnect(ID.from_base58(peer))
+                except Exception as exc:  # already gone, or libp2p failed half-way: nothing more to do
+                    log.debug("disconnect %s: %s", peer, exc)
+        finally:
+            del self._closing[peer]
+            done.set()
+
     def _on_connection(self, peer: NodeId, up: bool) -> None:
         log.debug("connection %s peer=%s", "up" if up else "down", peer)
+        if up:
+            self._connected_since[peer] = trio.current_time()
+        elif peer not in self.connected_peers():
+            self._connected_since.pop(peer, None)
 
     def _on_mdns_peer(self, info: PeerInfo) -> None:
         """Runs on zeroconf's thread: hand the address to trio, which dials it."""
@@ -409,15 +448,9 @@ class Transport:
         PeerTimeoutError when the peer does not answer within ``timeout``."""
         try:
             with trio.fail_after(timeout):
-                if peer not in self.connected_peers():
-                    await self._redial(peer)
-                raw = await self._host.new_stream(ID.from_base58(peer), [TProtocol(protocol)])
+                raw = await self._new_stream(peer, protocol)
         except trio.TooSlowError:
             raise PeerTimeoutError(f"opening {protocol} to {peer} took longer than {timeout}s") from None
-        except PeerError:
-            raise
-        except Exception as exc:  # libp2p: StreamFailure, SwarmException, MultiselectClientError, ...
-            raise StreamClosedError(f"cannot open {protocol} to {peer}: {type(exc).__name__}: {exc}") from None
         stream = Stream(raw, peer, timeout)
         try:
             yield stream
@@ -425,6 +458,20 @@ class Transport:
             await stream.reset()
             raise
         await stream.close()
+
+    async def _new_stream(self, peer: NodeId, protocol: str) -> INetStream:
+        for attempt in (1, 2):
+            if (closing := self._closing.get(peer)) is not None:
+                await closing.wait()  # a connection being closed must not be used for a new stream
+            if peer not in self.connected_peers():
+                await self._redial(peer)
+            try:
+                return await self._host.new_stream(ID.from_base58(peer), [TProtocol(protocol)])
+            except Exception as exc:  # libp2p: StreamFailure, SwarmException, MultiselectClientError, ...
+                if attempt == 1 and (peer in self._closing or peer not in self.connected_peers()):
+                    continue  # the connection died under us (closed as silent, replaced): dial afresh once
+                raise StreamClosedError(f"cannot open {protocol} to {peer}: {type(exc).__name__}: {exc}") from None
+        raise AssertionError("unreachable")
 
     async def _redial(self, peer: NodeId) -> None:
         try:

@@ -39,7 +39,8 @@ def port_of(peer: PeerProcess) -> int:
 def run_churn(addr: str, count: int, burst: int) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-m", "mesh.churn", addr, "--count", str(count), "--burst", str(burst)],
                          capture_output=True, text=True, timeout=300)
-    assert out.returncode in (0, 1), out.stderr[-2000:]
+    # Exit 1 with a JSON report: some visits failed (asserted by the caller); anything else is a crash.
+    assert out.returncode in (0, 1) and out.stdout.strip(), out.stderr[-3000:]
     return json.loads(out.stdout)
 
 
@@ -86,12 +87,15 @@ def test_frozen_peer_goes_offline_requests_time_out_and_it_comes_back(tmp_path: 
         wait_for(lambda: status_of(a, b.node_id) == status_of(c, b.node_id) == "offline", timeout=6,
                  interval=0.05, what="A and C to mark frozen B offline")
         detected = time.monotonic() - t0
-        # A request to it fails with a timeout code instead of hanging.
-        t1 = time.monotonic()
-        with pytest.raises(MeshError) as err:
-            api_get(a.api, f"/api/ping?node_id={b.node_id}&timeout=1", timeout=10)
-        assert err.value.code == "PEER_TIMEOUT", err.value
-        assert time.monotonic() - t1 < 5
+        # Requests to it fail with a timeout code instead of hanging: while its old connection is still up,
+        # while that connection is being closed as silent, and once a redial reaches the frozen process.
+        for _ in range(4):
+            t1 = time.monotonic()
+            with pytest.raises(MeshError) as err:
+                api_get(a.api, f"/api/ping?node_id={b.node_id}&timeout=1", timeout=10)
+            assert err.value.code == "PEER_TIMEOUT", err.value
+            assert time.monotonic() - t1 < 5
+            time.sleep(0.3)
         assert agreed([a, c], also_offline=[b.node_id])  # the rest of the mesh carries on
 
         # SIGCONT: ready again on both.

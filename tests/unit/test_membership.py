@@ -46,6 +46,24 @@ def test_duplicates_and_replays_change_nothing() -> None:
     assert ev.new == S.REGISTERING and ev.reason == "restarted"
 
 
+def test_heartbeat_arrivals_count_gaps_off_pace_beats_and_missed_sequence_numbers() -> None:
+    m = Membership(A.node_id, MembershipConfig())
+    times = [0.0, 1.0, 2.05, 2.9, 4.5, 6.5]  # 4.5: 1.6 s late; 6.5: seq jumps by 2 (one beat lost)
+    seqs = [1, 2, 3, 4, 5, 7]
+    for t, seq in zip(times, seqs, strict=True):
+        m.observe(hb(B, seq), B.public_key, t)
+    m.observe(hb(B, 7), B.public_key, 7.0)  # a duplicate is not an arrival
+    a = m.get(B.node_id).arrivals
+    assert a.count == 5 and a.total == pytest.approx(6.5)
+    assert (a.min, a.max) == (pytest.approx(0.85), pytest.approx(2.0))
+    assert a.off_pace == 2 and a.missed == 1
+    # A restart starts a new series.
+    m.observe(hb(B, 1, incarnation=2), B.public_key, 8.0)
+    m.observe(hb(B, 2, incarnation=2), B.public_key, 9.0)
+    a = m.get(B.node_id).arrivals
+    assert (a.count, a.off_pace, a.missed, a.mean) == (1, 0, 0, pytest.approx(1.0))
+
+
 def test_node_id_held_by_another_key_is_a_conflict() -> None:
     m = Membership(A.node_id)
     with pytest.raises(PeerError) as err:
