@@ -218,6 +218,18 @@ def _fix_inbound_connection_leak(swarm: Swarm) -> None:
     swarm._do_handle_inbound_connection = handle  # type: ignore[method-assign]
 
 
+def _disable_auto_connector(swarm: Swarm) -> None:
+    """libp2p 0.8.1: the swarm's auto-connector dials up to 200 peers out of the peerstore whenever it has
+    fewer connections than its watermarks (every 30 s, and after every disconnect): addresses we never
+    chose (non-loopback ones learned from other peers included) and peers closed on purpose. Our dialer
+    owns dialing (bootstrap, members, loopback-only when asked), so the auto-connector never dials."""
+
+    async def never() -> None:
+        return None
+
+    swarm.auto_connector.maybe_connect = never  # type: ignore[method-assign]
+
+
 class _PeerStore(PeerStore):
     """libp2p 0.8.1: once the peerstore holds more than ``max_peers`` (1000) peers it evicts entries
     without addresses first, and the host's own entry (its keys) is one of them: from then on identify
@@ -323,6 +335,7 @@ class Transport:
             muxer_preference="YAMUX",
         )
         _fix_inbound_connection_leak(host.get_network())  # type: ignore[arg-type]
+        _disable_auto_connector(host.get_network())  # type: ignore[arg-type]
         peerstore.keep = lambda: {host.get_id(), *host.get_connected_peers()}
         gossipsub = GossipSub(
             protocols=GOSSIP_PROTOCOLS,

@@ -7,6 +7,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import multiaddr
 import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -135,3 +136,16 @@ async def test_a_full_peerstore_never_evicts_the_host_itself_or_connected_peers(
         async with Transport.open(Identity.generate(), [], loopback_only=True) as newcomer:
             await newcomer.connect(server.addrs()[0])  # identify works: the server still has its keys
             assert await newcomer.ping(server.node_id) > 0
+
+
+async def test_the_host_never_dials_peerstore_addresses_on_its_own() -> None:
+    # libp2p 0.8.1's auto-connector dials peers out of the peerstore after every disconnect; only our
+    # dialer may decide what to dial (loopback-only in tests).
+    async with pair() as (server, client), \
+            Transport.open(Identity.generate(), LISTEN, loopback_only=True) as bystander:
+        bystander_id = ID.from_base58(bystander.node_id)
+        where = multiaddr.Multiaddr(bystander.addrs()[0].split("/p2p/")[0])
+        server._host.get_peerstore().add_addrs(bystander_id, [where], 3600)
+        await server.disconnect(client.node_id)
+        await trio.sleep(1.5)
+        assert bystander.node_id not in server.connected_peers()
