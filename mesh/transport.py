@@ -527,11 +527,14 @@ class Transport:
     async def ping(self, peer: NodeId, *, timeout: float = 2.0) -> float:
         """Round-trip time in seconds over a fresh ``/meshnode/ping/1`` stream."""
         payload = secrets.token_bytes(16)
-        with trio.fail_after(timeout + 1):  # the stream's own deadlines fire first
-            start = trio.current_time()
-            async with self.open_stream(peer, PING_PROTOCOL, timeout=timeout) as stream:
-                await stream.send_frame(payload)
-                echo = await stream.receive_frame(len(payload))
+        start = trio.current_time()
+        try:
+            with trio.fail_after(timeout):  # one deadline for the whole exchange, not one per step
+                async with self.open_stream(peer, PING_PROTOCOL, timeout=timeout) as stream:
+                    await stream.send_frame(payload)
+                    echo = await stream.receive_frame(len(payload))
+        except trio.TooSlowError:
+            raise PeerTimeoutError(f"no ping reply from {peer} within {timeout}s") from None
         if echo != payload:
             raise PeerError(f"{peer} answered the ping with other bytes", code="BAD_PING_REPLY")
         return trio.current_time() - start
