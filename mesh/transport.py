@@ -386,6 +386,9 @@ class Transport:
                 if mdns:
                     peerDiscovery.unregister_peer_discovered_handler(handler)
                 await close_host()  # idempotent; covers a failure while the services started
+                # libp2p 0.8.1: every Pubsub starts a sweeper thread for its seen-messages cache and
+                # nothing stops it; a process that opens and closes hosts would keep one per host.
+                pubsub.seen_messages.stop()
         if body_error is not None:
             raise body_error
 

@@ -4,6 +4,7 @@ codes, the ping protocol, handler failures contained, and a host that is really 
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -149,3 +150,14 @@ async def test_the_host_never_dials_peerstore_addresses_on_its_own() -> None:
         await server.disconnect(client.node_id)
         await trio.sleep(1.5)
         assert bystander.node_id not in server.connected_peers()
+
+
+async def test_closing_a_host_leaves_no_thread_behind() -> None:
+    # libp2p 0.8.1 starts a sweeper thread per Pubsub and never stops it.
+    async with Transport.open(Identity.generate(), []):
+        pass  # first use may start lasting threads (trio's thread cache): not counted
+    before = threading.active_count()
+    for _ in range(5):
+        async with Transport.open(Identity.generate(), LISTEN):
+            pass
+    assert threading.active_count() <= before
