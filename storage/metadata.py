@@ -1,0 +1,286 @@
+"""Layer metadata of a model read from safetensors headers only: no tensor is loaded, so a 70B model's
+metadata takes milliseconds.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header (tensor name -> dtype, shape,
+data offsets) and the data. The ``safetensors`` library reads headers only through ``safe_open``, which
+maps the whole file and refuses one whose data is absent (a header-only file describing 70B shapes, a
+partial download); so the header is parsed here, with the format's limits checked strictly.
+
+Tensors are grouped into ordered layers: embedding, each decoder block, final norm, head. Tied weights
+are counted once (in the embedding); the head that uses them still needs them in memory to run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mesh.errors import LocalError, PeerError
+
+#: Bytes per element of every safetensors dtype.
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+#: The safetensors format caps its JSON header at 100 MB.
+MAX_HEADER_BYTES = 100_000_000
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class MalformedSafetensors(PeerError):
+    code = "MALFORMED_SAFETENSORS"
+
+
+class UnsupportedArchitecture(LocalError):
+    code = "UNSUPPORTED_ARCHITECTURE"
+    http_status = 422
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str  # file name inside the model folder
+    start: int  # data offsets relative to the end of the header
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Tensors, the free-form ``__metadata__`` and the data start offset of one safetensors file.
+    MalformedSafetensors for anything the format does not allow."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise MalformedSafetensors(f"{path.name}: shorter than the 8-byte header length")
+        (size,) = struct.unpack("<Q", head)
+        if size > MAX_HEADER_BYTES:
+            raise MalformedSafetensors(f"{path.name}: header of {size} bytes exceeds {MAX_HEADER_BYTES}")
+        raw = f.read(size)
+    if len(raw) != size:
+        raise MalformedSafetensors(f"{path.name}: header truncated ({len(raw)} of {size} bytes)")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedSafetensors(f"{path.name}: header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise MalformedSafetensors(f"{path.name}: header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise MalformedSafetensors(f"{path.name}: __metadata__ must map strings to strings")
+    tensors = {}
+    for name, entry in header.items():
+        tensors[name] = _tensor(path.name, name, entry)
+    return tensors, meta, 8 + size
+
+
+def _tensor(file: str, name: str, entry: Any) -> TensorInfo:
+    where = f"{file}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise MalformedSafetensors(f"{where}: entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_BYTES:
+        raise MalformedSafetensors(f"{where}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise MalformedSafetensors(f"{where}: shape must be a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        raise MalformedSafetensors(f"{where}: data_offsets must be [start, end] with 0 <= start <= end")
+    info = TensorInfo(name, dtype, tuple(shape), file, offsets[0], offsets[1])
+    if info.nbytes != info.numel * DTYPE_BYTES[dtype]:
+        raise MalformedSafetensors(f"{where}: {info.nbytes} bytes of data for {info.numel} x {dtype}")
+    return info
+
+
+def read_model_tensors(folder: Path) -> dict[str, TensorInfo]:
+    """Every tensor of a model folder: ``model.safetensors``, or the files an index names."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise MalformedSafetensors(f"{INDEX_FILE}: not a safetensors index ({exc})") from None
+    elif (folder / SINGLE_FILE).is_file():
+        files = [SINGLE_FILE]
+    else:
+        raise LocalError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}", code="NO_WEIGHTS")
+    tensors: dict[str, TensorInfo] = {}
+    for name in files:
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise MalformedSafetensors(f"{INDEX_FILE}: file name {name!r} leaves the model folder")
+        for tname, info in read_header(folder / name)[0].items():
+            if tname in tensors:
+                raise MalformedSafetensors(f"tensor {tname!r} appears in two files")
+            tensors[tname] = info
+    return tensors
+
+
+# ---- architectures -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Architecture:
+    family: str  # "llama" (Llama, Mistral, Qwen2, SmolLM) or "gpt2"
+    model_type: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+
+LLAMA_TYPES = {"llama", "mistral", "qwen2"}
+GPT2_TYPES = {"gpt2"}
+
+
+def architecture(config: dict[str, Any]) -> Architecture:
+    """What the layer grouping and FLOP counts need from a transformers ``config.json``."""
+    model_type = config.get("model_type")
+    try:
+        if model_type in LLAMA_TYPES:
+            hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+            return Architecture(
+                "llama", model_type, hidden, int(config["num_hidden_layers"]), heads,
+                int(config.get("num_key_value_heads") or heads), int(config.get("head_dim") or hidden // heads),
+                int(config["vocab_size"]), bool(config.get("tie_word_embeddings", False)),
+            )
+        if model_type in GPT2_TYPES:
+            hidden, heads = int(config["n_embd"]), int(config["n_head"])
+            return Architecture("gpt2", model_type, hidden, int(config["n_layer"]), heads, heads, hidden // heads,
+                                int(config["vocab_size"]), bool(config.get("tie_word_embeddings", True)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UnsupportedArchitecture(f"config.json of a {model_type} model lacks or garbles {exc}") from None
+    supported = ", ".join(sorted(LLAMA_TYPES | GPT2_TYPES))
+    raise UnsupportedArchitecture(f"model_type {model_type!r} is not supported (supported: {supported})")
+
+
+# ---- layers --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    index: int  # position in pipeline order
+    name: str  # "embedding", "block.N", "norm", "head"
+    kind: str  # "embedding" | "block" | "norm" | "head"
+    tensors: tuple[str, ...]  # names stored in this layer's shard (tied weights: none for the head)
+    params: int  # parameters stored here (tied weights counted once, in the embedding)
+    bytes_by_dtype: dict[str, int]
+    memory_bytes: int  # weight bytes needed to run the layer (tied weights included)
+    kv_bytes_per_token: int  # KV cache per token of context (blocks only)
+    tied_to: str | None = None
+    # FLOPs per token = base + per_context * sequence_length (the attention term grows with context)
+    flops_base: int = 0
+    flops_per_context: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.bytes_by_dtype.values())
+
+    def flops_per_token(self, batch_size: int = 1, sequence_length: int = 1) -> int:
+        """FLOPs to push ``batch_size`` tokens through this layer, each attending to
+        ``sequence_length`` positions: 2 per weight (multiply-add) plus QK^T and AV."""
+        return batch_size * (self.flops_base + self.flops_per_context * sequence_length)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    arch: Architecture
+    layers: tuple[Layer, ...]
+    tensors: dict[str, TensorInfo] = field(repr=False)
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def bytes(self) -> int:
+        return sum(layer.bytes for layer in self.layers)
+
+
+_PATTERNS = {
+    # (regex, kind); the block pattern's group 1 is the block number.
+    "llama": [(re.compile(r"model\.embed_tokens\."), "embedding"), (re.compile(r"model\.layers\.(\d+)\."), "block"),
+              (re.compile(r"model\.norm\."), "norm"), (re.compile(r"lm_head\."), "head")],
+    "gpt2": [(re.compile(r"(?:transformer\.)?w[tp]e\."), "embedding"), (re.compile(r"(?:transformer\.)?h\.(\d+)\."),
+                                                                         "block"),
+             (re.compile(r"(?:transformer\.)?ln_f\."), "norm"), (re.compile(r"lm_head\."), "head")],
+}
+_EMBEDDING_WEIGHT = {"llama": ("model.embed_tokens.weight",), "gpt2": ("transformer.wte.weight", "wte.weight")}
+
+
+def layers_of(folder: Path) -> ModelMetadata:
+    """Layer metadata of a Hugging Face model folder (config.json + safetensors), headers only."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise LocalError(f"no config.json in {folder}", code="NO_CONFIG") from None
+    except ValueError as exc:
+        raise LocalError(f"config.json in {folder} is not JSON: {exc}", code="BAD_CONFIG") from None
+    return group_layers(architecture(config), read_model_tensors(folder))
+
+
+def group_layers(arch: Architecture, tensors: dict[str, TensorInfo]) -> ModelMetadata:
+    groups: dict[tuple[int, int], list[TensorInfo]] = {}  # (kind order, block number) -> tensors
+    order = {"embedding": 0, "block": 1, "norm": 2, "head": 3}
+    for info in tensors.values():
+        for pattern, kind in _PATTERNS[arch.family]:
+            if m := pattern.match(info.name):
+                number = int(m.group(1)) if kind == "block" else 0
+                groups.setdefault((order[kind], number), []).append(info)
+                break
+        else:
+            raise UnsupportedArchitecture(f"tensor {info.name!r} does not belong to a known {arch.family} layer")
+    blocks = sorted(n for k, n in groups if k == 1)
+    if blocks != list(range(arch.layers)):
+        raise UnsupportedArchitecture(f"config says {arch.layers} blocks, the weights hold blocks {blocks[:5]}...")
+    if (0, 0) not in groups or (2, 0) not in groups:
+        raise UnsupportedArchitecture("the weights lack the embedding or the final norm")
+    embedding = next((tensors[n] for n in _EMBEDDING_WEIGHT[arch.family] if n in tensors), None)
+    if embedding is None:
+        raise UnsupportedArchitecture("no token embedding weight found")
+
+    kv_dtype_bytes = DTYPE_BYTES[embedding.dtype]
+    layers: list[Layer] = []
+    for (kind_order, number), infos in sorted(groups.items()):
+        kind = next(k for k, v in order.items() if v == kind_order)
+        infos.sort(key=lambda t: t.name)
+        params = sum(t.numel for t in infos)
+        by_dtype: dict[str, int] = {}
+        for t in infos:
+            by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
+        name = f"block.{number}" if kind == "block" else kind
+        base = per_context = kv = 0
+        if kind == "block":
+            weights = sum(t.numel for t in infos if len(t.shape) >= 2)  # matmuls; biases/norms are noise
+            base = 2 * weights
+            per_context = 4 * arch.heads * arch.head_dim  # QK^T and AV, a multiply-add each
+            kv = 2 * arch.kv_heads * arch.head_dim * kv_dtype_bytes
+        elif kind == "head":
+            base = 2 * params
+        elif kind == "norm":
+            base = 4 * arch.hidden
+        layers.append(Layer(len(layers), name, kind, tuple(t.name for t in infos), params, by_dtype,
+                            sum(by_dtype.values()), kv, flops_base=base, flops_per_context=per_context))
+    if not any(layer.kind == "head" for layer in layers):
+        if not arch.tied:
+            raise UnsupportedArchitecture("no lm_head weight and the config does not tie it to the embedding")
+        layers.append(Layer(len(layers), "head", "head", (), 0, {}, embedding.nbytes, 0, tied_to="embedding",
+                            flops_base=2 * embedding.numel))
+    return ModelMetadata(arch, tuple(layers), tensors)
