@@ -1,0 +1,251 @@
+"""The local model store's bookkeeping: ``registry.json`` (written atomically) and file locks.
+
+Layout under ``<data_dir>/store``::
+
+    registry.json                      models, versions, their status; rewritten whole, atomically
+    models/<model>/<revision>/         manifest.cbor (signed), config.json, tokenizer files
+    shards/<sha256>.safetensors        content-addressed layer shards, shared by every model and version
+    locks/<name>.lock                  who works on what: pid, time, model, version, timeout
+
+A reader always sees the old registry or the new one, never a torn file (temp file, fsync, rename); a
+crash mid-write leaves at most an orphan temp file, removed at the next start with expired and orphan
+locks. Asking for a model that is not ready raises ModelNotAvailable with a reason, never returns None.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from mesh.errors import LocalError, NotFoundError, PeerError
+from mesh.fsutil import atomic_write
+
+REGISTRY_VERSION = 1
+STATUSES = ("downloading", "verifying", "ready", "error")
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class ModelNotAvailable(PeerError):
+    """The model (version) is not ready here. ``reason``: not_installed | downloading | verifying | error."""
+
+    code = "MODEL_NOT_AVAILABLE"
+    http_status = 503
+
+    def __init__(self, model_id: str, reason: str, detail: str = "") -> None:
+        super().__init__(f"model {model_id!r} is not available here: {reason}{f' ({detail})' if detail else ''}")
+        self.model_id = model_id
+        self.reason = reason
+
+    def to_dict(self) -> dict[str, str]:
+        return super().to_dict() | {"reason": self.reason, "model_id": self.model_id}
+
+
+class LockHeld(LocalError):
+    code = "LOCK_HELD"
+    http_status = 409
+
+
+class RegistryError(LocalError):
+    code = "REGISTRY_CORRUPT"
+
+
+def safe_name(text: str) -> str:
+    """A model id or revision as one path component ("HuggingFaceTB/SmolLM2" -> "HuggingFaceTB--SmolLM2")."""
+    name = _SAFE.sub("-", text.replace("/", "--")).strip(".-")
+    if not name:
+        raise PeerError(f"{text!r} cannot name a model", code="INVALID_MODEL_ID")
+    return name[:200]
+
+
+@dataclass
+class Version:
+    status: str
+    size: int = 0
+    added_at: float = 0.0
+    error: str | None = None
+    source: str = ""
+
+
+@dataclass
+class Entry:
+    default_version: str
+    task: str = "text-generation"
+    versions: dict[str, Version] = field(default_factory=dict)
+
+
+class Registry:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.path = root / "registry.json"
+        self.models: dict[str, Entry] = {}
+
+    # ---- paths -----------------------------------------------------------------------------------
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def lock_dir(self) -> Path:
+        return self.root / "locks"
+
+    def model_dir(self, model_id: str, revision: str) -> Path:
+        return self.root / "models" / safe_name(model_id) / safe_name(revision)
+
+    # ---- load and save ---------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: Path, now: float | None = None) -> Registry:
+        """Load (or start) the registry and clean what a crash may have left: orphan temp files, expired
+        and orphan locks."""
+        reg = cls(root)
+        root.mkdir(parents=True, exist_ok=True)
+        for tmp in root.glob(".registry.json.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        reg.clean_locks(time.time() if now is None else now)
+        if reg.path.exists():
+            reg.models = _decode(reg.path.read_bytes())
+        return reg
+
+    def save(self) -> None:
+        doc = {"version": REGISTRY_VERSION,
+               "models": {mid: asdict(e) for mid, e in sorted(self.models.items())}}
+        atomic_write(self.path, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+    # ---- queries and updates ---------------------------------------------------------------------
+
+    def set_status(self, model_id: str, revision: str, status: str, *, size: int = 0, error: str | None = None,
+                   source: str = "") -> None:
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        entry = self.models.setdefault(model_id, Entry(default_version=revision))
+        old = entry.versions.get(revision)
+        entry.versions[revision] = Version(status, size or (old.size if old else 0),
+                                           old.added_at if old else time.time(), error, source or (old.source if old
+                                                                                                   else ""))
+        if status == "ready":
+            entry.default_version = revision
+        self.save()
+
+    def remove(self, model_id: str, revision: str) -> None:
+        entry = self.models.get(model_id)
+        if entry is None or revision not in entry.versions:
+            raise NotFoundError(f"no version {revision!r} of {model_id!r}", code="UNKNOWN_MODEL")
+        del entry.versions[revision]
+        if not entry.versions:
+            del self.models[model_id]
+        elif entry.default_version == revision:
+            entry.default_version = sorted(entry.versions)[-1]
+        self.save()
+
+    def require(self, model_id: str, revision: str | None = None) -> tuple[str, Version]:
+        """(revision, version) of a ready model; ModelNotAvailable with the reason otherwise."""
+        entry = self.models.get(model_id)
+        if entry is None:
+            raise ModelNotAvailable(model_id, "not_installed")
+        rev = revision or entry.default_version
+        version = entry.versions.get(rev)
+        if version is None:
+            raise ModelNotAvailable(model_id, "not_installed", f"no version {rev!r}")
+        if version.status != "ready":
+            raise ModelNotAvailable(model_id, version.status, version.error or "")
+        return rev, version
+
+    # ---- locks -----------------------------------------------------------------------------------
+
+    def lock(self, name: str, *, model: str = "", version: str = "", timeout: float = 3600.0,
+             now: float | None = None) -> StoreLock:
+        """Take the file lock ``name`` (O_EXCL create); an expired or orphan lock is taken over.
+        LockHeld when a live process holds it."""
+        return StoreLock.acquire(self.lock_dir / f"{safe_name(name)}.lock", model=model, version=version,
+                                 timeout=timeout, now=time.time() if now is None else now)
+
+    def clean_locks(self, now: float) -> list[str]:
+        removed = []
+        for path in self.lock_dir.glob("*.lock"):
+            info = _read_lock(path)
+            if info is None or _stale(info, now):
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+        return removed
+
+
+@dataclass
+class StoreLock:
+    path: Path
+    info: dict[str, Any]
+
+    @classmethod
+    def acquire(cls, path: Path, *, model: str, version: str, timeout: float, now: float) -> StoreLock:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = {"pid": os.getpid(), "created_at": now, "timeout_s": timeout, "model": model, "version": version}
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                held = _read_lock(path)
+                if held is not None and not _stale(held, now):
+                    who = f"pid {held.get('pid')} since {held.get('created_at')}"
+                    raise LockHeld(f"{path.name} is held by {who}") from None
+                path.unlink(missing_ok=True)  # expired or orphan: take it over
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f)
+                f.flush()
+                os.fsync(f.fileno())
+            return cls(path, info)
+        raise LockHeld(f"{path.name} was taken by someone else while we cleaned it")
+
+    def release(self) -> None:
+        held = _read_lock(self.path)
+        if held is not None and held.get("pid") == self.info["pid"] and held.get("created_at") == self.info[
+                "created_at"]:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> StoreLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable or half-written (a crash between create and write): stale
+    return info if isinstance(info, dict) else None
+
+
+def _stale(info: dict[str, Any], now: float) -> bool:
+    try:
+        expired = now > float(info["created_at"]) + float(info["timeout_s"])
+        pid = int(info["pid"])
+    except (KeyError, TypeError, ValueError):
+        return True
+    return expired or not psutil.pid_exists(pid)
+
+
+def _decode(raw: bytes) -> dict[str, Entry]:
+    try:
+        doc = json.loads(raw)
+        if doc.get("version") != REGISTRY_VERSION:
+            raise RegistryError(f"registry.json version {doc.get('version')!r} is not supported")
+        models = {}
+        for mid, e in doc["models"].items():
+            versions = {rev: Version(**v) for rev, v in e["versions"].items()}
+            if any(v.status not in STATUSES for v in versions.values()):
+                raise RegistryError(f"registry.json: unknown status for {mid!r}")
+            models[mid] = Entry(e["default_version"], e.get("task", "text-generation"), versions)
+        return models
+    except RegistryError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RegistryError(f"registry.json is not a valid registry: {exc}") from None
