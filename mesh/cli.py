@@ -10,13 +10,14 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from mesh import config as config_mod
 from mesh import logs
-from mesh.errors import MeshError
+from mesh.errors import MeshError, NotFoundError
 
 log = logging.getLogger("meshnode")
 DEFAULT_API = "127.0.0.1:8470"
@@ -132,6 +133,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(cfg, args.config)
 
 
+def _store(args: argparse.Namespace) -> Any:
+    from mesh.keyfile import load_or_create
+    from storage.store import Store
+
+    data_dir = Path(args.data_dir).expanduser()
+    return Store(data_dir / "store", load_or_create(data_dir))
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if args.models_command == "add":
+        logs.setup("info", False)
+        manifest = store.add(args.source, revision=args.revision, model_id=args.id)
+        print(f"{manifest.model_id} ({manifest.revision}): ready, {len(manifest.shards)} shards, "
+              f"{manifest.total_layers} layers, {_size(manifest.size)}")
+        return 0
+    models = store.describe()
+    if args.models_command == "show":
+        match = [m for m in models if m["id"] == args.id]
+        if not match:
+            raise NotFoundError(f"no model {args.id!r} installed", code="UNKNOWN_MODEL")
+        print(json.dumps(match[0], indent=2))
+        return 0
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    if not models:
+        print("no models installed (meshnode models add SOURCE)")
+    for m in models:
+        for rev, v in m["versions"].items():
+            default = " (default)" if rev == m["default_version"] else ""
+            layers = f"{v['layers']} layers" if "layers" in v else v.get("error") or ""
+            print(f"{m['id']}  {rev}{default}  {v['status']}  {_size(v['size'])}  {layers}")
+    return 0
+
+
 # ---- entry point --------------------------------------------------------------------------------
 
 
@@ -148,6 +189,18 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("drain", help="drain the local peer: draining, then offline, then exit")
     p.add_argument("--api", default=DEFAULT_API, help="the peer's API address (host:port)")
     p.set_defaults(func=cmd_drain)
+    p = sub.add_parser("models", help="install, list and show models in the local store")
+    p.add_argument("--data-dir", default="~/.meshnode", help="the peer's data directory")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    add = msub.add_parser("add", help="add a model: HF repo id, local HF folder, GGUF file, or smollm2-135m-instruct")
+    add.add_argument("source")
+    add.add_argument("--revision", help="HF revision (branch, tag or commit); a label for local sources")
+    add.add_argument("--id", help="model id to register it under (default: derived from the source)")
+    lst = msub.add_parser("list", help="installed models with sizes, layers and status")
+    lst.add_argument("--json", action="store_true")
+    show = msub.add_parser("show", help="one model: versions, files, shards and checksums")
+    show.add_argument("id")
+    p.set_defaults(func=cmd_models)
     p = sub.add_parser("demo", help="start a local mesh on 127.0.0.1 and show it working")
     config_mod.add_arguments(p)
     p.set_defaults(func=cmd_demo)

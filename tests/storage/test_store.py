@@ -1,0 +1,95 @@
+"""The local store end to end: add from a folder, a GGUF file (the packaged SmolLM2) and the HF hub
+(offline), list and show, verify; bad sources fail with codes and leave nothing half-registered."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mesh.cli import main
+from mesh.errors import MeshError
+from mesh.identity import Identity
+from storage.registry import ModelNotAvailable
+from storage.shards import shard_path
+from storage.store import SourceError, Store
+
+ALICE = Identity.from_seed(b"a" * 32)
+
+
+def tiny_folder(path: Path) -> Path:
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=1, vocab_size=128, tie_word_embeddings=True)).save_pretrained(path)
+    return path
+
+
+def test_add_a_local_folder_then_list_show_and_verify(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store", ALICE)
+    manifest = store.add(str(tiny_folder(tmp_path / "tiny")))
+    assert manifest.model_id == "tiny" and manifest.revision.startswith("local-")
+    assert store.verify("tiny").revision == manifest.revision
+    (row,) = store.describe()
+    version = row["versions"][manifest.revision]
+    assert row["default_version"] == manifest.revision and version["status"] == "ready"
+    assert version["layers"] == 2 + 3 and {f["name"] for f in version["files"]} >= {"config.json"}
+    # Adding again is idempotent (same shards, same hashes).
+    assert [s.sha256 for s in store.add(str(tmp_path / "tiny")).shards] == [s.sha256 for s in manifest.shards]
+    # A damaged shard is found by verify.
+    path = shard_path(store.registry.shard_dir, manifest.shards[1].sha256)
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(MeshError) as err:
+        store.verify("tiny")
+    assert err.value.code == "SHARD_SIZE_MISMATCH"
+
+
+def test_bad_sources_fail_with_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path / "store", ALICE)
+    with pytest.raises(SourceError):
+        store.add(str(tmp_path / "missing.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match=r"no config\.json"):
+        store.add(str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache: offline, nothing to find
+    with pytest.raises(SourceError, match=r"not reachable|cache") as err:
+        store.add("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert err.value.code == "MODEL_SOURCE_UNAVAILABLE"
+    with pytest.raises(ModelNotAvailable) as na:
+        store.manifest("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert na.value.reason == "not_installed"
+
+
+def test_the_hub_source_uses_the_hf_cache_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A snapshot in the HF cache layout, as huggingface_hub leaves it after a download.
+    cache = tmp_path / "hf" / "hub" / "models--org--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    tiny_folder(cache / "snapshots" / commit)
+    (cache / "refs").mkdir(parents=True)
+    (cache / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    store = Store(tmp_path / "store", ALICE)
+    manifest = store.add("org/tiny")
+    assert (manifest.model_id, manifest.revision) == ("org/tiny", commit)
+    assert store.verify("org/tiny").total_layers == 5
+
+
+def test_cli_adds_the_packaged_smollm2_gguf_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = str(tmp_path / "data")
+    assert main(["models", "--data-dir", data, "add", "smollm2-135m-instruct"]) == 0
+    assert "ready, 33 shards, 33 layers" in capsys.readouterr().out  # embedding, 30 blocks, norm, head
+    assert main(["models", "--data-dir", data, "list", "--json"]) == 0
+    (model,) = json.loads(capsys.readouterr().out)
+    version = model["versions"][model["default_version"]]
+    assert model["id"] == "smollm2-135m-instruct" and version["family"] == "llama"
+    assert {"config.json", "tokenizer.json"} <= {f["name"] for f in version["files"]}
+    sources = list((tmp_path / "data" / "store" / "sources").rglob("config.json"))
+    assert len(sources) == 1  # converted once; a second add reuses the conversion
+    mtime = sources[0].stat().st_mtime
+    assert main(["models", "--data-dir", data, "add", "smollm2-135m-instruct"]) == 0
+    assert sources[0].stat().st_mtime == mtime
+    assert main(["models", "--data-dir", data, "show", "nope"]) == 2
