@@ -15,25 +15,15 @@ The client runs on the same 2 cores as the peer, so rates are a floor for the pe
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from mesh.churn import run_process
 from mesh.localmesh import LocalMesh, PeerProcess, wait_for
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "local-3.toml")
-
-
-def churn(addr: str, count: int, burst: int) -> dict:
-    out = subprocess.run([sys.executable, "-m", "mesh.churn", addr, "--count", str(count), "--burst", str(burst)],
-                         capture_output=True, text=True, timeout=1800)
-    if out.returncode not in (0, 1) or not out.stdout.strip():
-        raise SystemExit(f"churn client failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout)
 
 
 def runtime(peer: PeerProcess) -> dict:
@@ -55,13 +45,13 @@ def main() -> None:
                                                            extra_args=("--benchmark-seconds", "0.05")) as mesh:
         peer = mesh.start_peer("target")
         addr = peer.addrs[0]
-        churn(addr, 50, 10)  # warm up: first-use allocations are not a leak
+        run_process(addr, 50, 10)  # warm up: first-use allocations are not a leak
         time.sleep(1.5)
         rows = [("start", 0, runtime(peer), None, None)]
         total = 0
         for r in range(args.rounds):
-            seq = churn(addr, 500, 1)
-            bur = churn(addr, 500, args.burst)
+            seq = run_process(addr, 500, 1)
+            bur = run_process(addr, 500, args.burst)
             total += 1000
             time.sleep(1.5)
             failures = len(seq["failures"]) + len(bur["failures"])

@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import trio
 
-from mesh.errors import PeerError
+from mesh.errors import LocalError, PeerError
 from mesh.identity import Identity
 from mesh.transport import Transport, is_loopback_addr, peer_id_of
 
@@ -65,6 +67,17 @@ async def churn(addr: str, count: int, burst: int = 1) -> ChurnResult:
             done += n
     result.wall_s = time.monotonic() - start
     return result
+
+
+def run_process(addr: str, count: int, burst: int, timeout: float = 1800) -> dict[str, Any]:
+    """Run the churn client in its own process (so it does not share the caller's event loop or GIL);
+    its JSON report. LocalError when it crashed instead of reporting."""
+    out = subprocess.run([sys.executable, "-m", "mesh.churn", addr, "--count", str(count), "--burst", str(burst)],
+                         capture_output=True, text=True, timeout=timeout)
+    # Exit 1 with a report: some visits failed (the caller looks at "failures"); anything else is a crash.
+    if out.returncode not in (0, 1) or not out.stdout.strip():
+        raise LocalError(f"churn client failed ({out.returncode}): {out.stderr[-3000:]}", code="CHURN_CLIENT_FAILED")
+    return json.loads(out.stdout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,10 +126,8 @@ class Registry:
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
         entry = self.models.setdefault(model_id, Entry(default_version=revision))
-        old = entry.versions.get(revision)
-        entry.versions[revision] = Version(status, size or (old.size if old else 0),
-                                           old.added_at if old else time.time(), error, source or (old.source if old
-                                                                                                   else ""))
+        old = entry.versions.get(revision) or Version(status, added_at=time.time())
+        entry.versions[revision] = Version(status, size or old.size, old.added_at, error, source or old.source)
         if status == "ready":
             entry.default_version = revision
         self.save()

@@ -11,7 +11,6 @@ Sources (``meshnode models add SOURCE``):
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -25,7 +24,7 @@ from mesh.identity import Identity
 from storage.manifest import Manifest, open_manifest, seal_manifest
 from storage.metadata import layers_of
 from storage.registry import Registry, safe_name
-from storage.shards import split_model, verify_file, verify_shard
+from storage.shards import sha256_file, split_model, verify_file, verify_shard
 
 log = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.cbor"
@@ -90,13 +89,13 @@ class Store:
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise SourceError(f"{path} is not a Hugging Face model folder (no config.json)")
-            return path, path.name, revision or "local-" + _digest(path / "config.json")[:12]
+            return path, path.name, revision or "local-" + sha256_file(path / "config.json")[1][:12]
         if path.exists() or source.startswith((".", "/", "~")):
             raise SourceError(f"{source}: not a model folder, a GGUF file or a packaged model")
         return self._from_hub(source, revision)
 
     def _from_gguf(self, gguf: Path, model_id: str, revision: str | None) -> tuple[Path, str, str]:
-        rev = revision or "gguf-" + _digest(gguf)[:12]
+        rev = revision or "gguf-" + sha256_file(gguf)[1][:12]
         out = self.root / "sources" / safe_name(model_id) / safe_name(rev)
         if not (out / "config.json").is_file():  # converted once
             self.registry.set_status(model_id, rev, "downloading", source=str(gguf))
@@ -176,10 +175,3 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

@@ -3,17 +3,15 @@ peers, kills and restarts on the same key and port never degrade the mesh."""
 
 from __future__ import annotations
 
-import json
 import signal
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mesh.churn import run_process
 from mesh.cli import api_get
 from mesh.errors import MeshError
 from mesh.localmesh import LocalMesh, PeerProcess, agreed, wait_for
@@ -36,14 +34,6 @@ def port_of(peer: PeerProcess) -> int:
     return int(peer.addrs[0].split("/")[4])
 
 
-def run_churn(addr: str, count: int, burst: int) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "mesh.churn", addr, "--count", str(count), "--burst", str(burst)],
-                         capture_output=True, text=True, timeout=300)
-    # Exit 1 with a JSON report: some visits failed (asserted by the caller); anything else is a crash.
-    assert out.returncode in (0, 1) and out.stdout.strip(), out.stderr[-3000:]
-    return json.loads(out.stdout)
-
-
 def settled_runtime(peer: PeerProcess) -> dict[str, Any]:
     """The peer's runtime once every visitor's connection is gone."""
     return wait_for(lambda: (r := peer.get("/api/runtime"))["connections"] == 0 and r, timeout=30,
@@ -53,12 +43,12 @@ def settled_runtime(peer: PeerProcess) -> dict[str, Any]:
 def test_a_thousand_inbound_connections_leave_tasks_and_memory_flat(tmp_path: Path) -> None:
     with LocalMesh(tmp_path, CONFIG, extra_args=ARGS) as mesh:
         peer = mesh.start_peer("target")
-        warmup = run_churn(peer.addrs[0], 50, 10)  # first-use allocations are not a leak
+        warmup = run_process(peer.addrs[0], 50, 10)  # first-use allocations are not a leak
         assert not warmup["failures"]
         time.sleep(1.5)
         base = settled_runtime(peer)
-        sequential = run_churn(peer.addrs[0], 500, 1)
-        bursts = run_churn(peer.addrs[0], 500, 50)
+        sequential = run_process(peer.addrs[0], 500, 1)
+        bursts = run_process(peer.addrs[0], 500, 50)
         time.sleep(1.5)
         after = settled_runtime(peer)
         connects = sorted(sequential["connect_s"] + bursts["connect_s"])
