@@ -31,7 +31,7 @@ from mesh.identity import Identity
 from mesh.ids import NodeId
 from mesh.keyfile import load_or_create
 from mesh.logs import Throttle
-from mesh.membership import Forgotten, StatusChanged
+from mesh.membership import Forgotten, Member, StatusChanged
 from mesh.peer import LeaderChanged, PeerCore, PeerEvent, PeerProfile
 from mesh.transport import GossipMessage, Transport, is_loopback_addr, peer_id_of
 from mesh.wire import NODES_TOPIC, GpuInfo, NodeStatus, open_signed
@@ -268,10 +268,14 @@ class Node:
             rows.append(row)
         return {"nodes": rows, "coordinator": lead.coordinator, "term": lead.term, "self": self.node_id}
 
-    def node_health(self, node_id: str) -> dict[str, Any]:
+    def _member(self, node_id: str) -> Member:
         m = self.core.membership.get(NodeId(node_id))
         if m is None:
             raise NotFoundError(f"no peer {node_id!r} in the membership table", code="UNKNOWN_NODE")
+        return m
+
+    def node_health(self, node_id: str) -> dict[str, Any]:
+        m = self._member(node_id)
         now = self.now()
         issues = self.core.membership.issues(m, now)
         return {
@@ -285,9 +289,7 @@ class Node:
 
     async def ping(self, node_id: str, timeout: float) -> dict[str, Any]:
         """Round trip to a member over a fresh stream; PEER_TIMEOUT when it does not answer in time."""
-        if self.core.membership.get(NodeId(node_id)) is None:
-            raise NotFoundError(f"no peer {node_id!r} in the membership table", code="UNKNOWN_NODE")
-        rtt = await self.transport.ping(NodeId(node_id), timeout=timeout)
+        rtt = await self.transport.ping(self._member(node_id).node_id, timeout=timeout)
         return {"node_id": node_id, "rtt_ms": round(rtt * 1000, 3)}
 
     def runtime(self) -> dict[str, Any]:

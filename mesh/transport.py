@@ -141,13 +141,6 @@ class Stream:
     async def write(self, data: bytes, *, timeout: float | None = None) -> None:
         await self._io("write", lambda: self._raw.write(data), timeout)
 
-    async def read_some(self, max_bytes: int, *, timeout: float | None = None) -> bytes:
-        """Up to ``max_bytes`` bytes; b"" once the peer has closed its side."""
-        try:
-            return await self._io("read", lambda: self._raw.read(max_bytes), timeout)
-        except StreamClosedError:
-            return b""
-
     async def read_exactly(self, n: int, *, timeout: float | None = None) -> bytes:
         deadline = trio.current_time() + (self.timeout if timeout is None else timeout)
         buf = bytearray()

@@ -50,6 +50,7 @@ class TensorInfo:
     file: str  # file name inside the model folder
     start: int  # data offsets relative to the end of the header
     end: int
+    data_start: int  # where the file's tensor data begins (8 + header length)
 
     @property
     def numel(self) -> int:
@@ -60,8 +61,8 @@ class TensorInfo:
         return self.end - self.start
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
-    """Tensors, the free-form ``__metadata__`` and the data start offset of one safetensors file.
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Tensors and the free-form ``__metadata__`` of one safetensors file.
     MalformedSafetensors for anything the format does not allow."""
     with open(path, "rb") as f:
         head = f.read(8)
@@ -84,11 +85,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
         raise MalformedSafetensors(f"{path.name}: __metadata__ must map strings to strings")
     tensors = {}
     for name, entry in header.items():
-        tensors[name] = _tensor(path.name, name, entry)
-    return tensors, meta, 8 + size
+        tensors[name] = _tensor(path.name, name, entry, 8 + size)
+    return tensors, meta
 
 
-def _tensor(file: str, name: str, entry: Any) -> TensorInfo:
+def _tensor(file: str, name: str, entry: Any, data_start: int) -> TensorInfo:
     where = f"{file}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise MalformedSafetensors(f"{where}: entry is not an object")
@@ -100,7 +101,7 @@ def _tensor(file: str, name: str, entry: Any) -> TensorInfo:
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(isinstance(o, int) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
         raise MalformedSafetensors(f"{where}: data_offsets must be [start, end] with 0 <= start <= end")
-    info = TensorInfo(name, dtype, tuple(shape), file, offsets[0], offsets[1])
+    info = TensorInfo(name, dtype, tuple(shape), file, offsets[0], offsets[1], data_start)
     if info.nbytes != info.numel * DTYPE_BYTES[dtype]:
         raise MalformedSafetensors(f"{where}: {info.nbytes} bytes of data for {info.numel} x {dtype}")
     return info

@@ -19,7 +19,7 @@ from pathlib import Path
 from mesh.errors import PeerError
 from mesh.identity import Identity
 from storage.manifest import Manifest, ManifestFile, Shard, ShardTensor
-from storage.metadata import ModelMetadata, TensorInfo, read_header
+from storage.metadata import ModelMetadata, TensorInfo
 
 CHUNK = 1 << 20
 SHARD_SUFFIX = ".safetensors"
@@ -68,10 +68,6 @@ def _shard_header(layer_name: str, tensors: list[TensorInfo]) -> bytes:
 def write_shard(folder: Path, layer_name: str, tensors: Iterable[TensorInfo], shard_dir: Path) -> tuple[int, str]:
     """Write one layer's shard into ``shard_dir`` (temp file, fsync, rename to its hash); (size, sha256)."""
     ordered = sorted(tensors, key=lambda t: t.name)
-    data_start = {}  # file -> absolute offset where its tensor data begins
-    for t in ordered:
-        if t.file not in data_start:
-            data_start[t.file] = read_header(folder / t.file)[2]
     shard_dir.mkdir(parents=True, exist_ok=True)
     tmp = shard_dir / f".{layer_name}.{os.getpid()}.tmp"
     h, size = hashlib.sha256(), 0
@@ -83,7 +79,7 @@ def write_shard(folder: Path, layer_name: str, tensors: Iterable[TensorInfo], sh
             size += len(head)
             for t in ordered:
                 with open(folder / t.file, "rb") as src:
-                    src.seek(data_start[t.file] + t.start)
+                    src.seek(t.data_start + t.start)
                     left = t.nbytes
                     while left:
                         chunk = src.read(min(CHUNK, left))

@@ -160,7 +160,7 @@ def test_unknown_architectures_and_foreign_tensors_fail_clearly(tmp_path: Path) 
         architecture({"model_type": "llama"})
     tiny_llama(tmp_path, tied=True)
     path = tmp_path / "model.safetensors"
-    tensors, _, _ = read_header(path)
+    tensors, _ = read_header(path)
     header = {n: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.start, t.end]}
               for n, t in tensors.items()}
     header["vision_tower.weight"] = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
