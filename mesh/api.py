@@ -7,6 +7,7 @@ logged with their code; a bad request never disturbs the peer.
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING
 
 import trio
@@ -15,10 +16,10 @@ from hypercorn.trio import serve
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
-from mesh.errors import MeshError, PeerError
+from mesh.errors import MeshError, NotFoundError, PeerError
 from mesh.wire import NodeStatus
 
 if TYPE_CHECKING:
@@ -66,6 +67,56 @@ def build_app(node: Node) -> Starlette:
     async def coordinator(request: Request) -> JSONResponse:
         return JSONResponse(node.coordinator())
 
+    # ---- models ---------------------------------------------------------------------------------
+
+    async def models(request: Request) -> JSONResponse:
+        return JSONResponse({"models": await trio.to_thread.run_sync(node.store.describe)})
+
+    async def model(request: Request) -> JSONResponse:
+        model_id = request.path_params["model_id"]
+        for m in await trio.to_thread.run_sync(node.store.describe):
+            if m["id"] == model_id:
+                return JSONResponse(m)
+        raise NotFoundError(f"no model {model_id!r} in this peer's store", code="UNKNOWN_MODEL")
+
+    async def ranking(request: Request) -> JSONResponse:
+        return JSONResponse({"ranking": node.store.ranking()})
+
+    async def start_transfer(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise PeerError("the body must be JSON: {\"model\": ..., \"revision\": ..., \"source\": ...}",
+                            code="BAD_REQUEST") from None
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body["model"]:
+            raise PeerError("\"model\" (a model id) is required", code="MISSING_PARAMETER")
+        for key in ("revision", "source"):
+            if body.get(key) is not None and not isinstance(body[key], str):
+                raise PeerError(f"{key!r} must be a string", code="INVALID_PARAMETER")
+        transfer = node.start_fetch(body["model"], body.get("revision"), body.get("source"))
+        return JSONResponse({"transfer": transfer.snapshot()}, status_code=202)
+
+    async def transfers(request: Request) -> JSONResponse:
+        try:
+            after = int(request.query_params.get("after", "0"))
+        except ValueError:
+            raise PeerError("after must be an event sequence number", code="INVALID_PARAMETER") from None
+        f = node.fetcher
+        return JSONResponse({"transfers": [t.snapshot() for t in f.transfers.values()],
+                             "events": f.events_after(after)})
+
+    async def transfer(request: Request) -> JSONResponse:
+        t = node.fetcher.transfers.get(request.path_params["transfer_id"])
+        if t is None:
+            raise NotFoundError(f"no transfer {request.path_params['transfer_id']!r}", code="UNKNOWN_TRANSFER")
+        return JSONResponse(t.snapshot())
+
+    async def storage_file(request: Request) -> FileResponse:
+        model_id, version, name = _storage_parts(request)
+        path = await trio.to_thread.run_sync(node.store.download_path, model_id, version, name)
+        node.store.count(model_id, "download")
+        return FileResponse(path, filename=name)
+
     async def drain(request: Request) -> JSONResponse:
         node.request_drain()
         return JSONResponse({"status": NodeStatus.DRAINING.value, "node_id": node.node_id}, status_code=202)
@@ -95,11 +146,34 @@ def build_app(node: Node) -> Starlette:
         Route("/api/ping", ping),
         Route("/api/runtime", runtime),
         Route("/api/drain", drain, methods=["POST"]),
+        Route("/api/models", models),
+        Route("/api/models/{model_id:path}", model),
+        Route("/api/model-usage/ranking", ranking),
+        Route("/api/transfers", transfers),
+        Route("/api/transfers", start_transfer, methods=["POST"]),
+        Route("/api/transfers/{transfer_id}", transfer),
+        Route("/storage/models/{rest:path}", storage_file, methods=["GET", "HEAD"]),
     ]
     return Starlette(
         routes=routes,
         exception_handlers={MeshError: on_mesh_error, HTTPException: on_http_error, Exception: on_unexpected},
     )
+
+
+_ENCODED = re.compile(r"%(2e|2f|5c|00)", re.IGNORECASE)
+
+
+def _storage_parts(request: Request) -> tuple[str, str, str]:
+    """``/storage/models/{model id, may contain /}/{version}/{file}`` → its three parts. Anything that
+    could step outside the store is refused before a file is looked up: ``..`` or ``.`` segments, empty
+    segments (an absolute path), backslashes, NUL, and percent-encoded dots, slashes or backslashes."""
+    raw = request.scope.get("raw_path", b"").decode("latin-1")
+    if _ENCODED.search(raw):
+        raise PeerError("encoded dots, slashes or NUL are not allowed in storage paths", code="INVALID_PATH")
+    parts = request.path_params["rest"].split("/")
+    if len(parts) < 3 or any(p in ("", ".", "..") or "\\" in p or "\x00" in p for p in parts):
+        raise PeerError("a storage path is /storage/models/{model}/{version}/{file}", code="INVALID_PATH")
+    return "/".join(parts[:-2]), parts[-2], parts[-1]
 
 
 async def serve_api(

@@ -48,6 +48,14 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StorageConfig:
+    parallel_downloads: int = 3  # shards fetched at once from peers
+    retries: int = 3  # rounds over every holder of a shard, with exponential backoff, before giving up
+    upload_limit_mb_s: float = 0.0  # serving shards to peers, MB/s (0: unlimited)
+    download_limit_mb_s: float = 0.0  # fetching shards from peers, MB/s (0: unlimited)
+
+
+@dataclass(frozen=True, slots=True)
 class DemoConfig:
     peers: int = 3  # how many local peers `meshnode demo` starts
 
@@ -58,6 +66,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     membership: MembershipConfig = field(default_factory=MembershipConfig)  # timings and require_gpu
     api: ApiConfig = field(default_factory=ApiConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     log: LogConfig = field(default_factory=LogConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
@@ -93,6 +102,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("membership.forget_after", "--forget-after", "seconds before an offline peer is forgotten"),
     Option("membership.require_gpu", "--require-gpu", "only peers with a GPU may coordinate or serve"),
     Option("api.listen", "--api", "host:port of the local HTTP API ('' to disable)"),
+    Option("storage.parallel_downloads", "--parallel-downloads", "shards fetched at once from peers"),
+    Option("storage.retries", "--download-retries", "rounds over every holder of a shard before giving up"),
+    Option("storage.upload_limit_mb_s", "--upload-limit", "MB/s when serving shards to peers (0: unlimited)"),
+    Option("storage.download_limit_mb_s", "--download-limit", "MB/s when fetching shards (0: unlimited)"),
     Option("log.level", "--log-level", "debug, info, warning or error"),
     Option("log.json", "--log-json", "log one JSON object per line"),
     Option("demo.peers", "--peers", "number of local peers for `meshnode demo`"),
@@ -189,5 +202,10 @@ def validate(config: Config) -> None:
         raise ValueError(f"log.level: unknown level {config.log.level!r}")
     if not config.network.listen:
         raise ValueError("network.listen: at least one address is needed")
+    st = config.storage
+    if st.parallel_downloads < 1 or st.retries < 1:
+        raise ValueError("storage.parallel_downloads and storage.retries must be at least 1")
+    if st.upload_limit_mb_s < 0 or st.download_limit_mb_s < 0:
+        raise ValueError("storage rate limits must not be negative (0 means unlimited)")
     if config.demo.peers < 1:
         raise ValueError("demo.peers must be at least 1")

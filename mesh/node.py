@@ -7,6 +7,7 @@ Tasks (all children of one nursery, none fire-and-forget):
     ticks       - failure detection, lifecycle and election, four times per heartbeat
     dialer      - (re)dial bootstrap peers and members learned from gossip (peer exchange), mDNS finds
     reaper      - close the connection of a member that fell silent (libp2p never notices a frozen peer)
+    transfers   - model fetches started through the API (``start_fetch``), in their own nursery
     api         - the local HTTP API
     lifecycle   - drain on request or signal: draining for drain_seconds, then a goodbye, then exit
 """
@@ -14,6 +15,7 @@ Tasks (all children of one nursery, none fire-and-forget):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -25,7 +27,7 @@ import trio
 
 from mesh import hardware
 from mesh.config import Config
-from mesh.errors import NotFoundError, PeerError
+from mesh.errors import MeshError, NotFoundError, PeerError
 from mesh.fsutil import atomic_write
 from mesh.identity import Identity
 from mesh.ids import NodeId
@@ -35,6 +37,8 @@ from mesh.membership import Forgotten, Member, StatusChanged
 from mesh.peer import LeaderChanged, PeerCore, PeerEvent, PeerProfile
 from mesh.transport import GossipMessage, Transport, is_loopback_addr, peer_id_of
 from mesh.wire import NODES_TOPIC, GpuInfo, NodeStatus, open_signed
+from storage.store import Store
+from storage.transfer import Fetcher, RateLimit, Server, Transfer
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -46,7 +50,7 @@ NODE_FILE = "node.json"  # addresses of the running peer, for scripts and tests
 class Node:
     def __init__(
         self, config: Config, identity: Identity, core: PeerCore, transport: Transport,
-        gpus: tuple[GpuInfo, ...], flops: float,
+        gpus: tuple[GpuInfo, ...], flops: float, store: Store,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -60,6 +64,13 @@ class Node:
         self.finished = trio.Event()
         self._dial_failures: dict[str, str] = {}
         self._reject_throttle = Throttle(every=10.0)
+        st = config.storage
+        self.store = store
+        self.shard_server = Server(store, upload=RateLimit(st.upload_limit_mb_s * 1e6))
+        self.fetcher = Fetcher(transport, store, parallel=st.parallel_downloads, retries=st.retries,
+                               download=RateLimit(st.download_limit_mb_s * 1e6))
+        self._installed: tuple[str, ...] = ()
+        self._transfer_nursery: trio.Nursery | None = None
 
     @property
     def node_id(self) -> NodeId:
@@ -112,11 +123,16 @@ class Node:
             await trio.sleep_until(next_at)
 
     async def publish_heartbeat(self) -> None:
+        # The store is read in a worker thread (it may be busy with a large add); a slow read keeps the
+        # last list rather than delay the heartbeat.
+        with trio.move_on_after(0.2):
+            self._installed = tuple(await trio.to_thread.run_sync(self.store.installed, abandon_on_cancel=True))
         data, events = self.core.heartbeat(
             self.now(),
             hardware=hardware.snapshot(self.gpus),
             compute_flops=self.flops,
             addrs=tuple(self.transport.addrs()),
+            installed_models=self._installed,
             api=self.api_url,
         )
         self._log_events(events)
@@ -242,6 +258,49 @@ class Node:
     def request_drain(self) -> None:
         self.drain_requested.set()
 
+    # ---- models ----------------------------------------------------------------------------------
+
+    async def transfers(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._transfer_nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def holders(self, model: str, revision: str | None) -> list[NodeId]:
+        """Live peers that advertise ``model`` (at ``revision``, if given), least loaded first."""
+        found = []
+        for m in self.core.membership.members():
+            if m.node_id == self.node_id or m.status in (NodeStatus.OFFLINE, NodeStatus.REGISTERING):
+                continue
+            if any(entry == f"{model}@{revision}" if revision else entry.startswith(f"{model}@")
+                   for entry in m.info.installed_models):
+                found.append(m)
+        found.sort(key=lambda m: (m.info.hardware.load, m.node_id))
+        return [m.node_id for m in found]
+
+    def start_fetch(self, model: str, revision: str | None, source: str | None) -> Transfer:
+        """Fetch a model from the peers that hold it, in the background; its progress is the returned
+        Transfer (``/api/transfers``). ``source``: where to add it from if no peer can deliver it."""
+        assert self._transfer_nursery is not None
+        transfer = self.fetcher.new_transfer(model, revision)
+        add_from_source = None
+        if source:
+            async def add_from_source(rev: str | None) -> None:
+                await trio.to_thread.run_sync(functools.partial(self.store.add, source, revision=rev,
+                                                                model_id=model))
+
+        async def fetch() -> None:
+            try:
+                await self.fetcher.fetch_model(model, revision, self.holders(model, revision),
+                                               source=add_from_source, transfer=transfer)
+                self.store.count(model, "fetch")
+            except MeshError as err:  # recorded on the transfer and logged by the fetcher
+                log.warning("fetching %s failed: %s %s", model, err.code, err,
+                            extra={"event": "fetch_failed", "code": err.code, "model": model})
+
+        self._transfer_nursery.start_soon(fetch)
+        return transfer
+
     # ---- views for the API -----------------------------------------------------------------------
 
     def node_info(self) -> dict[str, Any]:
@@ -330,12 +389,15 @@ async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_
         min_free_memory_gb=config.node.min_free_memory_gb,
     )
     core = PeerCore(identity, profile, m, trio.current_time())
+    store = await trio.to_thread.run_sync(Store, data_dir / "store", identity)
     async with Transport.open(identity, config.network.listen, mdns=config.network.mdns,
                               loopback_only=config.network.loopback_only,
                               gossip_heartbeat=m.heartbeat_interval) as transport:
-        node = Node(config, identity, core, transport, gpus, flops)
+        node = Node(config, identity, core, transport, gpus, flops, store)
         transport.set_validator(NODES_TOPIC, node.accept_gossip)
+        node.shard_server.register(transport)
         async with trio.open_nursery() as nursery:
+            await nursery.start(node.transfers)
             if config.api.listen:
                 node.api_url = await nursery.start(serve_api, node, config.api.listen)
             addrs = transport.addrs()

@@ -121,7 +121,7 @@ def seal(kind: str, payload: bytes, identity: Identity) -> bytes:
     return cbor2.dumps(env)
 
 
-def _loads(data: bytes, limit: int) -> Any:
+def loads_cbor(data: bytes, limit: int) -> Any:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError(f"expected bytes, got {type(data).__name__}")
     if len(data) > limit:
@@ -134,8 +134,8 @@ def _loads(data: bytes, limit: int) -> Any:
 
 def open_envelope(data: bytes, *, limit: int = MAX_GOSSIP_MESSAGE) -> Envelope:
     """Decode and verify an envelope. Raises DecodeError, OversizeError or SignatureError."""
-    raw = _loads(data, limit)
-    r = _Reader(raw, "envelope")
+    raw = loads_cbor(data, limit)
+    r = Reader(raw, "envelope")
     version = r.integer("v")
     if version != ENVELOPE_VERSION:
         raise DecodeError(f"unknown envelope version {version}", code="UNSUPPORTED_VERSION")
@@ -150,7 +150,7 @@ T = TypeVar("T")
 _REQUIRED: Any = object()
 
 
-class _Reader:
+class Reader:
     """Reads typed fields out of a decoded CBOR map; every mismatch is a DecodeError naming the field.
     A field without a default is required."""
 
@@ -244,15 +244,15 @@ def _scalar_map(raw: Any, where: str) -> dict[str, str | int | float | bool]:
 
 
 def _gpu(raw: Any, where: str) -> GpuInfo:
-    r = _Reader(raw, where)
+    r = Reader(raw, where)
     return GpuInfo(name=r.text("name"), memory_gb=r.number("memory_gb"), usage=r.number("usage", 0.0))
 
 
 def _hardware(raw: Any, where: str) -> Hardware:
-    r = _Reader(raw, where)
+    r = Reader(raw, where)
     battery = None
     if (raw_battery := r.raw("battery", None)) is not None:
-        b = _Reader(raw_battery, f"{where}.battery")
+        b = Reader(raw_battery, f"{where}.battery")
         battery = Battery(level=b.number("level"), charging=b.flag("charging"))
     return Hardware(
         gpus=r.array("gpus", _gpu),
@@ -306,7 +306,7 @@ def encode_node_info(info: NodeInfo) -> bytes:
 def decode_node_info(payload: bytes) -> NodeInfo:
     """Validate a NodeInfo payload. An unknown capability_schema_version is refused before anything
     else is read (its shape may differ); a missing one means "1.0"."""
-    r = _Reader(_loads(payload, MAX_GOSSIP_MESSAGE), NODE_INFO)
+    r = Reader(loads_cbor(payload, MAX_GOSSIP_MESSAGE), NODE_INFO)
     schema = r.text("capability_schema_version", DEFAULT_CAPABILITY_SCHEMA)
     if schema not in SUPPORTED_CAPABILITY_SCHEMAS:
         raise SchemaVersionError(

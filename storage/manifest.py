@@ -18,7 +18,7 @@ import cbor2
 from mesh.errors import DecodeError, PeerError
 from mesh.identity import Identity, node_id_for_key
 from mesh.ids import NodeId
-from mesh.wire import _Reader, open_envelope, seal
+from mesh.wire import Reader, open_envelope, seal
 
 MANIFEST = "manifest"
 MANIFEST_VERSION = 1
@@ -126,7 +126,7 @@ def decode_manifest(payload: bytes) -> Manifest:
         raw = cbor2.loads(payload)
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise DecodeError(f"manifest is not valid CBOR: {exc}") from None
-    r = _Reader(raw, "manifest")
+    r = Reader(raw, "manifest")
     version = r.integer("version")
     if version != MANIFEST_VERSION:
         raise DecodeError(f"manifest version {version} is not supported", code="UNSUPPORTED_VERSION")
@@ -148,7 +148,7 @@ def decode_manifest(payload: bytes) -> Manifest:
     )
 
 
-def _list(r: _Reader, key: str, limit: int) -> list[Any]:
+def _list(r: Reader, key: str, limit: int) -> list[Any]:
     v = r.raw(key)
     if not isinstance(v, list):
         raise DecodeError(f"manifest.{key}: expected an array")
@@ -163,7 +163,7 @@ def _hex(v: str, where: str) -> str:
     return v
 
 
-def _count(r: _Reader, key: str) -> int:
+def _count(r: Reader, key: str) -> int:
     v = r.integer(key, 0)
     if v < 0:
         raise DecodeError(f"{key} must not be negative")
@@ -171,7 +171,7 @@ def _count(r: _Reader, key: str) -> int:
 
 
 def _shard(raw: Any, where: str) -> Shard:
-    r = _Reader(raw, where)
+    r = Reader(raw, where)
     layers = r.raw("layers")
     if not (isinstance(layers, list) and len(layers) == 2 and all(type(x) is int and x >= 0 for x in layers)):
         raise DecodeError(f"{where}.layers: expected [start, end]")
@@ -199,7 +199,7 @@ def _shard(raw: Any, where: str) -> Shard:
 
 
 def _file(raw: Any, where: str) -> ManifestFile:
-    r = _Reader(raw, where)
+    r = Reader(raw, where)
     path = r.text("path")
     if not path or "/" in path or "\\" in path or path.startswith(".") or "\x00" in path:
         raise DecodeError(f"{where}.path: {path!r} is not a plain file name")

@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ from mesh.errors import LocalError, NotFoundError, PeerError
 from mesh.fsutil import atomic_write
 
 REGISTRY_VERSION = 1
+#: How long a registry update waits for another process's update to finish.
+UPDATE_WAIT = 10.0
 STATUSES = ("downloading", "verifying", "ready", "error")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -85,6 +90,11 @@ class Registry:
         self.root = root
         self.path = root / "registry.json"
         self.models: dict[str, Entry] = {}
+        self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of the registry.json we loaded
+        #: Bumped whenever ``models`` changes (a save or a reload): caches built from it compare this.
+        self.generation = 0
+        # A peer touches its store from worker threads (serving, fetching, adding): one at a time.
+        self._mutex = threading.RLock()
 
     # ---- paths -----------------------------------------------------------------------------------
 
@@ -110,14 +120,50 @@ class Registry:
         for tmp in root.glob(".registry.json.*.tmp"):
             tmp.unlink(missing_ok=True)
         reg.clean_locks(time.time() if now is None else now)
-        if reg.path.exists():
-            reg.models = _decode(reg.path.read_bytes())
+        reg.refresh()
         return reg
+
+    def refresh(self) -> bool:
+        """Reload registry.json if another process (``meshnode models add`` beside a running peer)
+        replaced it since we read it; True when it changed."""
+        with self._mutex:
+            try:
+                st = self.path.stat()
+            except FileNotFoundError:
+                return False
+            seen = (st.st_mtime_ns, st.st_size)
+            if seen == self._seen:
+                return False
+            self.models = _decode(self.path.read_bytes())
+            self._seen = seen
+            self.generation += 1
+            return True
 
     def save(self) -> None:
         doc = {"version": REGISTRY_VERSION,
                "models": {mid: asdict(e) for mid, e in sorted(self.models.items())}}
         atomic_write(self.path, json.dumps(doc, indent=1, sort_keys=True).encode())
+        st = self.path.stat()
+        self._seen = (st.st_mtime_ns, st.st_size)
+        self.generation += 1
+
+    @contextmanager
+    def _update(self) -> Iterator[None]:
+        """Read-modify-write under the registry lock, so two processes sharing a store never lose each
+        other's changes (each write starts from the file as it is now)."""
+        deadline = time.monotonic() + UPDATE_WAIT
+        while True:
+            try:
+                lock = self.lock("registry", timeout=60.0)
+                break
+            except LockHeld:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        with lock, self._mutex:
+            self.refresh()
+            yield
+            self.save()
 
     # ---- queries and updates ---------------------------------------------------------------------
 
@@ -125,31 +171,33 @@ class Registry:
                    source: str = "") -> None:
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
-        entry = self.models.setdefault(model_id, Entry(default_version=revision))
-        old = entry.versions.get(revision) or Version(status, added_at=time.time())
-        entry.versions[revision] = Version(status, size or old.size, old.added_at, error, source or old.source)
-        if status == "ready":
-            entry.default_version = revision
-        self.save()
+        with self._update():
+            entry = self.models.setdefault(model_id, Entry(default_version=revision))
+            old = entry.versions.get(revision) or Version(status, added_at=time.time())
+            entry.versions[revision] = Version(status, size or old.size, old.added_at, error, source or old.source)
+            if status == "ready":
+                entry.default_version = revision
 
     def remove(self, model_id: str, revision: str) -> None:
-        entry = self.models.get(model_id)
-        if entry is None or revision not in entry.versions:
-            raise NotFoundError(f"no version {revision!r} of {model_id!r}", code="UNKNOWN_MODEL")
-        del entry.versions[revision]
-        if not entry.versions:
-            del self.models[model_id]
-        elif entry.default_version == revision:
-            entry.default_version = sorted(entry.versions)[-1]
-        self.save()
+        with self._update():
+            entry = self.models.get(model_id)
+            if entry is None or revision not in entry.versions:
+                raise NotFoundError(f"no version {revision!r} of {model_id!r}", code="UNKNOWN_MODEL")
+            del entry.versions[revision]
+            if not entry.versions:
+                del self.models[model_id]
+            elif entry.default_version == revision:
+                entry.default_version = sorted(entry.versions)[-1]
 
     def require(self, model_id: str, revision: str | None = None) -> tuple[str, Version]:
         """(revision, version) of a ready model; ModelNotAvailable with the reason otherwise."""
-        entry = self.models.get(model_id)
-        if entry is None:
-            raise ModelNotAvailable(model_id, "not_installed")
-        rev = revision or entry.default_version
-        version = entry.versions.get(rev)
+        with self._mutex:
+            self.refresh()
+            entry = self.models.get(model_id)
+            if entry is None:
+                raise ModelNotAvailable(model_id, "not_installed")
+            rev = revision or entry.default_version
+            version = entry.versions.get(rev)
         if version is None:
             raise ModelNotAvailable(model_id, "not_installed", f"no version {rev!r}")
         if version.status != "ready":

@@ -15,16 +15,18 @@ import importlib.util
 import logging
 import os
 import shutil
+import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mesh.errors import LocalError, MeshError
+from mesh.errors import LocalError, MeshError, NotFoundError
 from mesh.fsutil import atomic_write
 from mesh.identity import Identity
 from storage.manifest import Manifest, open_manifest, seal_manifest
 from storage.metadata import layers_of
 from storage.registry import Registry, safe_name
-from storage.shards import sha256_file, split_model, verify_file, verify_shard
+from storage.shards import sha256_file, shard_path, split_model, verify_file, verify_shard
 
 log = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.cbor"
@@ -43,6 +45,11 @@ class Store:
         self.root = root
         self.identity = identity
         self.registry = Registry.open(root)
+        #: Requests per (model, kind): manifests and blobs served to peers, HTTP downloads, fetches.
+        self.usage: Counter[tuple[str, str]] = Counter()
+        self._blobs: dict[str, tuple[Path, str]] = {}  # sha256 -> (file, model) of ready models
+        self._blobs_generation = -1
+        self._blobs_lock = threading.Lock()
 
     # ---- adding ----------------------------------------------------------------------------------
 
@@ -135,7 +142,85 @@ class Store:
             verify_file(folder / f.path, f.size, f.sha256, f.path)
         return manifest
 
+    def installed(self) -> list[str]:
+        """``model@revision`` of every ready model version (what gossip advertises)."""
+        self.registry.refresh()
+        return sorted(f"{mid}@{rev}" for mid, e in self.registry.models.items()
+                      for rev, v in e.versions.items() if v.status == "ready")
+
+    def blob(self, sha256: str) -> tuple[Path, str]:
+        """(file, model id) of a shard or model file of a ready model, by SHA256; BLOB_NOT_FOUND otherwise.
+        Only content listed in a ready manifest is ever served: never a partial file, never a path."""
+        with self._blobs_lock:
+            self.registry.refresh()
+            if self._blobs_generation != self.registry.generation:
+                self._blobs = self._index()
+                self._blobs_generation = self.registry.generation
+            found = self._blobs.get(sha256)
+        if found is None or not found[0].is_file():
+            raise NotFoundError(f"no shard or file with SHA256 {sha256[:16]}... here", code="BLOB_NOT_FOUND")
+        return found
+
+    def _index(self) -> dict[str, tuple[Path, str]]:
+        index: dict[str, tuple[Path, str]] = {}
+        for mid, entry in list(self.registry.models.items()):
+            for rev, v in list(entry.versions.items()):
+                if v.status != "ready":
+                    continue
+                try:
+                    manifest, _ = self.manifest(mid, rev)
+                except (MeshError, OSError) as err:
+                    log.warning("cannot index %s@%s: %s", mid, rev, err, extra={"event": "index_failed"})
+                    continue
+                for shard in manifest.shards:
+                    index[shard.sha256] = (shard_path(self.registry.shard_dir, shard.sha256), mid)
+                folder = self.registry.model_dir(mid, rev)
+                for f in manifest.files:
+                    index.setdefault(f.sha256, (folder / f.path, mid))
+        return index
+
+    def download_path(self, model_id: str, revision: str, name: str) -> Path:
+        """The file ``name`` of a ready model version, for HTTP download: a model file, a shard by its
+        name (``<shard name>.safetensors``) or ``manifest.cbor``. Only names the manifest lists are
+        served, and only from inside the store (a symlink pointing out of it is refused)."""
+        manifest, _ = self.manifest(model_id, revision)
+        folder = self.registry.model_dir(model_id, manifest.revision)
+        path = None
+        if name == MANIFEST_FILE:
+            path = folder / MANIFEST_FILE
+        for f in manifest.files:
+            if f.path == name:
+                path = folder / f.path
+        for shard in manifest.shards:
+            if f"{shard.name}.safetensors" == name:
+                path = shard_path(self.registry.shard_dir, shard.sha256)
+        missing = NotFoundError(f"{model_id}@{manifest.revision} has no file {name!r}", code="FILE_NOT_FOUND")
+        if path is None:
+            raise missing
+        try:
+            real = path.resolve(strict=True)
+        except OSError:
+            raise missing from None
+        if not real.is_relative_to(self.root.resolve()) or not real.is_file():
+            log.warning("refusing %s: it resolves outside the store (%s)", path, real,
+                        extra={"event": "path_escape", "code": "FILE_NOT_FOUND", "model": model_id})
+            raise missing
+        return real
+
+    def count(self, model_id: str, kind: str) -> None:
+        self.usage[(model_id, kind)] += 1
+
+    def ranking(self) -> list[dict[str, Any]]:
+        """Models by the number of requests for them since this peer started, most used first."""
+        by_model: dict[str, dict[str, int]] = {}
+        for (mid, kind), n in self.usage.items():
+            by_model.setdefault(mid, {})[kind] = n
+        rows = [{"model": mid, "requests": sum(kinds.values()), "by_kind": dict(sorted(kinds.items()))}
+                for mid, kinds in by_model.items()]
+        return sorted(rows, key=lambda r: (-r["requests"], r["model"]))
+
     def describe(self) -> list[dict[str, Any]]:
+        self.registry.refresh()
         out = []
         for model_id, entry in sorted(self.registry.models.items()):
             versions = {}
