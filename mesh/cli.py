@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -27,9 +28,11 @@ def _api_url(addr: str) -> str:
     return addr if addr.startswith("http") else f"http://{addr}"
 
 
-def api_get(addr: str, path: str, *, method: str = "GET", timeout: float = 5.0) -> Any:
+def api_get(addr: str, path: str, *, method: str = "GET", timeout: float = 5.0, body: Any = None) -> Any:
     """Call the local HTTP API; returns decoded JSON, raises MeshError with the API's code."""
-    req = urllib.request.Request(_api_url(addr) + path, method=method, data=b"" if method == "POST" else None)
+    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+    req = urllib.request.Request(_api_url(addr) + path, method=method, data=data,
+                                 headers={"Content-Type": "application/json"} if body is not None else {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
@@ -145,7 +148,37 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
+def pull(api: str, model: str, revision: str | None, source: str | None, *, quiet: bool = False,
+         poll: float = 0.25) -> dict[str, Any]:
+    """Ask the running peer at ``api`` to fetch a model from the mesh and follow its progress (a rich
+    progress bar with speed and ETA); the finished transfer, or MeshError with the transfer's code."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    started = api_get(api, "/api/transfers", method="POST",
+                      body={"model": model, "revision": revision, "source": source})["transfer"]
+    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, disable=quiet, transient=False) as bar:
+        task = bar.add_task(f"{model}", total=None)
+        while True:
+            t = api_get(api, f"/api/transfers/{started['id']}")
+            bar.update(task, total=t["total_bytes"] or None, completed=t["done_bytes"],
+                       description=f"{model} {t['files_done']}/{t['files_total']} files")
+            if t["state"] != "running":
+                break
+            time.sleep(poll)
+    if t["state"] == "error":
+        err = t["error"] or {}
+        raise MeshError(err.get("message", "transfer failed"), code=err.get("code", "TRANSFER_FAILED"))
+    return t
+
+
 def cmd_models(args: argparse.Namespace) -> int:
+    if args.models_command == "pull":
+        t = pull(args.api, args.model, args.revision, args.source, quiet=args.quiet)
+        print(f"{t['model']} ({t['revision']}): ready, {_size(t['done_bytes'])} in {t['elapsed_s']:.1f}s "
+              f"({_size(t['resumed_bytes'])} resumed) from {len(t['by_source'])} source(s)")
+        return 0
     store = _store(args)
     if args.models_command == "add":
         logs.setup("info", False)
@@ -200,6 +233,12 @@ def make_parser() -> argparse.ArgumentParser:
     lst.add_argument("--json", action="store_true")
     show = msub.add_parser("show", help="one model: versions, files, shards and checksums")
     show.add_argument("id")
+    pl = msub.add_parser("pull", help="have the running peer fetch a model from the peers that hold it")
+    pl.add_argument("model")
+    pl.add_argument("--revision", help="a version the holders advertise (default: theirs)")
+    pl.add_argument("--source", help="where to add it from if no peer can deliver it (as for `add`)")
+    pl.add_argument("--api", default=DEFAULT_API, help="the peer's API address (host:port)")
+    pl.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_models)
     p = sub.add_parser("demo", help="start a local mesh on 127.0.0.1 and show it working")
     config_mod.add_arguments(p)

@@ -180,7 +180,7 @@ class Transfer:
     error: dict[str, str] | None = None
     total_bytes: int = 0
     done_bytes: int = 0
-    resumed_bytes: int = 0  # bytes not fetched again because a partial file already had them
+    resumed_bytes: int = 0  # bytes not fetched again because a partial file (this run's or older) had them
     files_total: int = 0
     files_done: int = 0
     by_source: dict[str, int] = field(default_factory=dict)
@@ -431,8 +431,8 @@ class Fetcher:
         except OSError as exc:
             raise LocalError(f"cannot read {job.partial}: {exc}", code="STORE_IO") from exc
         if offset:
-            if first:  # left by an earlier run: count it once, as progress already made
-                t.resumed_bytes += offset
+            t.resumed_bytes += offset
+            if first:  # left by an earlier run: progress already made (later attempts counted it)
                 t.add(offset, "partial")
             self._event("resumed", t, file=job.name, peer=peer, offset=offset)
         self._busy[peer] += 1
