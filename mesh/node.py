@@ -270,7 +270,7 @@ class Node:
         """Live peers that advertise ``model`` (at ``revision``, if given), least loaded first."""
         found = []
         for m in self.core.membership.members():
-            if m.node_id == self.node_id or m.status in (NodeStatus.OFFLINE, NodeStatus.REGISTERING):
+            if m.node_id == self.node_id or m.status == NodeStatus.OFFLINE:
                 continue
             if any(entry == f"{model}@{revision}" if revision else entry.startswith(f"{model}@")
                    for entry in m.info.installed_models):

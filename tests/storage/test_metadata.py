@@ -18,6 +18,7 @@ from storage.metadata import (
     layers_of,
     read_header,
 )
+from storage.synthetic import LLAMA3_70B, llama_shapes
 
 
 def tiny_llama(folder: Path, tied: bool) -> LlamaForCausalLM:
@@ -83,37 +84,9 @@ def test_tiny_gpt2_layers_match_the_loaded_modules(tmp_path: Path) -> None:
     assert meta.params == sum(p.numel() for p in model.parameters())
 
 
-def write_header_only(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> None:
-    """A safetensors header describing ``tensors`` with no data behind it."""
-    header, offset = {}, 0
-    for name, (dtype, shape) in tensors.items():
-        n = 2 * int(torch.tensor(shape).prod()) if shape else 2
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
-
-
 def test_a_70b_shaped_header_is_read_without_any_data(tmp_path: Path) -> None:
-    hidden, inter, vocab, n, heads, kv = 8192, 28672, 128256, 80, 64, 8
-    hd = hidden // heads
-    tensors = {"model.embed_tokens.weight": ("BF16", [vocab, hidden]), "model.norm.weight": ("BF16", [hidden]),
-               "lm_head.weight": ("BF16", [vocab, hidden])}
-    for i in range(n):
-        p = f"model.layers.{i}."
-        tensors |= {p + "self_attn.q_proj.weight": ("BF16", [hidden, hidden]),
-                    p + "self_attn.k_proj.weight": ("BF16", [kv * hd, hidden]),
-                    p + "self_attn.v_proj.weight": ("BF16", [kv * hd, hidden]),
-                    p + "self_attn.o_proj.weight": ("BF16", [hidden, hidden]),
-                    p + "mlp.gate_proj.weight": ("BF16", [inter, hidden]),
-                    p + "mlp.up_proj.weight": ("BF16", [inter, hidden]),
-                    p + "mlp.down_proj.weight": ("BF16", [hidden, inter]),
-                    p + "input_layernorm.weight": ("BF16", [hidden]),
-                    p + "post_attention_layernorm.weight": ("BF16", [hidden])}
-    write_header_only(tmp_path / "model.safetensors", tensors)
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": hidden, "num_hidden_layers": n, "num_attention_heads": heads,
-        "num_key_value_heads": kv, "vocab_size": vocab, "tie_word_embeddings": False}))
+    llama_shapes(tmp_path, **LLAMA3_70B)
+    kv, hd = LLAMA3_70B["kv_heads"], LLAMA3_70B["hidden"] // LLAMA3_70B["heads"]
     start = time.perf_counter()
     meta = layers_of(tmp_path)
     print(f"70B-shaped header: {len(meta.layers)} layers in {(time.perf_counter() - start) * 1000:.1f} ms")
