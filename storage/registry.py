@@ -14,9 +14,11 @@ locks. Asking for a model that is not ready raises ModelNotAvailable with a reas
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -90,7 +92,7 @@ class Registry:
         self.root = root
         self.path = root / "registry.json"
         self.models: dict[str, Entry] = {}
-        self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of the registry.json we loaded
+        self._seen: tuple[int, int, int] | None = None  # (inode, mtime_ns, size) of the file we loaded
         #: Bumped whenever ``models`` changes (a save or a reload): caches built from it compare this.
         self.generation = 0
         # A peer touches its store from worker threads (serving, fetching, adding): one at a time.
@@ -123,16 +125,18 @@ class Registry:
         reg.refresh()
         return reg
 
-    def refresh(self) -> bool:
+    def refresh(self, *, force: bool = False) -> bool:
         """Reload registry.json if another process (``meshnode models add`` beside a running peer)
-        replaced it since we read it; True when it changed."""
+        replaced it since we read it; True when it changed. Every save is a new file (rename), so its
+        inode tells most changes apart even within the file system's timestamp granularity; an update
+        (``_update``) reloads with ``force`` to be sure."""
         with self._mutex:
             try:
                 st = self.path.stat()
             except FileNotFoundError:
                 return False
-            seen = (st.st_mtime_ns, st.st_size)
-            if seen == self._seen:
+            seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if seen == self._seen and not force:
                 return False
             self.models = _decode(self.path.read_bytes())
             self._seen = seen
@@ -144,7 +148,7 @@ class Registry:
                "models": {mid: asdict(e) for mid, e in sorted(self.models.items())}}
         atomic_write(self.path, json.dumps(doc, indent=1, sort_keys=True).encode())
         st = self.path.stat()
-        self._seen = (st.st_mtime_ns, st.st_size)
+        self._seen = (st.st_ino, st.st_mtime_ns, st.st_size)
         self.generation += 1
 
     @contextmanager
@@ -161,7 +165,7 @@ class Registry:
                     raise
                 time.sleep(0.01)
         with lock, self._mutex:
-            self.refresh()
+            self.refresh(force=True)
             yield
             self.save()
 
@@ -216,9 +220,10 @@ class Registry:
     def clean_locks(self, now: float) -> list[str]:
         removed = []
         for path in self.lock_dir.glob("*.lock"):
-            info = _read_lock(path)
-            if info is None or _stale(info, now):
-                path.unlink(missing_ok=True)
+            with _guard(self.lock_dir):
+                info = _read_lock(path)
+                if info is None or _stale(info, now):
+                    path.unlink(missing_ok=True)
                 removed.append(path.name)
         return removed
 
@@ -231,29 +236,26 @@ class StoreLock:
     @classmethod
     def acquire(cls, path: Path, *, model: str, version: str, timeout: float, now: float) -> StoreLock:
         path.parent.mkdir(parents=True, exist_ok=True)
-        info = {"pid": os.getpid(), "created_at": now, "timeout_s": timeout, "model": model, "version": version}
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
+        info = {"pid": os.getpid(), "created_at": now, "timeout_s": timeout, "model": model, "version": version,
+                "token": secrets.token_hex(8)}
+        with _guard(path.parent):  # check, take over and create as one step among all processes
+            if path.exists():
                 held = _read_lock(path)
                 if held is not None and not _stale(held, now):
-                    who = f"pid {held.get('pid')} since {held.get('created_at')}"
-                    raise LockHeld(f"{path.name} is held by {who}") from None
-                path.unlink(missing_ok=True)  # expired or orphan: take it over
-                continue
+                    raise LockHeld(f"{path.name} is held by pid {held.get('pid')} since {held.get('created_at')}")
+                path.unlink()  # expired, orphan (dead pid) or torn by a crash: take it over
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "w") as f:
                 json.dump(info, f)
                 f.flush()
                 os.fsync(f.fileno())
-            return cls(path, info)
-        raise LockHeld(f"{path.name} was taken by someone else while we cleaned it")
+        return cls(path, info)
 
     def release(self) -> None:
-        held = _read_lock(self.path)
-        if held is not None and held.get("pid") == self.info["pid"] and held.get("created_at") == self.info[
-                "created_at"]:
-            self.path.unlink(missing_ok=True)
+        with _guard(self.path.parent):
+            held = _read_lock(self.path)
+            if held is not None and held.get("token") == self.info["token"]:
+                self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> StoreLock:
         return self
@@ -268,6 +270,19 @@ def _read_lock(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None  # unreadable or half-written (a crash between create and write): stale
     return info if isinstance(info, dict) else None
+
+
+@contextmanager
+def _guard(lock_dir: Path) -> Iterator[None]:
+    """An flock on ``locks/.guard`` around every lock-file change: between processes and threads alike
+    (each opens its own file description), and released by the kernel if its holder dies, so a lock
+    file is only ever torn by a crash and a stale one is taken over by exactly one contender."""
+    fd = os.open(lock_dir / ".guard", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
 
 
 def _stale(info: dict[str, Any], now: float) -> bool:

@@ -234,8 +234,9 @@ class Store:
                             "shards": [{"name": s.name, "size": s.size, "checksum_sha256": s.sha256}
                                        for s in manifest.shards]}
                 versions[rev] = row
+            default = entry.versions.get(entry.default_version)
             out.append({"id": model_id, "default_version": entry.default_version, "task": entry.task,
-                        "versions": versions})
+                        "status": default.status if default else "not_installed", "versions": versions})
         return out
 
 

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PURE = [
     "mesh/errors.py", "mesh/ids.py", "mesh/identity.py", "mesh/wire.py", "mesh/membership.py", "mesh/peer.py",
-    "mesh/sim.py", "mesh/config.py", "coordinator/election.py",
+    "mesh/sim.py", "mesh/config.py", "coordinator/election.py", "storage/manifest.py",
 ]
 # Pure third-party helpers: CBOR, ed25519, base58. No trio, libp2p, torch, psutil, HTTP, sockets, clocks.
 ALLOWED_THIRD_PARTY = {"cbor2", "cryptography", "base58"}
