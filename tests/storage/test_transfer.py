@@ -13,6 +13,7 @@ import cbor2
 import pytest
 import torch
 import trio
+import trio.testing
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mesh.errors import MeshError
@@ -230,3 +231,21 @@ async def test_unknown_shard_and_bad_requests_get_codes_and_the_server_goes_on(t
                 await s.send_frame(b"\xff\x00not cbor")
                 await s.receive_frame(100)
         assert (await c.fetcher.fetch_manifest(a.node_id, "tiny", None))[0] == made
+
+
+async def test_rate_limit_books_bytes_on_a_shared_virtual_clock(autojump_clock: trio.testing.MockClock) -> None:
+    limit = RateLimit(1_000_000)
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:  # two transfers share one budget
+        for _ in range(2):
+            nursery.start_soon(lambda: _take(limit, 10, 100_000))
+    assert trio.current_time() - start == pytest.approx(1.9)  # 2 MB at 1 MB/s; the first chunk goes at once
+    unlimited = RateLimit(0)
+    start = trio.current_time()
+    await _take(unlimited, 100, 10**9)
+    assert trio.current_time() == start
+
+
+async def _take(limit: RateLimit, times: int, n: int) -> None:
+    for _ in range(times):
+        await limit.take(n)
