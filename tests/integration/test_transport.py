@@ -41,12 +41,16 @@ async def test_ping_and_connect_latency() -> None:
     async with pair() as (server, client):
         rtts = [await client.ping(server.node_id) for _ in range(20)]
         assert all(0 < r < 2.0 for r in rtts)
-        # A second host dials the server: libp2p 0.8.1's default connection config made every connect wait
-        # ~250 ms (happy eyeballs); ours connects without that fixed delay.
-        async with Transport.open(Identity.generate(), [], loopback_only=True) as third:
-            start = trio.current_time()
-            await third.connect(server.addrs()[0])
-            assert trio.current_time() - start < 0.2
+        # Other hosts dial the server: libp2p 0.8.1's default connection config made EVERY connect wait
+        # ~250 ms (happy eyeballs); ours connects without that fixed delay. The fastest of five is
+        # compared, so a busy machine (the suite on 2 shared cores) cannot fail it, the fixed delay can.
+        times = []
+        for _ in range(5):
+            async with Transport.open(Identity.generate(), [], loopback_only=True) as third:
+                start = trio.current_time()
+                await third.connect(server.addrs()[0])
+                times.append(trio.current_time() - start)
+        assert min(times) < 0.2, times
 
 
 async def test_frames_round_trip_and_oversize_is_refused_before_reading() -> None:
