@@ -126,12 +126,16 @@ def check_fits(layers: Sequence[Layer], peers: Sequence[Peer]) -> None:
         raise PlanInfeasible(f"no peer can take layers ({len(peers)} offered, none with compute and memory)")
     need, have = sum(x.bytes for x in layers), sum(q.memory_bytes for q in usable)
     if need > have:
-        raise PlanInfeasible(f"the model needs {need / 2**20:.1f} MiB, the peers offer {have / 2**20:.1f} MiB: "
-                             f"{(need - have) / 2**20:.1f} MiB short")
+        raise PlanInfeasible(f"the model needs {_size(need)}, the peers offer {_size(have)}: "
+                             f"{_size(need - have)} short")
     biggest = max(layers, key=lambda x: x.bytes)
     if biggest.bytes > max(q.memory_bytes for q in usable):
-        raise PlanInfeasible(f"layer {biggest.index} needs {biggest.bytes / 2**20:.1f} MiB; the largest peer "
-                             f"offers {max(q.memory_bytes for q in usable) / 2**20:.1f} MiB")
+        raise PlanInfeasible(f"layer {biggest.index} needs {_size(biggest.bytes)}; the largest peer "
+                             f"offers {_size(max(q.memory_bytes for q in usable))}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
 
 
 def plan_split(layers: Sequence[Layer], peers: Sequence[Peer]) -> Split:
@@ -254,3 +258,100 @@ def brute_force(layers: Sequence[Layer], peers: Sequence[Peer]) -> float:
                     worst = max(worst, stage_time(p.flops[e] - p.flops[s], q))
                 best = min(best, worst)
     return best
+
+
+# ---- the plan object ------------------------------------------------------------------------------
+
+
+def fallback_for(stage: Stage, split: Split, peers: Sequence[Peer]) -> str | None:
+    """Who takes ``stage`` if its peer drops: the fastest peer outside the plan that can hold it, else a
+    peer of the plan with that much memory to spare; None if nobody can."""
+    used = {s.node_id: s.bytes for s in split.stages}
+    free = [q for q in peers if q.node_id not in used and q.flops > 0 and q.memory_bytes >= stage.bytes]
+    if free:
+        return min(free, key=lambda q: (stage_time(stage.flops, q), q.node_id)).node_id
+    spare = [q for q in peers if q.node_id in used and q.node_id != stage.node_id
+             and q.memory_bytes - used[q.node_id] >= stage.bytes]
+    return min(spare, key=lambda q: (stage_time(stage.flops, q), q.node_id)).node_id if spare else None
+
+
+def plan_object(layers: Sequence[Layer], peers: Sequence[Peer], split: Split, *, request_id: str = "",
+                model: str = "", term: int = 0, epoch: int = 0, tokens: int = 1,
+                extra: dict[str, dict[str, object]] | None = None) -> dict[str, object]:
+    """The plan as peers, the API and ``meshnode plan`` show it. ``layer_range`` is half-open over layer
+    indices; times are seconds per token; ``extra[node_id]`` adds current_load/latency/reliability."""
+    by_id = {q.node_id: q for q in peers}
+    extra = extra or {}
+    splits = []
+    for s in split.stages:
+        splits.append({
+            "layer_range": [layers[s.start].index, layers[s.end - 1].index + 1],
+            "assigned_node": s.node_id,
+            "memory_requirement_mb": round(s.bytes / 2**20, 3),
+            "compute_requirement": s.flops,
+            "stage_time_s": s.time_s,
+        })
+    return {
+        "request_id": request_id,
+        "model": model,
+        "term": term,
+        "epoch": epoch,
+        "selected_nodes": [
+            {"node_id": s.node_id,
+             "capabilities": {"flops": by_id[s.node_id].flops, "memory_bytes": by_id[s.node_id].memory_bytes},
+             "current_load": 0.0, "latency_ms": by_id[s.node_id].link_s * 1000, "reliability": 1.0}
+            | extra.get(s.node_id, {})
+            for s in split.stages],
+        "model_split_plan": {
+            "total_layers": len(layers),
+            "splits": splits,
+            "bottleneck_s": split.bottleneck_s,
+            "communication_overhead": sum(by_id[s.node_id].link_s for s in split.stages[:-1]),
+            "estimated_inference_time": split.latency_s,
+        },
+        # Pipelined decoding of one sequence is latency-bound: each token passes every stage in turn.
+        "estimated_total_time": split.latency_s * tokens,
+        "fallback_nodes": [{"layer_range": sp["layer_range"], "node_id": fallback_for(s, split, peers)}
+                           for sp, s in zip(splits, split.stages, strict=True)],
+    }
+
+
+# ---- what-if input (``meshnode plan``) -----------------------------------------------------------
+
+
+def _field(row: object, key: str, kind: type, where: str, default: object = None) -> object:
+    if not isinstance(row, dict):
+        raise PeerError(f"{where}: expected an object, got {type(row).__name__}", code="INVALID_PLAN_INPUT")
+    value = row.get(key, default)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and value == value  # not NaN
+    if value is None or not ok:
+        raise PeerError(f"{where}.{key}: expected {kind.__name__}, got {value!r}", code="INVALID_PLAN_INPUT")
+    if kind in (int, float) and value < 0:  # type: ignore[operator]
+        raise PeerError(f"{where}.{key}: must not be negative", code="INVALID_PLAN_INPUT")
+    return float(value) if kind is float else value  # type: ignore[arg-type]
+
+
+def parse_layers(raw: object) -> list[Layer]:
+    """``[{"index": int, "flops_per_token": float, "bytes": int}, ...]`` in pipeline order."""
+    if not isinstance(raw, list) or not raw:
+        raise PeerError("layers: expected a non-empty JSON list", code="INVALID_PLAN_INPUT")
+    out = [Layer(_field(r, "index", int, f"layers[{i}]"), _field(r, "flops_per_token", float, f"layers[{i}]"),
+                 _field(r, "bytes", int, f"layers[{i}]")) for i, r in enumerate(raw)]  # type: ignore[arg-type]
+    if [x.index for x in out] != sorted({x.index for x in out}):
+        raise PeerError("layers: indices must be unique and increasing (pipeline order)", code="INVALID_PLAN_INPUT")
+    return out
+
+
+def parse_peers(raw: object) -> list[Peer]:
+    """``[{"node_id": str, "flops": float, "memory_bytes": int, "link_ms"?: float}, ...]`` in pipeline order."""
+    if not isinstance(raw, list) or not raw:
+        raise PeerError("nodes: expected a non-empty JSON list", code="INVALID_PLAN_INPUT")
+    out = [Peer(_field(r, "node_id", str, f"nodes[{i}]"), _field(r, "flops", float, f"nodes[{i}]"),
+                _field(r, "memory_bytes", int, f"nodes[{i}]"),
+                _field(r, "link_ms", float, f"nodes[{i}]", 0.0) / 1000)  # type: ignore[operator]
+           for i, r in enumerate(raw)]  # type: ignore[arg-type]
+    if len({q.node_id for q in out}) != len(out):
+        raise PeerError("nodes: node_id values must be unique", code="INVALID_PLAN_INPUT")
+    return out

@@ -206,6 +206,27 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What-if planning without a mesh: the plan as JSON on stdout; an infeasible input exits 2."""
+    from coordinator import planner
+
+    def read(path: str, what: str) -> Any:
+        try:
+            return json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise MeshError(f"cannot read {what} file {path}: {exc}", code="INVALID_PLAN_INPUT") from None
+        except ValueError as exc:
+            raise MeshError(f"{what} file {path} is not JSON: {exc}", code="INVALID_PLAN_INPUT") from None
+
+    layers = planner.parse_layers(read(args.layers, "layers"))
+    peers = planner.parse_peers(read(args.nodes, "nodes"))
+    split = {"optimal": planner.plan_split, "greedy": planner.greedy_by_compute,
+             "memory": planner.split_by_memory}[args.method](layers, peers)
+    plan = planner.plan_object(layers, peers, split, request_id=args.request_id, tokens=args.tokens)
+    print(json.dumps(plan, indent=2))
+    return 0
+
+
 # ---- entry point --------------------------------------------------------------------------------
 
 
@@ -240,6 +261,14 @@ def make_parser() -> argparse.ArgumentParser:
     pl.add_argument("--api", default=DEFAULT_API, help="the peer's API address (host:port)")
     pl.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_models)
+    p = sub.add_parser("plan", help="what-if: the layer plan for given layers and nodes, as JSON (no mesh)")
+    p.add_argument("--layers", required=True, help='JSON list of {"index", "flops_per_token", "bytes"}')
+    p.add_argument("--nodes", required=True, help='JSON list of {"node_id", "flops", "memory_bytes", "link_ms"?}')
+    p.add_argument("--tokens", type=int, default=1, help="tokens to generate, for estimated_total_time")
+    p.add_argument("--method", choices=("optimal", "greedy", "memory"), default="optimal",
+                   help="the exact planner, or a baseline: compute- or memory-proportional")
+    p.add_argument("--request-id", default="what-if")
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("demo", help="start a local mesh on 127.0.0.1 and show it working")
     config_mod.add_arguments(p)
     p.set_defaults(func=cmd_demo)

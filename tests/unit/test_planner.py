@@ -16,6 +16,8 @@ from coordinator.planner import (
     Split,
     brute_force,
     greedy_by_compute,
+    parse_layers,
+    parse_peers,
     plan_split,
     split_by_memory,
 )
@@ -120,3 +122,33 @@ def test_against_the_greedy_baseline_on_heterogeneous_meshes() -> None:
     assert len(ratios) > 100 and better > len(ratios) / 2
     print(f"greedy/optimal bottleneck over {len(ratios)} meshes: mean {sum(ratios) / len(ratios):.2f}, "
           f"max {max(ratios):.2f}; strictly better in {better}")
+
+
+def test_meshnode_plan_prints_the_plan_or_fails_clearly(tmp_path, capsys) -> None:
+    import json
+
+    from mesh.cli import main
+
+    layers = [{"index": i, "flops_per_token": 1e9, "bytes": 100 * 2**20} for i in range(6)]
+    nodes = [{"node_id": "a", "flops": 1e10, "memory_bytes": 2**30, "link_ms": 2.0},
+             {"node_id": "b", "flops": 3e10, "memory_bytes": 2**30},
+             {"node_id": "c", "flops": 1e10, "memory_bytes": 2**30}]
+    (tmp_path / "l.json").write_text(json.dumps(layers))
+    (tmp_path / "n.json").write_text(json.dumps(nodes))
+    assert main(["plan", "--layers", str(tmp_path / "l.json"), "--nodes", str(tmp_path / "n.json")]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    splits = plan["model_split_plan"]["splits"]
+    covered = [i for s in splits for i in range(*s["layer_range"])]
+    assert covered == list(range(6))
+    expected = plan_split(parse_layers(layers), parse_peers(nodes)).bottleneck_s
+    assert plan["model_split_plan"]["bottleneck_s"] == pytest.approx(expected)
+    assert all(f["node_id"] for f in plan["fallback_nodes"]) and len(plan["fallback_nodes"]) == len(splits)
+    # Infeasible: non-zero exit and the shortfall on stderr; bad input: a code.
+    nodes[0]["memory_bytes"] = nodes[1]["memory_bytes"] = nodes[2]["memory_bytes"] = 100 * 2**20
+    (tmp_path / "n.json").write_text(json.dumps(nodes))
+    assert main(["plan", "--layers", str(tmp_path / "l.json"), "--nodes", str(tmp_path / "n.json")]) == 2
+    assert "PLAN_INFEASIBLE" in capsys.readouterr().err
+    (tmp_path / "n.json").write_text('[{"node_id": "a", "flops": "fast", "memory_bytes": 1}]')
+    assert main(["plan", "--layers", str(tmp_path / "l.json"), "--nodes", str(tmp_path / "n.json")]) == 2
+    assert "INVALID_PLAN_INPUT" in capsys.readouterr().err
+
