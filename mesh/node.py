@@ -126,7 +126,12 @@ class Node:
         # The store is read in a worker thread (it may be busy with a large add); a slow read keeps the
         # last list rather than delay the heartbeat.
         with trio.move_on_after(0.2):
-            self._installed = tuple(await trio.to_thread.run_sync(self.store.installed, abandon_on_cancel=True))
+            try:
+                self._installed = tuple(await trio.to_thread.run_sync(self.store.installed, abandon_on_cancel=True))
+            except (MeshError, OSError) as err:  # a broken registry.json must not stop the heartbeats
+                code = getattr(err, "code", "STORE_IO")
+                if self._reject_throttle.allow(("store", code), self.now()) is not None:
+                    log.error("cannot read the model store: %s", err, extra={"event": "store_unreadable", "code": code})
         data, events = self.core.heartbeat(
             self.now(),
             hardware=hardware.snapshot(self.gpus),
@@ -297,6 +302,11 @@ class Node:
             except MeshError as err:  # recorded on the transfer and logged by the fetcher
                 log.warning("fetching %s failed: %s %s", model, err.code, err,
                             extra={"event": "fetch_failed", "code": err.code, "model": model})
+            except Exception as exc:  # a bug in one fetch must not take the peer down
+                log.exception("fetching %s failed unexpectedly", model,
+                              extra={"event": "fetch_failed", "code": "INTERNAL", "model": model})
+                transfer.state = "error"
+                transfer.error = {"code": "INTERNAL", "message": f"{type(exc).__name__}: {exc}"}
 
         self._transfer_nursery.start_soon(fetch)
         return transfer

@@ -152,6 +152,14 @@ class Stream:
             buf += chunk
         return bytes(buf)
 
+    async def read_some(self, max_bytes: int, *, timeout: float | None = None) -> bytes:
+        """Up to ``max_bytes``, as soon as any arrive; the deadline is for silence, not for a full read
+        (a slow but steady sender is not a stalled one). STREAM_CLOSED at the end of the stream."""
+        chunk = await self._io("read", functools.partial(self._raw.read, max_bytes), timeout)
+        if not chunk:
+            raise StreamClosedError(f"{self.peer} closed the stream")
+        return chunk
+
     async def send_frame(self, data: bytes, *, timeout: float | None = None) -> None:
         await self.write(_FRAME_HEADER.pack(len(data)) + data, timeout=timeout)
 

@@ -15,6 +15,7 @@ locks. Asking for a model that is not ready raises ModelNotAvailable with a reas
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -68,7 +69,10 @@ def safe_name(text: str) -> str:
     name = _SAFE.sub("-", text.replace("/", "--")).strip(".-")
     if not name:
         raise PeerError(f"{text!r} cannot name a model", code="INVALID_MODEL_ID")
-    return name[:200]
+    if len(name) > 200 or name.replace("--", "/") != text:
+        # Not reversible ("org--m", "a b", a long id): a hash of the id keeps two ids from one folder.
+        name = f"{name[:180]}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    return name
 
 
 @dataclass

@@ -129,7 +129,11 @@ class Store:
 
     def manifest(self, model_id: str, revision: str | None = None) -> tuple[Manifest, bytes]:
         rev, _ = self.registry.require(model_id, revision)
-        signed = (self.registry.model_dir(model_id, rev) / MANIFEST_FILE).read_bytes()
+        try:
+            signed = (self.registry.model_dir(model_id, rev) / MANIFEST_FILE).read_bytes()
+        except OSError as exc:
+            raise LocalError(f"{model_id}@{rev} is registered as ready but its manifest cannot be read: {exc}",
+                             code="STORE_IO") from None
         return open_manifest(signed), signed
 
     def verify(self, model_id: str, revision: str | None = None) -> Manifest:
@@ -153,13 +157,28 @@ class Store:
         Only content listed in a ready manifest is ever served: never a partial file, never a path."""
         with self._blobs_lock:
             self.registry.refresh()
-            if self._blobs_generation != self.registry.generation:
+            generation = self.registry.generation  # before indexing: a change meanwhile is seen next time
+            if self._blobs_generation != generation:
                 self._blobs = self._index()
-                self._blobs_generation = self.registry.generation
+                self._blobs_generation = generation
             found = self._blobs.get(sha256)
-        if found is None or not found[0].is_file():
-            raise NotFoundError(f"no shard or file with SHA256 {sha256[:16]}... here", code="BLOB_NOT_FOUND")
-        return found
+        missing = NotFoundError(f"no shard or file with SHA256 {sha256[:16]}... here", code="BLOB_NOT_FOUND")
+        if found is None:
+            raise missing
+        return self._inside(found[0], missing), found[1]
+
+    def _inside(self, path: Path, missing: MeshError) -> Path:
+        """``path`` resolved, if it is a file inside the store; ``missing`` otherwise (a symlink out of
+        the store is never followed, over HTTP or the shard protocol)."""
+        try:
+            real = path.resolve(strict=True)
+        except OSError:
+            raise missing from None
+        if not real.is_relative_to(self.root.resolve()) or not real.is_file():
+            log.warning("refusing %s: it resolves outside the store (%s)", path, real,
+                        extra={"event": "path_escape", "code": missing.code})
+            raise missing
+        return real
 
     def _index(self) -> dict[str, tuple[Path, str]]:
         index: dict[str, tuple[Path, str]] = {}
@@ -197,15 +216,7 @@ class Store:
         missing = NotFoundError(f"{model_id}@{manifest.revision} has no file {name!r}", code="FILE_NOT_FOUND")
         if path is None:
             raise missing
-        try:
-            real = path.resolve(strict=True)
-        except OSError:
-            raise missing from None
-        if not real.is_relative_to(self.root.resolve()) or not real.is_file():
-            log.warning("refusing %s: it resolves outside the store (%s)", path, real,
-                        extra={"event": "path_escape", "code": "FILE_NOT_FOUND", "model": model_id})
-            raise missing
-        return real
+        return self._inside(path, missing)
 
     def count(self, model_id: str, kind: str) -> None:
         self.usage[(model_id, kind)] += 1
@@ -227,7 +238,12 @@ class Store:
             for rev, v in sorted(entry.versions.items()):
                 row: dict[str, Any] = {"status": v.status, "size": v.size, "error": v.error, "source": v.source}
                 if v.status == "ready":
-                    manifest, _ = self.manifest(model_id, rev)
+                    try:
+                        manifest, _ = self.manifest(model_id, rev)
+                    except MeshError as err:  # one broken version must not hide the others
+                        row["error"] = f"{err.code}: {err}"
+                        versions[rev] = row
+                        continue
                     row |= {"family": manifest.family, "layers": manifest.total_layers,
                             "files": [{"name": f.path, "size": f.size, "checksum_sha256": f.sha256}
                                       for f in manifest.files],

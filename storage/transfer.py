@@ -102,6 +102,11 @@ class RateLimit:
         self.rate = bytes_per_second
         self._next = 0.0
 
+    def piece(self, size: int) -> int:
+        """How many bytes to move at a time under this limit: at most an eighth of a second's budget,
+        so a stream sharing the limit with others still makes progress well within a deadline."""
+        return size if self.rate <= 0 else max(4096, min(size, int(self.rate / 8)))
+
     async def take(self, n: int) -> None:
         if self.rate <= 0:
             return
@@ -127,27 +132,41 @@ class Server:
                          timeout=TRANSFER_TIMEOUT)
         transport.handle(SHARD_PROTOCOL, self.serve_shard, max_concurrent=max_concurrent, timeout=TRANSFER_TIMEOUT)
 
-    async def serve_manifest(self, stream: Stream) -> None:
-        r = Reader(loads_cbor(await stream.receive_frame(MAX_REQUEST), MAX_REQUEST), "manifest request")
-        model, revision = r.text("model"), r.opt_text("revision")
+    async def _request(self, stream: Stream, what: str) -> Reader | None:
+        """The request frame, or None after answering a malformed one with a refusal and its code."""
         try:
+            return Reader(loads_cbor(await stream.receive_frame(MAX_REQUEST), MAX_REQUEST), what)
+        except DecodeError as err:  # oversize frames included
+            log.info("%s from %s refused: %s %s", what, stream.peer, err.code, err,
+                     extra={"event": "request_refused", "code": err.code, "peer": stream.peer})
+            await stream.send_frame(_refusal(err))
+            return None
+
+    async def serve_manifest(self, stream: Stream) -> None:
+        if (r := await self._request(stream, "manifest request")) is None:
+            return
+        try:
+            model, revision = r.text("model"), r.opt_text("revision")
             _, signed = await trio.to_thread.run_sync(self.store.manifest, model, revision)
         except MeshError as err:
-            log.info("manifest of %s for %s refused: %s", model, stream.peer, err.code,
-                     extra={"event": "manifest_refused", "code": err.code, "peer": stream.peer, "model": model})
+            log.info("manifest request from %s refused: %s %s", stream.peer, err.code, err,
+                     extra={"event": "manifest_refused", "code": err.code, "peer": stream.peer})
             await stream.send_frame(_refusal(err))
             return
         self.store.count(model, "manifest")
         await stream.send_frame(_dumps({"ok": True, "manifest": signed}))
 
     async def serve_shard(self, stream: Stream) -> None:
-        r = Reader(loads_cbor(await stream.receive_frame(MAX_REQUEST), MAX_REQUEST), "shard request")
-        sha256, offset = _hex_digest(r.text("sha256"), "shard request.sha256"), r.integer("offset")
+        if (r := await self._request(stream, "shard request")) is None:
+            return
         try:
+            sha256, offset = _hex_digest(r.text("sha256"), "shard request.sha256"), r.integer("offset")
             path, model = await trio.to_thread.run_sync(self.store.blob, sha256)
             f = await trio.open_file(path, "rb")
         except (MeshError, OSError) as exc:
             err = exc if isinstance(exc, MeshError) else LocalError(f"cannot read it: {exc}", code="STORE_IO")
+            log.info("shard request from %s refused: %s %s", stream.peer, err.code, err,
+                     extra={"event": "shard_refused", "code": err.code, "peer": stream.peer})
             await stream.send_frame(_refusal(err))
             return
         async with f:
@@ -160,7 +179,8 @@ class Server:
                 self.store.count(model, "shard")
             await stream.send_frame(_dumps({"ok": True, "size": size, "offset": offset}))
             await f.seek(offset)
-            while chunk := await f.read(CHUNK):
+            piece = self.upload.piece(CHUNK)
+            while chunk := await f.read(piece):
                 await self.upload.take(len(chunk))
                 await stream.write(chunk)
 
@@ -183,8 +203,9 @@ class Transfer:
     resumed_bytes: int = 0  # bytes not fetched again because a partial file (this run's or older) had them
     files_total: int = 0
     files_done: int = 0
-    by_source: dict[str, int] = field(default_factory=dict)
+    by_source: dict[str, int] = field(default_factory=dict)  # bytes received per holder (discarded ones too)
     _samples: collections.deque[tuple[float, int]] = field(default_factory=lambda: collections.deque(maxlen=64))
+    _resumed: dict[str, int] = field(default_factory=dict)
 
     def add(self, n: int, source: str) -> None:
         self.done_bytes += n
@@ -192,6 +213,19 @@ class Transfer:
         now = time.monotonic()
         if not self._samples or now - self._samples[-1][0] >= 0.1:
             self._samples.append((now, self.done_bytes))
+
+    def resume(self, name: str, offset: int) -> None:
+        """A file continues from ``offset``: bytes kept are counted once per file, however many retries."""
+        counted = self._resumed.get(name, 0)
+        if offset > counted:
+            self.resumed_bytes += offset - counted
+            self._resumed[name] = offset
+
+    def discard(self, name: str, n: int) -> None:
+        """``n`` bytes of ``name`` failed verification and were deleted: progress goes back."""
+        self.done_bytes -= n
+        self.resumed_bytes -= self._resumed.pop(name, 0)
+        self._samples.clear()
 
     def speed(self) -> float:
         """Bytes per second over the last few seconds."""
@@ -306,10 +340,15 @@ class Fetcher:
                 t.state, t.revision = "done", manifest.revision
                 self._event("done", t, revision=manifest.revision, bytes=0, already_installed=True)
                 return manifest
-            return await self._fetch_model(t, model, revision, holders, source)
+            try:
+                return await self._fetch_model(t, model, revision, holders, source)
+            except OSError as exc:
+                raise LocalError(f"store I/O failed while fetching {model}: {exc}", code="STORE_IO") from exc
         except MeshError as err:
             t.state, t.error = "error", err.to_dict()
             self._event("failed", t, code=err.code, message=str(err))
+            if t.revision is not None:  # never leave the registry saying downloading/verifying
+                await trio.to_thread.run_sync(self._mark_error, model, t.revision, err)
             raise
         finally:
             del self._models[key]
@@ -380,6 +419,16 @@ class Fetcher:
                 errors.append(f"{peer}: {err.code}")
         raise TransferFailed(f"no holder gave a valid manifest of {model}: {', '.join(errors)}")
 
+    def _mark_error(self, model: str, revision: str, err: MeshError) -> None:
+        try:
+            entry = self.store.registry.models.get(model)
+            version = entry.versions.get(revision) if entry else None
+            if version is not None and version.status in ("downloading", "verifying"):
+                self.store.registry.set_status(model, revision, "error", error=f"{err.code}: {err}")
+        except (MeshError, OSError) as exc:
+            log.error("cannot record the failed fetch of %s@%s: %s", model, revision, exc,
+                      extra={"event": "registry_write_failed", "model": model})
+
     def _install(self, manifest: Manifest, signed: bytes, jobs: list[Job]) -> None:
         for job in jobs:  # each was hashed on arrival; a file deleted since is caught here
             if not job.dest.is_file() or job.dest.stat().st_size != job.size:
@@ -431,7 +480,7 @@ class Fetcher:
         except OSError as exc:
             raise LocalError(f"cannot read {job.partial}: {exc}", code="STORE_IO") from exc
         if offset:
-            t.resumed_bytes += offset
+            t.resume(job.name, offset)
             if first:  # left by an earlier run: progress already made (later attempts counted it)
                 t.add(offset, "partial")
             self._event("resumed", t, file=job.name, peer=peer, offset=offset)
@@ -444,7 +493,7 @@ class Fetcher:
                 del self._busy[peer]
         if h.hexdigest() != job.sha256:
             job.partial.unlink(missing_ok=True)  # which bytes are wrong cannot be known: start over
-            t.done_bytes -= job.size
+            t.discard(job.name, job.size)
             raise ShardHashMismatch(f"{job.name} from {peer}: SHA256 {h.hexdigest()[:16]}... is not "
                                     f"{job.sha256[:16]}...; discarded")
         os.replace(job.partial, job.dest)
@@ -462,9 +511,9 @@ class Fetcher:
             except OSError as exc:
                 raise LocalError(f"cannot write {job.partial}: {exc}", code="STORE_IO") from exc
             try:
-                left = size - offset
+                left, piece = size - offset, self.download.piece(CHUNK)
                 while left:
-                    chunk = await stream.read_exactly(min(CHUNK, left))
+                    chunk = await stream.read_some(min(piece, left))  # deadline = silence, not size
                     await trio.to_thread.run_sync(_append, out, h, chunk)
                     left -= len(chunk)
                     t.add(len(chunk), peer)

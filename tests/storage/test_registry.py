@@ -102,6 +102,9 @@ def test_model_ids_become_safe_path_components() -> None:
     assert "/" not in safe_name("../../etc/passwd") and not safe_name("../../etc/passwd").startswith(".")
     with pytest.raises(Exception, match="cannot name a model"):
         safe_name("..")
+    # Ids that would share a folder do not: "org/m" and "org--m", ids equal in their first 200 characters.
+    names = {safe_name(x) for x in ("org/m", "org--m", "org m", "org-m", "a" * 250, "a" * 250 + "b")}
+    assert len(names) == 6 and all(len(n) <= 200 for n in names)
 
 
 def test_two_processes_sharing_a_store_never_lose_each_others_updates(tmp_path: Path) -> None:

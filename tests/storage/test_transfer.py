@@ -25,7 +25,7 @@ from storage.manifest import MANIFEST, encode_manifest, seal_manifest
 from storage.registry import ModelNotAvailable
 from storage.shards import sha256_file, shard_path
 from storage.store import Store
-from storage.transfer import MANIFEST_PROTOCOL, Fetcher, Job, RateLimit, Server, TransferFailed
+from storage.transfer import MANIFEST_PROTOCOL, SHARD_PROTOCOL, Fetcher, Job, RateLimit, Server, TransferFailed
 
 pytestmark = pytest.mark.integration
 LISTEN = ["/ip4/127.0.0.1/tcp/0"]
@@ -223,14 +223,38 @@ async def test_unknown_shard_and_bad_requests_get_codes_and_the_server_goes_on(t
         with pytest.raises(MeshError) as err:
             await c.fetcher.fetch_manifest(a.node_id, "not-here", None)
         assert err.value.code == "MODEL_NOT_AVAILABLE"
-        # A request that is not CBOR: the server resets that stream only.
-        from storage.transfer import SHARD_PROTOCOL
-
-        with pytest.raises(MeshError):
-            async with c.transport.open_stream(a.node_id, SHARD_PROTOCOL) as s:
-                await s.send_frame(b"\xff\x00not cbor")
-                await s.receive_frame(100)
+        # Requests that are not CBOR, or not a SHA256: refused with a code, and the server goes on.
+        for protocol, request, code in ((SHARD_PROTOCOL, b"\xff\x00not cbor", "MALFORMED_MESSAGE"),
+                                        (SHARD_PROTOCOL, cbor2.dumps({"sha256": "../x", "offset": 0}),
+                                         "MALFORMED_MESSAGE"),
+                                        (MANIFEST_PROTOCOL, cbor2.dumps({"model": 7}), "MALFORMED_MESSAGE")):
+            async with c.transport.open_stream(a.node_id, protocol) as s:
+                await s.send_frame(request)
+                reply = cbor2.loads(await s.receive_frame(4096))
+            assert reply["ok"] is False and reply["code"] == code
+        # A shard replaced by a symlink out of the store is never served.
+        outside = tmp_path / "secret"
+        outside.write_bytes(b"s" * made.shards[0].size)
+        link = shard_path(a.store.registry.shard_dir, made.shards[0].sha256)
+        link.unlink()
+        link.symlink_to(outside)
+        bad = Job("x", made.shards[0].sha256, made.shards[0].size, c.store.root / "x")
+        with pytest.raises(TransferFailed, match="BLOB_NOT_FOUND"):
+            await c.fetcher.fetch_file(bad, [a.node_id], t)
         assert (await c.fetcher.fetch_manifest(a.node_id, "tiny", None))[0] == made
+
+
+async def test_slow_rate_limits_still_complete_within_deadlines(tmp_path: Path) -> None:
+    """A low upload limit shared by parallel streams: each moves small pieces, none hits its deadline."""
+    folder = model_folder(tmp_path / "tiny")
+    async with peer(tmp_path / "a", upload=60_000) as a, peer(tmp_path / "c") as c:
+        made = a.store.add(str(folder), model_id="tiny")  # ~94 KB: ~1.6 s at 60 kB/s
+        await connect(a, c)
+        c.fetcher.timeout = 1.0  # tighter than a 256 KiB chunk at this rate would need
+        start = trio.current_time()
+        await c.fetcher.fetch_model("tiny", None, [a.node_id])
+        assert trio.current_time() - start >= made.size / 60_000 * 0.8  # the limit was applied
+        assert not [e for e in c.fetcher.events if e["event"] == "attempt_failed"]
 
 
 async def test_rate_limit_books_bytes_on_a_shared_virtual_clock(autojump_clock: trio.testing.MockClock) -> None:
