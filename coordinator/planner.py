@@ -355,3 +355,73 @@ def parse_peers(raw: object) -> list[Peer]:
     if len({q.node_id for q in out}) != len(out):
         raise PeerError("nodes: node_id values must be unique", code="INVALID_PLAN_INPUT")
     return out
+
+
+# ---- reassignment -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reassignment:
+    split: Split
+    reassigned: tuple[str, ...]  # peers that got a new or larger range
+    replanned: bool  # True when the patch would have grown the bottleneck beyond the threshold
+
+
+def reassign(layers: Sequence[Layer], peers: Sequence[Peer], current: Split, failed: Iterable[str], *,
+             threshold: float = 0.25) -> Reassignment:
+    """Cover the ranges of ``failed`` peers, keeping every surviving assignment: each lost range goes to
+    the best of a free peer (one not in the plan) or a neighbouring stage's peer extending its range
+    when it has the memory. A full replan over ``peers`` (alive, in pipeline order) happens only when
+    no patch exists or the patched bottleneck exceeds the current one by more than ``threshold``;
+    PlanInfeasible when nothing fits."""
+    gone = set(failed)
+    alive = {q.node_id: q for q in peers if q.node_id not in gone}
+    p = _Prefix.of(layers)
+    stages = list(current.stages)
+    if not any(s.node_id in gone for s in stages):
+        return Reassignment(current, (), False)
+    parts = [(s.node_id, s.start, s.end) for s in stages]
+    reassigned: list[str] = []
+    patched = True
+    i = 0
+    while i < len(parts):
+        node, s, e = parts[i]
+        if node not in gone:
+            i += 1
+            continue
+        in_plan = {x[0] for x in parts}
+        flops, size = p.flops[e] - p.flops[s], p.bytes[e] - p.bytes[s]
+        options: list[tuple[float, str, str]] = [  # (stage time after, how, node)
+            (stage_time(flops, q), "free", q.node_id) for q in alive.values()
+            if q.node_id not in in_plan and q.flops > 0 and q.memory_bytes >= size]
+        for j, how in ((i - 1, "before"), (i + 1, "after")):
+            if 0 <= j < len(parts) and parts[j][0] in alive:
+                q, (_, js, je) = alive[parts[j][0]], parts[j]
+                if p.bytes[je] - p.bytes[js] + size <= q.memory_bytes:
+                    options.append((stage_time(p.flops[je] - p.flops[js] + flops, q), how, q.node_id))
+        if not options:
+            patched = False
+            break
+        _, how, chosen = min(options)
+        reassigned.append(chosen)
+        if how == "free":
+            parts[i] = (chosen, s, e)
+            i += 1
+        elif how == "before":
+            parts[i - 1] = (parts[i - 1][0], parts[i - 1][1], e)
+            del parts[i]
+        else:
+            parts[i + 1] = (parts[i + 1][0], s, parts[i + 1][2])
+            del parts[i]
+    by_id = {q.node_id: q for q in peers}
+    split = None
+    if patched:
+        split = _stages(layers, p, [by_id[x[0]] for x in parts], [(k, x[1], x[2]) for k, x in enumerate(parts)])
+        if split.bottleneck_s <= current.bottleneck_s * (1 + threshold):
+            return Reassignment(split, tuple(dict.fromkeys(reassigned)), False)
+    fresh = plan_split(layers, list(alive.values()))
+    if split is not None and split.bottleneck_s <= fresh.bottleneck_s:
+        return Reassignment(split, tuple(dict.fromkeys(reassigned)), False)
+    kept = {(s.node_id, s.start, s.end) for s in current.stages}
+    moved = tuple(s.node_id for s in fresh.stages if (s.node_id, s.start, s.end) not in kept)
+    return Reassignment(fresh, moved, True)

@@ -19,6 +19,7 @@ from coordinator.planner import (
     parse_layers,
     parse_peers,
     plan_split,
+    reassign,
     split_by_memory,
 )
 
@@ -152,3 +153,69 @@ def test_meshnode_plan_prints_the_plan_or_fails_clearly(tmp_path, capsys) -> Non
     assert main(["plan", "--layers", str(tmp_path / "l.json"), "--nodes", str(tmp_path / "n.json")]) == 2
     assert "INVALID_PLAN_INPUT" in capsys.readouterr().err
 
+
+
+def four_peer_plan() -> tuple[list[Layer], list[Peer], Split]:
+    layers = [Layer(i, 1e9, 100) for i in range(16)]
+    peers = [Peer(f"p{i}", 1e10, 1000) for i in range(4)] + [Peer("spare", 1e10, 1000)]
+    split = plan_split(layers, peers[:4])
+    assert len(split.stages) == 4
+    return layers, peers, split
+
+
+def test_losing_one_peer_moves_only_its_range() -> None:
+    layers, peers, split = four_peer_plan()
+    lost = split.stages[1]
+    out = reassign(layers, peers, split, {lost.node_id})
+    assert not out.replanned and out.reassigned == ("spare",)
+    by_id = {q.node_id: q for q in peers}
+    check_valid(layers, [by_id[s.node_id] for s in out.split.stages], out.split)
+    before = {(s.node_id, s.start, s.end) for s in split.stages if s.node_id != lost.node_id}
+    after = {(s.node_id, s.start, s.end) for s in out.split.stages}
+    assert before <= after and ("spare", lost.start, lost.end) in after
+    assert out.split.bottleneck_s == pytest.approx(split.bottleneck_s)
+
+
+def test_without_a_spare_a_neighbour_extends_unless_the_threshold_forces_a_replan() -> None:
+    layers, peers, split = four_peer_plan()
+    big = [Peer(q.node_id, q.flops, 10_000) for q in peers[:4]]  # room to absorb a neighbour's range
+    lost = split.stages[3].node_id
+    # Absorbing doubles a stage: +100% > 25% → a full replan over the three survivors.
+    out = reassign(layers, big, split, {lost})
+    assert out.replanned and {s.node_id for s in out.split.stages} <= {"p0", "p1", "p2"}
+    assert sum(s.end - s.start for s in out.split.stages) == 16
+    # With a 150% threshold the patch stands: p2 extends over the lost range, the others keep theirs.
+    out = reassign(layers, big, split, {lost}, threshold=1.5)
+    assert not out.replanned and out.reassigned == ("p2",)
+    assert [(s.node_id, s.start, s.end) for s in out.split.stages] == [
+        *[(s.node_id, s.start, s.end) for s in split.stages[:2]], ("p2", split.stages[2].start, 16)]
+
+
+def test_reassignment_that_cannot_fit_names_the_shortfall() -> None:
+    layers, peers, split = four_peer_plan()
+    with pytest.raises(PlanInfeasible, match="needs 1600 bytes, the peers offer 1000 bytes: 600 bytes short"):
+        reassign(layers, peers[:4], split, {"p0", "p1", "p2"})
+
+
+@settings(max_examples=200, deadline=None)
+@given(layers_st, peers_st, st.data())
+def test_reassignment_always_covers_every_layer_once(layers: list[Layer], peers: list[Peer],
+                                                     data: st.DataObject) -> None:
+    try:
+        split = plan_split(layers, peers)
+    except PlanInfeasible:
+        return
+    used = [s.node_id for s in split.stages]
+    failed = set(data.draw(st.lists(st.sampled_from(used), min_size=1, unique=True)))
+    try:
+        out = reassign(layers, peers, split, failed)
+    except PlanInfeasible:
+        return  # what survives cannot hold the model: an error, never a partial plan
+    by_id = {q.node_id: q for q in peers}
+    assert not failed & {s.node_id for s in out.split.stages}
+    check_valid(layers, [by_id[s.node_id] for s in out.split.stages], out.split)
+    if not out.replanned:  # a patch keeps every surviving assignment (possibly extended)
+        for s in split.stages:
+            if s.node_id not in failed:
+                (t,) = [t for t in out.split.stages if t.node_id == s.node_id]
+                assert t.start <= s.start and t.end >= s.end
