@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "local-3.toml")
 CHUNK = 256 * 1024
@@ -96,8 +97,8 @@ def tcp_receive(files: list[Path], out_dir: Path | None) -> float:
 # ---- p2p -----------------------------------------------------------------------------------------
 
 
-def p2p(work: Path, source: str) -> tuple[float, int, dict, dict]:
-    """(seconds, bytes, transfer, puller RSS before/after) for one pull of ``source`` from a holder."""
+def p2p(work: Path, source: str) -> tuple[float, int, dict, dict, Any]:
+    """(seconds, bytes, transfer, puller RSS before/after, manifest) for one pull of ``source`` from a holder."""
     from mesh.cli import main as cli
     from mesh.cli import pull
     from mesh.identity import Identity

@@ -26,7 +26,7 @@ from mesh.identity import Identity
 from storage.manifest import Manifest, open_manifest, seal_manifest
 from storage.metadata import layers_of
 from storage.registry import Registry, safe_name
-from storage.shards import sha256_file, shard_path, split_model, verify_file, verify_shard
+from storage.shards import SHARD_SUFFIX, sha256_file, shard_path, split_model, verify_file, verify_shard
 
 log = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.cbor"
@@ -211,7 +211,7 @@ class Store:
             if f.path == name:
                 path = folder / f.path
         for shard in manifest.shards:
-            if f"{shard.name}.safetensors" == name:
+            if shard.name + SHARD_SUFFIX == name:
                 path = shard_path(self.registry.shard_dir, shard.sha256)
         missing = NotFoundError(f"{model_id}@{manifest.revision} has no file {name!r}", code="FILE_NOT_FOUND")
         if path is None:

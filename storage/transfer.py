@@ -320,7 +320,7 @@ class Fetcher:
     # ---- whole models ----------------------------------------------------------------------------
 
     async def fetch_model(self, model: str, revision: str | None, holders: Sequence[NodeId], *,
-                          source: Callable[[str], Awaitable[None]] | None = None,
+                          source: Callable[[str | None], Awaitable[None]] | None = None,
                           transfer: Transfer | None = None) -> Manifest:
         """Fetch every shard and file of a model version from ``holders`` and install it (status
         downloading → verifying → ready, or error). ``source(revision)``, when given, is the last resort
@@ -355,16 +355,11 @@ class Fetcher:
             done.set()
 
     async def _fetch_model(self, t: Transfer, model: str, revision: str | None, holders: Sequence[NodeId],
-                           source: Callable[[str], Awaitable[None]] | None) -> Manifest:
+                           source: Callable[[str | None], Awaitable[None]] | None) -> Manifest:
         if not holders:
             if source is None:
                 raise TransferFailed(f"no peer holds {model}@{revision or '(any)'}")
-            self._event("source_fallback", t, missing="all: no peer holds it")
-            await source(revision)
-            manifest = (await trio.to_thread.run_sync(self.store.manifest, model, revision))[0]
-            t.state, t.revision = "done", manifest.revision
-            self._event("done", t, revision=manifest.revision, source="model source")
-            return manifest
+            return await self._from_source(t, model, revision, source, "all: no peer holds it")
         manifest, signed = await self._first_manifest(t, model, revision, holders)
         rev = manifest.revision
         t.revision = rev
@@ -391,21 +386,25 @@ class Fetcher:
             for job in jobs:
                 nursery.start_soon(one, job)
         if failures and source is not None:
-            self._event("source_fallback", t, missing=[j.name for j, _ in failures])
-            await source(rev)  # the source installs the model itself (and its status)
-            t.state = "done"
-            self._event("done", t, revision=rev, source="model source")
-            return (await trio.to_thread.run_sync(self.store.manifest, model, rev))[0]
-        if failures:
+            return await self._from_source(t, model, rev, source, [j.name for j, _ in failures])
+        if failures:  # fetch_model records the error status
             job, err = failures[0]
-            message = f"{len(failures)} of {len(jobs)} files could not be fetched; {job.name}: {err.code} {err}"
-            await trio.to_thread.run_sync(
-                lambda: registry.set_status(model, rev, "error", error=f"TRANSFER_FAILED: {message}"))
-            raise TransferFailed(message)
+            raise TransferFailed(f"{len(failures)} of {len(jobs)} files could not be fetched; "
+                                 f"{job.name}: {err.code} {err}")
         await trio.to_thread.run_sync(lambda: registry.set_status(model, rev, "verifying"))
         await trio.to_thread.run_sync(self._install, manifest, signed, jobs)
         t.state = "done"
         self._event("done", t, revision=rev, bytes=t.done_bytes, resumed_bytes=t.resumed_bytes)
+        return manifest
+
+    async def _from_source(self, t: Transfer, model: str, revision: str | None,
+                           source: Callable[[str | None], Awaitable[None]], missing: object) -> Manifest:
+        """The last resort: the source installs the model itself (and its status)."""
+        self._event("source_fallback", t, missing=missing)
+        await source(revision)
+        manifest = (await trio.to_thread.run_sync(self.store.manifest, model, revision))[0]
+        t.state, t.revision = "done", manifest.revision
+        self._event("done", t, revision=manifest.revision, source="model source")
         return manifest
 
     async def _first_manifest(self, t: Transfer, model: str, revision: str | None,
