@@ -117,6 +117,12 @@ def _stages(layers: Sequence[Layer], p: _Prefix, peers: Sequence[Peer],
     return Split(stages, max(s.time_s for s in stages))
 
 
+def split_of(layers: Sequence[Layer], stages: Sequence[tuple[Peer, int, int]]) -> Split:
+    """The Split of given ``(peer, start, end)`` stages (positions in ``layers``, half-open)."""
+    peers = [q for q, _, _ in stages]
+    return _stages(layers, _Prefix.of(layers), peers, [(i, s, e) for i, (_, s, e) in enumerate(stages)])
+
+
 def check_fits(layers: Sequence[Layer], peers: Sequence[Peer]) -> None:
     """PlanInfeasible naming the shortfall when no plan can exist (memory, or a layer no peer can hold)."""
     if not layers:
@@ -273,47 +279,6 @@ def fallback_for(stage: Stage, split: Split, peers: Sequence[Peer]) -> str | Non
     spare = [q for q in peers if q.node_id in used and q.node_id != stage.node_id
              and q.memory_bytes - used[q.node_id] >= stage.bytes]
     return min(spare, key=lambda q: (stage_time(stage.flops, q), q.node_id)).node_id if spare else None
-
-
-def plan_object(layers: Sequence[Layer], peers: Sequence[Peer], split: Split, *, request_id: str = "",
-                model: str = "", term: int = 0, epoch: int = 0, tokens: int = 1,
-                extra: dict[str, dict[str, object]] | None = None) -> dict[str, object]:
-    """The plan as peers, the API and ``meshnode plan`` show it. ``layer_range`` is half-open over layer
-    indices; times are seconds per token; ``extra[node_id]`` adds current_load/latency/reliability."""
-    by_id = {q.node_id: q for q in peers}
-    extra = extra or {}
-    splits = []
-    for s in split.stages:
-        splits.append({
-            "layer_range": [layers[s.start].index, layers[s.end - 1].index + 1],
-            "assigned_node": s.node_id,
-            "memory_requirement_mb": round(s.bytes / 2**20, 3),
-            "compute_requirement": s.flops,
-            "stage_time_s": s.time_s,
-        })
-    return {
-        "request_id": request_id,
-        "model": model,
-        "term": term,
-        "epoch": epoch,
-        "selected_nodes": [
-            {"node_id": s.node_id,
-             "capabilities": {"flops": by_id[s.node_id].flops, "memory_bytes": by_id[s.node_id].memory_bytes},
-             "current_load": 0.0, "latency_ms": by_id[s.node_id].link_s * 1000, "reliability": 1.0}
-            | extra.get(s.node_id, {})
-            for s in split.stages],
-        "model_split_plan": {
-            "total_layers": len(layers),
-            "splits": splits,
-            "bottleneck_s": split.bottleneck_s,
-            "communication_overhead": sum(by_id[s.node_id].link_s for s in split.stages[:-1]),
-            "estimated_inference_time": split.latency_s,
-        },
-        # Pipelined decoding of one sequence is latency-bound: each token passes every stage in turn.
-        "estimated_total_time": split.latency_s * tokens,
-        "fallback_nodes": [{"layer_range": sp["layer_range"], "node_id": fallback_for(s, split, peers)}
-                           for sp, s in zip(splits, split.stages, strict=True)],
-    }
 
 
 # ---- what-if input (``meshnode plan``) -----------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -117,6 +117,37 @@ def build_app(node: Node) -> Starlette:
         node.store.count(model_id, "download")
         return FileResponse(path, filename=name)
 
+    # ---- plans ----------------------------------------------------------------------------------
+
+    async def json_body(request: Request, usage: str) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise PeerError(f"the body must be JSON: {usage}", code="BAD_REQUEST") from None
+        if not isinstance(body, dict):
+            raise PeerError(f"the body must be a JSON object: {usage}", code="BAD_REQUEST")
+        return body
+
+    async def plan(request: Request) -> JSONResponse:
+        return JSONResponse(node.plans.view(request.query_params.get("model")))
+
+    async def request_plan(request: Request) -> JSONResponse:
+        body = await json_body(request, '{"model": "id" or "id@revision"}')
+        if not isinstance(body.get("model"), str) or not body["model"]:
+            raise PeerError("\"model\" (a model id) is required", code="MISSING_PARAMETER")
+        return JSONResponse(await node.plans.request_plan(body["model"]))
+
+    async def reassign_node(request: Request) -> JSONResponse:
+        body = await json_body(request, '{"failed_nodes": [...], "current_splits": [...], "request_id": ...}')
+        failed = body.get("failed_nodes")
+        if not isinstance(failed, list) or not failed or not all(isinstance(f, str) and f for f in failed):
+            raise PeerError("\"failed_nodes\" must be a non-empty list of node ids", code="MISSING_PARAMETER")
+        for key in ("request_id", "model"):
+            if body.get(key) is not None and not isinstance(body[key], str):
+                raise PeerError(f"{key!r} must be a string", code="INVALID_PARAMETER")
+        return JSONResponse(await node.plans.reassign_request(
+            failed, body.get("current_splits"), body.get("request_id") or "", body.get("model")))
+
     async def drain(request: Request) -> JSONResponse:
         node.request_drain()
         return JSONResponse({"status": NodeStatus.DRAINING.value, "node_id": node.node_id}, status_code=202)
@@ -146,6 +177,9 @@ def build_app(node: Node) -> Starlette:
         Route("/api/ping", ping),
         Route("/api/runtime", runtime),
         Route("/api/drain", drain, methods=["POST"]),
+        Route("/api/plan", plan),
+        Route("/api/plan", request_plan, methods=["POST"]),
+        Route("/api/reassign-node", reassign_node, methods=["POST"]),
         Route("/api/models", models),
         Route("/api/models/{model_id:path}", model),
         Route("/api/model-usage/ranking", ranking),

@@ -208,7 +208,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """What-if planning without a mesh: the plan as JSON on stdout; an infeasible input exits 2."""
-    from coordinator import planner
+    from coordinator import planner, plans
 
     def read(path: str, what: str) -> Any:
         try:
@@ -222,8 +222,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     peers = planner.parse_peers(read(args.nodes, "nodes"))
     split = {"optimal": planner.plan_split, "greedy": planner.greedy_by_compute,
              "memory": planner.split_by_memory}[args.method](layers, peers)
-    plan = planner.plan_object(layers, peers, split, request_id=args.request_id, tokens=args.tokens)
-    print(json.dumps(plan, indent=2))
+    plan = plans.make_plan(layers, peers, split, request_id=args.request_id)
+    print(json.dumps(plan.view(args.tokens), indent=2))
     return 0
 
 

@@ -24,6 +24,9 @@ class NodeConfig:
     min_free_memory_gb: float = 0.25  # below this the peer reports itself degraded
     benchmark_seconds: float = 0.3  # length of the start-up matmul benchmark (the compute score)
     drain_seconds: float = 2.0  # how long a draining peer keeps announcing itself before going offline
+    # Memory this peer offers for model layers (weights + KV cache), MiB; 0: what is available at start
+    # less min_free_memory_gb.
+    max_layer_memory_mb: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,15 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    models: tuple[str, ...] = ()  # "id" or "id@revision": models the coordinator keeps a plan for
+    hop_ms: float = 1.0  # cost of one activation hop between stages, per token (planner link cost)
+    context_tokens: int = 2048  # KV cache every stage must have room for; FLOPs counted at this context
+    reassign_threshold: float = 0.25  # bottleneck growth a reassignment may cause before a full replan
+    republish_interval: float = 2.0  # seconds between republishing the current plans (late joiners)
+
+
+@dataclass(frozen=True, slots=True)
 class DemoConfig:
     peers: int = 3  # how many local peers `meshnode demo` starts
 
@@ -67,6 +79,7 @@ class Config:
     membership: MembershipConfig = field(default_factory=MembershipConfig)  # timings and require_gpu
     api: ApiConfig = field(default_factory=ApiConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     log: LogConfig = field(default_factory=LogConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
@@ -89,6 +102,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("node.min_free_memory_gb", "--min-free-memory-gb", "report degraded below this free memory"),
     Option("node.benchmark_seconds", "--benchmark-seconds", "length of the start-up compute benchmark"),
     Option("node.drain_seconds", "--drain-seconds", "seconds announced as draining before going offline"),
+    Option("node.max_layer_memory_mb", "--max-layer-memory-mb",
+           "MiB offered for model layers (0: available memory at start)"),
     Option("network.listen", "--listen", "multiaddr to listen on (repeatable)"),
     Option("network.bootstrap", "--bootstrap", "full multiaddr of a peer to join through (repeatable)"),
     Option("network.mdns", "--mdns", "discover peers on the LAN with mDNS"),
@@ -106,6 +121,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("storage.retries", "--download-retries", "rounds over every holder of a shard before giving up"),
     Option("storage.upload_limit_mb_s", "--upload-limit", "MB/s when serving shards to peers (0: unlimited)"),
     Option("storage.download_limit_mb_s", "--download-limit", "MB/s when fetching shards (0: unlimited)"),
+    Option("coordinator.models", "--plan-model", "model (id or id@revision) to keep a plan for (repeatable)"),
+    Option("coordinator.hop_ms", "--hop-ms", "planner cost of one activation hop between stages, ms per token"),
+    Option("coordinator.context_tokens", "--context-tokens", "context every stage's KV cache must hold"),
+    Option("coordinator.reassign_threshold", "--reassign-threshold",
+           "bottleneck growth a reassignment may cause before a full replan (0.25: 25%)"),
+    Option("coordinator.republish_interval", "--republish-interval", "seconds between plan republishes"),
     Option("log.level", "--log-level", "debug, info, warning or error"),
     Option("log.json", "--log-json", "log one JSON object per line"),
     Option("demo.peers", "--peers", "number of local peers for `meshnode demo`"),
@@ -207,5 +228,11 @@ def validate(config: Config) -> None:
         raise ValueError("storage.parallel_downloads and storage.retries must be at least 1")
     if st.upload_limit_mb_s < 0 or st.download_limit_mb_s < 0:
         raise ValueError("storage rate limits must not be negative (0 means unlimited)")
+    co = config.coordinator
+    if co.hop_ms < 0 or co.context_tokens < 1 or co.reassign_threshold < 0 or co.republish_interval <= 0:
+        raise ValueError("coordinator: hop_ms and reassign_threshold must not be negative, context_tokens and "
+                         "republish_interval must be positive")
+    if config.node.max_layer_memory_mb < 0:
+        raise ValueError("node.max_layer_memory_mb must not be negative (0: available memory)")
     if config.demo.peers < 1:
         raise ValueError("demo.peers must be at least 1")

@@ -8,6 +8,8 @@ Tasks (all children of one nursery, none fire-and-forget):
     dialer      - (re)dial bootstrap peers and members learned from gossip (peer exchange), mDNS finds
     reaper      - close the connection of a member that fell silent (libp2p never notices a frozen peer)
     transfers   - model fetches started through the API (``start_fetch``), in their own nursery
+    plans       - signed plans from the plans topic; while coordinating, planning and reassignment
+                  (``coordinator.service.PlanService``)
     api         - the local HTTP API
     lifecycle   - drain on request or signal: draining for drain_seconds, then a goodbye, then exit
 """
@@ -25,6 +27,7 @@ from typing import Any
 import psutil
 import trio
 
+from coordinator.service import PlanService
 from mesh import hardware
 from mesh.config import Config
 from mesh.errors import MeshError, NotFoundError, PeerError
@@ -36,7 +39,7 @@ from mesh.logs import Throttle
 from mesh.membership import Forgotten, Member, StatusChanged
 from mesh.peer import LeaderChanged, PeerCore, PeerEvent, PeerProfile
 from mesh.transport import GossipMessage, Transport, is_loopback_addr, peer_id_of
-from mesh.wire import NODES_TOPIC, GpuInfo, NodeStatus, open_signed
+from mesh.wire import NODES_TOPIC, PLANS_TOPIC, GpuInfo, NodeStatus, open_signed
 from storage.store import Store
 from storage.transfer import Fetcher, RateLimit, Server, Transfer
 
@@ -71,6 +74,7 @@ class Node:
                                download=RateLimit(st.download_limit_mb_s * 1e6))
         self._installed: tuple[str, ...] = ()
         self._transfer_nursery: trio.Nursery | None = None
+        self.plans = PlanService(self)
 
     @property
     def node_id(self) -> NodeId:
@@ -97,6 +101,7 @@ class Node:
                          ev.old.coordinator, ev.old.term,
                          extra={"event": "coordinator_changed", "node_id": self.node_id,
                                 "coordinator": ev.new.coordinator, "term": ev.new.term})
+                self.plans.on_leadership_changed()
             elif isinstance(ev, Forgotten):
                 log.info("peer %s forgotten", ev.node_id,
                          extra={"event": "forgotten", "node_id": self.node_id, "peer": ev.node_id})
@@ -384,6 +389,14 @@ def _count_tasks(task: trio.lowlevel.Task) -> int:
     return 1 + sum(_count_tasks(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
 
 
+def layer_memory(config: Config) -> int:
+    """Bytes this peer offers for model layers: the configured cap, else the memory available now less
+    the free-memory floor (taken once at start, so loading layers does not shrink the offer)."""
+    if config.node.max_layer_memory_mb > 0:
+        return int(config.node.max_layer_memory_mb * 2**20)
+    return max(0, psutil.virtual_memory().available - int(config.node.min_free_memory_gb * 2**30))
+
+
 async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
     """Run one peer until it has drained (``Node.request_drain``) or is cancelled."""
     from mesh.api import serve_api
@@ -397,6 +410,7 @@ async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_
         version=VERSION, name=config.node.name, incarnation=int(time.time() * 1000),
         accept_public_jobs=config.node.accept_public_jobs,
         min_free_memory_gb=config.node.min_free_memory_gb,
+        layer_memory_bytes=layer_memory(config),
     )
     core = PeerCore(identity, profile, m, trio.current_time())
     store = await trio.to_thread.run_sync(Store, data_dir / "store", identity)
@@ -405,6 +419,7 @@ async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_
                               gossip_heartbeat=m.heartbeat_interval) as transport:
         node = Node(config, identity, core, transport, gpus, flops, store)
         transport.set_validator(NODES_TOPIC, node.accept_gossip)
+        transport.set_validator(PLANS_TOPIC, node.plans.accept_gossip)
         node.shard_server.register(transport)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.transfers)
@@ -416,7 +431,8 @@ async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_
             ).encode())
             log.info("peer %s listening on %s, api %s", node.node_id, " ".join(addrs), node.api_url or "off",
                      extra={"event": "started", "node_id": node.node_id, "api": node.api_url})
-            for task in (node.receive, node.heartbeats, node.ticks, node.dialer, node.reaper, node.lifecycle):
+            for task in (node.receive, node.heartbeats, node.ticks, node.dialer, node.reaper, node.lifecycle,
+                         node.plans.receive, node.plans.coordinate):
                 nursery.start_soon(task)
             if config.network.mdns:
                 nursery.start_soon(node.mdns_dialer)

@@ -37,6 +37,7 @@ class PeerProfile:
     advanced_features: Mapping[str, str | int | float | bool] = field(default_factory=dict)
     # Below this much free memory the peer reports itself degraded (resource pressure).
     min_free_memory_gb: float = 0.25
+    layer_memory_bytes: int = 0  # offered for model layers
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,7 @@ class PeerCore:
             name=self.profile.name,
             hardware=hardware,
             compute_flops=compute_flops,
+            layer_memory_bytes=self.profile.layer_memory_bytes,
             installed_models=installed_models,
             accept_public_jobs=self.profile.accept_public_jobs,
             features_supported=self.profile.features_supported,

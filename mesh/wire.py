@@ -83,6 +83,7 @@ class NodeInfo:
     capability_schema_version: str = DEFAULT_CAPABILITY_SCHEMA
     hardware: Hardware = field(default_factory=Hardware)
     compute_flops: float = 0.0  # measured by a short matmul benchmark at start
+    layer_memory_bytes: int = 0  # memory offered for model layers (weights + KV cache)
     installed_models: tuple[str, ...] = ()
     accept_public_jobs: bool = True
     features_supported: tuple[str, ...] = ()
@@ -291,6 +292,7 @@ def encode_node_info(info: NodeInfo) -> bytes:
                 else {"level": hw.battery.level, "charging": hw.battery.charging},
             },
             "compute_flops": info.compute_flops,
+            "layer_memory_bytes": info.layer_memory_bytes,
             "installed_models": list(info.installed_models),
             "accept_public_jobs": info.accept_public_jobs,
             "features_supported": list(info.features_supported),
@@ -318,6 +320,9 @@ def decode_node_info(payload: bytes) -> NodeInfo:
     except ValueError:
         raise DecodeError(f"node_info.status: unknown status {status_text!r}") from None
     coordinator = r.opt_text("coordinator")
+    layer_memory = r.integer("layer_memory_bytes", 0)
+    if layer_memory < 0:
+        raise DecodeError("node_info.layer_memory_bytes: must not be negative")
     return NodeInfo(
         node_id=NodeId(r.text("node_id")),
         capability_schema_version=schema,
@@ -328,6 +333,7 @@ def decode_node_info(payload: bytes) -> NodeInfo:
         name=r.text("name", ""),
         hardware=_hardware(r.raw("hardware"), "node_info.hardware"),
         compute_flops=r.number("compute_flops", 0.0),
+        layer_memory_bytes=layer_memory,
         installed_models=r.array("installed_models", _text_item),
         accept_public_jobs=r.flag("accept_public_jobs", True),
         features_supported=r.array("features_supported", _text_item),

@@ -11,7 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PURE = [
     "mesh/errors.py", "mesh/ids.py", "mesh/identity.py", "mesh/wire.py", "mesh/membership.py", "mesh/peer.py",
-    "mesh/sim.py", "mesh/config.py", "coordinator/election.py", "storage/manifest.py",
+    "mesh/sim.py", "mesh/config.py", "coordinator/election.py", "coordinator/planner.py", "coordinator/plans.py",
+    "coordinator/control.py", "storage/manifest.py",
 ]
 # Pure third-party helpers: CBOR, ed25519, base58. No trio, libp2p, torch, psutil, HTTP, sockets, clocks.
 ALLOWED_THIRD_PARTY = {"cbor2", "cryptography", "base58"}
@@ -26,7 +27,9 @@ def _imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
+            # ``from coordinator import planner`` imports the module coordinator.planner
+            subs = {f"{node.module}.{a.name}" for a in node.names} & PURE_MODULES
+            names.update(subs or {node.module})
     return names
 
 

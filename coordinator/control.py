@@ -1,0 +1,161 @@
+"""What the coordinator does about a model's plan, given what it sees now. Pure; no I/O, no clock.
+
+``Controller.decide`` is called on every tick of the coordinator with the model's layers, every member
+as a ``Worker`` and the plan held for the model. It returns a ``Decision`` (a new split to publish as the
+next epoch, and why) or None:
+
+- no plan yet                      → plan over the ``ready`` peers that accept jobs ("initial");
+- a peer of the plan is offline, draining or gone → ``planner.reassign``: surviving ranges stay, the
+  lost ones go to a free or neighbouring peer, a full replan only past the threshold ("reassign" /
+  "replan"). A peer that merely missed a beat (degraded) keeps its range: no flapping;
+- the plan was made in an earlier term → the same assignments, re-issued under this term ("term");
+- new ready peers appeared        → a fresh plan is adopted only if it cuts the bottleneck by more than
+  the threshold ("improve"), so joins do not reshuffle the mesh for nothing.
+
+Pipeline order. ``planner.plan_split`` is exact for a given order of peers; the controller tries a few
+orders (fastest first, most memory first, holders of the model first, slowest first) and keeps the best.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from coordinator import planner
+from coordinator.planner import Layer, Peer, PlanInfeasible, Split
+from coordinator.plans import Plan
+from mesh.wire import NodeStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Worker:
+    """A member as the coordinator sees it."""
+
+    node_id: str
+    flops: float
+    memory_bytes: int  # memory it offers for layers
+    status: NodeStatus
+    accepts_jobs: bool = True
+    holds_model: bool = False
+    link_s: float = 0.0
+
+    @property
+    def usable(self) -> bool:
+        """May be given new work."""
+        return self.status == NodeStatus.READY and self.accepts_jobs and self.flops > 0 and self.memory_bytes > 0
+
+    @property
+    def alive(self) -> bool:
+        """Keeps the work it has (a missed beat or resource pressure is not a reason to move layers)."""
+        return self.status in (NodeStatus.READY, NodeStatus.DEGRADED, NodeStatus.REGISTERING)
+
+    def peer(self, layers: Sequence[Layer]) -> Peer:
+        holds = frozenset(x.index for x in layers) if self.holds_model else frozenset()
+        return Peer(self.node_id, self.flops, self.memory_bytes, self.link_s, holds)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    split: Split
+    peers: tuple[Peer, ...]  # what the split was planned over (fallbacks are chosen among them)
+    reason: str
+    reassigned: tuple[str, ...] = ()
+
+
+def _orders(peers: Sequence[Peer]) -> list[list[Peer]]:
+    orders = [
+        sorted(peers, key=lambda q: (-q.flops, q.node_id)),
+        sorted(peers, key=lambda q: (-q.memory_bytes, -q.flops, q.node_id)),
+        sorted(peers, key=lambda q: (not q.holds, -q.flops, q.node_id)),
+        sorted(peers, key=lambda q: (q.flops, q.node_id)),
+    ]
+    unique: list[list[Peer]] = []
+    for o in orders:
+        if o not in unique:
+            unique.append(o)
+    return unique
+
+
+def _best(layers: Sequence[Layer], peers: Sequence[Peer]) -> tuple[list[Peer], Split]:
+    planner.check_fits(layers, peers)
+    best: tuple[float, int, int] | None = None
+    chosen: tuple[list[Peer], Split] | None = None
+    error: PlanInfeasible | None = None
+    for order in _orders(peers):
+        try:
+            split = planner.plan_split(layers, order)
+        except PlanInfeasible as err:
+            error = err
+            continue
+        held = {q.node_id: q.holds for q in order}
+        key = (split.bottleneck_s,
+               -sum(1 for s in split.stages for i in range(s.start, s.end) if layers[i].index in held[s.node_id]),
+               len(split.stages))
+        if best is None or key < best:
+            best, chosen = key, (order, split)
+    if chosen is None:
+        assert error is not None
+        raise error
+    return chosen
+
+
+def best_split(layers: Sequence[Layer], peers: Sequence[Peer]) -> Split:
+    """The best of ``plan_split`` over a few pipeline orders: lowest bottleneck, then most layers held by
+    their peer, then fewest stages. PlanInfeasible (naming the shortfall) when none fits."""
+    return _best(layers, peers)[1]
+
+
+def best_order(layers: Sequence[Layer], peers: Sequence[Peer]) -> list[Peer]:
+    """The pipeline order ``best_split`` plans under (a full replan inside ``reassign`` uses it); the
+    first order when nothing fits (``reassign`` then reports the shortfall)."""
+    try:
+        return _best(layers, peers)[0]
+    except PlanInfeasible:
+        return _orders(peers)[0]
+
+
+@dataclass
+class Controller:
+    threshold: float = 0.25  # a patch or a join may change the bottleneck by this much before a replan
+    _considered: dict[str, frozenset[str]] = field(default_factory=dict)  # model -> usable peers last planned over
+
+    def decide(self, model: str, layers: Sequence[Layer], workers: Sequence[Worker], current: Plan | None,
+               term: int) -> Decision | None:
+        """The next plan for ``model``, or None to keep ``current``. PlanInfeasible when nothing fits."""
+        usable = [w.peer(layers) for w in workers if w.usable]
+        usable_ids = frozenset(q.node_id for q in usable)
+        if current is None or current.total_layers != len(layers):
+            self._considered[model] = usable_ids
+            split = best_split(layers, usable)
+            return Decision(split, tuple(usable), "initial")
+
+        alive = {w.node_id: w for w in workers if w.alive}
+        lost = [a.node_id for a in current.assignments if a.node_id not in alive]
+        if lost:
+            # Survivors keep their ranges even if degraded; new work goes only to usable peers.
+            in_plan = {a.node_id for a in current.assignments}
+            peers = {q.node_id: q for q in usable}
+            for node in in_plan:
+                if node in alive and node not in peers:
+                    peers[node] = alive[node].peer(layers)
+            order = best_order(layers, list(peers.values()))
+            r = planner.reassign(layers, order, current.split(layers), lost, threshold=self.threshold)
+            self._considered[model] = usable_ids
+            return Decision(r.split, tuple(order), "replan" if r.replanned else "reassign", r.reassigned)
+
+        if current.term != term:
+            peers = {q.node_id: q for q in usable}
+            for a in current.assignments:
+                peers.setdefault(a.node_id, alive[a.node_id].peer(layers))
+            return Decision(current.split(layers), tuple(peers.values()), "term")
+
+        if not usable_ids <= self._considered.get(model, frozenset()):
+            self._considered[model] = usable_ids
+            try:
+                fresh = best_split(layers, usable)
+            except PlanInfeasible:
+                return None
+            if fresh.bottleneck_s * (1 + self.threshold) < current.bottleneck_s:
+                return Decision(fresh, tuple(usable), "improve")
+        return None
+

@@ -1,0 +1,320 @@
+"""Plans: what the coordinator decided, as every peer holds it. Pure; no I/O.
+
+A ``Plan`` names a model version, the term of the coordinator that made it and an epoch, and the stages
+in pipeline order: a half-open layer range per peer, with the fallback that takes the range if its peer
+drops. Plans travel on the plans topic as signed envelopes (kind ``plan``). A ``PlanBook`` decides what
+this peer believes:
+
+- a plan counts only when its signer is the coordinator it names (PLAN_SIGNER_MISMATCH otherwise), and
+  only from the coordinator of the term this peer follows (``NOT_COORDINATOR`` / ``STALE_TERM``);
+- per model, a plan replaces the current one only with a higher ``(term, epoch)``; anything else is stale
+  (``STALE_EPOCH``) or the same plan published again (``DUPLICATE``; coordinators republish so late
+  joiners learn the plan);
+- a plan of a term this peer has not seen claimed yet is kept aside and offered again once it follows
+  that term, so a plan that outruns its coordinator's claim is not lost.
+
+Epochs only grow per model, across terms as well: a new coordinator continues from the highest epoch
+it has seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+
+from coordinator import planner
+from coordinator.election import Leadership
+from mesh.errors import DecodeError, PeerError
+from mesh.identity import Identity, node_id_for_key
+from mesh.wire import MAX_GOSSIP_MESSAGE, Reader, open_envelope, seal
+
+PLAN = "plan"
+PLAN_VERSION = 1
+MAX_STAGES = 1024
+
+
+class PlanSignerMismatch(PeerError):
+    code = "PLAN_SIGNER_MISMATCH"
+    http_status = 401
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSummary:
+    """A selected peer as the coordinator saw it when planning."""
+
+    node_id: str
+    flops: float
+    memory_bytes: int
+    load: float = 0.0
+    latency_ms: float = 0.0
+    reliability: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    node_id: str
+    start: int  # layer indices, half-open [start, end)
+    end: int
+    memory_bytes: int
+    flops: float  # per token
+    time_s: float  # compute + hop, per token
+    fallback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    model_id: str
+    revision: str
+    term: int
+    epoch: int
+    coordinator: str
+    total_layers: int
+    assignments: tuple[Assignment, ...]
+    nodes: tuple[NodeSummary, ...]
+    bottleneck_s: float
+    communication_overhead_s: float = 0.0
+    request_id: str = ""
+    reason: str = ""  # initial | reassign | replan | term | improve | request
+    reassigned: tuple[str, ...] = ()
+    issued_at: float = 0.0  # the coordinator's wall clock; informational
+
+    @property
+    def latency_s(self) -> float:
+        return sum(a.time_s for a in self.assignments)
+
+    @property
+    def version(self) -> tuple[int, int]:
+        return (self.term, self.epoch)
+
+    def stages(self) -> tuple[tuple[str, int, int], ...]:
+        return tuple((a.node_id, a.start, a.end) for a in self.assignments)
+
+    def split(self, layers: Sequence[planner.Layer]) -> planner.Split:
+        """The plan as a planner Split over ``layers`` (positions, not indices)."""
+        pos = {layer.index: i for i, layer in enumerate(layers)}
+        stages = []
+        for a in self.assignments:
+            if a.start not in pos or (a.end - 1) not in pos:
+                raise PeerError(f"layer range [{a.start}, {a.end}) is outside the model's layers",
+                                code="INVALID_PLAN_INPUT")
+            stages.append(planner.Stage(a.node_id, pos[a.start], pos[a.end - 1] + 1, a.flops, a.memory_bytes,
+                                        a.time_s))
+        return planner.Split(tuple(stages), max((s.time_s for s in stages), default=0.0))
+
+    def view(self, tokens: int = 1) -> dict[str, Any]:
+        """The seeds' plan shape (what ``/api/plan`` and ``meshnode plan`` print)."""
+        splits = [{"layer_range": [a.start, a.end], "assigned_node": a.node_id,
+                   "memory_requirement_mb": round(a.memory_bytes / 2**20, 3), "compute_requirement": a.flops,
+                   "stage_time_s": a.time_s} for a in self.assignments]
+        return {
+            "request_id": self.request_id,
+            "model": self.model_id,
+            "revision": self.revision,
+            "term": self.term,
+            "epoch": self.epoch,
+            "coordinator": self.coordinator,
+            "reason": self.reason,
+            "reassigned_nodes": list(self.reassigned),
+            "issued_at": self.issued_at,
+            "selected_nodes": [{"node_id": n.node_id,
+                                "capabilities": {"flops": n.flops, "memory_bytes": n.memory_bytes},
+                                "current_load": n.load, "latency_ms": n.latency_ms, "reliability": n.reliability}
+                               for n in self.nodes],
+            "model_split_plan": {
+                "total_layers": self.total_layers,
+                "splits": splits,
+                "bottleneck_s": self.bottleneck_s,
+                "communication_overhead": self.communication_overhead_s,
+                "estimated_inference_time": self.latency_s,
+            },
+            # Pipelined decoding of one sequence is latency-bound: each token passes every stage in turn.
+            "estimated_total_time": self.latency_s * tokens,
+            "fallback_nodes": [{"layer_range": [a.start, a.end], "node_id": a.fallback} for a in self.assignments],
+        }
+
+
+def make_plan(layers: Sequence[planner.Layer], peers: Sequence[planner.Peer], split: planner.Split, *,
+              model: str = "", revision: str = "", term: int = 0, epoch: int = 0, coordinator: str = "",
+              request_id: str = "", reason: str = "", reassigned: Sequence[str] = (), issued_at: float = 0.0,
+              nodes: dict[str, NodeSummary] | None = None) -> Plan:
+    """A Plan from a planner Split: layer positions become layer indices, every range gets a fallback
+    (``planner.fallback_for``), ``nodes`` adds load/latency/reliability to the selected peers."""
+    by_id = {q.node_id: q for q in peers}
+    nodes = nodes or {}
+    assignments = tuple(
+        Assignment(s.node_id, layers[s.start].index, layers[s.end - 1].index + 1, s.bytes, s.flops, s.time_s,
+                   planner.fallback_for(s, split, peers))
+        for s in split.stages)
+    summaries = tuple(
+        nodes.get(s.node_id, NodeSummary(s.node_id, by_id[s.node_id].flops, by_id[s.node_id].memory_bytes,
+                                         latency_ms=by_id[s.node_id].link_s * 1000))
+        for s in split.stages)
+    return Plan(
+        model_id=model, revision=revision, term=term, epoch=epoch, coordinator=coordinator,
+        total_layers=len(layers), assignments=assignments, nodes=summaries, bottleneck_s=split.bottleneck_s,
+        communication_overhead_s=sum(by_id[s.node_id].link_s for s in split.stages[:-1]),
+        request_id=request_id, reason=reason, reassigned=tuple(reassigned), issued_at=issued_at,
+    )
+
+
+# ---- wire ----------------------------------------------------------------------------------------
+
+
+def encode_plan(p: Plan) -> bytes:
+    return cbor2.dumps({
+        "version": PLAN_VERSION, "model_id": p.model_id, "revision": p.revision, "term": p.term, "epoch": p.epoch,
+        "coordinator": p.coordinator, "total_layers": p.total_layers,
+        "assignments": [[a.node_id, a.start, a.end, a.memory_bytes, a.flops, a.time_s, a.fallback]
+                        for a in p.assignments],
+        "nodes": [[n.node_id, n.flops, n.memory_bytes, n.load, n.latency_ms, n.reliability] for n in p.nodes],
+        "bottleneck_s": p.bottleneck_s, "communication_overhead_s": p.communication_overhead_s,
+        "request_id": p.request_id, "reason": p.reason, "reassigned": list(p.reassigned),
+        "issued_at": p.issued_at,
+    })
+
+
+def seal_plan(p: Plan, identity: Identity) -> bytes:
+    if p.coordinator != identity.node_id:
+        raise ValueError("a plan is signed by the coordinator it names")
+    return seal(PLAN, encode_plan(p), identity)
+
+
+def open_plan(data: bytes) -> Plan:
+    """Verify and decode a signed plan: MESSAGE_TOO_LARGE, MALFORMED_MESSAGE, BAD_SIGNATURE,
+    UNKNOWN_MESSAGE_KIND, UNSUPPORTED_VERSION or PLAN_SIGNER_MISMATCH on any defect."""
+    env = open_envelope(data, limit=MAX_GOSSIP_MESSAGE)
+    if env.kind != PLAN:
+        raise DecodeError(f"expected a plan, got {env.kind!r}", code="UNKNOWN_MESSAGE_KIND")
+    plan = decode_plan(env.payload)
+    signer = node_id_for_key(env.public_key)
+    if signer != plan.coordinator:
+        raise PlanSignerMismatch(f"plan names coordinator {plan.coordinator} but is signed by {signer}")
+    return plan
+
+
+def _rows(r: Reader, key: str, width: int) -> list[list[Any]]:
+    v = r.raw(key)
+    if not isinstance(v, list) or len(v) > MAX_STAGES:
+        raise DecodeError(f"plan.{key}: expected an array of at most {MAX_STAGES} entries")
+    for i, row in enumerate(v):
+        if not isinstance(row, list) or len(row) != width:
+            raise DecodeError(f"plan.{key}[{i}]: expected an array of {width} fields")
+    return v
+
+
+def _typed(row: list[Any], kinds: str, where: str) -> list[Any]:
+    """Check each field: t text, i non-negative integer, f finite non-negative number, o optional text."""
+    out = []
+    for j, (v, k) in enumerate(zip(row, kinds, strict=True)):
+        ok = {"t": isinstance(v, str) and 0 < len(v) <= 256,
+              "o": v is None or (isinstance(v, str) and 0 < len(v) <= 256),
+              "i": isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63,
+              "f": isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < float("inf")}[k]
+        if not ok:
+            raise DecodeError(f"{where}[{j}]: bad value {v!r}")
+        out.append(float(v) if k == "f" else v)
+    return out
+
+
+def decode_plan(payload: bytes) -> Plan:
+    try:
+        raw = cbor2.loads(payload)
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise DecodeError(f"plan is not valid CBOR: {exc}") from None
+    r = Reader(raw, "plan")
+    version = r.integer("version")
+    if version != PLAN_VERSION:
+        raise DecodeError(f"plan version {version} is not supported", code="UNSUPPORTED_VERSION")
+    assignments = tuple(Assignment(*_typed(row, "tiiiffo", f"plan.assignments[{i}]"))
+                        for i, row in enumerate(_rows(r, "assignments", 7)))
+    nodes = tuple(NodeSummary(*_typed(row, "tfifff", f"plan.nodes[{i}]"))
+                  for i, row in enumerate(_rows(r, "nodes", 6)))
+    total = r.integer("total_layers")
+    if not assignments:
+        raise DecodeError("plan.assignments: a plan has at least one stage")
+    pos = 0
+    for i, a in enumerate(assignments):
+        if a.start != pos or a.end <= a.start:
+            raise DecodeError(f"plan.assignments[{i}]: ranges must be contiguous and non-empty from layer 0")
+        pos = a.end
+    if pos != total:
+        raise DecodeError(f"plan.assignments cover {pos} layers, the plan says {total}")
+    if len({a.node_id for a in assignments}) != len(assignments):
+        raise DecodeError("plan.assignments: a peer appears twice")
+    term, epoch = r.integer("term"), r.integer("epoch")
+    if term < 1 or epoch < 1:
+        raise DecodeError("plan.term and plan.epoch start at 1")
+    reassigned = tuple(_typed([x], "t", "plan.reassigned")[0] for x in _rows_flat(r, "reassigned"))
+    return Plan(
+        model_id=r.text("model_id"), revision=r.text("revision"), term=term, epoch=epoch,
+        coordinator=r.text("coordinator"), total_layers=total, assignments=assignments, nodes=nodes,
+        bottleneck_s=_typed([r.number("bottleneck_s")], "f", "plan.bottleneck_s")[0],
+        communication_overhead_s=_typed([r.number("communication_overhead_s", 0.0)], "f", "plan.overhead")[0],
+        request_id=r.text("request_id", ""), reason=r.text("reason", ""), reassigned=reassigned,
+        issued_at=r.number("issued_at", 0.0),
+    )
+
+
+def _rows_flat(r: Reader, key: str) -> list[Any]:
+    v = r.raw(key, [])
+    if not isinstance(v, list) or len(v) > MAX_STAGES:
+        raise DecodeError(f"plan.{key}: expected an array of at most {MAX_STAGES} entries")
+    return v
+
+
+# ---- what this peer believes ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    plan: Plan
+    envelope: bytes  # as signed by the coordinator, for republishing and for anyone to verify
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    accepted: bool
+    code: str  # ACCEPTED, NOT_COORDINATOR, STALE_TERM, STALE_EPOCH, DUPLICATE, PENDING
+    previous: Plan | None = None
+
+
+@dataclass
+class PlanBook:
+    current: dict[str, Held] = field(default_factory=dict)  # model id -> plan
+    pending: dict[str, Held] = field(default_factory=dict)  # plans of a term not followed yet
+    max_epoch: dict[str, int] = field(default_factory=dict)  # highest epoch seen per model, any term
+
+    def offer(self, held: Held, leadership: Leadership) -> Verdict:
+        """Take a verified plan (``open_plan``) if it comes from the coordinator this peer follows and is
+        newer than the one held for its model."""
+        plan = held.plan
+        self.max_epoch[plan.model_id] = max(self.max_epoch.get(plan.model_id, 0), plan.epoch)
+        if plan.term > leadership.term:
+            pend = self.pending.get(plan.model_id)
+            if pend is None or pend.plan.version < plan.version:
+                self.pending[plan.model_id] = held
+            return Verdict(False, "PENDING")
+        if plan.term < leadership.term:
+            return Verdict(False, "STALE_TERM")
+        if plan.coordinator != leadership.coordinator:
+            return Verdict(False, "NOT_COORDINATOR")
+        cur = self.current.get(plan.model_id)
+        if cur is not None and cur.plan.version >= plan.version:
+            return Verdict(False, "DUPLICATE" if cur.plan.version == plan.version else "STALE_EPOCH")
+        self.current[plan.model_id] = held
+        return Verdict(True, "ACCEPTED", None if cur is None else cur.plan)
+
+    def retry(self, leadership: Leadership) -> list[tuple[Plan, Verdict]]:
+        """Offer again the plans kept aside, now that the leadership changed."""
+        out = []
+        for model, held in list(self.pending.items()):
+            if held.plan.term <= leadership.term:
+                del self.pending[model]
+                out.append((held.plan, self.offer(held, leadership)))
+        return out
+
+    def next_epoch(self, model: str) -> int:
+        return self.max_epoch.get(model, 0) + 1

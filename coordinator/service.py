@@ -1,0 +1,324 @@
+"""The plans of a running peer: the trio driver around ``PlanBook`` (what it believes) and ``Controller``
+(what it decides when it coordinates).
+
+Tasks (children of the peer's nursery):
+    receive     - signed plans from the plans topic into the book; refusals logged with their code
+    coordinate  - while this peer is the coordinator: for each model it keeps a plan for, decide
+                  (initial plan, reassignment, re-issue under a new term, improvement on joins), sign,
+                  publish; republish the current plans every ``republish_interval`` for late joiners
+
+Planning runs in a worker thread (a 1,000-peer mesh takes tens of milliseconds), never on the event loop.
+The layers of a model come from its signed manifest: this peer's store, or else a peer that holds it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from coordinator import planner
+from coordinator.control import Controller, Decision, Worker, best_order
+from coordinator.planner import Layer
+from coordinator.plans import Held, NodeSummary, Plan, PlanBook, Verdict, make_plan, open_plan, seal_plan
+from mesh.errors import MeshError, NotFoundError, PeerError
+from mesh.logs import Throttle
+from mesh.transport import GossipMessage
+from mesh.wire import PLANS_TOPIC, NodeStatus
+from storage.manifest import Manifest
+
+if TYPE_CHECKING:
+    from mesh.node import Node
+
+log = logging.getLogger(__name__)
+
+
+class NotCoordinator(PeerError):
+    code = "NOT_COORDINATOR"
+    http_status = 409
+
+
+def planner_layers(manifest: Manifest, context_tokens: int) -> list[Layer]:
+    """The planner's view of a model: one layer per shard (embedding, blocks, norm, head) in pipeline
+    order; FLOPs per token at ``context_tokens`` of context; memory = weights + KV cache for that context."""
+    return [Layer(s.index, float(s.flops_base + s.flops_per_context * context_tokens),
+                  s.memory_bytes + s.kv_bytes_per_token * context_tokens) for s in manifest.shards]
+
+
+def _split_model(spec: str) -> tuple[str, str | None]:
+    model, _, revision = spec.partition("@")
+    return model, revision or None
+
+
+class PlanService:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        co = node.config.coordinator
+        self.book = PlanBook()
+        self.controller = Controller(threshold=co.reassign_threshold)
+        self.models: list[str] = list(dict.fromkeys(co.models))  # specs: "id" or "id@revision"
+        self.errors: dict[str, dict[str, Any]] = {}  # model -> the last planning error, cleared by a plan
+        self._layers: dict[tuple[str, str], list[Layer]] = {}  # (model, revision) -> layers
+        self._throttle = Throttle(every=10.0)
+        self._wake = trio.Event()
+
+    # ---- receiving ---------------------------------------------------------------------------------
+
+    def accept_gossip(self, msg: GossipMessage) -> bool:
+        """Topic validator: forged, malformed or oversize plans are neither delivered nor relayed."""
+        if msg.sender == self.node.node_id:
+            return True
+        try:
+            open_plan(msg.data)
+        except PeerError as err:
+            self.node._reject(err, msg.sender)
+            return False
+        return True
+
+    async def receive(self) -> None:
+        async with self.node.transport.subscribe(PLANS_TOPIC) as messages:
+            async for msg in messages:
+                if msg.sender == self.node.node_id:
+                    continue
+                try:
+                    plan = open_plan(msg.data)
+                except PeerError as err:
+                    self.node._reject(err, msg.sender)
+                    continue
+                self._judge(plan, self.book.offer(Held(plan, msg.data), self.node.core.leadership), msg.sender)
+
+    def _judge(self, plan: Plan, verdict: Verdict, sender: str) -> None:
+        where = {"model": plan.model_id, "term": plan.term, "epoch": plan.epoch, "coordinator": plan.coordinator,
+                 "node_id": self.node.node_id}
+        if verdict.accepted:
+            stages = ", ".join(f"{a.node_id[-6:]}[{a.start},{a.end})" for a in plan.assignments)
+            log.info("plan for %s: term %d epoch %d (%s) %s", plan.model_id, plan.term, plan.epoch,
+                     plan.reason or "-", stages, extra={"event": "plan_accepted", "reason": plan.reason, **where})
+        elif verdict.code in ("STALE_TERM", "NOT_COORDINATOR", "STALE_EPOCH"):
+            held = self._throttle.allow((sender, verdict.code), self.node.now())
+            if held is not None:
+                log.warning("ignored plan for %s from %s: %s (term %d epoch %d)", plan.model_id, sender,
+                            verdict.code, plan.term, plan.epoch,
+                            extra={"event": "plan_ignored", "code": verdict.code, "peer": sender, **where})
+
+    def on_leadership_changed(self) -> None:
+        for plan, verdict in self.book.retry(self.node.core.leadership):
+            self._judge(plan, verdict, plan.coordinator)
+        self._wake.set()
+
+    # ---- coordinating ------------------------------------------------------------------------------
+
+    def is_coordinator(self) -> bool:
+        core = self.node.core
+        return core.leadership.coordinator == self.node.node_id and core.status in (NodeStatus.READY,
+                                                                                    NodeStatus.DEGRADED)
+
+    async def coordinate(self) -> None:
+        co = self.node.config.coordinator
+        last_publish = -float("inf")
+        while True:
+            with trio.move_on_after(self.node.config.membership.heartbeat_interval / 4):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            if not self.is_coordinator():
+                continue
+            for spec in list(self.models):
+                await self._coordinate_model(spec)
+            if self.node.now() - last_publish >= co.republish_interval:
+                last_publish = self.node.now()
+                await self._republish()
+
+    async def _coordinate_model(self, spec: str) -> None:
+        model, revision = _split_model(spec)
+        term = self.node.core.leadership.term
+        try:
+            layers, revision = await self.layers(model, revision)
+            held = self.book.current.get(model)
+            current = held.plan if held is not None and held.plan.revision == revision else None
+            workers = self.workers(model, revision)
+            decision = await trio.to_thread.run_sync(self.controller.decide, model, layers, workers, current, term)
+        except MeshError as err:
+            self._error(model, err)
+            return
+        if decision is not None:
+            await self._issue(model, revision, layers, decision)
+
+    def _error(self, model: str, err: MeshError) -> None:
+        self.errors[model] = {**err.to_dict(), "at": time.time()}
+        if self._throttle.allow(("plan", model, err.code, str(err)), self.node.now()) is not None:
+            log.error("cannot plan %s: %s %s", model, err.code, err,
+                      extra={"event": "plan_failed", "code": err.code, "model": model, "node_id": self.node.node_id})
+
+    async def _issue(self, model: str, revision: str, layers: Sequence[Layer], d: Decision, *,
+                     request_id: str = "") -> Plan:
+        lead = self.node.core.leadership
+        if not self.is_coordinator():
+            raise NotCoordinator(f"this peer is not the coordinator (term {lead.term}: {lead.coordinator})")
+        plan = make_plan(layers, d.peers, d.split, model=model, revision=revision, term=lead.term,
+                         epoch=self.book.next_epoch(model), coordinator=self.node.node_id, request_id=request_id,
+                         reason=d.reason, reassigned=d.reassigned, issued_at=time.time(), nodes=self._summaries())
+        envelope = seal_plan(plan, self.node.identity)
+        verdict = self.book.offer(Held(plan, envelope), lead)
+        assert verdict.accepted, verdict
+        self.errors.pop(model, None)
+        self._judge(plan, verdict, self.node.node_id)
+        await self._publish(envelope)
+        return plan
+
+    async def _publish(self, envelope: bytes) -> None:
+        with trio.move_on_after(self.node.config.membership.heartbeat_interval):
+            await self.node.transport.publish(PLANS_TOPIC, envelope)
+
+    async def _republish(self) -> None:
+        term = self.node.core.leadership.term
+        for held in list(self.book.current.values()):
+            if held.plan.coordinator == self.node.node_id and held.plan.term == term:
+                await self._publish(held.envelope)
+
+    # ---- inputs ------------------------------------------------------------------------------------
+
+    async def layers(self, model: str, revision: str | None) -> tuple[list[Layer], str]:
+        """The planner layers of ``model`` (at ``revision``, or the version found) from its manifest: this
+        peer's store first, then any peer that advertises it. MODEL_NOT_AVAILABLE when nobody has it."""
+        if revision is not None and (model, revision) in self._layers:
+            return self._layers[(model, revision)], revision
+        node = self.node
+        try:
+            manifest = (await trio.to_thread.run_sync(node.store.manifest, model, revision))[0]
+        except MeshError:
+            manifest = None
+            for holder in node.holders(model, revision):
+                try:
+                    manifest = (await node.fetcher.fetch_manifest(holder, model, revision))[0]
+                    break
+                except MeshError as err:
+                    log.info("manifest of %s from %s: %s %s", model, holder, err.code, err,
+                             extra={"event": "manifest_failed", "code": err.code, "peer": holder})
+            if manifest is None:
+                raise NotFoundError(f"no peer holds {model}{'@' + revision if revision else ''} (nothing to plan)",
+                                    code="MODEL_NOT_AVAILABLE") from None
+        layers = planner_layers(manifest, node.config.coordinator.context_tokens)
+        self._layers[(model, manifest.revision)] = layers
+        return layers, manifest.revision
+
+    def workers(self, model: str, revision: str) -> list[Worker]:
+        entry = f"{model}@{revision}"
+        hop = self.node.config.coordinator.hop_ms / 1000
+        gpu_only = self.node.config.membership.require_gpu
+        return [Worker(m.node_id, m.info.compute_flops, m.info.layer_memory_bytes, m.status,
+                       m.info.accept_public_jobs and not (gpu_only and not m.info.hardware.gpus),
+                       entry in m.info.installed_models, hop)
+                for m in self.node.core.membership.members()]
+
+    def _summaries(self) -> dict[str, NodeSummary]:
+        hop_ms = self.node.config.coordinator.hop_ms
+        out = {}
+        for m in self.node.core.membership.members():
+            a = m.arrivals
+            reliability = a.count / (a.count + a.missed) if a.count else 1.0
+            out[m.node_id] = NodeSummary(m.node_id, m.info.compute_flops, m.info.layer_memory_bytes,
+                                         m.info.hardware.load, hop_ms, round(reliability, 4))
+        return out
+
+    # ---- API ---------------------------------------------------------------------------------------
+
+    def view(self, model: str | None = None) -> dict[str, Any]:
+        lead = self.node.core.leadership
+        plans = {m: h for m, h in self.book.current.items() if model is None or m == model}
+        if model is not None and not plans and model not in self.errors:
+            raise NotFoundError(f"no plan for {model!r} on this peer", code="NO_PLAN")
+        return {
+            "coordinator": lead.coordinator, "term": lead.term, "self": self.node.node_id,
+            "models": self.models,
+            "plans": [h.plan.view() | {"envelope": h.envelope.hex()} for h in plans.values()],
+            "errors": {m: e for m, e in self.errors.items() if model is None or m == model},
+        }
+
+    async def request_plan(self, spec: str) -> dict[str, Any]:
+        """Keep a plan for ``spec`` from now on and plan it at once (coordinator only)."""
+        if not self.is_coordinator():
+            lead = self.node.core.leadership
+            raise NotCoordinator(f"ask the coordinator: {lead.coordinator} (term {lead.term})")
+        if spec not in self.models:
+            self.models.append(spec)
+        await self._coordinate_model(spec)
+        model, _ = _split_model(spec)
+        if model in self.errors:
+            err = self.errors[model]
+            raise MeshError(err["message"], code=err["code"])
+        return self.view(model)
+
+    async def reassign_request(self, failed: Sequence[str], current_splits: Any, request_id: str,
+                               model: str | None) -> dict[str, Any]:
+        """``POST /api/reassign-node``: cover the ranges of ``failed`` in ``current_splits`` (the seeds'
+        shape: ``[{"layer_range": [s, e), "assigned_node": id}, ...]``), keeping every other range. When this
+        peer coordinates and the splits are its current plan's, the result is published as the next epoch."""
+        if model is None:
+            if len(self.book.current) != 1:
+                raise PeerError("\"model\" is required when the mesh has no single current plan",
+                                code="MISSING_PARAMETER")
+            model = next(iter(self.book.current))
+        held = self.book.current.get(model)
+        revision = held.plan.revision if held is not None else None
+        layers, revision = await self.layers(model, revision)
+        stages = parse_splits(current_splits, layers)
+        gone = set(failed)
+        workers = self.workers(model, revision)
+        by_id = {w.node_id: w.peer(layers) for w in workers}
+        unknown = [n for n, _, _ in stages if n not in by_id and n not in gone]
+        if unknown:
+            raise PeerError(f"unknown peers in current_splits: {', '.join(unknown)}", code="UNKNOWN_NODE")
+        # A failed peer the table no longer knows is costed like the average peer of the plan.
+        known = [by_id[n].flops for n, _, _ in stages if n in by_id] or [1.0]
+        hop = self.node.config.coordinator.hop_ms / 1000
+        for n, _, _ in stages:
+            by_id.setdefault(n, planner.Peer(n, sum(known) / len(known), 0, hop))
+        current = planner.split_of(layers, [(by_id[n], s, e) for n, s, e in stages])
+        in_plan = {n for n, _, _ in stages}
+        order = best_order(layers, [by_id[w.node_id] for w in workers if w.node_id not in gone
+                                    and (w.usable or (w.node_id in in_plan and w.alive))])
+        r = await trio.to_thread.run_sync(functools.partial(
+            planner.reassign, layers, order, current, gone, threshold=self.controller.threshold))
+        decision = Decision(r.split, tuple(order), "replan" if r.replanned else "request", r.reassigned)
+        published = None
+        if held is not None and self.is_coordinator() and held.plan.stages() == tuple(
+                (n, layers[s].index, layers[e - 1].index + 1) for n, s, e in stages):
+            published = await self._issue(model, revision, layers, decision, request_id=request_id)
+        plan = published or make_plan(layers, order, r.split, model=model, revision=revision,
+                                      request_id=request_id, reason=decision.reason, reassigned=r.reassigned,
+                                      nodes=self._summaries())
+        view = plan.view()
+        return {"request_id": request_id, "model": model, "new_splits": view["model_split_plan"]["splits"],
+                "reassigned_nodes": list(r.reassigned), "replanned": r.replanned,
+                "fallback_nodes": view["fallback_nodes"], "published": published is not None,
+                "term": plan.term, "epoch": plan.epoch}
+
+
+def parse_splits(raw: Any, layers: Sequence[Layer]) -> list[tuple[str, int, int]]:
+    """The seeds' splits → ``(node, start position, end position)``, contiguous over every layer."""
+    if not isinstance(raw, list) or not raw:
+        raise PeerError("current_splits: expected a non-empty list", code="INVALID_PLAN_INPUT")
+    pos = {layer.index: i for i, layer in enumerate(layers)}
+    out, at = [], 0
+    for i, row in enumerate(raw):
+        node = row.get("assigned_node") if isinstance(row, dict) else None
+        rng = row.get("layer_range") if isinstance(row, dict) else None
+        if not isinstance(node, str) or not node or not (isinstance(rng, list) and len(rng) == 2
+                                                         and all(type(x) is int for x in rng)):
+            raise PeerError(f"current_splits[{i}]: need assigned_node and layer_range [start, end)",
+                            code="INVALID_PLAN_INPUT")
+        start, end = rng
+        if start not in pos or (end - 1) not in pos or end <= start or pos[start] != at:
+            raise PeerError(f"current_splits[{i}]: layer_range {rng} does not continue the ranges before it",
+                            code="INVALID_PLAN_INPUT")
+        at = pos[end - 1] + 1
+        out.append((node, pos[start], at))
+    if at != len(layers):
+        raise PeerError(f"current_splits cover {at} of {len(layers)} layers", code="INVALID_PLAN_INPUT")
+    if len({n for n, _, _ in out}) != len(out):
+        raise PeerError("current_splits: a peer appears twice", code="INVALID_PLAN_INPUT")
+    return out
