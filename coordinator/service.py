@@ -126,13 +126,20 @@ class PlanService:
             self._wake = trio.Event()
             if not self.is_coordinator():
                 continue
-            for spec in list(self.models):
+            for spec in self.specs():
                 await self._coordinate_model(spec)
             if self.node.now() - last_publish >= co.republish_interval:
                 last_publish = self.node.now()
                 await self._republish()
 
-    async def _coordinate_model(self, spec: str) -> None:
+    def specs(self) -> list[str]:
+        """What to keep a plan for: the configured or requested models, and every model the mesh has a
+        plan for (a new coordinator takes over its predecessor's plans)."""
+        models = {_split_model(spec)[0] for spec in self.models}
+        inherited = [f"{m}@{h.plan.revision}" for m, h in self.book.current.items() if m not in models]
+        return [*self.models, *inherited]
+
+    async def _coordinate_model(self, spec: str, *, strict: bool = False) -> None:
         model, revision = _split_model(spec)
         term = self.node.core.leadership.term
         try:
@@ -143,6 +150,8 @@ class PlanService:
             decision = await trio.to_thread.run_sync(self.controller.decide, model, layers, workers, current, term)
         except MeshError as err:
             self._error(model, err)
+            if strict:
+                raise
             return
         if decision is not None:
             await self._issue(model, revision, layers, decision)
@@ -243,13 +252,14 @@ class PlanService:
         if not self.is_coordinator():
             lead = self.node.core.leadership
             raise NotCoordinator(f"ask the coordinator: {lead.coordinator} (term {lead.term})")
+        model, _ = _split_model(spec)
+        try:
+            await self._coordinate_model(spec, strict=True)
+        except MeshError:
+            self.errors.pop(model, None)  # not kept: a mistyped id must not be retried forever
+            raise
         if spec not in self.models:
             self.models.append(spec)
-        await self._coordinate_model(spec)
-        model, _ = _split_model(spec)
-        if model in self.errors:
-            err = self.errors[model]
-            raise MeshError(err["message"], code=err["code"])
         return self.view(model)
 
     async def reassign_request(self, failed: Sequence[str], current_splits: Any, request_id: str,

@@ -132,7 +132,7 @@ def test_a_plan_that_outruns_its_coordinators_claim_is_kept_until_the_claim_arri
     assert book.offer(early, lead1).code == "PENDING"
     assert book.current["m"].plan.term == 1
     assert book.retry(lead1) == []
-    ((plan, verdict),) = book.retry(Leadership(2, NodeId(new.node_id)))
+    ((_, verdict),) = book.retry(Leadership(2, NodeId(new.node_id)))
     assert verdict.accepted and book.current["m"] == early and not book.pending
 
 
