@@ -4,7 +4,10 @@ and memory-proportional splitting (as exo does), on random heterogeneous meshes.
     .venv/bin/python bench/planner.py [--meshes 50] [--seed 1]
 
 Peers mix laptops, desktops and GPU boxes (1–50 GFLOP/s measured, 1–16 GiB offered, 0–10 ms links);
-layers are Llama-like (uneven FLOPs, 50–150 MiB each). Times are the median of 5 plans.
+layers are Llama-like (uneven FLOPs, 50–150 MiB each). Times are the median of 5 plans. "coordinator"
+is ``coordinator.control.best_split``: the exact plan over 4 pipeline orders (as given, fastest first,
+most memory first, holders first), what a running coordinator computes; its gain is the bottleneck of
+the given order over the searched one.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import random
 import statistics
 import time
 
+from coordinator.control import best_split
 from coordinator.planner import Layer, Peer, PlanInfeasible, greedy_by_compute, plan_split, split_by_memory
 
 
@@ -30,18 +34,23 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    print("| peers | layers | plan ms (median) | stages | greedy / optimal bottleneck (mean, max) "
-          "| memory-prop. / optimal (mean, max) | infeasible for baselines |")
-    print("| ---: | ---: | ---: | ---: | --- | --- | ---: |")
+    print("| peers | layers | plan ms (median) | coordinator ms (4 orders) | order search gain (mean, max) "
+          "| stages | greedy / optimal bottleneck (mean, max) | memory-prop. / optimal (mean, max) "
+          "| infeasible for baselines |")
+    print("| ---: | ---: | ---: | ---: | --- | ---: | --- | --- | ---: |")
     for peers in (10, 100, 1000):
         for layers in (32, 128):
-            times, stages, greedy, memory, failed = [], [], [], [], 0
+            times, coord_times, gain, stages, greedy, memory, failed = [], [], [], [], [], [], 0
             for k in range(args.meshes):
                 ls, ps = mesh(rng, peers, layers)
                 if k < 5:
                     start = time.perf_counter()
                     best = plan_split(ls, ps)
                     times.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    searched = best_split(ls, ps)
+                    coord_times.append(time.perf_counter() - start)
+                    gain.append(best.bottleneck_s / searched.bottleneck_s)
                 else:
                     best = plan_split(ls, ps)
                 stages.append(len(best.stages))
@@ -54,7 +63,8 @@ def main() -> None:
             def fmt(xs: list[float]) -> str:
                 return f"{statistics.mean(xs):.2f}, {max(xs):.2f}" if xs else "-"
 
-            print(f"| {peers} | {layers} | {statistics.median(times) * 1000:.1f} | {statistics.median(stages):.0f} "
+            print(f"| {peers} | {layers} | {statistics.median(times) * 1000:.1f} "
+                  f"| {statistics.median(coord_times) * 1000:.1f} | {fmt(gain)} | {statistics.median(stages):.0f} "
                   f"| {fmt(greedy)} | {fmt(memory)} | {failed} |")
 
 

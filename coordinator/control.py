@@ -13,7 +13,8 @@ next epoch, and why) or None:
   the threshold ("improve"), so joins do not reshuffle the mesh for nothing.
 
 Pipeline order. ``planner.plan_split`` is exact for a given order of peers; the controller tries a few
-orders (fastest first, most memory first, holders of the model first, slowest first) and keeps the best.
+orders (as given, fastest first, most memory first, holders of the model first) and keeps the best, so
+it is never worse than the given order.
 """
 
 from __future__ import annotations
@@ -64,10 +65,10 @@ class Decision:
 
 def _orders(peers: Sequence[Peer]) -> list[list[Peer]]:
     orders = [
+        list(peers),
         sorted(peers, key=lambda q: (-q.flops, q.node_id)),
         sorted(peers, key=lambda q: (-q.memory_bytes, -q.flops, q.node_id)),
         sorted(peers, key=lambda q: (not q.holds, -q.flops, q.node_id)),
-        sorted(peers, key=lambda q: (q.flops, q.node_id)),
     ]
     unique: list[list[Peer]] = []
     for o in orders:
