@@ -14,7 +14,8 @@ this peer believes:
   that term, so a plan that outruns its coordinator's claim is not lost.
 
 Epochs only grow per model, across terms as well: a new coordinator continues from the highest epoch
-it has seen.
+it has accepted. What the book keeps is bounded by the models the mesh plans (current) and
+``MAX_PENDING``; plans it ignores leave no trace.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from mesh.wire import MAX_GOSSIP_MESSAGE, Reader, open_envelope, seal
 PLAN = "plan"
 PLAN_VERSION = 1
 MAX_STAGES = 1024
+MAX_PENDING = 64  # plans of a future term kept aside, one per model
 
 
 class PlanSignerMismatch(PeerError):
@@ -285,16 +287,18 @@ class Verdict:
 class PlanBook:
     current: dict[str, Held] = field(default_factory=dict)  # model id -> plan
     pending: dict[str, Held] = field(default_factory=dict)  # plans of a term not followed yet
-    max_epoch: dict[str, int] = field(default_factory=dict)  # highest epoch seen per model, any term
+    max_epoch: dict[str, int] = field(default_factory=dict)  # highest epoch accepted per model, any term
 
     def offer(self, held: Held, leadership: Leadership) -> Verdict:
         """Take a verified plan (``open_plan``) if it comes from the coordinator this peer follows and is
         newer than the one held for its model."""
         plan = held.plan
-        self.max_epoch[plan.model_id] = max(self.max_epoch.get(plan.model_id, 0), plan.epoch)
         if plan.term > leadership.term:
             pend = self.pending.get(plan.model_id)
             if pend is None or pend.plan.version < plan.version:
+                self.pending.pop(plan.model_id, None)
+                if len(self.pending) >= MAX_PENDING:  # bounded: unknown model ids cannot fill memory
+                    del self.pending[next(iter(self.pending))]
                 self.pending[plan.model_id] = held
             return Verdict(False, "PENDING")
         if plan.term < leadership.term:
@@ -305,6 +309,7 @@ class PlanBook:
         if cur is not None and cur.plan.version >= plan.version:
             return Verdict(False, "DUPLICATE" if cur.plan.version == plan.version else "STALE_EPOCH")
         self.current[plan.model_id] = held
+        self.max_epoch[plan.model_id] = max(self.max_epoch.get(plan.model_id, 0), plan.epoch)
         return Verdict(True, "ACCEPTED", None if cur is None else cur.plan)
 
     def retry(self, leadership: Leadership) -> list[tuple[Plan, Verdict]]:

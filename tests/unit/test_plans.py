@@ -16,6 +16,7 @@ from coordinator.control import Controller, Worker, best_split
 from coordinator.election import Leadership
 from coordinator.planner import Layer, PlanInfeasible, plan_split
 from coordinator.plans import (
+    MAX_PENDING,
     PLAN,
     Held,
     Plan,
@@ -116,8 +117,8 @@ def test_only_the_current_terms_coordinator_and_newer_epochs_count() -> None:
     # Term 2 is claimed by `new`: the old coordinator's plans are stale from now on.
     lead2 = Leadership(2, NodeId(new.node_id))
     assert book.offer(held(plan_of(old, term=1, epoch=9), old), lead2).code == "STALE_TERM"
-    assert book.next_epoch("m") == 10  # epochs only grow, across terms (the stale one was seen)
-    assert book.offer(held(plan_of(new, term=2, epoch=10), new), lead2).accepted
+    assert book.next_epoch("m") == 3  # epochs continue across terms from the last accepted plan
+    assert book.offer(held(plan_of(new, term=2, epoch=3), new), lead2).accepted
     assert book.current["m"].plan.coordinator == new.node_id
     # Another model's plan is independent.
     assert book.offer(held(plan_of(new, term=2, epoch=1, model="other"), new), lead2).accepted
@@ -134,6 +135,10 @@ def test_a_plan_that_outruns_its_coordinators_claim_is_kept_until_the_claim_arri
     assert book.retry(lead1) == []
     ((_, verdict),) = book.retry(Leadership(2, NodeId(new.node_id)))
     assert verdict.accepted and book.current["m"] == early and not book.pending
+    # A flood of future-term plans for made-up models stays bounded.
+    for i in range(500):
+        book.offer(held(plan_of(new, term=9, epoch=1, model=f"junk{i}"), new), Leadership(2, NodeId(new.node_id)))
+    assert len(book.pending) == MAX_PENDING and set(book.current) == {"m"} and set(book.max_epoch) == {"m"}
 
 
 # ---- the controller ------------------------------------------------------------------------------
