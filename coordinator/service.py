@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: How long an unpinned model id ("tiny", not "tiny@rev") keeps the revision it resolved to before a plan exists.
+RESOLVE_TTL = 30.0
+
+
 class NotCoordinator(PeerError):
     code = "NOT_COORDINATOR"
     http_status = 409
@@ -65,6 +69,8 @@ class PlanService:
         self._layers: dict[tuple[str, str], list[Layer]] = {}  # (model, revision) -> layers
         self._throttle = Throttle(every=10.0)
         self._wake = trio.Event()
+        self._lock = trio.Lock()
+        self._latest: dict[str, tuple[str, float]] = {}  # unpinned model -> (revision found, when)
 
     # ---- receiving ---------------------------------------------------------------------------------
 
@@ -141,20 +147,29 @@ class PlanService:
 
     async def _coordinate_model(self, spec: str, *, strict: bool = False) -> None:
         model, revision = _split_model(spec)
-        term = self.node.core.leadership.term
-        try:
-            layers, revision = await self.layers(model, revision)
-            held = self.book.current.get(model)
-            current = held.plan if held is not None and held.plan.revision == revision else None
-            workers = self.workers(model, revision)
-            decision = await trio.to_thread.run_sync(self.controller.decide, model, layers, workers, current, term)
-        except MeshError as err:
-            self._error(model, err)
-            if strict:
-                raise
-            return
-        if decision is not None:
-            await self._issue(model, revision, layers, decision)
+        async with self._lock:  # the loop and API requests: one decision at a time, one epoch each
+            try:
+                held = self.book.current.get(model)
+                # An unpinned model stays at the revision of its plan; without a plan, at the one found.
+                revision = revision or (held.plan.revision if held is not None else self._resolved(model))
+                layers, revision = await self.layers(model, revision)
+                self._latest[model] = (revision, self.node.now())
+                current = held.plan if held is not None and held.plan.revision == revision else None
+                workers = self.workers(model, revision)
+                term = self.node.core.leadership.term
+                decision = await trio.to_thread.run_sync(self.controller.decide, model, layers, workers, current,
+                                                         term)
+                if decision is not None:
+                    await self._issue(model, revision, layers, decision)
+            except MeshError as err:
+                self._error(model, err)
+                if strict:
+                    raise
+
+    def _resolved(self, model: str) -> str | None:
+        """The revision an unpinned model resolved to in the last 30 s (no manifest fetch per tick)."""
+        found = self._latest.get(model)
+        return found[0] if found is not None and self.node.now() - found[1] < RESOLVE_TTL else None
 
     def _error(self, model: str, err: MeshError) -> None:
         self.errors[model] = {**err.to_dict(), "at": time.time()}
@@ -295,9 +310,11 @@ class PlanService:
             planner.reassign, layers, order, current, gone, threshold=self.controller.threshold))
         decision = Decision(r.split, tuple(order), "replan" if r.replanned else "request", r.reassigned)
         published = None
-        if held is not None and self.is_coordinator() and held.plan.stages() == tuple(
-                (n, layers[s].index, layers[e - 1].index + 1) for n, s, e in stages):
-            published = await self._issue(model, revision, layers, decision, request_id=request_id)
+        asked = tuple((n, layers[s].index, layers[e - 1].index + 1) for n, s, e in stages)
+        if held is not None and self.is_coordinator():
+            async with self._lock:  # still the current plan once the loop lets go?
+                if self.book.current.get(model) is held and held.plan.stages() == asked:
+                    published = await self._issue(model, revision, layers, decision, request_id=request_id)
         plan = published or make_plan(layers, order, r.split, model=model, revision=revision,
                                       request_id=request_id, reason=decision.reason, reassigned=r.reassigned,
                                       nodes=self._summaries())

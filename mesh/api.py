@@ -67,6 +67,15 @@ def build_app(node: Node) -> Starlette:
     async def coordinator(request: Request) -> JSONResponse:
         return JSONResponse(node.coordinator())
 
+    async def json_body(request: Request, usage: str) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise PeerError(f"the body must be JSON: {usage}", code="BAD_REQUEST") from None
+        if not isinstance(body, dict):
+            raise PeerError(f"the body must be a JSON object: {usage}", code="BAD_REQUEST")
+        return body
+
     # ---- models ---------------------------------------------------------------------------------
 
     async def models(request: Request) -> JSONResponse:
@@ -83,12 +92,8 @@ def build_app(node: Node) -> Starlette:
         return JSONResponse({"ranking": node.store.ranking()})
 
     async def start_transfer(request: Request) -> JSONResponse:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise PeerError("the body must be JSON: {\"model\": ..., \"revision\": ..., \"source\": ...}",
-                            code="BAD_REQUEST") from None
-        if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body["model"]:
+        body = await json_body(request, '{"model": ..., "revision": ..., "source": ...}')
+        if not isinstance(body.get("model"), str) or not body["model"]:
             raise PeerError("\"model\" (a model id) is required", code="MISSING_PARAMETER")
         for key in ("revision", "source"):
             if body.get(key) is not None and not isinstance(body[key], str):
@@ -118,15 +123,6 @@ def build_app(node: Node) -> Starlette:
         return FileResponse(path, filename=name)
 
     # ---- plans ----------------------------------------------------------------------------------
-
-    async def json_body(request: Request, usage: str) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise PeerError(f"the body must be JSON: {usage}", code="BAD_REQUEST") from None
-        if not isinstance(body, dict):
-            raise PeerError(f"the body must be a JSON object: {usage}", code="BAD_REQUEST")
-        return body
 
     async def plan(request: Request) -> JSONResponse:
         return JSONResponse(node.plans.view(request.query_params.get("model")))

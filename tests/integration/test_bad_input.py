@@ -69,8 +69,8 @@ async def test_garbage_oversize_unsigned_and_forged_gossip(tmp_path: Path) -> No
         await trio.to_thread.run_sync(mesh.close)
 
 
-def _http(api: str, path: str, method: str = "GET") -> tuple[int, dict]:
-    req = urllib.request.Request(api + path, method=method, data=b"{" if method == "POST" else None)
+def _http(api: str, path: str, method: str = "GET", data: bytes = b"{") -> tuple[int, dict]:
+    req = urllib.request.Request(api + path, method=method, data=data if method == "POST" else None)
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
             return resp.status, json.loads(resp.read())
@@ -96,6 +96,19 @@ def test_garbage_to_the_http_api(tmp_path: Path) -> None:
         assert status == 404 and body["error"]["code"] == "UNKNOWN_NODE"
         status, body = _http(a.api, "/api/nodes", method="POST")
         assert status == 405 and body["error"]["code"] == "METHOD_NOT_ALLOWED"
+        # JSON bodies that are not JSON, not objects, or lack what the endpoint needs.
+        for path, data, code in [
+            ("/api/plan", b"{", "BAD_REQUEST"), ("/api/plan", b"[1]", "BAD_REQUEST"),
+            ("/api/plan", b"{}", "MISSING_PARAMETER"), ("/api/transfers", b"\"x\"", "BAD_REQUEST"),
+            ("/api/reassign-node", b'{"failed_nodes": "a"}', "MISSING_PARAMETER"),
+            ("/api/reassign-node", b'{"failed_nodes": ["a"], "current_splits": 5, "model": "m"}',
+             "MODEL_NOT_AVAILABLE"),
+            ("/api/reassign-node", b'{"failed_nodes": ["a"], "request_id": 7}', "INVALID_PARAMETER"),
+        ]:
+            status, body = _http(a.api, path, method="POST", data=data)
+            assert status in (400, 404, 409) and body["error"]["code"] == code, (path, data, body)
+        status, body = _http(a.api, "/api/plan?model=nope")
+        assert status == 404 and body["error"]["code"] == "NO_PLAN"
         status, body = _http(a.api, "/api/health")
         assert status == 200 and body["status"] == "ok"
         codes = {r.get("code") for r in a.log_records() if r.get("event") == "api_error"}
