@@ -27,6 +27,10 @@ from coordinator.planner import Layer, Peer, PlanInfeasible, Split
 from coordinator.plans import Plan
 from mesh.wire import NodeStatus
 
+#: A peer measuring less than this (FLOP/s; real peers measure 1e9 and up) gets no layers: a near-zero
+#: score, honest or not, would make its stage time infinite.
+MIN_WORKER_FLOPS = 1e6
+
 
 @dataclass(frozen=True, slots=True)
 class Worker:
@@ -43,7 +47,8 @@ class Worker:
     @property
     def usable(self) -> bool:
         """May be given new work."""
-        return self.status == NodeStatus.READY and self.accepts_jobs and self.flops > 0 and self.memory_bytes > 0
+        return (self.status == NodeStatus.READY and self.accepts_jobs and self.flops >= MIN_WORKER_FLOPS
+                and self.memory_bytes > 0)
 
     @property
     def alive(self) -> bool:
@@ -135,12 +140,9 @@ class Controller:
         if lost:
             # Survivors keep their ranges even if degraded; new work goes only to usable peers.
             in_plan = {a.node_id for a in current.assignments}
-            peers = {q.node_id: q for q in usable}
-            for node in in_plan:
-                if node in alive and node not in peers:
-                    peers[node] = alive[node].peer(layers)
-            order = best_order(layers, list(peers.values()))
-            r = planner.reassign(layers, order, current.split(layers), lost, threshold=self.threshold)
+            fixed = {node for node in in_plan if node in alive and node not in usable_ids}
+            order = best_order(layers, usable) + [alive[node].peer(layers) for node in sorted(fixed)]
+            r = planner.reassign(layers, order, current.split(layers), lost, threshold=self.threshold, fixed=fixed)
             self._considered[model] = usable_ids
             return Decision(r.split, tuple(order), "replan" if r.replanned else "reassign", r.reassigned)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -149,7 +150,7 @@ def plan_split(layers: Sequence[Layer], peers: Sequence[Peer]) -> Split:
     check_fits(layers, peers)
     n, p = len(layers), _Prefix.of(layers)
     # Bounds: one peer doing everything is an upper bound when it fits; otherwise grow until feasible.
-    hi = max(stage_time(p.flops[n], q) for q in peers if q.flops > 0)
+    hi = max(max(stage_time(p.flops[n], q) for q in peers if q.flops > 0), 1e-12)
     while _greedy(p, n, peers, hi) is None:
         hi *= 2
         if hi > 1e18:
@@ -166,6 +167,8 @@ def plan_split(layers: Sequence[Layer], peers: Sequence[Peer]) -> Split:
     parts = _greedy(p, n, peers, hi)
     assert parts is not None
     best = _stages(layers, p, peers, parts)
+    if not math.isfinite(best.bottleneck_s):
+        raise PlanInfeasible("the only plans that fit have an infinite stage time (a peer with ~0 FLOP/s)")
     # Snap: the greedy plan at its own exact bottleneck (a real stage time, not a bisection bound).
     parts = _greedy(p, n, peers, best.bottleneck_s)
     if parts is not None:
@@ -333,13 +336,14 @@ class Reassignment:
 
 
 def reassign(layers: Sequence[Layer], peers: Sequence[Peer], current: Split, failed: Iterable[str], *,
-             threshold: float = 0.25) -> Reassignment:
+             threshold: float = 0.25, fixed: Iterable[str] = ()) -> Reassignment:
     """Cover the ranges of ``failed`` peers, keeping every surviving assignment: each lost range goes to
     the best of a free peer (one not in the plan) or a neighbouring stage's peer extending its range
     when it has the memory. A full replan over ``peers`` (alive, in pipeline order) happens only when
     no patch exists or the patched bottleneck exceeds the current one by more than ``threshold``;
-    PlanInfeasible when nothing fits."""
-    gone = set(failed)
+    PlanInfeasible when nothing fits. ``fixed`` peers keep their ranges but take no more work (not
+    extended, not in a full replan): survivors that are degraded or no longer accept jobs."""
+    gone, keep_only = set(failed), set(fixed)
     alive = {q.node_id: q for q in peers if q.node_id not in gone}
     p = _Prefix.of(layers)
     stages = list(current.stages)
@@ -358,9 +362,10 @@ def reassign(layers: Sequence[Layer], peers: Sequence[Peer], current: Split, fai
         flops, size = p.flops[e] - p.flops[s], p.bytes[e] - p.bytes[s]
         options: list[tuple[float, str, str]] = [  # (stage time after, how, node)
             (stage_time(flops, q), "free", q.node_id) for q in alive.values()
-            if q.node_id not in in_plan and q.flops > 0 and q.memory_bytes >= size]
+            if q.node_id not in in_plan and q.node_id not in keep_only and q.flops > 0
+            and q.memory_bytes >= size]
         for j, how in ((i - 1, "before"), (i + 1, "after")):
-            if 0 <= j < len(parts) and parts[j][0] in alive:
+            if 0 <= j < len(parts) and parts[j][0] in alive and parts[j][0] not in keep_only:
                 q, (_, js, je) = alive[parts[j][0]], parts[j]
                 if p.bytes[je] - p.bytes[js] + size <= q.memory_bytes:
                     options.append((stage_time(p.flops[je] - p.flops[js] + flops, q), how, q.node_id))
@@ -378,15 +383,20 @@ def reassign(layers: Sequence[Layer], peers: Sequence[Peer], current: Split, fai
         else:
             parts[i + 1] = (parts[i + 1][0], s, parts[i + 1][2])
             del parts[i]
-    by_id = {q.node_id: q for q in peers}
     split = None
     if patched:
-        split = _stages(layers, p, [by_id[x[0]] for x in parts], [(k, x[1], x[2]) for k, x in enumerate(parts)])
+        split = _stages(layers, p, [alive[x[0]] for x in parts], [(k, x[1], x[2]) for k, x in enumerate(parts)])
         if split.bottleneck_s <= current.bottleneck_s * (1 + threshold):
             return Reassignment(split, tuple(dict.fromkeys(reassigned)), False)
-    fresh = plan_split(layers, list(alive.values()))
-    if split is not None and split.bottleneck_s <= fresh.bottleneck_s:
+    try:
+        fresh = plan_split(layers, [q for q in alive.values() if q.node_id not in keep_only])
+    except PlanInfeasible:
+        if split is None:
+            raise
+        fresh = None
+    if split is not None and (fresh is None or split.bottleneck_s <= fresh.bottleneck_s):
         return Reassignment(split, tuple(dict.fromkeys(reassigned)), False)
+    assert fresh is not None
     kept = {(s.node_id, s.start, s.end) for s in current.stages}
     moved = tuple(s.node_id for s in fresh.stages if (s.node_id, s.start, s.end) not in kept)
     return Reassignment(fresh, moved, True)

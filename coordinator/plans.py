@@ -10,8 +10,9 @@ this peer believes:
 - per model, a plan replaces the current one only with a higher ``(term, epoch)``; anything else is stale
   (``STALE_EPOCH``) or the same plan published again (``DUPLICATE``; coordinators republish so late
   joiners learn the plan);
-- a plan of a term this peer has not seen claimed yet is kept aside and offered again once it follows
-  that term, so a plan that outruns its coordinator's claim is not lost.
+- a plan of a term this peer has not seen claimed yet (or of its term while it follows nobody) is kept
+  aside, per model and claimant, and offered again once it follows that term: a plan that outruns its
+  coordinator's claim is not lost, and a rogue's far-future plan cannot push it out.
 
 Epochs only grow per model, across terms as well: a new coordinator continues from the highest epoch
 it has accepted. What the book keeps is bounded by the models the mesh plans (current) and
@@ -20,6 +21,7 @@ it has accepted. What the book keeps is bounded by the models the mesh plans (cu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +37,7 @@ from mesh.wire import MAX_GOSSIP_MESSAGE, Reader, open_envelope, seal
 PLAN = "plan"
 PLAN_VERSION = 1
 MAX_STAGES = 1024
-MAX_PENDING = 64  # plans of a future term kept aside, one per model
+MAX_PENDING = 64  # plans of a future term kept aside, one per (model, claimant)
 
 
 class PlanSignerMismatch(PeerError):
@@ -211,13 +213,15 @@ def _typed(row: list[Any], kinds: str, where: str) -> list[Any]:
     """Check each field: t text, i non-negative integer, f finite non-negative number, o optional text."""
     out = []
     for j, (v, k) in enumerate(zip(row, kinds, strict=True)):
+        if k == "f" and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v) if -(2**63) < v < 2**63 else math.inf  # a bignum would overflow float()
         ok = {"t": isinstance(v, str) and 0 < len(v) <= 256,
               "o": v is None or (isinstance(v, str) and 0 < len(v) <= 256),
               "i": isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63,
-              "f": isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < float("inf")}[k]
+              "f": isinstance(v, float) and 0 <= v < math.inf}[k]
         if not ok:
-            raise DecodeError(f"{where}[{j}]: bad value {v!r}")
-        out.append(float(v) if k == "f" else v)
+            raise DecodeError(f"{where}[{j}]: bad value {str(v)[:40]}")
+        out.append(v)
     return out
 
 
@@ -286,20 +290,22 @@ class Verdict:
 @dataclass
 class PlanBook:
     current: dict[str, Held] = field(default_factory=dict)  # model id -> plan
-    pending: dict[str, Held] = field(default_factory=dict)  # plans of a term not followed yet
+    # (model, coordinator) -> a plan of a term this peer does not follow yet
+    pending: dict[tuple[str, str], Held] = field(default_factory=dict)
     max_epoch: dict[str, int] = field(default_factory=dict)  # highest epoch accepted per model, any term
 
     def offer(self, held: Held, leadership: Leadership) -> Verdict:
         """Take a verified plan (``open_plan``) if it comes from the coordinator this peer follows and is
         newer than the one held for its model."""
         plan = held.plan
-        if plan.term > leadership.term:
-            pend = self.pending.get(plan.model_id)
+        if plan.term > leadership.term or (plan.term == leadership.term and leadership.coordinator is None):
+            key = (plan.model_id, plan.coordinator)  # per claimant: a rogue's plan cannot push out the real one
+            pend = self.pending.get(key)
             if pend is None or pend.plan.version < plan.version:
-                self.pending.pop(plan.model_id, None)
+                self.pending.pop(key, None)
                 if len(self.pending) >= MAX_PENDING:  # bounded: unknown model ids cannot fill memory
                     del self.pending[next(iter(self.pending))]
-                self.pending[plan.model_id] = held
+                self.pending[key] = held
             return Verdict(False, "PENDING")
         if plan.term < leadership.term:
             return Verdict(False, "STALE_TERM")
@@ -313,12 +319,15 @@ class PlanBook:
         return Verdict(True, "ACCEPTED", None if cur is None else cur.plan)
 
     def retry(self, leadership: Leadership) -> list[tuple[Plan, Verdict]]:
-        """Offer again the plans kept aside, now that the leadership changed."""
+        """Offer again the plans kept aside, now that the leadership changed; those of a term now
+        decided for another coordinator are dropped."""
         out = []
-        for model, held in list(self.pending.items()):
-            if held.plan.term <= leadership.term:
-                del self.pending[model]
-                out.append((held.plan, self.offer(held, leadership)))
+        for key, held in list(self.pending.items()):
+            plan = held.plan
+            if plan.term < leadership.term or (plan.term == leadership.term and leadership.coordinator is not None):
+                del self.pending[key]
+                if plan.coordinator == leadership.coordinator and plan.term == leadership.term:
+                    out.append((plan, self.offer(held, leadership)))
         return out
 
     def next_epoch(self, model: str) -> int:

@@ -58,13 +58,22 @@ def _split_model(spec: str) -> tuple[str, str | None]:
     return model, revision or None
 
 
+def keep_spec(specs: list[str], spec: str) -> list[str]:
+    """``specs`` planning ``spec`` from now on: it replaces a spec of the same model id (one plan per
+    model; two revisions of one id would take turns replacing each other's plan every tick)."""
+    model, _ = _split_model(spec)
+    return [s for s in specs if _split_model(s)[0] != model] + [spec]
+
+
 class PlanService:
     def __init__(self, node: Node) -> None:
         self.node = node
         co = node.config.coordinator
         self.book = PlanBook()
         self.controller = Controller(threshold=co.reassign_threshold)
-        self.models: list[str] = list(dict.fromkeys(co.models))  # specs: "id" or "id@revision"
+        self.models: list[str] = []  # specs: "id" or "id@revision", one per model id
+        for spec in co.models:
+            self._keep(spec)
         self.errors: dict[str, dict[str, Any]] = {}  # model -> the last planning error, cleared by a plan
         self._layers: dict[tuple[str, str], list[Layer]] = {}  # (model, revision) -> layers
         self._throttle = Throttle(every=10.0)
@@ -83,6 +92,10 @@ class PlanService:
         except PeerError as err:
             self.node._reject(err, msg.sender)
             return False
+        except Exception:  # a decoder bug must not take down pubsub: refuse, log, go on
+            log.exception("plan from %s could not be checked", msg.sender,
+                          extra={"event": "rejected", "code": "INTERNAL", "peer": msg.sender})
+            return False
         return True
 
     async def receive(self) -> None:
@@ -94,6 +107,10 @@ class PlanService:
                     plan = open_plan(msg.data)
                 except PeerError as err:
                     self.node._reject(err, msg.sender)
+                    continue
+                except Exception:  # as in accept_gossip: one bad message never ends the loop
+                    log.exception("plan from %s could not be read", msg.sender,
+                                  extra={"event": "rejected", "code": "INTERNAL", "peer": msg.sender})
                     continue
                 self._judge(plan, self.book.offer(Held(plan, msg.data), self.node.core.leadership), msg.sender)
 
@@ -273,9 +290,11 @@ class PlanService:
         except MeshError:
             self.errors.pop(model, None)  # not kept: a mistyped id must not be retried forever
             raise
-        if spec not in self.models:
-            self.models.append(spec)
+        self._keep(spec)
         return self.view(model)
+
+    def _keep(self, spec: str) -> None:
+        self.models = keep_spec(self.models, spec)
 
     async def reassign_request(self, failed: Sequence[str], current_splits: Any, request_id: str,
                                model: str | None) -> dict[str, Any]:
@@ -291,8 +310,10 @@ class PlanService:
         revision = held.plan.revision if held is not None else None
         layers, revision = await self.layers(model, revision)
         stages = parse_splits(current_splits, layers)
-        gone = set(failed)
         workers = self.workers(model, revision)
+        alive = {w.node_id for w in workers if w.alive}
+        # Stage peers the table knows are offline or draining count as failed too.
+        gone = set(failed) | {n for n, _, _ in stages if n not in alive and any(w.node_id == n for w in workers)}
         by_id = {w.node_id: w.peer(layers) for w in workers}
         unknown = [n for n, _, _ in stages if n not in by_id and n not in gone]
         if unknown:
@@ -304,10 +325,11 @@ class PlanService:
             by_id.setdefault(n, planner.Peer(n, sum(known) / len(known), 0, hop))
         current = planner.split_of(layers, [(by_id[n], s, e) for n, s, e in stages])
         in_plan = {n for n, _, _ in stages}
-        order = best_order(layers, [by_id[w.node_id] for w in workers if w.node_id not in gone
-                                    and (w.usable or (w.node_id in in_plan and w.alive))])
+        fixed = {w.node_id for w in workers if w.node_id in in_plan and w.alive and not w.usable} - gone
+        order = best_order(layers, [by_id[w.node_id] for w in workers if w.usable and w.node_id not in gone])
+        order += [by_id[n] for n in sorted(fixed)]
         r = await trio.to_thread.run_sync(functools.partial(
-            planner.reassign, layers, order, current, gone, threshold=self.controller.threshold))
+            planner.reassign, layers, order, current, gone, threshold=self.controller.threshold, fixed=fixed))
         decision = Decision(r.split, tuple(order), "replan" if r.replanned else "request", r.reassigned)
         published = None
         asked = tuple((n, layers[s].index, layers[e - 1].index + 1) for n, s, e in stages)

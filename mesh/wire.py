@@ -202,7 +202,10 @@ class Reader:
         v = self._get(key, default)
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise self._fail(key, "number", v)
-        v = float(v)
+        try:
+            v = float(v)  # a CBOR bignum overflows here
+        except OverflowError:
+            v = math.inf
         if not math.isfinite(v):
             raise DecodeError(f"{self._where}.{key}: number is not finite")
         return v

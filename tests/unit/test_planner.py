@@ -219,3 +219,42 @@ def test_reassignment_always_covers_every_layer_once(layers: list[Layer], peers:
             if s.node_id not in failed:
                 (t,) = [t for t in out.split.stages if t.node_id == s.node_id]
                 assert t.start <= s.start and t.end >= s.end
+
+
+def test_a_patch_stands_when_a_full_replan_does_not_fit_in_order() -> None:
+    """p1 drops; the patch (p3 takes its range) doubles the bottleneck, past the threshold, but the
+    survivors in this order have no plan of their own: the patch is kept rather than giving up."""
+    layers = [Layer(i, 1.0, b) for i, b in enumerate([3, 5, 5, 5, 4])]
+    peers = [Peer("p0", 1.0, 4), Peer("p1", 2.0, 10), Peer("p2", 2.0, 9), Peer("p3", 1.0, 12)]
+    split = plan_split(layers, peers)
+    assert [s.node_id for s in split.stages] == ["p0", "p1", "p2"]
+    with pytest.raises(PlanInfeasible):
+        plan_split(layers, [q for q in peers if q.node_id != "p1"])
+    out = reassign(layers, peers, split, {"p1"}, threshold=0.0)
+    assert not out.replanned and out.reassigned == ("p3",)
+    assert [(s.node_id, s.start, s.end) for s in out.split.stages] == [("p0", 0, 1), ("p3", 1, 3), ("p2", 3, 5)]
+
+
+def test_fixed_survivors_keep_their_range_but_take_no_more() -> None:
+    layers, peers, split = four_peer_plan()
+    big = [Peer(q.node_id, q.flops, 10_000) for q in peers]
+    lost, last = split.stages[1], split.stages[3].node_id
+    neighbours = {split.stages[0].node_id, split.stages[2].node_id}
+    # Neighbours that may not grow: the free spare takes the lost range, the rest stays as it was.
+    out = reassign(layers, big, split, {lost.node_id}, fixed=neighbours)
+    assert not out.replanned and out.reassigned == ("spare",)
+    assert {(s.node_id, s.start, s.end) for s in out.split.stages} == (
+        {(s.node_id, s.start, s.end) for s in split.stages if s is not lost} | {("spare", lost.start, lost.end)})
+    # The spare may not take work either: no patch, and the replan uses only the peer free to work.
+    out = reassign(layers, big, split, {lost.node_id}, fixed=neighbours | {"spare"})
+    assert out.replanned and [s.node_id for s in out.split.stages] == [last]
+
+
+def test_degenerate_inputs_end_quickly_with_an_answer() -> None:
+    # Zero-FLOP layers and no hop cost: the bound starts at 0 and must still grow (no endless loop).
+    with pytest.raises(PlanInfeasible, match="in pipeline order"):
+        plan_split([Layer(0, 0.0, 50), Layer(1, 0.0, 50), Layer(2, 0.0, 10)], [Peer("a", 1.0, 20), Peer("b", 1.0, 100)])
+    assert plan_split([Layer(0, 0.0, 5)], [Peer("a", 1.0, 10)]).bottleneck_s == 0.0
+    # A peer with a vanishing score whose memory is needed: infeasible, never an infinite stage time.
+    with pytest.raises(PlanInfeasible):
+        plan_split([Layer(0, 1.0, 10), Layer(1, 1.0, 10)], [Peer("a", 1.0, 10), Peer("b", 1e-320, 10)])

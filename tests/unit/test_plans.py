@@ -268,3 +268,62 @@ def test_many_simulated_peers_dropping_keeps_every_layer_covered_by_live_peers(n
                     (b,) = [b for b in nxt.assignments if b.node_id == a.node_id]
                     assert b.start <= a.start and b.end >= a.end
         plan = nxt
+
+
+def test_numbers_too_big_for_a_float_are_refused_not_raised() -> None:
+    ident = Identity.generate()
+    raw = cbor2.loads(encode_plan(plan_of(ident)))
+    for change in (lambda d: d.__setitem__("bottleneck_s", 2**2000), lambda d: d.__setitem__("issued_at", -(2**2000)),
+                   lambda d: d["assignments"][0].__setitem__(4, 2**2000),
+                   lambda d: d["nodes"][0].__setitem__(1, 2**2000)):
+        bad = cbor2.loads(cbor2.dumps(raw))
+        change(bad)
+        with pytest.raises(PeerError) as err:
+            open_plan(seal(PLAN, cbor2.dumps(bad), ident))
+        assert err.value.code == "MALFORMED_MESSAGE"
+    from mesh.wire import NodeInfo, decode_node_info, encode_node_info
+    info = cbor2.loads(encode_node_info(NodeInfo(node_id=NodeId(ident.node_id), incarnation=1, seq=1,
+                                                 status=S.READY, version="x")))
+    info["compute_flops"] = 2**2000
+    with pytest.raises(PeerError) as err:
+        decode_node_info(cbor2.dumps(info))
+    assert err.value.code == "MALFORMED_MESSAGE"
+
+
+def test_pending_plans_wait_for_the_claim_and_a_rogue_cannot_push_them_out() -> None:
+    real, rogue = Identity.generate(), Identity.generate()
+    book = PlanBook()
+    # Term 3 is known (from followers' heartbeats) but its coordinator's claim has not arrived yet.
+    assert book.offer(held(plan_of(real, term=3, epoch=1), real), Leadership(3, None)).code == "PENDING"
+    assert book.offer(held(plan_of(rogue, term=99, epoch=9), rogue), Leadership(3, None)).code == "PENDING"
+    ((plan, verdict),) = book.retry(Leadership(3, NodeId(real.node_id)))
+    assert verdict.accepted and plan.coordinator == real.node_id
+    assert book.current["m"].plan.coordinator == real.node_id
+    # The rogue's far-future plan stays aside (bounded) and is dropped once term 99 goes to someone else.
+    assert book.retry(Leadership(99, NodeId(real.node_id))) == [] and not book.pending
+
+
+def test_survivors_that_may_not_take_work_keep_their_range_and_get_no_more() -> None:
+    ident, ctl, book = Identity.generate(), Controller(), PlanBook()
+    ws = workers(3, memory=10_000)
+    first = run_plan(ctl, book, ident, ws)
+    assert first is not None and len(first.assignments) == 3
+    a, b, c = (x.node_id for x in first.assignments)
+    spare = Worker("spare", 1e10, 10_000, S.READY)
+    # a dies; b missed beats (degraded) and c stopped accepting jobs: the spare takes a's range.
+    ws = [Worker(a, 1e10, 10_000, S.OFFLINE), Worker(b, 1e10, 10_000, S.DEGRADED),
+          Worker(c, 1e10, 10_000, S.READY, accepts_jobs=False), spare]
+    nxt = run_plan(ctl, book, ident, ws)
+    assert nxt is not None and nxt.reassigned == ("spare",)
+    assert set(nxt.stages()) == {("spare", 0, first.assignments[0].end), *first.stages()[1:]}
+    # A peer reporting a vanishing FLOP/s score is never given work.
+    assert not Worker("zero", 1e-300, 10_000, S.READY).usable
+
+
+def test_one_plan_per_model_id() -> None:
+    from coordinator.service import keep_spec
+
+    specs: list[str] = []
+    for spec in ("tiny@r1", "other", "tiny@r2", "tiny"):
+        specs = keep_spec(specs, spec)
+    assert specs == ["other", "tiny"]
