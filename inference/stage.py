@@ -1,0 +1,207 @@
+"""Stage executors: a contiguous range of a model's layers, built from those layers' shards only.
+
+A model's layers are its manifest's shards in pipeline order: ``embedding``, ``block.0`` ...
+``block.N-1``, ``norm``, ``head``. A ``Stage`` for shards ``[start, end)`` holds exactly those weights
+(plus the embedding matrix when it runs a tied head) and maps
+
+    first stage:  token ids [B, T]           → hidden states [B, T, H]   (or logits if it is also last)
+    later stages: hidden states [B, T, H]    → hidden states, or logits [B, T, V] on the stage with the head
+
+How it stays exactly equal to the unsplit model (see docs/ARCHITECTURE.md, Inference):
+
+- the decoder blocks are the family's own base model (``AutoModel.from_config``: LlamaModel,
+  MistralModel, Qwen2Model, GPT2Model) built on the meta device with only this stage's blocks, their
+  tensors loaded with ``assign=True``; its embedding and final norm are taken out (the stage runs them
+  itself when it owns those shards), so its blocks are indexed locally from 0 and a per-session
+  ``DynamicCache`` of this stage alone reports the right past length to the causal mask;
+- ``_attn_implementation`` is set to ``sdpa`` (a bare config has none, which runs without a causal mask);
+- Llama-family rotary embeddings are rebuilt on the CPU (their buffers are not in the weights);
+- GPT-2 adds its learned position embeddings on the first stage only; later stages add zero.
+
+Positions are explicit: every call says which positions its tokens occupy, and a stage checks them
+against its cache (a replayed or lost step is an error, never silent garbage).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, DynamicCache, PretrainedConfig
+
+from mesh.errors import LocalError, PeerError
+from storage.manifest import Shard
+from storage.metadata import GPT2_TYPES, LLAMA_TYPES
+
+#: Loads one shard's tensors by name (``safetensors.torch.load_file`` of the verified shard file).
+TensorLoader = Callable[[Shard], dict[str, torch.Tensor]]
+
+
+class PositionMismatch(PeerError):
+    """A step's positions do not continue this stage's cache for the session."""
+
+    code = "POSITION_MISMATCH"
+    http_status = 409
+
+
+class _ZeroPositions(nn.Module):
+    """Stands in for GPT-2's ``wpe`` on stages after the first (they must not add positions again)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((*position_ids.shape, self.hidden))
+
+
+def stage_config(config: dict[str, Any], blocks: int, dtype: torch.dtype) -> PretrainedConfig:
+    model_type = config.get("model_type")
+    if model_type not in LLAMA_TYPES | GPT2_TYPES:
+        raise LocalError(f"model_type {model_type!r} cannot be run as a pipeline stage",
+                         code="UNSUPPORTED_ARCHITECTURE")
+    cfg = AutoConfig.for_model(**config)
+    if model_type in GPT2_TYPES:
+        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+            raise LocalError("GPT-2 models that scale attention by the layer index are not supported",
+                             code="UNSUPPORTED_ARCHITECTURE")
+        cfg.n_layer = blocks
+    else:
+        cfg.num_hidden_layers = blocks
+        if getattr(cfg, "layer_types", None) is not None:
+            cfg.layer_types = cfg.layer_types[:blocks]  # trimmed in step with the blocks (all full attention)
+    cfg._attn_implementation = "sdpa"
+    cfg.dtype = dtype
+    cfg.use_cache = True
+    return cfg
+
+
+class Stage:
+    def __init__(self, config: dict[str, Any], shards: Sequence[Shard], start: int, end: int, load: TensorLoader,
+                 *, dtype: torch.dtype = torch.float32) -> None:
+        if not 0 <= start < end <= len(shards):
+            raise LocalError(f"stage [{start}, {end}) is outside the model's {len(shards)} layers",
+                             code="INVALID_STAGE")
+        self.start, self.end = start, end
+        self.family = "gpt2" if config.get("model_type") in GPT2_TYPES else "llama"
+        own = list(shards[start:end])
+        self.first = own[0].kind == "embedding"
+        self.last = own[-1].kind == "head"
+        blocks = [s for s in own if s.kind == "block"]
+        self.cfg = stage_config(config, max(1, len(blocks)), dtype)
+        self.dtype = dtype
+        by_name = {s.name: s for s in shards}
+        tensors: dict[str, torch.Tensor] = {}
+        for s in own:
+            tensors |= load(s)
+        if self.last and own[-1].tied_to and own[-1].tied_to not in {s.name for s in own}:
+            tensors |= load(by_name[own[-1].tied_to])  # a tied head needs the embedding matrix
+        tensors = {_plain(k): v for k, v in tensors.items()}
+        hidden = self.cfg.n_embd if self.family == "gpt2" else self.cfg.hidden_size
+        with torch.no_grad():
+            self.embed = self._embedding(tensors) if self.first else None
+            self.body = self._body(tensors, [int(s.name.split(".")[1]) for s in blocks]) if blocks else None
+            self.norm = self._norm(tensors) if any(s.kind == "norm" for s in own) else None
+            self.head = self._head(tensors, own[-1]) if self.last else None
+        self.hidden = hidden
+
+    # ---- building -----------------------------------------------------------------------------------
+
+    def _embedding(self, t: dict[str, torch.Tensor]) -> nn.Module:
+        if self.family == "gpt2":
+            return nn.ModuleDict({"wte": nn.Embedding.from_pretrained(t["wte.weight"], freeze=True),
+                                  "wpe": nn.Embedding.from_pretrained(t["wpe.weight"], freeze=True)})
+        return nn.Embedding.from_pretrained(t["embed_tokens.weight"], freeze=True,
+                                            padding_idx=self.cfg.pad_token_id)
+
+    def _body(self, t: dict[str, torch.Tensor], numbers: list[int]) -> nn.Module:
+        with torch.device("meta"):
+            body = AutoModel.from_config(self.cfg, dtype=self.dtype)
+        prefix = "h" if self.family == "gpt2" else "layers"
+        local = {}
+        for k, v in t.items():
+            m = re.match(rf"{prefix}\.(\d+)\.(.*)", k)
+            if m and int(m.group(1)) in numbers:
+                local[f"{prefix}.{numbers.index(int(m.group(1)))}.{m.group(2)}"] = v
+        if self.family == "gpt2":
+            body.wte = None
+            body.wpe = _ZeroPositions(self.cfg.n_embd)
+            body.ln_f = nn.Identity()
+            block_module = body.h
+        else:
+            body.embed_tokens = None
+            body.norm = nn.Identity()
+            body.rotary_emb = type(body.rotary_emb)(config=self.cfg)  # real buffers, on the CPU
+            block_module = body.layers
+        missing, unexpected = block_module.load_state_dict(
+            {k.split(".", 1)[1]: v for k, v in local.items()}, strict=False, assign=True)
+        if missing:
+            raise LocalError(f"stage weights lack {prefix}.{missing[0]}", code="SHARD_INCOMPLETE")
+        if unexpected:
+            raise LocalError(f"unexpected tensors for this stage: {unexpected[:3]}", code="SHARD_INCOMPLETE")
+        for name, buf in list(body.named_buffers()):
+            if buf.is_meta:
+                raise LocalError(f"stage buffer {name} was not initialised", code="SHARD_INCOMPLETE")
+        return body.eval()
+
+    def _norm(self, t: dict[str, torch.Tensor]) -> nn.Module:
+        if self.family == "gpt2":
+            norm = nn.LayerNorm(self.cfg.n_embd, eps=self.cfg.layer_norm_epsilon)
+            norm.load_state_dict({"weight": t["ln_f.weight"], "bias": t["ln_f.bias"]})
+            return norm.eval()
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        norm = LlamaRMSNorm(self.cfg.hidden_size, eps=self.cfg.rms_norm_eps)
+        norm.load_state_dict({"weight": t["norm.weight"]})
+        return norm.eval()
+
+    def _head(self, t: dict[str, torch.Tensor], shard: Shard) -> nn.Module:
+        weight = t.get("lm_head.weight")
+        if weight is None:
+            weight = t["wte.weight" if self.family == "gpt2" else "embed_tokens.weight"]
+        head = nn.Linear(weight.shape[1], weight.shape[0], bias="lm_head.bias" in t)
+        head.weight = nn.Parameter(weight, requires_grad=False)
+        if "lm_head.bias" in t:
+            head.bias = nn.Parameter(t["lm_head.bias"], requires_grad=False)
+        return head.eval()
+
+    # ---- running ------------------------------------------------------------------------------------
+
+    def new_cache(self) -> DynamicCache | None:
+        """A KV cache for one session on this stage (None when the stage has no decoder blocks)."""
+        return DynamicCache(config=self.cfg) if self.body is not None else None
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
+        """Run this stage for tokens at ``positions`` ([B, T] int64). ``x``: token ids on the first stage,
+        hidden states otherwise. Returns hidden states, or logits on the stage with the head."""
+        if cache is not None:
+            past = cache.get_seq_length()
+            if int(positions[0, 0]) != past:
+                raise PositionMismatch(f"step starts at position {int(positions[0, 0])}, this stage's cache "
+                                       f"holds {past}")
+        h = x
+        if self.embed is not None:
+            if self.family == "gpt2":
+                h = self.embed["wte"](x) + self.embed["wpe"](positions)
+            else:
+                h = self.embed(x)
+        if self.body is not None:
+            h = self.body(inputs_embeds=h, position_ids=positions, past_key_values=cache,
+                          use_cache=True).last_hidden_state
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.head is not None:
+            h = self.head(h)
+        return h
+
+
+def _plain(name: str) -> str:
+    """Tensor names without the wrapper prefixes (``model.``, ``transformer.``)."""
+    for prefix in ("model.", "transformer."):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
