@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from inference.stage import PositionMismatch, Stage
 from mesh.identity import Identity
@@ -69,11 +69,15 @@ def run_pipeline(stages: list[Stage], prompt: list[list[int]], new: int) -> tupl
 
 
 def reference(model: torch.nn.Module, prompt: list[list[int]], new: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy decoding with the unsplit model and its own KV cache (no stop token: every step compared)."""
     model.eval()
+    ids, cache, out = torch.tensor(prompt), DynamicCache(config=model.config), []
     with torch.no_grad():
-        out = model.generate(torch.tensor(prompt), max_new_tokens=new, do_sample=False, min_new_tokens=new,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    return out.sequences[0, len(prompt[0]):].tolist(), out.logits[-1]
+        for _ in range(new):
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+            out.append(int(logits.argmax(-1)))
+            ids = torch.tensor([[out[-1]]])
+    return out, logits
 
 
 @pytest.mark.parametrize("make", [lambda: llama(True), lambda: llama(False), gpt2], ids=["llama-tied", "llama", "gpt2"])
@@ -116,3 +120,31 @@ def test_a_stage_holds_only_its_own_weights_and_checks_positions(tmp_path: Path)
         middle.forward(h[:, :1], torch.tensor([[7]]), cache)
     middle.forward(h[:, :1], torch.tensor([[4]]), cache)
     assert cache.get_seq_length() == 5
+
+
+def test_smollm2_in_two_and_three_stages_equals_the_unsplit_model(tmp_path: Path) -> None:
+    """The real model (SmolLM2-135M-Instruct, from the packaged GGUF): 32 greedy tokens of a chat prompt
+    through 2- and 3-stage splits equal the unsplit transformers model's; last logits within 1e-4."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    store = Store(tmp_path / "store", Identity.generate())
+    manifest = store.add("smollm2-135m-instruct")
+    source = tmp_path / "store" / "sources" / "smollm2-135m-instruct" / manifest.revision
+    model = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    prompt = [tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                            add_generation_prompt=True, tokenize=True, return_dict=False)]
+    want, want_logits = reference(model, prompt, 32)
+    assert tokenizer.decode(want).startswith("The capital of France is Paris.")
+    config = json.loads((store.registry.model_dir("smollm2-135m-instruct", manifest.revision) / "config.json")
+                        .read_text())
+    n = len(manifest.shards)  # 33: embedding, 30 blocks, norm, head
+    for cuts in ([16], [11, 22], [4, n - 3]):
+        bounds = [0, *cuts, n]
+        stages = [Stage(config, manifest.shards, a, b, lambda s: load_file(store.blob(s.sha256)[0]))
+                  for a, b in itertools.pairwise(bounds)]
+        got, logits = run_pipeline(stages, prompt, 32)
+        assert got == want, (cuts, tokenizer.decode(got))
+        assert torch.allclose(logits, want_logits, atol=1e-4), (cuts, (logits - want_logits).abs().max())
