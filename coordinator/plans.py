@@ -32,7 +32,7 @@ from coordinator import planner
 from coordinator.election import Leadership
 from mesh.errors import DecodeError, PeerError
 from mesh.identity import Identity, node_id_for_key
-from mesh.wire import MAX_GOSSIP_MESSAGE, Reader, open_envelope, seal
+from mesh.wire import MAX_GOSSIP_MESSAGE, Reader, open_envelope, seal, versioned
 
 PLAN = "plan"
 PLAN_VERSION = 1
@@ -226,14 +226,7 @@ def _typed(row: list[Any], kinds: str, where: str) -> list[Any]:
 
 
 def decode_plan(payload: bytes) -> Plan:
-    try:
-        raw = cbor2.loads(payload)
-    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise DecodeError(f"plan is not valid CBOR: {exc}") from None
-    r = Reader(raw, "plan")
-    version = r.integer("version")
-    if version != PLAN_VERSION:
-        raise DecodeError(f"plan version {version} is not supported", code="UNSUPPORTED_VERSION")
+    r = versioned(payload, "plan", PLAN_VERSION)
     assignments = tuple(Assignment(*_typed(row, "tiiiffo", f"plan.assignments[{i}]"))
                         for i, row in enumerate(_rows(r, "assignments", 7)))
     nodes = tuple(NodeSummary(*_typed(row, "tfifff", f"plan.nodes[{i}]"))

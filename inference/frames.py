@@ -23,8 +23,8 @@ from typing import Any
 import cbor2
 import torch
 
-from mesh.errors import DecodeError, PeerError
-from mesh.wire import Reader, loads_cbor
+from mesh.errors import PeerError
+from mesh.wire import versioned
 
 FRAME_VERSION = 1
 MAX_HEADER = 16 * 1024
@@ -67,10 +67,8 @@ def encode(frame: Frame) -> tuple[bytes, bytes]:
 
 def decode_header(data: bytes) -> tuple[dict[str, Any], int]:
     """The checked header and the payload size it announces (0 without a tensor)."""
-    raw = loads_cbor(data, MAX_HEADER)
-    r = Reader(raw, "frame")
-    if r.integer("v") != FRAME_VERSION:
-        raise DecodeError(f"frame version {raw.get('v')!r} is not supported", code="UNSUPPORTED_VERSION")
+    r = versioned(data, "frame", FRAME_VERSION, key="v", limit=MAX_HEADER)
+    raw = r.fields
     kind = r.text("kind")
     if kind not in KINDS:
         raise FrameError(f"unknown frame kind {kind!r}")

@@ -133,6 +133,17 @@ def loads_cbor(data: bytes, limit: int) -> Any:
         raise DecodeError(f"not valid CBOR: {exc}") from None
 
 
+def versioned(payload: bytes, what: str, version: int, *, key: str = "version",
+              limit: int = MAX_GOSSIP_MESSAGE) -> Reader:
+    """A Reader over a CBOR map of at most ``limit`` bytes whose ``key`` must be ``version``
+    (MALFORMED_MESSAGE, MESSAGE_TOO_LARGE, UNSUPPORTED_VERSION otherwise)."""
+    r = Reader(loads_cbor(payload, limit), what)
+    found = r.integer(key)
+    if found != version:
+        raise DecodeError(f"{what} version {found} is not supported", code="UNSUPPORTED_VERSION")
+    return r
+
+
 def open_envelope(data: bytes, *, limit: int = MAX_GOSSIP_MESSAGE) -> Envelope:
     """Decode and verify an envelope. Raises DecodeError, OversizeError or SignatureError."""
     raw = loads_cbor(data, limit)
@@ -226,6 +237,11 @@ class Reader:
 
     def raw(self, key: str, default: Any = _REQUIRED) -> Any:
         return self._get(key, default)
+
+    @property
+    def fields(self) -> dict[Any, Any]:
+        """The whole decoded map, unchecked."""
+        return self._d
 
 
 def _text_item(x: Any, where: str) -> str:

@@ -18,7 +18,7 @@ import cbor2
 from mesh.errors import DecodeError, PeerError
 from mesh.identity import Identity, node_id_for_key
 from mesh.ids import NodeId
-from mesh.wire import Reader, open_envelope, seal
+from mesh.wire import Reader, open_envelope, seal, versioned
 
 MANIFEST = "manifest"
 MANIFEST_VERSION = 1
@@ -122,14 +122,7 @@ def open_manifest(data: bytes) -> Manifest:
 
 
 def decode_manifest(payload: bytes) -> Manifest:
-    try:
-        raw = cbor2.loads(payload)
-    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise DecodeError(f"manifest is not valid CBOR: {exc}") from None
-    r = Reader(raw, "manifest")
-    version = r.integer("version")
-    if version != MANIFEST_VERSION:
-        raise DecodeError(f"manifest version {version} is not supported", code="UNSUPPORTED_VERSION")
+    r = versioned(payload, "manifest", MANIFEST_VERSION, limit=MAX_MANIFEST)
     shards = tuple(_shard(x, f"manifest.shards[{i}]") for i, x in enumerate(_list(r, "shards", MAX_SHARDS)))
     files = tuple(_file(x, f"manifest.files[{i}]") for i, x in enumerate(_list(r, "files", MAX_FILES)))
     if [s.index for s in shards] != list(range(len(shards))):
