@@ -22,9 +22,9 @@ it has accepted. What the book keeps is bounded by the models the mesh plans (cu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import cbor2
 
@@ -32,8 +32,9 @@ from coordinator import planner
 from coordinator.election import Leadership
 from mesh.errors import DecodeError, PeerError
 from mesh.identity import Identity, node_id_for_key
-from mesh.wire import MAX_GOSSIP_MESSAGE, Reader, open_envelope, seal, versioned
+from mesh.wire import MAX_GOSSIP_MESSAGE, open_envelope, seal, versioned
 
+T = TypeVar("T")
 PLAN = "plan"
 PLAN_VERSION = 1
 MAX_STAGES = 1024
@@ -199,14 +200,13 @@ def open_plan(data: bytes) -> Plan:
     return plan
 
 
-def _rows(r: Reader, key: str, width: int) -> list[list[Any]]:
-    v = r.raw(key)
-    if not isinstance(v, list) or len(v) > MAX_STAGES:
-        raise DecodeError(f"plan.{key}: expected an array of at most {MAX_STAGES} entries")
-    for i, row in enumerate(v):
-        if not isinstance(row, list) or len(row) != width:
-            raise DecodeError(f"plan.{key}[{i}]: expected an array of {width} fields")
-    return v
+def _row(kinds: str, make: Callable[..., T]) -> Callable[[Any, str], T]:
+    """An array item reader: a row of ``len(kinds)`` fields checked by ``_typed``, built with ``make``."""
+    def item(row: Any, where: str) -> T:
+        if not isinstance(row, list) or len(row) != len(kinds):
+            raise DecodeError(f"{where}: expected an array of {len(kinds)} fields")
+        return make(*_typed(row, kinds, where))
+    return item
 
 
 def _typed(row: list[Any], kinds: str, where: str) -> list[Any]:
@@ -227,10 +227,8 @@ def _typed(row: list[Any], kinds: str, where: str) -> list[Any]:
 
 def decode_plan(payload: bytes) -> Plan:
     r = versioned(payload, "plan", PLAN_VERSION)
-    assignments = tuple(Assignment(*_typed(row, "tiiiffo", f"plan.assignments[{i}]"))
-                        for i, row in enumerate(_rows(r, "assignments", 7)))
-    nodes = tuple(NodeSummary(*_typed(row, "tfifff", f"plan.nodes[{i}]"))
-                  for i, row in enumerate(_rows(r, "nodes", 6)))
+    assignments = r.array("assignments", _row("tiiiffo", Assignment), limit=MAX_STAGES, required=True)
+    nodes = r.array("nodes", _row("tfifff", NodeSummary), limit=MAX_STAGES, required=True)
     total = r.integer("total_layers")
     if not assignments:
         raise DecodeError("plan.assignments: a plan has at least one stage")
@@ -246,7 +244,7 @@ def decode_plan(payload: bytes) -> Plan:
     term, epoch = r.integer("term"), r.integer("epoch")
     if term < 1 or epoch < 1:
         raise DecodeError("plan.term and plan.epoch start at 1")
-    reassigned = tuple(_typed([x], "t", "plan.reassigned")[0] for x in _rows_flat(r, "reassigned"))
+    reassigned = r.array("reassigned", lambda x, where: _typed([x], "t", where)[0], limit=MAX_STAGES)
     return Plan(
         model_id=r.text("model_id"), revision=r.text("revision"), term=term, epoch=epoch,
         coordinator=r.text("coordinator"), total_layers=total, assignments=assignments, nodes=nodes,
@@ -255,13 +253,6 @@ def decode_plan(payload: bytes) -> Plan:
         request_id=r.text("request_id", ""), reason=r.text("reason", ""), reassigned=reassigned,
         issued_at=r.number("issued_at", 0.0),
     )
-
-
-def _rows_flat(r: Reader, key: str) -> list[Any]:
-    v = r.raw(key, [])
-    if not isinstance(v, list) or len(v) > MAX_STAGES:
-        raise DecodeError(f"plan.{key}: expected an array of at most {MAX_STAGES} entries")
-    return v
 
 
 # ---- what this peer believes ---------------------------------------------------------------------

@@ -227,12 +227,15 @@ class Reader:
             raise self._fail(key, "boolean", v)
         return v
 
-    def array(self, key: str, item: Callable[[Any, str], T]) -> tuple[T, ...]:
-        v = self._get(key, [])
+    def array(self, key: str, item: Callable[[Any, str], T], *, limit: int = MAX_LIST,
+              required: bool = False) -> tuple[T, ...]:
+        """Each entry through ``item(value, where)``; at most ``limit`` entries; absent means empty
+        unless ``required``."""
+        v = self._get(key, _REQUIRED if required else [])
         if not isinstance(v, list):
             raise self._fail(key, "array", v)
-        if len(v) > MAX_LIST:
-            raise DecodeError(f"{self._where}.{key}: more than {MAX_LIST} entries")
+        if len(v) > limit:
+            raise DecodeError(f"{self._where}.{key}: at most {limit} entries, got {len(v)}")
         return tuple(item(x, f"{self._where}.{key}[{i}]") for i, x in enumerate(v))
 
     def raw(self, key: str, default: Any = _REQUIRED) -> Any:

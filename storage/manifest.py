@@ -123,8 +123,8 @@ def open_manifest(data: bytes) -> Manifest:
 
 def decode_manifest(payload: bytes) -> Manifest:
     r = versioned(payload, "manifest", MANIFEST_VERSION, limit=MAX_MANIFEST)
-    shards = tuple(_shard(x, f"manifest.shards[{i}]") for i, x in enumerate(_list(r, "shards", MAX_SHARDS)))
-    files = tuple(_file(x, f"manifest.files[{i}]") for i, x in enumerate(_list(r, "files", MAX_FILES)))
+    shards = r.array("shards", _shard, limit=MAX_SHARDS, required=True)
+    files = r.array("files", _file, limit=MAX_FILES, required=True)
     if [s.index for s in shards] != list(range(len(shards))):
         raise DecodeError("manifest.shards: indexes must be 0, 1, 2, ... in order")
     expected_start = 0
@@ -139,15 +139,6 @@ def decode_manifest(payload: bytes) -> Manifest:
         config_sha256=_hex(r.text("config_sha256"), "manifest.config_sha256"),
         created_by=NodeId(r.text("created_by")), shards=shards, files=files,
     )
-
-
-def _list(r: Reader, key: str, limit: int) -> list[Any]:
-    v = r.raw(key)
-    if not isinstance(v, list):
-        raise DecodeError(f"manifest.{key}: expected an array")
-    if len(v) > limit:
-        raise DecodeError(f"manifest.{key}: more than {limit} entries")
-    return v
 
 
 def _hex(v: str, where: str) -> str:
