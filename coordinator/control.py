@@ -19,7 +19,7 @@ it is never worse than the given order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from coordinator import planner
@@ -138,13 +138,8 @@ class Controller:
         alive = {w.node_id: w for w in workers if w.alive}
         lost = [a.node_id for a in current.assignments if a.node_id not in alive]
         if lost:
-            # Survivors keep their ranges even if degraded; new work goes only to usable peers.
-            in_plan = {a.node_id for a in current.assignments}
-            fixed = {node for node in in_plan if node in alive and node not in usable_ids}
-            order = best_order(layers, usable) + [alive[node].peer(layers) for node in sorted(fixed)]
-            r = planner.reassign(layers, order, current.split(layers), lost, threshold=self.threshold, fixed=fixed)
             self._considered[model] = usable_ids
-            return Decision(r.split, tuple(order), "replan" if r.replanned else "reassign", r.reassigned)
+            return self.cover(layers, workers, current.split(layers), lost)
 
         if current.term != term:
             peers = {q.node_id: q for q in usable}
@@ -161,4 +156,18 @@ class Controller:
             if fresh.bottleneck_s * (1 + self.threshold) < current.bottleneck_s:
                 return Decision(fresh, tuple(usable), "improve")
         return None
+
+    def cover(self, layers: Sequence[Layer], workers: Sequence[Worker], current: Split, failed: Iterable[str], *,
+              reason: str = "reassign") -> Decision:
+        """``planner.reassign`` of ``current`` without ``failed``: survivors keep their ranges even if
+        degraded or refusing jobs (``fixed``); new work goes only to usable peers. The reason is
+        ``reason``, or "replan" when the threshold forced a full replan."""
+        gone = set(failed)
+        in_plan = {s.node_id for s in current.stages}
+        by_id = {w.node_id: w for w in workers}
+        fixed = {w.node_id for w in workers if w.node_id in in_plan and w.alive and not w.usable} - gone
+        order = best_order(layers, [w.peer(layers) for w in workers if w.usable and w.node_id not in gone])
+        order += [by_id[node].peer(layers) for node in sorted(fixed)]
+        r = planner.reassign(layers, order, current, gone, threshold=self.threshold, fixed=fixed)
+        return Decision(r.split, tuple(order), "replan" if r.replanned else reason, r.reassigned)
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from coordinator import planner
-from coordinator.control import Controller, Decision, Worker, best_order
+from coordinator.control import Controller, Decision, Worker
 from coordinator.planner import Layer
 from coordinator.plans import Held, NodeSummary, Plan, PlanBook, Verdict, make_plan, open_plan, seal_plan
 from mesh.errors import MeshError, NotFoundError, PeerError
@@ -85,32 +85,23 @@ class PlanService:
 
     def accept_gossip(self, msg: GossipMessage) -> bool:
         """Topic validator: forged, malformed or oversize plans are neither delivered nor relayed."""
-        if msg.sender == self.node.node_id:
-            return True
+        return msg.sender == self.node.node_id or self._open(msg) is not None
+
+    def _open(self, msg: GossipMessage) -> Plan | None:
+        """The verified plan, or None after logging why it was refused."""
         try:
-            open_plan(msg.data)
+            return open_plan(msg.data)
         except PeerError as err:
             self.node._reject(err, msg.sender)
-            return False
-        except Exception:  # a decoder bug must not take down pubsub: refuse, log, go on
-            log.exception("plan from %s could not be checked", msg.sender,
+        except Exception:  # a decoder bug must not take down pubsub or the receive loop: refuse, log, go on
+            log.exception("plan from %s could not be read", msg.sender,
                           extra={"event": "rejected", "code": "INTERNAL", "peer": msg.sender})
-            return False
-        return True
+        return None
 
     async def receive(self) -> None:
         async with self.node.transport.subscribe(PLANS_TOPIC) as messages:
             async for msg in messages:
-                if msg.sender == self.node.node_id:
-                    continue
-                try:
-                    plan = open_plan(msg.data)
-                except PeerError as err:
-                    self.node._reject(err, msg.sender)
-                    continue
-                except Exception:  # as in accept_gossip: one bad message never ends the loop
-                    log.exception("plan from %s could not be read", msg.sender,
-                                  extra={"event": "rejected", "code": "INTERNAL", "peer": msg.sender})
+                if msg.sender == self.node.node_id or (plan := self._open(msg)) is None:
                     continue
                 self._judge(plan, self.book.offer(Held(plan, msg.data), self.node.core.leadership), msg.sender)
 
@@ -324,25 +315,20 @@ class PlanService:
         for n, _, _ in stages:
             by_id.setdefault(n, planner.Peer(n, sum(known) / len(known), 0, hop))
         current = planner.split_of(layers, [(by_id[n], s, e) for n, s, e in stages])
-        in_plan = {n for n, _, _ in stages}
-        fixed = {w.node_id for w in workers if w.node_id in in_plan and w.alive and not w.usable} - gone
-        order = best_order(layers, [by_id[w.node_id] for w in workers if w.usable and w.node_id not in gone])
-        order += [by_id[n] for n in sorted(fixed)]
-        r = await trio.to_thread.run_sync(functools.partial(
-            planner.reassign, layers, order, current, gone, threshold=self.controller.threshold, fixed=fixed))
-        decision = Decision(r.split, tuple(order), "replan" if r.replanned else "request", r.reassigned)
+        decision = await trio.to_thread.run_sync(functools.partial(
+            self.controller.cover, layers, workers, current, gone, reason="request"))
         published = None
         asked = tuple((n, layers[s].index, layers[e - 1].index + 1) for n, s, e in stages)
         if held is not None and self.is_coordinator():
             async with self._lock:  # still the current plan once the loop lets go?
                 if self.book.current.get(model) is held and held.plan.stages() == asked:
                     published = await self._issue(model, revision, layers, decision, request_id=request_id)
-        plan = published or make_plan(layers, order, r.split, model=model, revision=revision,
-                                      request_id=request_id, reason=decision.reason, reassigned=r.reassigned,
-                                      nodes=self._summaries())
+        plan = published or make_plan(layers, decision.peers, decision.split, model=model, revision=revision,
+                                      request_id=request_id, reason=decision.reason,
+                                      reassigned=decision.reassigned, nodes=self._summaries())
         view = plan.view()
         return {"request_id": request_id, "model": model, "new_splits": view["model_split_plan"]["splits"],
-                "reassigned_nodes": list(r.reassigned), "replanned": r.replanned,
+                "reassigned_nodes": list(decision.reassigned), "replanned": decision.reason == "replan",
                 "fallback_nodes": view["fallback_nodes"], "published": published is not None,
                 "term": plan.term, "epoch": plan.epoch}
 
