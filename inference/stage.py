@@ -50,12 +50,12 @@ class PositionMismatch(PeerError):
 class _ZeroPositions(nn.Module):
     """Stands in for GPT-2's ``wpe`` on stages after the first (they must not add positions again)."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.hidden = hidden
+        self.hidden, self.dtype = hidden, dtype
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        return torch.zeros((*position_ids.shape, self.hidden))
+        return torch.zeros((*position_ids.shape, self.hidden), dtype=self.dtype)  # no upcast of bf16 stages
 
 
 def stage_config(config: dict[str, Any], blocks: int, dtype: torch.dtype) -> PretrainedConfig:
@@ -100,13 +100,12 @@ class Stage:
         if self.last and own[-1].tied_to and own[-1].tied_to not in {s.name for s in own}:
             tensors |= load(by_name[own[-1].tied_to])  # a tied head needs the embedding matrix
         tensors = {_plain(k): v for k, v in tensors.items()}
-        hidden = self.cfg.n_embd if self.family == "gpt2" else self.cfg.hidden_size
+        self.hidden = self.cfg.n_embd if self.family == "gpt2" else self.cfg.hidden_size
         with torch.no_grad():
             self.embed = self._embedding(tensors) if self.first else None
             self.body = self._body(tensors, [int(s.name.split(".")[1]) for s in blocks]) if blocks else None
             self.norm = self._norm(tensors) if any(s.kind == "norm" for s in own) else None
-            self.head = self._head(tensors, own[-1]) if self.last else None
-        self.hidden = hidden
+            self.head = self._head(tensors) if self.last else None
 
     # ---- building -----------------------------------------------------------------------------------
 
@@ -128,7 +127,7 @@ class Stage:
                 local[f"{prefix}.{numbers.index(int(m.group(1)))}.{m.group(2)}"] = v
         if self.family == "gpt2":
             body.wte = None
-            body.wpe = _ZeroPositions(self.cfg.n_embd)
+            body.wpe = _ZeroPositions(self.cfg.n_embd, self.dtype)
             body.ln_f = nn.Identity()
             block_module = body.h
         else:
@@ -158,7 +157,7 @@ class Stage:
         norm.load_state_dict({"weight": t["norm.weight"]})
         return norm.eval()
 
-    def _head(self, t: dict[str, torch.Tensor], shard: Shard) -> nn.Module:
+    def _head(self, t: dict[str, torch.Tensor]) -> nn.Module:
         weight = t.get("lm_head.weight")
         if weight is None:
             weight = t["wte.weight" if self.family == "gpt2" else "embed_tokens.weight"]
