@@ -109,6 +109,7 @@ class PlanService:
         where = {"model": plan.model_id, "term": plan.term, "epoch": plan.epoch, "coordinator": plan.coordinator,
                  "node_id": self.node.node_id}
         if verdict.accepted:
+            self.node.stages.wake.set()
             stages = ", ".join(f"{a.node_id[-6:]}[{a.start},{a.end})" for a in plan.assignments)
             log.info("plan for %s: term %d epoch %d (%s) %s", plan.model_id, plan.term, plan.epoch,
                      plan.reason or "-", stages, extra={"event": "plan_accepted", "reason": plan.reason, **where})
@@ -122,6 +123,9 @@ class PlanService:
     def on_leadership_changed(self) -> None:
         for plan, verdict in self.book.retry(self.node.core.leadership):
             self._judge(plan, verdict, plan.coordinator)
+        self._wake.set()
+
+    def wake(self) -> None:
         self._wake.set()
 
     # ---- coordinating ------------------------------------------------------------------------------
@@ -149,9 +153,16 @@ class PlanService:
     def specs(self) -> list[str]:
         """What to keep a plan for: the configured or requested models, and every model the mesh has a
         plan for (a new coordinator takes over its predecessor's plans)."""
-        models = {_split_model(spec)[0] for spec in self.models}
+        specs = list(self.models)
+        for m in sorted(self.node.core.membership.members(), key=lambda m: m.node_id):
+            if m.status == NodeStatus.OFFLINE:
+                continue
+            for spec in m.info.serve_models:  # peers that asked the mesh to serve a model
+                if _split_model(spec)[0] not in {_split_model(s)[0] for s in specs}:
+                    specs.append(spec)
+        models = {_split_model(spec)[0] for spec in specs}
         inherited = [f"{m}@{h.plan.revision}" for m, h in self.book.current.items() if m not in models]
-        return [*self.models, *inherited]
+        return [*specs, *inherited]
 
     async def _coordinate_model(self, spec: str, *, strict: bool = False) -> None:
         model, revision = _split_model(spec)

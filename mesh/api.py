@@ -29,8 +29,11 @@ log = logging.getLogger(__name__)
 
 
 def error_response(err: MeshError) -> JSONResponse:
+    """``{"error": {"code", "message", "type", "param"}}``: meshnode's stable code, in OpenAI's shape."""
+    from inference.openai import openai_error
+
     log.warning("api error %s: %s", err.code, err, extra={"event": "api_error", "code": err.code})
-    return JSONResponse({"error": err.to_dict()}, status_code=err.http_status)
+    return JSONResponse({"error": openai_error(err)}, status_code=err.http_status)
 
 
 def build_app(node: Node) -> Starlette:
@@ -164,7 +167,10 @@ def build_app(node: Node) -> Starlette:
         log.error("api handler failed for %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"error": {"code": "INTERNAL", "message": "internal error"}}, status_code=500)
 
+    from inference.openai import Api
+
     routes = [
+        *Api(node).routes(),
         Route("/api/health", health),
         Route("/api/node-info", node_info),
         Route("/api/nodes", nodes),

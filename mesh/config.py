@@ -68,6 +68,15 @@ class CoordinatorConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class InferenceConfig:
+    serve: tuple[str, ...] = ()  # models ("id" or "id@revision") this peer asks the mesh to serve
+    max_sessions: int = 64  # generations a stage runs at once; more are refused (TOO_MANY_SESSIONS)
+    session_idle_timeout: float = 120.0  # a stage frees a session's KV cache after this much silence
+    step_timeout: float = 60.0  # the driver's wait for one step's token before it gives up on the route
+    recovery_timeout: float = 60.0  # how long a generation waits for a working route after a failure
+
+
+@dataclass(frozen=True, slots=True)
 class DemoConfig:
     peers: int = 3  # how many local peers `meshnode demo` starts
 
@@ -80,6 +89,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     log: LogConfig = field(default_factory=LogConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
@@ -127,6 +137,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("coordinator.reassign_threshold", "--reassign-threshold",
            "bottleneck growth a reassignment may cause before a full replan (0.25: 25%)"),
     Option("coordinator.republish_interval", "--republish-interval", "seconds between plan republishes"),
+    Option("inference.serve", "--serve", "model (id or id@revision) to ask the mesh to serve (repeatable)"),
+    Option("inference.max_sessions", "--max-sessions", "generations one stage runs at once"),
+    Option("inference.session_idle_timeout", "--session-idle-timeout",
+           "seconds of silence before a stage frees a session's KV cache"),
+    Option("inference.step_timeout", "--step-timeout", "seconds the driver waits for one token"),
+    Option("inference.recovery_timeout", "--recovery-timeout",
+           "seconds a generation waits for a working route after a stage fails"),
     Option("log.level", "--log-level", "debug, info, warning or error"),
     Option("log.json", "--log-json", "log one JSON object per line"),
     Option("demo.peers", "--peers", "number of local peers for `meshnode demo`"),
@@ -234,5 +251,8 @@ def validate(config: Config) -> None:
                          "republish_interval must be positive")
     if config.node.max_layer_memory_mb < 0:
         raise ValueError("node.max_layer_memory_mb must not be negative (0: available memory)")
+    inf = config.inference
+    if inf.max_sessions < 1 or min(inf.session_idle_timeout, inf.step_timeout, inf.recovery_timeout) <= 0:
+        raise ValueError("inference: max_sessions must be at least 1 and its timeouts positive")
     if config.demo.peers < 1:
         raise ValueError("demo.peers must be at least 1")

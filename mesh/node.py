@@ -28,6 +28,9 @@ import psutil
 import trio
 
 from coordinator.service import PlanService
+from inference.driver import Driver
+from inference.host import StageHost
+from inference.protocol import ACTIVATIONS_PROTOCOL
 from mesh import hardware
 from mesh.config import Config
 from mesh.errors import MeshError, NotFoundError, PeerError
@@ -75,6 +78,9 @@ class Node:
         self._installed: tuple[str, ...] = ()
         self._transfer_nursery: trio.Nursery | None = None
         self.plans = PlanService(self)
+        self.stages = StageHost(self)
+        self.driver = Driver(self)
+        self._serve: list[str] = list(config.inference.serve)  # models this peer asks the mesh to serve
 
     @property
     def node_id(self) -> NodeId:
@@ -143,6 +149,8 @@ class Node:
             compute_flops=self.flops,
             addrs=tuple(self.transport.addrs()),
             installed_models=self._installed,
+            serve_models=tuple(self._serve),
+            stages=self.stages.ready(),
             api=self.api_url,
         )
         self._log_events(events)
@@ -316,6 +324,45 @@ class Node:
         self._transfer_nursery.start_soon(fetch)
         return transfer
 
+    def serve_requests(self) -> list[str]:
+        return list(self._serve)
+
+    async def request_serve(self, spec: str) -> dict[str, Any]:
+        """Ask the mesh to serve ``spec`` ("id" or "id@revision"): gossiped with the heartbeat, the
+        coordinator plans it, the peers it names load their stages. UNKNOWN_MODEL unless this peer or a
+        live peer has it installed."""
+        from coordinator.service import keep_spec
+
+        model, _, revision = spec.partition("@")
+        if not model or len(spec) > 256:
+            raise PeerError("model_id must be a model id, or id@revision", code="INVALID_PARAMETER")
+        local = any(entry == spec if revision else entry.startswith(f"{model}@") for entry in self._installed)
+        if not local and not self.holders(model, revision or None):
+            raise NotFoundError(f"no peer has {spec} installed (meshnode models add on one of them first)",
+                                code="UNKNOWN_MODEL")
+        self._serve = keep_spec(self._serve, spec)
+        log.info("asked the mesh to serve %s", spec, extra={"event": "serve_requested", "model": model,
+                                                             "node_id": self.node_id})
+        await self.publish_heartbeat()  # the coordinator hears it now, not on the next beat
+        self.plans.wake()
+        return self.serving(model)
+
+    def serving(self, model: str | None = None) -> dict[str, Any]:
+        """What this peer asked to serve and what the mesh runs: each model's plan and stage readiness."""
+        wanted = {s.partition("@")[0] for s in self._serve} | set(self.plans.book.current)
+        if model is not None:
+            wanted = {model}
+        rows = []
+        for m in sorted(wanted):
+            try:
+                row = self.driver.status(m)
+            except MeshError:
+                row = {"model": m, "ready": False, "stages": []}
+            errors = {k: v for k, v in (("plan", self.plans.errors.get(m)), ("stage", self.stages.errors.get(m)))
+                      if v}
+            rows.append(row | {"errors": errors})
+        return {"requested": list(self._serve), "models": rows, "local": self.stages.view()}
+
     # ---- views for the API -----------------------------------------------------------------------
 
     def node_info(self) -> dict[str, Any]:
@@ -421,8 +468,11 @@ async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_
         transport.set_validator(NODES_TOPIC, node.accept_gossip)
         transport.set_validator(PLANS_TOPIC, node.plans.accept_gossip)
         node.shard_server.register(transport)
+        transport.handle(ACTIVATIONS_PROTOCOL, node.stages.on_stream,
+                         max_concurrent=2 * config.inference.max_sessions + 16)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.transfers)
+            await nursery.start(node.stages.keep)
             if config.api.listen:
                 node.api_url = await nursery.start(serve_api, node, config.api.listen)
             addrs = transport.addrs()

@@ -106,6 +106,8 @@ class PeerCore:
         compute_flops: float,
         addrs: tuple[str, ...] = (),
         installed_models: tuple[str, ...] = (),
+        serve_models: tuple[str, ...] = (),
+        stages: tuple[str, ...] = (),
         api: str = "",
     ) -> tuple[bytes, list[PeerEvent]]:
         """Build, sign and record this peer's next heartbeat; returns the bytes to publish."""
@@ -126,6 +128,8 @@ class PeerCore:
             compute_flops=compute_flops,
             layer_memory_bytes=self.profile.layer_memory_bytes,
             installed_models=installed_models,
+            serve_models=serve_models,
+            stages=stages,
             accept_public_jobs=self.profile.accept_public_jobs,
             features_supported=self.profile.features_supported,
             advanced_features=self.profile.advanced_features,

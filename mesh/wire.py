@@ -85,6 +85,8 @@ class NodeInfo:
     compute_flops: float = 0.0  # measured by a short matmul benchmark at start
     layer_memory_bytes: int = 0  # memory offered for model layers (weights + KV cache)
     installed_models: tuple[str, ...] = ()
+    serve_models: tuple[str, ...] = ()  # models this peer asks the mesh to serve ("id" or "id@revision")
+    stages: tuple[str, ...] = ()  # pipeline stages loaded and ready here: "model@revision:start:end"
     accept_public_jobs: bool = True
     features_supported: tuple[str, ...] = ()
     advanced_features: Mapping[str, str | int | float | bool] = field(default_factory=dict)
@@ -316,6 +318,8 @@ def encode_node_info(info: NodeInfo) -> bytes:
             "compute_flops": info.compute_flops,
             "layer_memory_bytes": info.layer_memory_bytes,
             "installed_models": list(info.installed_models),
+            "serve_models": list(info.serve_models),
+            "stages": list(info.stages),
             "accept_public_jobs": info.accept_public_jobs,
             "features_supported": list(info.features_supported),
             "advanced_features": dict(info.advanced_features),
@@ -357,6 +361,8 @@ def decode_node_info(payload: bytes) -> NodeInfo:
         compute_flops=r.number("compute_flops", 0.0),
         layer_memory_bytes=layer_memory,
         installed_models=r.array("installed_models", _text_item),
+        serve_models=r.array("serve_models", _text_item),
+        stages=r.array("stages", _text_item),
         accept_public_jobs=r.flag("accept_public_jobs", True),
         features_supported=r.array("features_supported", _text_item),
         advanced_features=_scalar_map(r.raw("advanced_features", {}), "node_info.advanced_features"),

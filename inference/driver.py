@@ -1,0 +1,376 @@
+"""The generation driver: any peer can run one. It turns a prompt into tokens through the mesh.
+
+Per session: open the route of the model's current plan (a stream to stage 0, or stage 0 in this process
+when it is here), send the prompt as step 0 (prefill), then one token per step; the last stage samples
+and sends each token straight back here. Per token that is one hop per stage and nothing more.
+
+Failover: a step fails when a stage reports an error, a hop's stream breaks, the plan moves to other
+stages, or no token comes within ``step_timeout``. The driver then waits (up to ``recovery_timeout``) for
+a route whose stages are all ready — the coordinator's next epoch, with the replacement's stage loaded —
+and replays the prompt plus every token generated so far as the new session's prefill, which rebuilds
+every stage's KV cache. Sampling is seeded per position (``inference.sampling``), so greedy and seeded
+runs continue exactly as if nothing had happened. With no working route in time the request ends with
+``GENERATION_FAILED``; it never hangs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import trio
+
+from inference import protocol
+from inference.frames import MAX_TOKENS, Frame
+from inference.host import new_session_id, stage_key
+from inference.protocol import ACTIVATIONS_PROTOCOL, Hop, Route
+from inference.sampling import Sampling
+from mesh.errors import NotFoundError, PeerError
+from mesh.ids import NodeId
+from mesh.transport import Stream
+from mesh.wire import NodeStatus
+
+if TYPE_CHECKING:
+    from mesh.node import Node
+
+log = logging.getLogger(__name__)
+MAX_FAILOVERS = 8
+RESULT_QUEUE = 8  # results waiting for the driver per session (back-pressure on the last stage)
+
+
+class ModelNotAvailable(PeerError):
+    code = "MODEL_NOT_AVAILABLE"
+    http_status = 503
+
+
+class GenerationFailed(PeerError):
+    code = "GENERATION_FAILED"
+    http_status = 503
+
+
+class RouteFailed(Exception):
+    """One attempt over one route failed; the driver fails over."""
+
+    def __init__(self, code: str, message: str, node: str = "") -> None:
+        super().__init__(message)
+        self.code, self.node = code, node
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    model: str  # "id" or "id@revision"
+    prompt: tuple[int, ...]
+    max_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    stop_ids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    id: int
+    index: int  # 0 for the first generated token
+    stop: bool  # a stop token (not part of the text)
+    epoch: tuple[int, int]
+    replayed: bool  # the first token after a failover
+    compute_ms: tuple[float, ...]  # per stage, this step
+    step_ms: float  # from sending the step to having its token
+    logits: torch.Tensor | None = None
+
+
+@dataclass
+class _Results:
+    route: Route
+    channel: trio.MemorySendChannel[Frame]
+
+
+def _split(spec: str) -> tuple[str, str | None]:
+    model, _, revision = spec.partition("@")
+    return model, revision or None
+
+
+class Driver:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._results: dict[str, _Results] = {}
+        self._tokenizers: dict[tuple[str, str], Any] = {}
+        self._tokenizer_lock = trio.Lock()
+        self.failovers = 0
+        self.generations = 0
+
+    # ---- routes -----------------------------------------------------------------------------------
+
+    def _stage_ready(self, node_id: NodeId, key: str) -> bool:
+        if node_id == self.node.node_id:
+            return key in self.node.stages.ready()
+        m = self.node.core.membership.get(node_id)
+        return m is not None and m.status in (NodeStatus.READY, NodeStatus.DEGRADED) and key in m.info.stages
+
+    def status(self, spec: str) -> dict[str, Any]:
+        """The model's current plan and which of its stages are ready (404 when there is no plan)."""
+        model, revision = _split(spec)
+        held = self.node.plans.book.current.get(model)
+        if held is None or (revision is not None and held.plan.revision != revision):
+            raise NotFoundError(f"no plan for {spec} in this mesh (POST /api/model to serve it)", code="NO_PLAN")
+        plan = held.plan
+        stages = [{"node_id": a.node_id, "layers": [a.start, a.end],
+                   "ready": self._stage_ready(a.node_id, stage_key(model, plan.revision, a.start, a.end))}
+                  for a in plan.assignments]
+        return {"model": model, "revision": plan.revision, "term": plan.term, "epoch": plan.epoch,
+                "ready": all(s["ready"] for s in stages), "stages": stages}
+
+    def route(self, spec: str) -> Route | None:
+        """The current plan's route for ``spec`` when every stage on it is loaded and its peer is live."""
+        model, revision = _split(spec)
+        held = self.node.plans.book.current.get(model)
+        if held is None or (revision is not None and held.plan.revision != revision):
+            return None
+        plan = held.plan
+        hops = tuple(Hop(a.node_id, a.start, a.end) for a in plan.assignments)
+        if not all(self._stage_ready(h.node, stage_key(model, plan.revision, h.start, h.end)) for h in hops):
+            return None
+        return Route(model, plan.revision, (plan.term, plan.epoch), hops)
+
+    def served(self) -> list[Route]:
+        """Every model with a ready route (what ``/v1/models`` lists)."""
+        return [r for m in sorted(self.node.plans.book.current) if (r := self.route(m)) is not None]
+
+    def _broken(self, route: Route) -> bool:
+        held = self.node.plans.book.current.get(route.model)
+        if held is None or tuple(held.plan.stages()) != tuple((h.node, h.start, h.end) for h in route.hops):
+            return True  # the plan moved on to other stages
+        for h in route.hops:
+            if h.node == self.node.node_id:
+                continue
+            m = self.node.core.membership.get(h.node)
+            if m is None or m.status == NodeStatus.OFFLINE:
+                return True
+        return False
+
+    def require(self, spec: str) -> Route:
+        route = self.route(spec)
+        if route is not None:
+            return route
+        model, _ = _split(spec)
+        if model in self.node.plans.book.current or model in {_split(s)[0] for s in self.node.serve_requests()}:
+            raise ModelNotAvailable(f"{spec} is not ready: its stages are still being planned or loaded "
+                                    "(GET /api/model shows which)")
+        raise NotFoundError(f"the mesh does not serve {spec} (POST /api/model to serve it)", code="UNKNOWN_MODEL")
+
+    # ---- results from the last stage --------------------------------------------------------------
+
+    def _entry(self, frame: Frame, sender: NodeId) -> _Results:
+        entry = self._results.get(frame.session)
+        if entry is None:
+            raise PeerError(f"no generation {frame.session} is waiting here", code="UNKNOWN_SESSION")
+        allowed = entry.route.nodes if frame.kind == "error" else entry.route.nodes[-1:]
+        if sender not in allowed:
+            raise PeerError(f"{sender} may not send {frame.kind} frames for {frame.session}", code="NOT_IN_ROUTE")
+        return entry
+
+    async def deliver(self, frame: Frame, sender: NodeId) -> None:
+        """A result or error for a session of this driver (from a stage on this peer)."""
+        try:
+            entry = self._entry(frame, sender)
+            await entry.channel.send(frame)
+        except (PeerError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the generation is over (or failed over): nothing waits for this frame any more
+
+    async def accept_results(self, stream: Stream, first: Frame) -> None:
+        """An inbound stream of results (or an error) from a stage of one of our sessions."""
+        entry = self._entry(first, stream.peer)
+        frame = first
+        idle = self.node.config.inference.session_idle_timeout
+        while frame.kind in ("result", "error"):
+            if frame.session != first.session:
+                raise PeerError("results for another session on this stream", code="UNKNOWN_SESSION")
+            try:
+                await entry.channel.send(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if frame.kind == "error":
+                return
+            frame = await protocol.receive(stream, timeout=idle)
+
+    # ---- generating -------------------------------------------------------------------------------
+
+    async def generate(self, req: Request) -> AsyncIterator[Token]:
+        """Tokens as they come (the last one may be a stop token), failing over as needed."""
+        inf = self.node.config.inference
+        if not req.prompt:
+            raise PeerError("the prompt has no tokens", code="INVALID_PARAMETER")
+        if len(req.prompt) + 1 > MAX_TOKENS:
+            raise PeerError(f"the prompt has {len(req.prompt)} tokens; at most {MAX_TOKENS - 1}",
+                            code="CONTEXT_TOO_LONG")
+        route = self.require(req.model)
+        self.generations += 1
+        produced: list[int] = []
+        failures: list[str] = []
+        while True:
+            try:
+                async for tok in self._attempt(route, req, produced, replayed=bool(failures)):
+                    produced.append(tok.id)
+                    yield tok
+                return
+            except RouteFailed as err:
+                self.failovers += 1
+                failures.append(f"{err.code} at {err.node[-8:] or '?'}")
+                log.warning("generation on %s epoch %s failed after %d tokens: %s %s; failing over", route.model,
+                            route.epoch, len(produced), err.code, err,
+                            extra={"event": "failover", "code": err.code, "model": route.model,
+                                   "node_id": self.node.node_id, "peer": err.node})
+                if len(failures) > MAX_FAILOVERS:
+                    raise GenerationFailed(f"gave up after {len(failures)} failed routes: {'; '.join(failures)}") \
+                        from None
+                route = await self._await_route(req.model, route, inf.recovery_timeout, failures)
+
+    async def _await_route(self, spec: str, failed: Route, timeout: float, failures: list[str]) -> Route:
+        """A ready route other than ``failed`` (or ``failed`` again once its peers have had time to be
+        declared dead and have not been)."""
+        now = trio.current_time()
+        deadline = now + timeout
+        same_after = now + self.node.config.membership.offline_after + 1.0
+        while True:
+            route = self.route(spec)
+            if route is not None and not self._broken(route) and (
+                    route.hops != failed.hops or trio.current_time() >= same_after):
+                return route
+            if trio.current_time() >= deadline:
+                raise GenerationFailed(f"no working route for {spec} within {timeout}s after a failure "
+                                       f"({'; '.join(failures)}); peers left: "
+                                       f"{len(self.node.core.membership.members())}")
+            await trio.sleep(0.1)
+
+    async def _attempt(self, route: Route, req: Request, produced: list[int], *, replayed: bool
+                       ) -> AsyncIterator[Token]:
+        me = self.node.node_id
+        session = new_session_id(me)
+        send_results, results = trio.open_memory_channel[Frame](RESULT_QUEUE)
+        self._results[session] = _Results(route, send_results)
+        step_timeout = self.node.config.inference.step_timeout
+        ids = [*req.prompt, *produced]
+        position, step = 0, 0
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                send = await self._upstream(stack, route)
+                while len(produced) < req.max_tokens:
+                    extra = {**route.to_wire(), "driver": me, "sampling": req.sampling.to_wire()} if step == 0 else {}
+                    t0 = time.perf_counter()
+                    await send(Frame("tokens", session, step, position, torch.tensor([ids], dtype=torch.int64), extra))
+                    result = await self._wait(results, route, step, step_timeout)
+                    token = result.extra.get("token")
+                    if type(token) is not int or token < 0:
+                        raise RouteFailed("BAD_RESULT", f"the last stage answered token {token!r}", route.nodes[-1])
+                    timings = result.extra.get("compute_ms")
+                    tok = Token(token, len(produced), token in req.stop_ids, route.epoch, replayed and step == 0,
+                                tuple(timings) if isinstance(timings, list) else (),
+                                (time.perf_counter() - t0) * 1000, result.tensor)
+                    yield tok
+                    if tok.stop or len(produced) >= req.max_tokens:  # the caller appended it
+                        break
+                    position += len(ids)
+                    ids = [token]
+                    step += 1
+                with contextlib.suppress(RouteFailed):
+                    await send(Frame("end", session, step + 1, position))  # free every stage's cache now
+        finally:
+            del self._results[session]
+            send_results.close()
+            results.close()
+
+    async def _upstream(self, stack: contextlib.AsyncExitStack, route: Route) -> Callable[[Frame], Awaitable[None]]:
+        first = route.hops[0].node
+        if first == self.node.node_id:
+            holder: list[trio.MemorySendChannel[Frame]] = []
+
+            async def local(frame: Frame) -> None:
+                try:
+                    if not holder:
+                        holder.append(self.node.stages.open_local(frame))
+                        stack.push_async_callback(holder[0].aclose)
+                    else:
+                        await holder[0].send(frame)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    raise RouteFailed("STAGE_GONE", "the local stage ended the session", first) from None
+            return local
+        try:
+            stream = await stack.enter_async_context(self.node.transport.open_stream(first, ACTIVATIONS_PROTOCOL))
+        except PeerError as err:
+            raise RouteFailed(err.code, f"cannot open the first stage: {err}", first) from None
+
+        async def remote(frame: Frame) -> None:
+            try:
+                await protocol.send(stream, frame)
+            except PeerError as err:
+                raise RouteFailed(err.code, f"sending to the first stage failed: {err}", first) from None
+        return remote
+
+    async def _wait(self, results: trio.MemoryReceiveChannel[Frame], route: Route, step: int, timeout: float) -> Frame:
+        deadline = trio.current_time() + timeout
+        while True:
+            with trio.move_on_after(0.2):
+                frame = await results.receive()
+                if frame.kind == "error":
+                    code, message = frame.extra.get("code"), frame.extra.get("message")
+                    raise RouteFailed(str(code)[:64], str(message)[:500], str(frame.extra.get("node", ""))[:64])
+                if frame.step == step:
+                    return frame
+                raise RouteFailed("BAD_RESULT", f"result for step {frame.step} while waiting for {step}",
+                                  route.nodes[-1])
+            if trio.current_time() >= deadline:
+                raise RouteFailed("STEP_TIMEOUT", f"no token within {timeout}s", "")
+            if self._broken(route):
+                raise RouteFailed("ROUTE_CHANGED", "the plan moved to other stages or a stage peer went offline", "")
+
+    # ---- tokenizer --------------------------------------------------------------------------------
+
+    async def model_files(self, route: Route) -> Path:
+        manifest, _ = await self.node.stages.manifest(route.model, route.revision)
+        folder, _ = await self.node.stages.ensure(manifest, [])
+        return folder
+
+    async def tokenizer(self, route: Route) -> Any:
+        """The model's tokenizer (files fetched from a holder if needed); TOKENIZER_UNAVAILABLE without one."""
+        key = (route.model, route.revision)
+        async with self._tokenizer_lock:
+            if key not in self._tokenizers:
+                folder = await self.model_files(route)
+                self._tokenizers[key] = await trio.to_thread.run_sync(_load_tokenizer, folder)
+        tok = self._tokenizers[key]
+        if tok is None:
+            raise PeerError(f"{route.model} has no tokenizer: send token ids as the prompt",
+                            code="TOKENIZER_UNAVAILABLE")
+        return tok
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.meshnode_stop_ids = stop_ids(folder, tok)
+    return tok
+
+
+def stop_ids(folder: Path, tokenizer: Any = None) -> frozenset[int]:
+    """End-of-sequence ids from generation_config.json, config.json and the tokenizer."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        try:
+            eos = json.loads((folder / name).read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        for v in eos if isinstance(eos, list) else [eos]:
+            if type(v) is int and v >= 0:
+                ids.add(v)
+    if tokenizer is not None and isinstance(getattr(tokenizer, "eos_token_id", None), int):
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+

@@ -1,0 +1,460 @@
+"""The stages a peer runs: loaded from the plans that name it, served over ``/meshnode/activations/1``.
+
+Tasks (children of the peer's nursery):
+    keep        - follow the current plans: for every model whose plan gives this peer a range, fetch the
+                  shards it lacks from the peers that hold them (SHA256-checked on arrival and again when
+                  loaded), build the stage in a worker thread, then swap it in; a stage no plan names is
+                  freed. Ready stages are gossiped (``NodeInfo.stages``), which is how drivers and
+                  ``/v1/models`` know a model can run.
+    sessions    - inbound activation streams (``on_stream``); the driver's local first stage runs as a
+                  task here too (``open_local``)
+
+A session is one stream from the previous hop. Step 0 names the route; the stage checks that it is the
+stage the route says (same model, revision and range) and that the stream comes from the hop before it,
+then opens the next hop once. Each step's tensor is checked (kind, dtype, shape, hidden size, token ids
+inside the vocabulary, positions continuing the cache) before torch sees it; torch runs in a worker
+thread, one step at a time per stage. Any error ends that session only: its cache is freed, an error
+frame goes to the driver, and every other session goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import trio
+
+from inference import protocol
+from inference.frames import Frame, FrameError, expect
+from inference.protocol import ACTIVATIONS_PROTOCOL, Route, error_frame, route_of
+from inference.sampling import Sampling, sample
+from inference.sessions import SessionTable
+from inference.stage import Stage
+from mesh.errors import LocalError, MeshError, NotFoundError, PeerError
+from mesh.ids import NodeId
+from mesh.logs import Throttle
+from mesh.transport import Stream, StreamClosedError
+from storage.manifest import Manifest, Shard
+from storage.registry import safe_name
+from storage.shards import shard_path, verify_file
+from storage.transfer import Job
+
+if TYPE_CHECKING:
+    from mesh.node import Node
+
+log = logging.getLogger(__name__)
+#: Seconds before a stage that failed to load is tried again.
+RETRY_LOAD = 5.0
+
+
+class StageNotReady(PeerError):
+    code = "STAGE_NOT_READY"
+    http_status = 503
+
+
+def stage_key(model: str, revision: str, start: int, end: int) -> str:
+    """How a ready stage is named in gossip (``NodeInfo.stages``)."""
+    return f"{model}@{revision}:{start}:{end}"
+
+
+@dataclass
+class Loaded:
+    model: str
+    revision: str
+    start: int
+    end: int
+    stage: Stage
+    sessions: SessionTable
+    vocab: int
+    max_positions: int
+    limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))
+    loaded_at: float = field(default_factory=time.time)
+    load_s: float = 0.0
+    steps: int = 0
+
+    @property
+    def key(self) -> str:
+        return stage_key(self.model, self.revision, self.start, self.end)
+
+
+class Upstream:
+    """Where a session's frames come from: a libp2p stream, or the driver on this peer."""
+
+    def __init__(self, peer: NodeId, stream: Stream | None = None,
+                 channel: trio.MemoryReceiveChannel[Frame] | None = None) -> None:
+        self.peer, self.stream, self.channel = peer, stream, channel
+
+    async def receive(self, timeout: float) -> Frame:
+        if self.stream is not None:
+            return await protocol.receive(self.stream, timeout=timeout)
+        assert self.channel is not None
+        with trio.move_on_after(timeout):
+            try:
+                return await self.channel.receive()
+            except trio.EndOfChannel:
+                raise StreamClosedError("the driver closed the session") from None
+        raise StreamClosedError(f"no frame from the driver for {timeout}s")
+
+
+class StageHost:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        inf = node.config.inference
+        self.max_sessions, self.idle_timeout = inf.max_sessions, inf.session_idle_timeout
+        self.loaded: dict[str, Loaded] = {}  # model -> its stage here
+        self.errors: dict[str, dict[str, Any]] = {}  # model -> why its stage could not be loaded
+        self._failed: dict[str, tuple[str, float]] = {}  # model -> (stage key, when it failed)
+        self._manifests: dict[tuple[str, str], tuple[Manifest, bytes]] = {}
+        self._nursery: trio.Nursery | None = None
+        self._throttle = Throttle(every=10.0)
+        self.wake = trio.Event()
+
+    def ready(self) -> tuple[str, ...]:
+        return tuple(sorted(s.key for s in self.loaded.values()))
+
+    # ---- following the plans --------------------------------------------------------------------
+
+    async def keep(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                with trio.move_on_after(0.25):
+                    await self.wake.wait()
+                self.wake = trio.Event()
+                await self._follow()
+
+    async def _follow(self) -> None:
+        me = self.node.node_id
+        wanted: dict[str, tuple[str, int, int]] = {}
+        for model, held in list(self.node.plans.book.current.items()):
+            mine = next((a for a in held.plan.assignments if a.node_id == me), None)
+            if mine is not None:
+                wanted[model] = (held.plan.revision, mine.start, mine.end)
+        for model in [m for m in self.loaded if m not in wanted]:
+            gone = self.loaded.pop(model)
+            log.info("stage %s freed: no plan names this peer for it", gone.key,
+                     extra={"event": "stage_freed", "model": model, "node_id": me})
+        for model, (revision, start, end) in wanted.items():
+            key = stage_key(model, revision, start, end)
+            current = self.loaded.get(model)
+            if current is not None and current.key == key:
+                continue
+            failed = self._failed.get(model)
+            if failed is not None and failed[0] == key and self.node.now() - failed[1] < RETRY_LOAD:
+                continue
+            try:
+                self.loaded[model] = await self._load(model, revision, start, end)
+                self.errors.pop(model, None)
+                self._failed.pop(model, None)
+            except MeshError as err:
+                self._load_failed(model, key, err)
+            except (OSError, ValueError, RuntimeError, KeyError) as exc:  # a broken shard or config file
+                self._load_failed(model, key, LocalError(f"{type(exc).__name__}: {exc}", code="STAGE_LOAD_FAILED"))
+
+    def _load_failed(self, model: str, key: str, err: MeshError) -> None:
+        self._failed[model] = (key, self.node.now())
+        self.errors[model] = {**err.to_dict(), "stage": key, "at": time.time()}
+        if self._throttle.allow(("load", key, err.code), self.node.now()) is not None:
+            log.error("cannot load stage %s: %s %s", key, err.code, err,
+                      extra={"event": "stage_load_failed", "code": err.code, "model": model})
+
+    async def _load(self, model: str, revision: str, start: int, end: int) -> Loaded:
+        t0 = time.perf_counter()
+        manifest, _ = await self.manifest(model, revision)
+        if end > len(manifest.shards):
+            raise LocalError(f"the plan gives this peer [{start}, {end}) of a model with {len(manifest.shards)} "
+                             "layers", code="INVALID_STAGE")
+        own = list(manifest.shards[start:end])
+        by_name = {s.name: s for s in manifest.shards}
+        if own[-1].tied_to and own[-1].tied_to in by_name and by_name[own[-1].tied_to] not in own:
+            own.append(by_name[own[-1].tied_to])
+        folder, paths = await self.ensure(manifest, own)
+        config = json.loads(await trio.to_thread.run_sync((folder / "config.json").read_text))
+
+        def load(shard: Shard) -> dict[str, torch.Tensor]:
+            from safetensors.torch import load_file
+
+            path = paths[shard.sha256]
+            verify_file(path, shard.size, shard.sha256, f"shard {shard.name}")  # again: the disk may have changed
+            return load_file(path)
+
+        stage = await trio.to_thread.run_sync(lambda: Stage(config, manifest.shards, start, end, load))
+        vocab = int(config.get("vocab_size") or 0)
+        max_pos = int(config.get("max_position_embeddings") or config.get("n_positions") or 1 << 20)
+        loaded = Loaded(model, revision, start, end, stage,
+                        SessionTable(max_sessions=self.max_sessions, idle_timeout=self.idle_timeout),
+                        vocab, max_pos, load_s=time.perf_counter() - t0)
+        log.info("stage %s ready in %.2fs (%d shards)", loaded.key, loaded.load_s, end - start,
+                 extra={"event": "stage_ready", "model": model, "node_id": self.node.node_id})
+        return loaded
+
+    # ---- shards and files -------------------------------------------------------------------------
+
+    async def manifest(self, model: str, revision: str) -> tuple[Manifest, bytes]:
+        """The signed manifest of ``model@revision``: this peer's store, else a peer that holds it."""
+        key = (model, revision)
+        if key in self._manifests:
+            return self._manifests[key]
+        node = self.node
+        try:
+            found = await trio.to_thread.run_sync(node.store.manifest, model, revision)
+        except MeshError:
+            found = None
+            errors = []
+            for holder in node.holders(model, revision):
+                try:
+                    found = await node.fetcher.fetch_manifest(holder, model, revision)
+                    break
+                except PeerError as err:
+                    errors.append(f"{holder}: {err.code}")
+            if found is None:
+                why = "; ".join(errors) or "none holds it"
+                raise NotFoundError(f"no peer gave the manifest of {model}@{revision} ({why})",
+                                    code="MODEL_NOT_AVAILABLE") from None
+        self._manifests[key] = found
+        return found
+
+    def _installed(self, manifest: Manifest) -> bool:
+        try:
+            self.node.store.registry.require(manifest.model_id, manifest.revision)
+        except MeshError:
+            return False
+        return True
+
+    async def ensure(self, manifest: Manifest, shards: list[Shard]) -> tuple[Path, dict[str, Path]]:
+        """(folder with the model's files, shard SHA256 → file) with everything here; what is missing is
+        fetched from the peers that hold the model (each file SHA256-checked before it is committed)."""
+        store = self.node.store
+        shard_dir = store.registry.shard_dir
+        paths = {s.sha256: shard_path(shard_dir, s.sha256) for s in shards}
+        if await trio.to_thread.run_sync(self._installed, manifest):
+            return store.registry.model_dir(manifest.model_id, manifest.revision), paths
+        folder = store.root / "stages" / safe_name(manifest.model_id) / safe_name(manifest.revision)
+        jobs = [Job(s.name, s.sha256, s.size, paths[s.sha256]) for s in shards]
+        jobs += [Job(f.path, f.sha256, f.size, folder / f.path) for f in manifest.files]
+
+        def missing() -> list[Job]:
+            folder.mkdir(parents=True, exist_ok=True)
+            shard_dir.mkdir(parents=True, exist_ok=True)
+            return [j for j in jobs if not (j.dest.is_file() and j.dest.stat().st_size == j.size)]
+
+        todo = await trio.to_thread.run_sync(missing)
+        if todo:
+            holders = self.node.holders(manifest.model_id, manifest.revision)
+            if not holders:
+                raise NotFoundError(f"{len(todo)} files of {manifest.model_id}@{manifest.revision} are missing here "
+                                    "and no peer holds the model", code="MODEL_NOT_AVAILABLE")
+            fetcher = self.node.fetcher
+            t = fetcher.new_transfer(manifest.model_id, manifest.revision)
+            t.total_bytes, t.files_total = sum(j.size for j in todo), len(todo)
+            try:
+                limiter = trio.CapacityLimiter(fetcher.parallel)
+                failures: list[MeshError] = []
+
+                async def one(job: Job) -> None:
+                    async with limiter:
+                        try:
+                            await fetcher.fetch_file(job, holders, t)
+                        except MeshError as err:
+                            failures.append(err)
+
+                async with trio.open_nursery() as nursery:
+                    for job in todo:
+                        nursery.start_soon(one, job)
+                if failures:
+                    raise failures[0]
+            except MeshError as err:
+                t.state, t.error = "error", err.to_dict()
+                raise
+            t.state = "done"
+            log.info("fetched %d files (%d bytes) of %s@%s for a stage", len(todo), t.done_bytes,
+                     manifest.model_id, manifest.revision,
+                     extra={"event": "stage_fetched", "model": manifest.model_id, "node_id": self.node.node_id})
+        return folder, paths
+
+    # ---- sessions ---------------------------------------------------------------------------------
+
+    async def on_stream(self, stream: Stream) -> None:
+        """An inbound activation stream: a session from the previous hop, or results for a driver here."""
+        try:
+            first = await protocol.receive(stream, timeout=self.node.config.inference.step_timeout)
+        except PeerError as err:
+            await self._refuse(stream, "", 0, err)
+            return
+        if first.kind in ("result", "error"):
+            await self.node.driver.accept_results(stream, first)
+            return
+        await self.serve_session(Upstream(stream.peer, stream=stream), first, stream)
+
+    async def _refuse(self, stream: Stream | None, session: str, step: int, err: PeerError) -> None:
+        log.info("activation session %s refused: %s %s", session or "-", err.code, err,
+                 extra={"event": "session_refused", "code": err.code, "node_id": self.node.node_id})
+        if stream is not None:
+            with contextlib.suppress(PeerError):
+                await protocol.send(stream, error_frame(session, step, err.code, str(err), self.node.node_id),
+                                    timeout=1.0)
+
+    def open_local(self, first: Frame) -> trio.MemorySendChannel[Frame]:
+        """A session whose first stage is on this peer, driven from this peer: the driver sends its later
+        frames into the returned channel (bounded: the driver waits when the stage is behind)."""
+        assert self._nursery is not None
+        send, receive = trio.open_memory_channel[Frame](4)
+        self._nursery.start_soon(self.serve_session, Upstream(self.node.node_id, channel=receive), first, None)
+        return send
+
+    def _admit(self, first: Frame, sender: NodeId) -> tuple[Loaded, Route, int, NodeId, Sampling]:
+        if first.kind not in ("tokens", "hidden") or first.step != 0:
+            raise FrameError(f"a session starts with step 0 of tokens or hidden states, not {first.kind} "
+                             f"step {first.step}", code="UNKNOWN_SESSION")
+        route = route_of(first.extra)
+        driver = first.extra.get("driver")
+        if not isinstance(driver, str) or not driver:
+            raise FrameError("step 0 must name the driver")
+        sampling = Sampling.from_wire(first.extra.get("sampling", {}))
+        me = self.node.node_id
+        index = next((i for i, h in enumerate(route.hops) if h.node == me), None)
+        if index is None:
+            raise PeerError(f"this peer ({me}) is not on the route", code="NOT_IN_ROUTE")
+        hop = route.hops[index]
+        expected = driver if index == 0 else route.hops[index - 1].node
+        if sender != expected:
+            raise PeerError(f"stage {index} takes frames from {expected}, not {sender}", code="NOT_IN_ROUTE")
+        loaded = self.loaded.get(route.model)
+        if loaded is None or loaded.key != stage_key(route.model, route.revision, hop.start, hop.end):
+            have = loaded.key if loaded is not None else "nothing"
+            raise StageNotReady(f"this peer has {have} loaded, not {route.model}@{route.revision} "
+                                f"[{hop.start}, {hop.end})")
+        return loaded, route, index, NodeId(driver), sampling
+
+    async def serve_session(self, up: Upstream, first: Frame, stream: Stream | None) -> None:
+        node = self.node
+        try:
+            loaded, route, index, driver, sampling = self._admit(first, up.peer)
+            session = loaded.sessions.step(first.session, 0, node.now(), loaded.stage.new_cache)
+        except PeerError as err:
+            await self._refuse(stream, first.session, first.step, err)
+            driver = first.extra.get("driver")
+            if isinstance(driver, str) and driver:  # tell the driver too, so it does not wait for a timeout
+                await self._notify(NodeId(driver), error_frame(first.session, 0, err.code, str(err), node.node_id))
+            return
+        last = index == len(route.hops) - 1
+        next_node = driver if last else route.hops[index + 1].node
+        frame = first
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                send = await self._downstream(stack, next_node, first.session)
+                while True:
+                    out = await self._step(loaded, session, frame, sampling, last)
+                    await send(out)
+                    frame = await up.receive(self.idle_timeout)
+                    if frame.kind == "end":
+                        await send(Frame("end", frame.session, frame.step, frame.start))
+                        return
+                    if frame.session != first.session:
+                        raise FrameError(f"frame for session {frame.session} on the stream of {first.session}",
+                                         code="UNKNOWN_SESSION")
+                    loaded.sessions.step(first.session, frame.step, node.now(), loaded.stage.new_cache)
+        except StreamClosedError as err:
+            # The previous hop went away (its peer died, or the driver gave up): nothing to answer.
+            log.info("session %s ended: %s", first.session, err,
+                     extra={"event": "session_closed", "code": err.code, "node_id": node.node_id})
+            if not last:
+                await self._notify(driver, error_frame(first.session, session.next_step, err.code,
+                                                       f"{err} (stage {index})", node.node_id))
+        except PeerError as err:
+            await self._refuse(stream, first.session, frame.step, err)
+            await self._notify(driver, error_frame(first.session, frame.step, err.code, str(err), node.node_id))
+        finally:
+            loaded.sessions.end(first.session)
+
+    async def _downstream(self, stack: contextlib.AsyncExitStack, peer: NodeId,
+                          session: str) -> Callable[[Frame], Awaitable[None]]:
+        """How this stage sends its outputs: a stream to the next hop (or to the driver), or straight
+        into the driver when it is this peer. Opened lazily, once per session."""
+        if peer == self.node.node_id:
+            async def local(frame: Frame) -> None:
+                await self.node.driver.deliver(frame, self.node.node_id)
+            return local
+        holder: list[Stream] = []
+
+        async def remote(frame: Frame) -> None:
+            if not holder:
+                try:
+                    holder.append(await stack.enter_async_context(
+                        self.node.transport.open_stream(peer, ACTIVATIONS_PROTOCOL)))
+                except PeerError as err:
+                    raise StreamClosedError(f"cannot reach the next hop {peer}: {err.code} {err}",
+                                            code="NEXT_HOP_FAILED") from None
+            try:
+                await protocol.send(holder[0], frame)
+            except PeerError as err:
+                raise PeerError(f"the next hop {peer} failed: {err.code} {err}", code="NEXT_HOP_FAILED") from None
+        return remote
+
+    async def _notify(self, driver: NodeId, frame: Frame) -> None:
+        """Best effort: an error frame to the driver on its own stream (never raises)."""
+        try:
+            if driver == self.node.node_id:
+                await self.node.driver.deliver(frame, self.node.node_id)
+                return
+            with trio.move_on_after(2.0):
+                async with self.node.transport.open_stream(driver, ACTIVATIONS_PROTOCOL, timeout=2.0) as s:
+                    await protocol.send(s, frame)
+        except (PeerError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _step(self, loaded: Loaded, session: Any, frame: Frame, sampling: Sampling, last: bool) -> Frame:
+        stage = loaded.stage
+        if stage.first:
+            x = expect(frame, kind="tokens", dtype=torch.int64, rank=2)
+            if loaded.vocab and (int(x.min()) < 0 or int(x.max()) >= loaded.vocab):
+                raise FrameError(f"token ids must be in [0, {loaded.vocab})", code="BAD_VALUES")
+        else:
+            x = expect(frame, kind="hidden", dtype=stage.dtype, rank=3, hidden=stage.hidden)
+        if x.shape[0] != 1:
+            raise FrameError(f"one sequence per session, got a batch of {x.shape[0]}", code="BAD_SHAPE")
+        count = x.shape[1]
+        if frame.start + count > loaded.max_positions:
+            raise FrameError(f"positions up to {frame.start + count} exceed the model's {loaded.max_positions}",
+                             code="CONTEXT_TOO_LONG")
+        positions = torch.arange(frame.start, frame.start + count).unsqueeze(0)
+        t0 = time.perf_counter()
+        async with loaded.limiter:
+            out = await trio.to_thread.run_sync(stage.forward, x, positions, session.cache)
+            if last:
+                logits = out[0, -1].float()
+                token = await trio.to_thread.run_sync(sample, logits, sampling, frame.start + count)
+        loaded.sessions.done(session, self.node.now())
+        loaded.steps += 1
+        before = frame.extra.get("compute_ms")
+        if not (isinstance(before, list) and all(isinstance(v, int | float) for v in before)):
+            before = []
+        timings = [*before, round((time.perf_counter() - t0) * 1000, 3)]
+        extra = {k: v for k, v in frame.extra.items() if k != "compute_ms"} if frame.step == 0 else {}
+        extra["compute_ms"] = timings[: protocol.MAX_ROUTE]
+        if last:
+            result = {"token": token, "compute_ms": extra["compute_ms"]}
+            tensor = logits.view(1, 1, -1) if sampling.logits else None
+            return Frame("result", frame.session, frame.step, frame.start, tensor, result)
+        return Frame("hidden", frame.session, frame.step, frame.start, out, extra)
+
+    # ---- views ------------------------------------------------------------------------------------
+
+    def view(self) -> dict[str, Any]:
+        return {"stages": [{"model": s.model, "revision": s.revision, "start": s.start, "end": s.end,
+                            "sessions": len(s.sessions), "steps": s.steps, "load_s": round(s.load_s, 3)}
+                           for s in self.loaded.values()],
+                "errors": self.errors}
+
+
+def new_session_id(node: NodeId) -> str:
+    return f"{node[-6:]}-{secrets.token_hex(8)}"
