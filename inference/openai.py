@@ -233,8 +233,7 @@ class Api:
                     break
                 out.token_ids.append(token.id)
                 delta, stopped = text.push(token.id)
-                if delta:
-                    yield ("delta", delta, token)
+                yield ("delta", delta, token)  # every token, even one whose text is held back
                 if stopped:
                     out.finish_reason = "stop"
                     break
@@ -271,16 +270,20 @@ class Api:
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
 
-        def chunk(delta: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        def chunk(delta: str | None, finish: str | None, token: Any = None, first: bool = False) -> dict[str, Any]:
             if chat:
                 d: dict[str, Any] = {"role": "assistant"} if first else {}
                 if delta:
                     d["content"] = delta
                 choice = {"index": 0, "delta": d, "finish_reason": finish}
-                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": p.model,
-                        "choices": [choice]}
-            return {"id": rid, "object": "text_completion", "created": created, "model": p.model,
-                    "choices": [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}]}
+                out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": p.model,
+                       "choices": [choice]}
+            else:
+                out = {"id": rid, "object": "text_completion", "created": created, "model": p.model,
+                       "choices": [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}]}
+            if token is not None:  # meshnode's extension: the token id and the plan epoch that produced it
+                out["meshnode"] = {"token_id": token.id, "epoch": list(token.epoch)}
+            return out
 
         if p.stream:
             async def sse() -> AsyncIterator[bytes]:
@@ -289,11 +292,12 @@ class Api:
                         yield _sse(chunk(None, None, first=True))
                     async for ev in events:
                         if ev[0] == "delta":
-                            yield _sse(chunk(ev[1], None))
+                            yield _sse(chunk(ev[1], None, ev[2]))
                         else:
                             out: Outcome = ev[1]
                             final = chunk(None, out.finish_reason)
                             final["usage"] = _usage(out)
+                            final["meshnode"] = _details(out)
                             yield _sse(final)
                 except MeshError as err:
                     yield _sse({"error": openai_error(err)})

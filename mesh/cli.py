@@ -227,6 +227,61 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def stream_events(addr: str, path: str, body: dict[str, Any], *, timeout: float = 120.0) -> Any:
+    """POST ``body`` and yield each server-sent event's JSON until ``[DONE]``; an error event (or an
+    error answer) raises MeshError with its code."""
+    req = urllib.request.Request(_api_url(addr) + path, method="POST", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        try:
+            err = json.loads(exc.read())["error"]
+        except (ValueError, KeyError, TypeError):
+            err = {"code": "HTTP_ERROR", "message": str(exc)}
+        raise MeshError(err["message"], code=err["code"]) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise MeshError(f"cannot reach the peer's API at {addr}: {exc}", code="API_UNREACHABLE") from None
+    with resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            event = json.loads(data)
+            if "error" in event:
+                raise MeshError(event["error"]["message"], code=event["error"]["code"])
+            yield event
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Stream a completion from the mesh through the local peer, printing text as it comes."""
+    model = args.model
+    if not model:
+        served = api_get(args.api, "/v1/models")["data"]
+        if not served:
+            raise MeshError("the mesh serves no model yet (POST /api/model or `meshnode start --serve ID`)",
+                            code="MODEL_NOT_AVAILABLE")
+        model = served[0]["id"]
+    body: dict[str, Any] = {"model": model, "max_tokens": args.max_tokens, "temperature": args.temperature,
+                            "stream": True}
+    if args.seed is not None:
+        body["seed"] = args.seed
+    if args.raw:
+        path, body["prompt"] = "/v1/completions", args.prompt
+    else:
+        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": args.prompt}]
+    for event in stream_events(args.api, path, body):
+        choice = event["choices"][0]
+        text = choice.get("text") if args.raw else choice["delta"].get("content")
+        if text:
+            print(text, end="", flush=True)
+    print(flush=True)
+    return 0
+
+
 # ---- entry point --------------------------------------------------------------------------------
 
 
@@ -269,6 +324,15 @@ def make_parser() -> argparse.ArgumentParser:
                    help="the exact planner, or a baseline: compute- or memory-proportional")
     p.add_argument("--request-id", default="what-if")
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("generate", help="generate text with the mesh, printing tokens as they come")
+    p.add_argument("prompt")
+    p.add_argument("--model", help="model id (default: the first one the mesh serves)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--seed", type=int, help="seed for sampling (same seed, same text)")
+    p.add_argument("--raw", action="store_true", help="plain completion of the prompt, no chat template")
+    p.add_argument("--api", default=DEFAULT_API, help="the peer's API address (host:port)")
+    p.set_defaults(func=cmd_generate)
     p = sub.add_parser("demo", help="start a local mesh on 127.0.0.1 and show it working")
     config_mod.add_arguments(p)
     p.set_defaults(func=cmd_demo)

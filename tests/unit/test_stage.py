@@ -122,7 +122,7 @@ def test_a_stage_holds_only_its_own_weights_and_checks_positions(tmp_path: Path)
     assert cache.get_seq_length() == 5
 
 
-def test_smollm2_in_two_and_three_stages_equals_the_unsplit_model(tmp_path: Path) -> None:
+def test_smollm2_in_two_and_three_stages_equals_the_unsplit_model(tmp_path: Path, smollm2_folder: Path) -> None:
     """The real model (SmolLM2-135M-Instruct, from the packaged GGUF): 32 greedy tokens of a chat prompt
     through 2- and 3-stage splits equal the unsplit transformers model's; last logits within 1e-4."""
     import json
@@ -130,8 +130,8 @@ def test_smollm2_in_two_and_three_stages_equals_the_unsplit_model(tmp_path: Path
     from transformers import AutoTokenizer
 
     store = Store(tmp_path / "store", Identity.generate())
-    manifest = store.add("smollm2-135m-instruct")
-    source = tmp_path / "store" / "sources" / "smollm2-135m-instruct" / manifest.revision
+    manifest = store.add(str(smollm2_folder), model_id="smollm2-135m-instruct")
+    source = smollm2_folder
     model = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source)
     prompt = [tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],

@@ -1,0 +1,230 @@
+"""Generation through real `meshnode start` processes on 127.0.0.1, with the unsplit transformers model as
+the oracle: tokens from the mesh must equal its greedy tokens — across 3 stages, across 2 stages, and
+across a kill -9 of a middle stage in the middle of a generation (the driver fails over to the next plan
+epoch and replays the prefix)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from coordinator.service import planner_layers
+from mesh.cli import api_get, stream_events
+from mesh.cli import main as cli
+from mesh.errors import MeshError
+from mesh.identity import Identity
+from mesh.localmesh import LocalMesh, PeerProcess, agreed, wait_for
+from storage.store import Store
+
+pytestmark = pytest.mark.integration
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "local-3.toml")
+PROMPT = [3, 17, 42, 7, 99, 5]
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(1)
+    return LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, tie_word_embeddings=True, initializer_range=0.5, max_position_embeddings=512))
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(2)
+    return GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=128, n_positions=512,
+                                      initializer_range=0.5, bos_token_id=1, eos_token_id=2))
+
+
+def reference(model: torch.nn.Module, prompt: list[int], new: int) -> list[int]:
+    """Greedy tokens of the unsplit model with its own KV cache (no stop token)."""
+    model.eval()
+    ids, cache, out = torch.tensor([prompt]), DynamicCache(config=model.config), []
+    with torch.no_grad():
+        for _ in range(new):
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+            out.append(int(logits.argmax(-1)))
+            ids = torch.tensor([[out[-1]]])
+    return out
+
+
+def served(peers: list[PeerProcess], model: str, stages: int | None = None, exclude: str = ""
+           ) -> dict[str, Any] | None:
+    """The model's entry in /v1/models once every one of ``peers`` lists it as ready, on the same stages
+    (``stages`` of them, none on ``exclude``)."""
+    found = []
+    for peer in peers:
+        listing = peer.try_get("/v1/models")
+        entry = next((m for m in (listing or {}).get("data", []) if m["id"] == model), None)
+        if entry is None:
+            return None
+        hops = entry["meshnode"]["stages"]
+        if (stages is not None and len(hops) != stages) or exclude in {h["node_id"] for h in hops}:
+            return None
+        found.append(entry)
+    return found[0] if all(e["meshnode"] == found[0]["meshnode"] for e in found) else None
+
+
+def serve(peer: PeerProcess, model: str) -> dict[str, Any]:
+    """POST /api/model, retried until the peer has heard (by gossip) of a peer that holds the model."""
+    def ask() -> dict[str, Any] | None:
+        try:
+            return api_get(peer.api, "/api/model", method="POST", body={"model_id": model})
+        except MeshError as err:
+            if err.code != "UNKNOWN_MODEL":
+                raise
+            return None
+    return wait_for(ask, 15, what=f"a peer to advertise {model}")
+
+
+def request(peer: PeerProcess, body: dict[str, Any]) -> dict[str, Any]:
+    return api_get(peer.api, "/api/request", method="POST", timeout=120.0, body=body)
+
+
+class Streamer(threading.Thread):
+    """Reads a streamed completion in the background, recording each token id as it arrives."""
+
+    def __init__(self, peer: PeerProcess, path: str, body: dict[str, Any]) -> None:
+        super().__init__(daemon=True)
+        self.peer, self.path, self.body = peer, path, body
+        self.tokens: list[int] = []
+        self.arrivals: list[float] = []
+        self.text = ""
+        self.final: dict[str, Any] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for event in stream_events(self.peer.api, self.path, self.body, timeout=120.0):
+                choice = event["choices"][0]
+                self.text += choice.get("text") or choice.get("delta", {}).get("content") or ""
+                if "token_id" in event.get("meshnode", {}):
+                    self.tokens.append(event["meshnode"]["token_id"])
+                    self.arrivals.append(time.monotonic())
+                if choice["finish_reason"] is not None:
+                    self.final = event
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+
+def kill_middle_stage_during(driver: PeerProcess, peers: list[PeerProcess], entry: dict[str, Any], path: str,
+                             body: dict[str, Any], after_tokens: int) -> tuple[Streamer, PeerProcess, float]:
+    """Stream ``body`` from ``driver``; once ``after_tokens`` tokens arrived, kill -9 the middle stage's
+    peer. Returns the finished streamer, the victim and the seconds from the kill to the next token."""
+    hops = entry["meshnode"]["stages"]
+    victim = next(p for p in peers if p.node_id == hops[1]["node_id"])
+    assert victim is not driver
+    s = Streamer(driver, path, body)
+    s.start()
+    wait_for(lambda: len(s.tokens) >= after_tokens or s.error or not s.is_alive(), 60, interval=0.01,
+             what=f"{after_tokens} streamed tokens")
+    assert s.error is None and s.is_alive(), (s.error, len(s.tokens))
+    killed_at, seen = time.monotonic(), len(s.tokens)
+    victim.proc.kill()
+    victim.proc.wait()
+    s.join(120)
+    assert not s.is_alive() and s.error is None, s.error
+    assert len(s.tokens) > seen, "nothing came after the kill"
+    return s, victim, s.arrivals[seen] - killed_at
+
+
+def test_tiny_llama_and_gpt2_through_three_then_two_stages_with_kill_9_mid_generation(tmp_path: Path) -> None:
+    models = {"llama": tiny_llama(), "gpt2": tiny_gpt2()}
+    need = 0
+    for name, model in models.items():
+        model.save_pretrained(tmp_path / name)
+        for peer in ("a", "b"):  # c holds nothing: it fetches the shards of its stages from a and b
+            assert cli(["models", "--data-dir", str(tmp_path / "mesh" / peer), "add", str(tmp_path / name),
+                        "--id", name]) == 0
+        manifest = Store(tmp_path / "mesh" / "a" / "store", Identity.generate()).manifest(name)[0]
+        need = max(need, sum(x.bytes for x in planner_layers(manifest, 2048)))
+    # Each peer offers 60% of what a model needs: no peer runs it alone, any two can.
+    offer = ("--max-layer-memory-mb", f"{0.6 * need / 2**20:.6f}", "--hop-ms", "0.05", "--benchmark-seconds", "0.05")
+    with LocalMesh(tmp_path / "mesh", config_file=CONFIG, extra_args=offer) as mesh:
+        a = mesh.start_peer("a")
+        b = mesh.start_peer("b", a.addrs[:1])
+        c = mesh.start_peer("c", b.addrs[:1])
+        peers = [a, b, c]
+        wait_for(lambda: agreed(peers), 30, what="one coordinator")
+        for name in models:  # asked on c, which holds neither model
+            assert name in serve(c, name)["requested"]
+        entries = {name: wait_for(lambda n=name: served(peers, n, stages=3), 60, what=f"{name} on 3 stages")
+                   for name in models}
+        want = {name: reference(model, PROMPT, 120) for name, model in models.items()}
+        for name in models:
+            got = request(c, {"model": name, "prompt": PROMPT, "max_tokens": 24, "ignore_eos": True})
+            assert got["token_ids"] == want[name][:24], name
+            assert len(got["route"]) == 3 and got["failovers"] == 0
+
+        # kill -9 the middle stage of the llama plan while a 120-token generation streams from stage 0's peer.
+        entry = entries["llama"]
+        driver = next(p for p in peers if p.node_id == entry["meshnode"]["stages"][0]["node_id"])
+        body = {"model": "llama", "prompt": PROMPT, "max_tokens": 120, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        s, victim, recovery = kill_middle_stage_during(driver, peers, entry, "/v1/completions", body, 10)
+        assert s.tokens == want["llama"], "the failover changed the generated tokens"
+        assert s.final["choices"][0]["finish_reason"] == "length"
+        assert s.final["meshnode"]["failovers"] >= 1 and len(s.final["meshnode"]["epochs"]) >= 2
+        print(f"kill -9 of the middle stage: next token {recovery:.2f}s later, 120 tokens identical")
+
+        # Both models now run on the two survivors, still exactly.
+        survivors = [p for p in peers if p is not victim]
+        for name in models:
+            wait_for(lambda n=name: served(survivors, n, stages=2, exclude=victim.node_id), 60,
+                     what=f"{name} on the 2 survivors")
+            got = request(survivors[1], {"model": name, "prompt": PROMPT, "max_tokens": 24, "ignore_eos": True})
+            assert got["token_ids"] == want[name][:24] and len(got["route"]) == 2, name
+        # c (unless it was the victim) ran stages from shards it fetched from a and b: nothing installed.
+        assert Store(tmp_path / "mesh" / c.name / "store", Identity.generate()).installed() == []
+        if c is not victim:
+            assert c.get("/api/model")["local"]["stages"], "c runs stages of shards it fetched"
+
+
+def test_smollm2_chat_streams_the_single_process_text_and_survives_kill_9(tmp_path: Path,
+                                                                        smollm2_folder: Path) -> None:
+    from transformers import AutoTokenizer
+
+    for peer in ("peer-a", "peer-b", "peer-c"):
+        assert cli(["models", "--data-dir", str(tmp_path / peer), "add", str(smollm2_folder), "--id", SMOLLM2]) == 0
+    with LocalMesh(tmp_path, config_file=CONFIG, extra_args=("--benchmark-seconds", "0.05")) as mesh:
+        peers = mesh.start_chain(3)  # peer-a, peer-b, peer-c
+        wait_for(lambda: agreed(peers), 30, what="one coordinator")
+        serve(peers[0], SMOLLM2)
+        # Meanwhile: the oracle, in this process.
+        model = LlamaForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+
+        def chat_ids(question: str) -> list[int]:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                                 tokenize=False)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        question = "What is the capital of France?"
+        want = reference(model, chat_ids(question), 32)
+        end = want.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in want else len(want)
+        want_text = tokenizer.decode(want[:end], skip_special_tokens=True)
+        assert want_text.startswith("The capital of France is Paris")
+        entry = wait_for(lambda: served(peers, SMOLLM2, stages=3), 90, what="SmolLM2 on 3 stages")
+        driver = next(p for p in peers if p.node_id == entry["meshnode"]["stages"][-1]["node_id"])
+
+        s = Streamer(driver, "/v1/chat/completions", {"model": SMOLLM2, "temperature": 0, "max_tokens": 32,
+                                                      "stream": True,
+                                                      "messages": [{"role": "user", "content": question}]})
+        s.run()
+        assert s.error is None, s.error
+        assert s.text == want_text and s.final["choices"][0]["finish_reason"] == "stop"
+        assert len(s.arrivals) > 3 and s.arrivals[-1] > s.arrivals[0]  # streamed, not sent at once
+
+        story = chat_ids("Write a short story about a lighthouse keeper.")
+        want_story = reference(model, story, 48)
+        body = {"model": SMOLLM2, "prompt": story, "max_tokens": 48, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        s, _, recovery = kill_middle_stage_during(driver, peers, entry, "/v1/completions", body, 8)
+        assert s.tokens == want_story, (tokenizer.decode(s.tokens), tokenizer.decode(want_story))
+        assert s.final["meshnode"]["failovers"] >= 1
+        print(f"SmolLM2: kill -9 of the middle stage, next token {recovery:.2f}s later; 48 tokens identical")
