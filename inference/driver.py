@@ -142,9 +142,13 @@ class Driver:
         return [r for m in sorted(self.node.plans.book.current) if (r := self.route(m)) is not None]
 
     def _broken(self, route: Route) -> bool:
+        """A stage peer of ``route`` is offline, or the plan moved on and its new route is ready (a route
+        that still works is kept while the new plan's stages load)."""
         held = self.node.plans.book.current.get(route.model)
         if held is None or tuple(held.plan.stages()) != tuple((h.node, h.start, h.end) for h in route.hops):
-            return True  # the plan moved on to other stages
+            newer = self.route(route.model)
+            if newer is not None and newer.hops != route.hops:
+                return True
         for h in route.hops:
             if h.node == self.node.node_id:
                 continue
