@@ -165,7 +165,8 @@ def build_app(node: Node) -> Starlette:
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         # The one documented boundary where any exception is caught: one request failed, the peer goes on.
         log.error("api handler failed for %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse({"error": {"code": "INTERNAL", "message": "internal error"}}, status_code=500)
+        return JSONResponse({"error": {"code": "INTERNAL", "message": "internal error", "type": "server_error",
+                                       "param": None}}, status_code=500)
 
     from inference.openai import Api
 
