@@ -161,6 +161,25 @@ def test_tiny_llama_and_gpt2_through_three_then_two_stages_with_kill_9_mid_gener
             assert got["token_ids"] == want[name][:24], name
             assert len(got["route"]) == 3 and got["failovers"] == 0
 
+        # Several sessions at once, from every peer, on both models: each gets exactly its own tokens.
+        results: dict[tuple[str, str, int], Any] = {}
+
+        def one(peer: PeerProcess, name: str, n: int) -> None:
+            try:
+                results[(peer.name, name, n)] = request(peer, {"model": name, "prompt": PROMPT[: 3 + n],
+                                                               "max_tokens": 40, "ignore_eos": True})["token_ids"]
+            except Exception as exc:  # reported below
+                results[(peer.name, name, n)] = exc
+
+        threads = [threading.Thread(target=one, args=(p, name, n)) for p in peers for name in models for n in (0, 3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for (_, name, n), got in results.items():
+            assert got == reference(models[name], PROMPT[: 3 + n], 40), (name, n, got)
+        assert len(results) == len(threads)
+
         # kill -9 the middle stage of the llama plan while a 120-token generation streams from stage 0's peer.
         entry = entries["llama"]
         driver = next(p for p in peers if p.node_id == entry["meshnode"]["stages"][0]["node_id"])
