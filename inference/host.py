@@ -19,6 +19,7 @@ frame goes to the driver, and every other session goes on.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 #: Seconds before a stage that failed to load is tried again.
 RETRY_LOAD = 5.0
+#: An inbound activation stream must send its first frame within this many seconds.
+FIRST_FRAME_TIMEOUT = 10.0
 
 
 class StageNotReady(PeerError):
@@ -85,16 +88,34 @@ class Loaded:
         return stage_key(self.model, self.revision, self.start, self.end)
 
 
+def fits(stages: list[Stage]) -> Callable[[dict[str, Any]], None]:
+    """A header check run before the payload is read: one sequence, and a tensor one of ``stages`` can
+    take (token ids for a first stage, hidden states of its size and dtype otherwise). An oversize or
+    mismatched tensor is refused without reading (or buffering) its bytes."""
+    def admit(header: dict[str, Any]) -> None:
+        shape = header.get("shape")
+        if shape is None:
+            return
+        if shape[0] != 1:
+            raise FrameError(f"one sequence per session, got a batch of {shape[0]}", code="BAD_SHAPE")
+        for st in stages:
+            if (len(shape) == 2 and st.first) or (len(shape) == 3 and not st.first and shape[2] == st.hidden):
+                return
+        raise FrameError(f"no stage here takes a tensor of shape {shape}", code="BAD_SHAPE")
+    return admit
+
+
 class Upstream:
     """Where a session's frames come from: a libp2p stream, or the driver on this peer."""
 
     def __init__(self, peer: NodeId, stream: Stream | None = None,
                  channel: trio.MemoryReceiveChannel[Frame] | None = None) -> None:
         self.peer, self.stream, self.channel = peer, stream, channel
+        self.admit: Callable[[dict[str, Any]], None] | None = None
 
     async def receive(self, timeout: float) -> Frame:
         if self.stream is not None:
-            return await protocol.receive(self.stream, timeout=timeout)
+            return await protocol.receive(self.stream, timeout=timeout, admit=self.admit)
         assert self.channel is not None
         with trio.move_on_after(timeout):
             try:
@@ -115,6 +136,7 @@ class StageHost:
         self._manifests: dict[tuple[str, str], tuple[Manifest, bytes]] = {}
         self._nursery: trio.Nursery | None = None
         self._throttle = Throttle(every=10.0)
+        self._streams: collections.Counter[NodeId] = collections.Counter()  # open inbound streams per peer
         self.wake = trio.Event()
 
     def ready(self) -> tuple[str, ...]:
@@ -284,16 +306,30 @@ class StageHost:
     # ---- sessions ---------------------------------------------------------------------------------
 
     async def on_stream(self, stream: Stream) -> None:
-        """An inbound activation stream: a session from the previous hop, or results for a driver here."""
+        """An inbound activation stream: a session from the previous hop, or results for a driver here.
+        A peer may hold at most ``max_sessions`` of these at once, and must send its first frame within
+        ``FIRST_FRAME_TIMEOUT``: idle streams cannot take every handler slot."""
+        peer = stream.peer
+        if self._streams[peer] >= self.max_sessions:
+            await self._refuse(stream, "", 0, PeerError(f"{peer} has {self._streams[peer]} activation streams open "
+                                                        "here, the most allowed", code="TOO_MANY_SESSIONS"))
+            return
+        self._streams[peer] += 1
         try:
-            first = await protocol.receive(stream, timeout=self.node.config.inference.step_timeout)
-        except PeerError as err:
-            await self._refuse(stream, "", 0, err)
-            return
-        if first.kind in ("result", "error"):
-            await self.node.driver.accept_results(stream, first)
-            return
-        await self.serve_session(Upstream(stream.peer, stream=stream), first, stream)
+            try:
+                first = await protocol.receive(stream, timeout=FIRST_FRAME_TIMEOUT,
+                                               admit=fits([s.stage for s in self.loaded.values()]))
+                if first.kind in ("result", "error"):
+                    await self.node.driver.accept_results(stream, first)
+                    return
+            except PeerError as err:
+                await self._refuse(stream, "", 0, err)
+                return
+            await self.serve_session(Upstream(peer, stream=stream), first, stream)
+        finally:
+            self._streams[peer] -= 1
+            if not self._streams[peer]:
+                del self._streams[peer]
 
     async def _refuse(self, stream: Stream | None, session: str, step: int, err: PeerError) -> None:
         log.info("activation session %s refused: %s %s", session or "-", err.code, err,
@@ -310,6 +346,20 @@ class StageHost:
         send, receive = trio.open_memory_channel[Frame](4)
         self._nursery.start_soon(self.serve_session, Upstream(self.node.node_id, channel=receive), first, None)
         return send
+
+    def _trusted_driver(self, first: Frame, sender: NodeId) -> NodeId | None:
+        """The driver named in a step 0, if the sender is the hop the route puts before this peer (so a
+        refusal may be reported to that driver); None for anyone else (a stranger's refused frame must
+        not reach, or fail, a real driver's session)."""
+        try:
+            route = route_of(first.extra)
+        except PeerError:
+            return None
+        driver = first.extra.get("driver")
+        index = next((i for i, h in enumerate(route.hops) if h.node == self.node.node_id), None)
+        if not isinstance(driver, str) or index is None:
+            return None
+        return NodeId(driver) if sender == (driver if index == 0 else route.hops[index - 1].node) else None
 
     def _admit(self, first: Frame, sender: NodeId) -> tuple[Loaded, Route, int, NodeId, Sampling]:
         if first.kind not in ("tokens", "hidden") or first.step != 0:
@@ -342,10 +392,11 @@ class StageHost:
             session = loaded.sessions.step(first.session, 0, node.now(), loaded.stage.new_cache)
         except PeerError as err:
             await self._refuse(stream, first.session, first.step, err)
-            driver = first.extra.get("driver")
-            if isinstance(driver, str) and driver:  # tell the driver too, so it does not wait for a timeout
-                await self._notify(NodeId(driver), error_frame(first.session, 0, err.code, str(err), node.node_id))
+            trusted = self._trusted_driver(first, up.peer)
+            if trusted is not None and err.code != "SESSION_EXISTS":  # the driver need not wait for a timeout
+                await self._notify(trusted, error_frame(first.session, 0, err.code, str(err), node.node_id))
             return
+        up.admit = fits([loaded.stage])
         last = index == len(route.hops) - 1
         next_node = driver if last else route.hops[index + 1].node
         frame = first
@@ -356,12 +407,12 @@ class StageHost:
                     out = await self._step(loaded, session, frame, sampling, last)
                     await send(out)
                     frame = await up.receive(self.idle_timeout)
-                    if frame.kind == "end":
-                        await send(Frame("end", frame.session, frame.step, frame.start))
-                        return
                     if frame.session != first.session:
                         raise FrameError(f"frame for session {frame.session} on the stream of {first.session}",
                                          code="UNKNOWN_SESSION")
+                    if frame.kind == "end":
+                        await send(Frame("end", frame.session, frame.step, frame.start))
+                        return
                     loaded.sessions.step(first.session, frame.step, node.now(), loaded.stage.new_cache)
         except StreamClosedError as err:
             # The previous hop went away (its peer died, or the driver gave up): nothing to answer.
@@ -439,7 +490,10 @@ class StageHost:
         if not (isinstance(before, list) and all(isinstance(v, int | float) for v in before)):
             before = []
         timings = [*before, round((time.perf_counter() - t0) * 1000, 3)]
-        extra = {k: v for k, v in frame.extra.items() if k != "compute_ms"} if frame.step == 0 else {}
+        extra: dict[str, Any] = {}
+        if frame.step == 0:  # only what was checked at admission, re-encoded: no stranger's fields travel on
+            extra = {**route_of(frame.extra).to_wire(), "driver": frame.extra["driver"],
+                     "sampling": sampling.to_wire()}
         extra["compute_ms"] = timings[: protocol.MAX_ROUTE]
         if last:
             result = {"token": token, "compute_ms": extra["compute_ms"]}

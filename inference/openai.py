@@ -82,7 +82,7 @@ def parse_params(body: dict[str, Any], default_max: int) -> Params:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _invalid("model is required (GET /v1/models lists them)", "model")
-    if body.get("n", 1) != 1:
+    if type(body.get("n", 1)) is not int or body.get("n", 1) != 1:
         raise _invalid("only n = 1 is supported", "n")
     max_tokens = _integer(body, "max_completion_tokens", None, 1, MAX_NEW_TOKENS)
     if max_tokens is None:

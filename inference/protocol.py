@@ -17,6 +17,7 @@ stream of the same protocol whose first frame is a result. Errors travel the sam
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +35,13 @@ async def send(stream: Stream, frame: Frame, *, timeout: float | None = None) ->
     await stream.write(_LEN.pack(len(header)) + header + payload, timeout=timeout)
 
 
-async def receive(stream: Stream, *, timeout: float | None = None) -> Frame:
-    """The next frame, checked (``inference.frames``); PeerErrors for anything malformed."""
+async def receive(stream: Stream, *, timeout: float | None = None,
+                  admit: Callable[[dict[str, Any]], None] | None = None) -> Frame:
+    """The next frame, checked (``inference.frames``); PeerErrors for anything malformed. ``admit``
+    sees the checked header before a byte of payload is read, and may refuse it (raise)."""
     header, size = decode_header(await stream.receive_frame(MAX_HEADER, timeout=timeout))
+    if admit is not None:
+        admit(header)
     payload = await stream.read_exactly(size, timeout=timeout) if size else b""
     return decode(header, payload)
 

@@ -236,7 +236,9 @@ async def test_hostile_activation_frames_are_refused_and_the_live_session_goes_o
             await check("BAD_SHAPE", "shape of floats", message(base(dtype="int64", shape=[1.0, 2.0]), bytes(16)))
             await check("BAD_SHAPE", "more than MAX_TOKENS", message(base(dtype="int64", shape=[1, 8193])))
             nan = torch.full((1, 2, 64), math.nan)
-            await check("BAD_VALUES", "NaN activations", frame_bytes(Frame("hidden", "h", 0, 0, nan, s.step0(me))))
+            # Hidden states (NaN or not) are refused by a first stage before their payload is read; NaN
+            # itself is BAD_VALUES in tests/unit/test_frames.py.
+            await check("BAD_SHAPE", "NaN activations", frame_bytes(Frame("hidden", "h", 0, 0, nan, s.step0(me))))
             # The payload length is implied by the header: a shorter payload is a stream that ends early
             # (STREAM_CLOSED once our side is closed), a longer one is read as the next message (below).
             await check("STREAM_CLOSED", "payload shorter than the shape",
@@ -267,7 +269,7 @@ async def test_hostile_activation_frames_are_refused_and_the_live_session_goes_o
             await check("SESSION_EXISTS", "the live session id at step 0",
                         frame_bytes(tokens("live", 0, 0, PROMPT, s.step0(me))))
             # Admitted sessions whose first step is wrong for this stage.
-            await check("BAD_FRAME", "hidden states to the first stage",
+            await check("BAD_SHAPE", "hidden states to the first stage",
                         frame_bytes(Frame("hidden", "h-hid", 0, 0, torch.zeros(1, 2, 64), s.step0(me))))
             await check("BAD_DTYPE", "float token ids",
                         frame_bytes(Frame("tokens", "h-flt", 0, 0, torch.zeros(1, 2), s.step0(me))))
@@ -320,7 +322,7 @@ async def test_hostile_activation_frames_are_refused_and_the_live_session_goes_o
                 await error_on(st, "UNKNOWN_SESSION", "a frame of another session on this stream")
                 st = await opened("h-hid1")
                 await protocol.send(st, Frame("hidden", "h-hid1", 1, len(PROMPT), torch.zeros(1, 1, 64)))
-                await error_on(st, "BAD_FRAME", "hidden states at step 1")
+                await error_on(st, "BAD_SHAPE", "hidden states at step 1")
                 # A payload longer than its shape: the excess is read as the next message.
                 st = await stack.enter_async_context(t.open_stream(peer_id, ACTIVATIONS_PROTOCOL, timeout=10.0))
                 await st.write(frame_bytes(tokens("h-long", 0, 0, PROMPT, s.step0(me))) + message(b"\xff"))
@@ -328,9 +330,11 @@ async def test_hostile_activation_frames_are_refused_and_the_live_session_goes_o
                 assert first.kind == "result" and first.extra["token"] == s.want[0], first
                 await error_on(st, "MALFORMED_MESSAGE", "a payload longer than its shape")
 
-            # The stage told the driver (this test) about every refused session that named it.
-            for session, code in [("h-voc", "BAD_VALUES"), ("h-hid", "BAD_FRAME"), ("h-rng", "STAGE_NOT_READY"),
-                                  ("h-pos", "POSITION_MISMATCH"), ("live", "SESSION_EXISTS")]:
+            # The stage told the driver (this test) about every refused session that named it, once the frame
+            # came from the driver itself (a tensor refused from its header alone, and a duplicate of the live
+            # session's id, are answered on their own stream only: they must not end the live session).
+            for session, code in [("h-voc", "BAD_VALUES"), ("h-rng", "STAGE_NOT_READY"),
+                                  ("h-pos", "POSITION_MISMATCH")]:
                 sender, note = await results.next(session)
                 assert sender == peer_id and note.kind == "error" and note.extra["code"] == code, (session, note)
 
@@ -369,10 +373,6 @@ async def test_hostile_activation_frames_are_refused_and_the_live_session_goes_o
     assert got["token_ids"] == s.want and len(set(s.want)) > 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "inference/host.py serve_session: a step 0 refused by _admit (here NOT_IN_ROUTE: the sender is not the "
-    "driver it names) is still _notify'd to the driver it names, with the session id it chose; a live "
-    "session of that driver receives an error frame from its own stage and a real Driver fails over"))
 async def test_a_refused_step0_is_not_reflected_to_the_driver_it_names(served: Served) -> None:
     s = served
     peer_id = NodeId(s.peer.node_id)
@@ -399,10 +399,6 @@ async def test_a_refused_step0_is_not_reflected_to_the_driver_it_names(served: S
             assert result.kind == "result" and result.extra["token"] == s.want[1], result
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "inference/frames.py promises that the hidden size a stage expects is checked before a byte of payload "
-    "is read, but protocol.receive reads the whole payload (up to MAX_PAYLOAD = 256 MiB) first: a first "
-    "stage waits for (and buffers) a hidden-state tensor it can only refuse"))
 async def test_a_tensor_the_stage_cannot_take_is_refused_before_its_payload(served: Served) -> None:
     s = served
     async with Transport.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as t:
