@@ -1,6 +1,7 @@
 """Pipeline inference over real peers against one process: SmolLM2-135M-Instruct, fp32, greedy.
 
     .venv/bin/python bench/pipeline.py [--new-tokens 64] [--prompt-tokens 128] [--repeat 3] [--skip-recovery]
+                                       [--model-dir HF_FOLDER]   (about 2.5 minutes with the defaults)
 
 Measured side by side in one run, every mesh number also as a ratio to the single process:
 
@@ -22,13 +23,14 @@ Measured side by side in one run, every mesh number also as a ratio to the singl
    failover, and whether all 200 tokens equal the uninterrupted single-process tokens.
 
 Everything runs on this machine's cores: peers, driver and the benchmark compete for them, so ratios are
-for this box, not for peers on separate machines. Warnings and errors in the peers' logs are summarised
-at the end.
+for this box, not for peers on separate machines. Warnings, errors and lines that are not JSON in the
+peers' logs are summarised at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import re
@@ -78,9 +80,9 @@ def model_folder(root: Path, given: str | None) -> Path:
 def prompt_ids(folder: Path, n: int) -> list[int]:
     """Exactly ``n`` token ids of plain English text."""
     tok = AutoTokenizer.from_pretrained(folder)
-    ids: list[int] = []
-    while len(ids) < n:
-        ids = list(tok(TEXT * (1 + n // 40), add_special_tokens=False)["input_ids"])
+    copies = 1
+    while len(ids := list(tok(TEXT * copies, add_special_tokens=False)["input_ids"])) < n:
+        copies *= 2
     return ids[:n]
 
 
@@ -145,12 +147,12 @@ def install(base: Path, names: list[str], folder: Path) -> None:
     logging.getLogger().setLevel(logging.WARNING)  # `models add` set the root logger to INFO
 
 
-def serve(peer: PeerProcess, count: int) -> dict[str, Any]:
-    """Ask for the model and wait until /v1/models lists it (on ``count`` stages if the plan gets there
-    within 45 s, else on whatever the planner chose)."""
+def serve(peers: list[PeerProcess]) -> dict[str, Any]:
+    """Ask for the model and wait until every peer's /v1/models lists it on the same stages (on one stage
+    per peer if the plan gets there within 45 s, else on whatever the planner chose)."""
     def ask() -> dict[str, Any] | None:
         try:
-            return api_get(peer.api, "/api/model", method="POST", body={"model_id": MODEL})
+            return api_get(peers[0].api, "/api/model", method="POST", body={"model_id": MODEL})
         except MeshError as err:
             if err.code != "UNKNOWN_MODEL":
                 raise
@@ -159,13 +161,16 @@ def serve(peer: PeerProcess, count: int) -> dict[str, Any]:
     wait_for(ask, 20, what=f"the mesh to accept serving {MODEL}")
 
     def listed(stages: int | None) -> dict[str, Any] | None:
-        for m in (peer.try_get("/v1/models") or {}).get("data", []):
-            if m["id"] == MODEL and (stages is None or len(m["meshnode"]["stages"]) == stages):
-                return m
-        return None
+        seen = []
+        for p in peers:
+            entry = next((m for m in (p.try_get("/v1/models") or {}).get("data", []) if m["id"] == MODEL), None)
+            if entry is None or (stages is not None and len(entry["meshnode"]["stages"]) != stages):
+                return None
+            seen.append(entry)
+        return seen[0] if all(e["meshnode"]["stages"] == seen[0]["meshnode"]["stages"] for e in seen) else None
 
     try:
-        return wait_for(lambda: listed(count), 45, what=f"{MODEL} on {count} stages")
+        return wait_for(lambda: listed(len(peers)), 45, what=f"{MODEL} on {len(peers)} stages")
     except TimeoutError:
         return wait_for(lambda: listed(None), 30, what=f"{MODEL} served")
 
@@ -198,6 +203,7 @@ class Streamer(threading.Thread):
         self.peer, self.body = peer, body
         self.tokens: list[int] = []
         self.arrivals: list[float] = []
+        self.epochs: list[list[int]] = []
         self.final: dict[str, Any] = {}
         self.error: BaseException | None = None
 
@@ -207,6 +213,7 @@ class Streamer(threading.Thread):
                 if "token_id" in event.get("meshnode", {}):
                     self.arrivals.append(time.monotonic())
                     self.tokens.append(event["meshnode"]["token_id"])
+                    self.epochs.append(event["meshnode"]["epoch"])
                 if event["choices"][0]["finish_reason"] is not None:
                     self.final = event
         except BaseException as exc:  # reported by the benchmark
@@ -236,16 +243,20 @@ def recovery(peers: list[PeerProcess], entry: dict[str, Any], driver: PeerProces
     after = [killed_at, *s.arrivals[seen:]]
     failover = [r for r in driver.log_records() if r.get("event") == "failover" and r.get("ts", 0) >= killed_wall - 1]
     meshnode = s.final.get("meshnode", {})
+    replay = next((i for i, e in enumerate(s.epochs) if e != s.epochs[0]), None)
+    step_ms = meshnode.get("timings", {}).get("step_ms", [])
     return {"killed_after": seen, "victim_is_coordinator": victim.node_id == coordinator,
             "next_token_s": s.arrivals[seen] - killed_at if len(s.arrivals) > seen else float("nan"),
-            "stall_s": max(b - a for a, b in zip(after, after[1:], strict=False)) if len(after) > 1 else float("nan"),
+            "stall_s": max(b - a for a, b in itertools.pairwise(after)) if len(after) > 1 else float("nan"),
             "gap_before_ms": statistics.median(gaps_before) * 1000 if gaps_before else float("nan"),
             "detect_s": failover[0]["ts"] - killed_wall if failover else float("nan"),
             "failover_code": failover[0].get("code", "?") if failover else "none logged",
             "tokens": len(s.tokens), "equal": s.tokens == reference[:len(s.tokens)] and len(s.tokens) == len(reference),
+            "replay_tokens": len(prompt) + replay if replay is not None else 0,
+            "replay_ms": step_ms[replay] if replay is not None and replay < len(step_ms) else float("nan"),
             "failovers": meshnode.get("failovers"), "epochs": meshnode.get("epochs"),
             "finish": (s.final.get("choices") or [{}])[0].get("finish_reason"),
-            "stages_after": len((driver.try_get("/v1/models") or {}).get("data", [{}])[0].get("meshnode", {})
+            "stages_after": len(((driver.try_get("/v1/models") or {}).get("data") or [{}])[0].get("meshnode", {})
                                 .get("stages", []))}
 
 
@@ -255,14 +266,15 @@ def run_mesh(base: Path, count: int, prompt: list[int], new: int, repeat: int, *
         t0 = time.monotonic()
         peers = mesh.start_chain(count, prefix=f"m{count}")
         coordinator, _ = wait_for(lambda: agreed(peers), 40, what="one coordinator")
-        entry = serve(peers[0], count)
+        entry = serve(peers)
         ready_s = time.monotonic() - t0
         stages = entry["meshnode"]["stages"]
         driver = next(p for p in peers if p.node_id == stages[0]["node_id"])
         request(driver, prompt[:16], 4)  # warm-up: tokenizer, sessions, streams, first-use allocations
         runs = [mesh_metrics(request(driver, prompt, new), len(stages)) for _ in range(repeat)]
+        flops = {n["node_id"]: n.get("compute_flops", 0.0) for n in driver.get("/api/nodes")["nodes"]}
         out: dict[str, Any] = {"stages": len(stages), "layers": [h["layers"] for h in stages], "runs": runs,
-                               "ready_s": ready_s}
+                               "ready_s": ready_s, "gflops": [flops.get(h["node_id"], 0.0) / 1e9 for h in stages]}
         if do_recovery:
             try:
                 out["recovery"] = recovery(peers, entry, driver, coordinator, prompt, reference)
@@ -273,7 +285,7 @@ def run_mesh(base: Path, count: int, prompt: list[int], new: int, repeat: int, *
 
 
 def log_summary(peers: list[PeerProcess]) -> list[str]:
-    """Distinct warning/error lines per peer (numbers masked so repeats group), with counts."""
+    """Distinct warning/error lines and lines that are not JSON per peer (numbers masked so repeats group)."""
     lines = []
     for p in peers:
         counts: Counter[str] = Counter()
@@ -281,6 +293,9 @@ def log_summary(peers: list[PeerProcess]) -> list[str]:
             if r.get("level") in ("warning", "error", "critical"):
                 msg = re.sub(r"\d+(\.\d+)?", "#", str(r.get("msg", "")))[:150]
                 counts[f"{r['level']} {r.get('logger', '')}: {msg}{' [+traceback]' if 'exc' in r else ''}"] += 1
+        for line in p.log_path.read_text(errors="replace").splitlines():  # not JSON: printed past the logger
+            if line and not line.startswith(("{", "meshnode peer ", "  bootstrap address: ", "  api: ")):
+                counts["(not JSON) " + re.sub(r"\d+(\.\d+)?", "#", line)[:150]] += 1
         lines += [f"{p.name}: {n}x {m}" for m, n in counts.most_common()]
     return lines
 
@@ -345,13 +360,19 @@ def report(args: argparse.Namespace, singles: dict[str, list[dict[str, Any]]], r
               f"| {med(runs, 'ttft_ms') / base_ttft:.2f}, {med(runs, 'ttft_ms') / many_ttft:.2f} "
               f"| {med(runs, 'tok_s'):.1f} | {med(runs, 'tok_s') / base_tok:.2f}, {med(runs, 'tok_s') / many_tok:.2f} "
               f"| {med(runs, 'step_ms'):.2f} | {med(runs, 'compute_ms'):.2f} | {med(runs, 'hop_ms'):.2f} | {eq} |")
-    print()
+    spread = [f"{name} {max(r['tok_s'] for r in runs) / min(r['tok_s'] for r in runs):.2f}x"
+              for name, runs in [*((f"single {k}t", v) for k, v in singles.items()),
+                                 *((f"mesh {n} peers", m["runs"]) for n, m in meshes.items())]]
+    print(f"\nspread of decode tok/s over the {args.repeat} runs (max/min; single-process settings alternate run by "
+          f"run): {', '.join(spread)}")
     single_step = statistics.median(statistics.median(r["step_ms"][1:]) for r in one)
     for n, m in meshes.items():
         runs = m["runs"]
         stage_ms = ", ".join(f"{statistics.median(r['per_stage_ms'][i] for r in runs):.2f}"
                              for i in range(len(runs[0]["per_stage_ms"])))
-        print(f"mesh, {n} peers: layers per stage {m['layers']} (shards: embedding, blocks, head); ready "
+        gflops = ", ".join(f"{g:.0f}" for g in m["gflops"])
+        print(f"mesh, {n} peers: shards per stage {m['layers']} (0 embedding, 1-30 blocks, 31 norm, 32 head; "
+              f"planned from the peers' start-up benchmarks: {gflops} GFLOP/s); ready "
               f"{m['ready_s']:.1f}s after the first start; decode compute per stage {stage_ms} ms (sum "
               f"{med(runs, 'compute_ms') / single_step:.2f}x the single 1-thread step); prefill compute "
               f"{med(runs, 'prefill_compute_ms'):.1f} ms vs TTFT {med(runs, 'ttft_ms'):.1f} ms; failovers "
@@ -361,31 +382,45 @@ def report(args: argparse.Namespace, singles: dict[str, list[dict[str, Any]]], r
         if "skipped" in rec:
             print(f"recovery: skipped ({rec['skipped']})")
         else:
+            wait = rec["next_token_s"] - rec["detect_s"] - rec["replay_ms"] / 1000
+            role = "was" if rec["victim_is_coordinator"] else "was not"
             print(f"recovery (3 peers, kill -9 of the middle stage after {rec['killed_after']} of {RECOVERY_TOKENS} "
-                  f"tokens; victim {'was' if rec['victim_is_coordinator'] else 'was not'} the coordinator): next "
-                  f"token {rec['next_token_s']:.2f}s after the kill; longest gap after the kill {rec['stall_s']:.2f}s "
-                  f"= {rec['stall_s'] * 1000 / rec['gap_before_ms']:.0f}x the median gap before it "
-                  f"({rec['gap_before_ms']:.1f} ms); driver logged failover ({rec['failover_code']}) "
-                  f"{rec['detect_s']:.2f}s after the kill; {rec['tokens']} tokens, finish {rec['finish']}, "
-                  f"failovers {rec['failovers']}, epochs {rec['epochs']}, stages after {rec['stages_after']}; "
-                  f"tokens equal to the uninterrupted single process: {'yes' if rec['equal'] else 'no'}")
+                  f"tokens, streamed from stage 0's peer; the victim {role} the coordinator): next token "
+                  f"{rec['next_token_s']:.2f}s after the kill = "
+                  f"{rec['next_token_s'] * 1000 / rec['gap_before_ms']:.0f}x the median gap between tokens before it "
+                  f"({rec['gap_before_ms']:.1f} ms); longest gap after the kill {rec['stall_s']:.2f}s. Breakdown: the "
+                  f"driver logged its failover ({rec['failover_code']}) {rec['detect_s']:.2f}s after the kill, then "
+                  f"waited about {wait:.2f}s for a ready route, then replayed {rec['replay_tokens']} tokens as one "
+                  f"prefill step in {rec['replay_ms']:.0f} ms. {rec['tokens']} tokens, finish {rec['finish']}, "
+                  f"failovers "
+                  f"{rec['failovers']}, epochs {rec['epochs']}, {rec['stages_after']} stages after; tokens equal to "
+                  f"the uninterrupted single process: {'yes' if rec['equal'] else 'no'}")
     mesh3 = meshes.get(3, {}).get("runs") or meshes[2]["runs"]
     n3 = meshes[3]["stages"] if 3 in meshes else meshes[2]["stages"]
-    print(f"\nInterpretation: on this {os.cpu_count()}-core box the mesh decodes at "
-          f"{med(meshes[2]['runs'], 'tok_s') / base_tok:.2f}x (2 peers) and {med(mesh3, 'tok_s') / base_tok:.2f}x "
-          f"({n3} peers) the speed of one single-threaded process, and its TTFT is "
-          f"{med(meshes[2]['runs'], 'ttft_ms') / base_ttft:.2f}x / {med(mesh3, 'ttft_ms') / base_ttft:.2f}x. "
-          f"A pipeline does not parallelise one sequence: each token still passes every layer in order, so at best "
-          f"it matches the single process and every hop adds latency ({med(mesh3, 'hop_ms'):.2f} ms per hop here: "
-          f"framing, a loopback TCP write through libp2p's Noise + yamux, trio scheduling and the handoff to the "
-          f"stage's worker thread). The per-stage compute sums to "
-          f"{med(mesh3, 'compute_ms') / single_step:.2f}x the single process' step: each peer is a separate process "
-          f"with its own interpreter and trio loop, {n3} peers plus this benchmark share {os.cpu_count()} cores, "
-          f"and pipeline stages of one sequence only take turns, so only the idle peers' heartbeats and gossip "
-          f"compete with the active stage. The single process with {default_threads} threads is the fairer "
-          f"comparison for what this machine can do; the mesh's case is memory (no peer holds the whole model) "
-          f"and surviving a peer's loss, not speed on one box. Other processes on the machine during the run add "
-          f"noise to all rows alike. Total run time {elapsed:.0f}s.")
+    cores = os.cpu_count()
+    ttft_loss, decode_loss = med(mesh3, "ttft_ms") / many_ttft, many_tok / med(mesh3, "tok_s")
+    print(f"\nInterpretation: on this {cores}-core machine the mesh decodes at "
+          f"{med(meshes[2]['runs'], 'tok_s') / base_tok:.2f}x ({meshes[2]['stages']} stages) and "
+          f"{med(mesh3, 'tok_s') / base_tok:.2f}x ({n3} stages) the speed of one single-threaded process, with "
+          f"{med(meshes[2]['runs'], 'ttft_ms') / base_ttft:.2f}x / {med(mesh3, 'ttft_ms') / base_ttft:.2f}x its TTFT. "
+          f"A pipeline does not parallelise one sequence: every token passes every layer in order, so with one "
+          f"request the stages take turns (at most one computes at any moment) and the mesh can at best match the "
+          f"single process. It pays per token one hop per stage ({med(mesh3, 'hop_ms'):.2f} ms each with {n3} stages: "
+          f"framing, a loopback write through libp2p's Noise + yamux, trio scheduling; everything in step_ms that is "
+          f"not in a stage's compute_ms), and its stages' compute sums to "
+          f"{med(mesh3, 'compute_ms') / single_step:.2f}x "
+          f"the single process' decode step (each stage is its own transformers forward with its own set-up, plus a "
+          f"handoff to a worker thread; the idle peers' heartbeats and gossip, and anything else running on the "
+          f"{cores} cores, land on top; separating these would need a profile). CPU contention between the peers "
+          f"themselves is small for one request because they take turns; it would matter with concurrent requests. "
+          f"torch's {default_threads} threads make single-process decode {many_tok / base_tok:.2f}x as fast (batch-1 "
+          f"decode reads every weight once per token and pays per-layer overhead) but prefill "
+          f"{base_ttft / many_ttft:.2f}x as fast; against that default single process the {n3}-stage mesh (one "
+          f"thread per peer) takes {ttft_loss:.2f}x the TTFT and {decode_loss:.2f}x the time per decoded token. "
+          f"Two threads on two cores shared with other processes are fragile (they wait on each other when one is "
+          f"descheduled): see the spread line. On "
+          f"one box the mesh buys no speed; its case is memory (no peer holds the whole model) and surviving the loss "
+          f"of a peer with identical tokens. Total run time {elapsed:.0f}s.")
     logs = [line for m in meshes.values() for line in m["logs"]]
     print("\npeer log warnings/errors (digits masked):" if logs else "\npeer logs: no warnings or errors")
     for line in logs:

@@ -418,7 +418,7 @@ class StageHost:
             # The previous hop went away (its peer died, or the driver gave up): nothing to answer.
             log.info("session %s ended: %s", first.session, err,
                      extra={"event": "session_closed", "code": err.code, "node_id": node.node_id})
-            if not last:
+            if index > 0:  # a hop between stages broke: the driver learns now, not at its step timeout
                 await self._notify(driver, error_frame(first.session, session.next_step, err.code,
                                                        f"{err} (stage {index})", node.node_id))
         except PeerError as err:

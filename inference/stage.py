@@ -5,7 +5,8 @@ A model's layers are its manifest's shards in pipeline order: ``embedding``, ``b
 (plus the embedding matrix when it runs a tied head) and maps
 
     first stage:  token ids [B, T]           → hidden states [B, T, H]   (or logits if it is also last)
-    later stages: hidden states [B, T, H]    → hidden states, or logits [B, T, V] on the stage with the head
+    later stages: hidden states [B, T, H]    → hidden states, or the last position's logits [B, 1, V] on the
+                  stage with the head
 
 How it stays exactly equal to the unsplit model (see docs/ARCHITECTURE.md, Inference):
 
@@ -176,7 +177,8 @@ class Stage:
     @torch.no_grad()
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
         """Run this stage for tokens at ``positions`` ([B, T] int64). ``x``: token ids on the first stage,
-        hidden states otherwise. Returns hidden states, or logits on the stage with the head."""
+        hidden states otherwise. Returns hidden states, or the last position's logits [B, 1, V] on the stage
+        with the head."""
         if cache is not None:
             past = cache.get_seq_length()
             if int(positions[0, 0]) != past:
@@ -194,7 +196,7 @@ class Stage:
         if self.norm is not None:
             h = self.norm(h)
         if self.head is not None:
-            h = self.head(h)
+            h = self.head(h[:, -1:])  # only the last position's logits are ever used: a prefill skips the rest
         return h
 
 
