@@ -411,3 +411,72 @@ async def test_a_tensor_the_stage_cannot_take_is_refused_before_its_payload(serv
             except PeerError as err:
                 raise AssertionError(f"no answer before the payload: {err.code}") from None
             assert got.kind == "error" and got.extra["code"] in ("BAD_FRAME", "BAD_SHAPE"), got
+
+
+def _post(api: str, path: str, data: bytes) -> tuple[int, dict[str, Any]]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(api + path, method="POST", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_openai_errors_and_a_corrupted_shard_that_never_becomes_ready(served: Served,
+                                                                       tmp_path: Path) -> None:
+    """Bad requests get OpenAI's error shape with meshnode's code and the right status; a model whose shard
+    was corrupted on disk after it was installed is refused when its stage loads (SHA256 checked again),
+    so it is never listed and requests for it get 503 MODEL_NOT_AVAILABLE; the other model is unaffected."""
+    import json
+
+    api = served.peer.api
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        (b"{not json", 400, "BAD_REQUEST", None),
+        (json.dumps({"messages": chat["messages"]}).encode(), 400, "INVALID_PARAMETER", "model"),
+        (json.dumps(chat | {"temperature": 7}).encode(), 400, "INVALID_PARAMETER", "temperature"),
+        (json.dumps(chat | {"n": 2}).encode(), 400, "INVALID_PARAMETER", "n"),
+        (json.dumps(chat | {"model": "nope"}).encode(), 404, "UNKNOWN_MODEL", None),
+        (json.dumps(chat).encode(), 400, "TOKENIZER_UNAVAILABLE", None),  # a tiny model has no tokenizer
+    ]
+    for body, status, code, param in cases:
+        got_status, got = _post(api, "/v1/chat/completions", body)
+        err = got["error"]
+        assert (got_status, err["code"], err["param"]) == (status, code, param), (body, got)
+        assert err["message"] and err["type"] in ("invalid_request_error", "not_found_error")
+
+    # Install a second model beside the running peer, corrupt one byte of one of its shards, serve it.
+    torch.manual_seed(7)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=VOCAB)).save_pretrained(tmp_path / "broken")
+    data_dir = served.peer.data_dir
+    assert cli(["models", "--data-dir", str(data_dir), "add", str(tmp_path / "broken"), "--id", "broken"]) == 0
+    (version,) = api_get(api, "/api/models/broken")["versions"].values()
+    sha = version["shards"][1]["checksum_sha256"]
+    (victim,) = (data_dir / "store").rglob(f"{sha}.safetensors")
+    raw = bytearray(victim.read_bytes())
+    raw[-1] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+
+    def asked() -> bool:
+        try:
+            api_get(api, "/api/model", method="POST", body={"model_id": "broken"})
+            return True
+        except Exception:
+            return False
+
+    wait_for(asked, 15, what="the peer to advertise broken")
+    error = wait_for(lambda: ((served.peer.try_get("/api/model?model=broken") or {}).get("models") or [{}])[0]
+                     .get("errors", {}).get("stage"), 30, what="the stage load to fail")
+    assert error["code"] == "SHARD_HASH_MISMATCH", error
+    status, got = _post(api, "/v1/completions", json.dumps({"model": "broken", "prompt": [1, 2, 3]}).encode())
+    assert status == 503 and got["error"]["code"] == "MODEL_NOT_AVAILABLE", got
+    assert got["error"]["type"] == "service_unavailable"
+    assert [m["id"] for m in api_get(api, "/v1/models")["data"]] == ["tiny"]
+    ok = api_get(api, "/api/request", method="POST", timeout=30.0,
+                 body={"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "ignore_eos": True})
+    assert ok["token_ids"] == served.want

@@ -204,16 +204,17 @@ def test_tiny_llama_and_gpt2_through_three_then_two_stages_with_kill_9_mid_gener
             assert c.get("/api/model")["local"]["stages"], "c runs stages of shards it fetched"
 
 
-def test_smollm2_chat_streams_the_single_process_text_and_survives_kill_9(tmp_path: Path,
-                                                                        smollm2_folder: Path) -> None:
+def test_smollm2_chat_streams_the_single_process_text_and_survives_kill_9(
+        tmp_path: Path, smollm2_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from transformers import AutoTokenizer
 
     for peer in ("peer-a", "peer-b", "peer-c"):
         assert cli(["models", "--data-dir", str(tmp_path / peer), "add", str(smollm2_folder), "--id", SMOLLM2]) == 0
     with LocalMesh(tmp_path, config_file=CONFIG, extra_args=("--benchmark-seconds", "0.05")) as mesh:
-        peers = mesh.start_chain(3)  # peer-a, peer-b, peer-c
+        a = mesh.start_peer("peer-a", args=("--serve", SMOLLM2))  # `meshnode start --serve ID`
+        peers = [a, mesh.start_peer("peer-b", a.addrs[:1])]
+        peers.append(mesh.start_peer("peer-c", peers[-1].addrs[:1]))
         wait_for(lambda: agreed(peers), 30, what="one coordinator")
-        serve(peers[0], SMOLLM2)
         # Meanwhile: the oracle, in this process.
         model = LlamaForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
@@ -238,6 +239,9 @@ def test_smollm2_chat_streams_the_single_process_text_and_survives_kill_9(tmp_pa
         assert s.error is None, s.error
         assert s.text == want_text and s.final["choices"][0]["finish_reason"] == "stop"
         assert len(s.arrivals) > 3 and s.arrivals[-1] > s.arrivals[0]  # streamed, not sent at once
+        capsys.readouterr()
+        assert cli(["generate", question, "--api", peers[1].api, "--max-tokens", "32"]) == 0  # another driver
+        assert capsys.readouterr().out == want_text + "\n"
 
         story = chat_ids("Write a short story about a lighthouse keeper.")
         want_story = reference(model, story, 48)
