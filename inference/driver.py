@@ -217,8 +217,9 @@ class Driver:
         produced: list[int] = []
         failures: list[str] = []
         while True:
+            attempt = self._attempt(route, req, produced, replayed=bool(failures))
             try:
-                async for tok in self._attempt(route, req, produced, replayed=bool(failures)):
+                async for tok in attempt:
                     produced.append(tok.id)
                     yield tok
                 return
@@ -233,6 +234,8 @@ class Driver:
                     raise GenerationFailed(f"gave up after {len(failures)} failed routes: {'; '.join(failures)}") \
                         from None
                 route = await self._await_route(req.model, route, inf.recovery_timeout, failures)
+            finally:
+                await attempt.aclose()  # a caller that stops early frees the route's sessions now, not at GC
 
     async def _await_route(self, spec: str, failed: Route, timeout: float, failures: list[str]) -> Route:
         """A ready route other than ``failed`` (or ``failed`` again once its peers have had time to be

@@ -228,9 +228,9 @@ class Api:
                 if list(token.epoch) not in out.epochs:
                     out.epochs.append(list(token.epoch))
                 out.failovers += token.replayed
-                if token.stop:
+                if token.stop:  # the driver ends the generation itself after a stop token (and frees the caches)
                     out.finish_reason = "stop"
-                    break
+                    continue
                 out.token_ids.append(token.id)
                 delta, stopped = text.push(token.id)
                 yield ("delta", delta, token)  # every token, even one whose text is held back

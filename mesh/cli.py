@@ -81,7 +81,7 @@ async def _serve_until_drained(cfg: config_mod.Config, signals: AsyncIterator[in
 
 def cmd_start(args: argparse.Namespace) -> int:
     cfg = config_mod.build(args)
-    import libp2p  # noqa: F401  its import resets its logger; configure logging after it, not before
+    from mesh import transport  # noqa: F401  importing libp2p resets its logger: configure logging after it
 
     logs.setup(cfg.log.level, cfg.log.json)
     trio.run(_start, cfg)

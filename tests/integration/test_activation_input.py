@@ -480,3 +480,33 @@ def test_openai_errors_and_a_corrupted_shard_that_never_becomes_ready(served: Se
     ok = api_get(api, "/api/request", method="POST", timeout=30.0,
                  body={"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "ignore_eos": True})
     assert ok["token_ids"] == served.want
+
+
+async def test_the_last_stage_returns_logits_when_asked_equal_to_the_unsplit_model(served: Served) -> None:
+    """Sampling parameter ``logits``: the result frame carries the last position's logits, which agree with
+    the unsplit model's within 1e-4, step after step (prefill, then two decode steps)."""
+    s = served
+    model = tiny_llama().eval()
+    cache, ids, wants = DynamicCache(config=model.config), torch.tensor([PROMPT]), []
+    with torch.no_grad():
+        for _ in range(3):
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+            wants.append(logits)
+            ids = torch.tensor([[int(logits.argmax())]])
+    results = Results()
+    async with Transport.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as t:
+        t.handle(ACTIVATIONS_PROTOCOL, results.handler, timeout=120.0)
+        await t.connect(s.peer.addrs[0])
+        extra = s.step0(t.node_id, sampling=Sampling(logits=True).to_wire())
+        async with t.open_stream(NodeId(s.peer.node_id), ACTIVATIONS_PROTOCOL, timeout=10.0) as st:
+            position, ids_ = 0, PROMPT
+            for step, want in enumerate(wants):
+                await protocol.send(st, tokens("lg", step, position, ids_, extra if step == 0 else None))
+                _, result = await results.next("lg", timeout=20.0)
+                assert result.kind == "result" and result.tensor is not None, result
+                got = result.tensor.reshape(-1)
+                assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+                assert result.extra["token"] == int(want.argmax())
+                position += len(ids_)
+                ids_ = [result.extra["token"]]
+            await protocol.send(st, Frame("end", "lg", len(wants), position))

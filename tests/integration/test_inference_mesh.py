@@ -135,16 +135,19 @@ def kill_middle_stage_during(driver: PeerProcess, peers: list[PeerProcess], entr
 
 def test_tiny_llama_and_gpt2_through_three_then_two_stages_with_kill_9_mid_generation(tmp_path: Path) -> None:
     models = {"llama": tiny_llama(), "gpt2": tiny_gpt2()}
-    need = 0
+    needs: dict[str, int] = {}
     for name, model in models.items():
         model.save_pretrained(tmp_path / name)
         for peer in ("a", "b"):  # c holds nothing: it fetches the shards of its stages from a and b
             assert cli(["models", "--data-dir", str(tmp_path / "mesh" / peer), "add", str(tmp_path / name),
                         "--id", name]) == 0
         manifest = Store(tmp_path / "mesh" / "a" / "store", Identity.generate()).manifest(name)[0]
-        need = max(need, sum(x.bytes for x in planner_layers(manifest, 2048)))
-    # Each peer offers 60% of what a model needs: no peer runs it alone, any two can.
-    offer = ("--max-layer-memory-mb", f"{0.6 * need / 2**20:.6f}", "--hop-ms", "0.05", "--benchmark-seconds", "0.05")
+        needs[name] = sum(x.bytes for x in planner_layers(manifest, 2048))
+    need = max(needs.values())
+    big = max(needs, key=lambda n: needs[n])  # the model no single peer can hold
+    # Each peer offers 60% of what the bigger model needs: no peer runs it alone, any two can.
+    offer = ("--max-layer-memory-mb", f"{0.6 * need / 2**20:.6f}", "--hop-ms", "0.05", "--benchmark-seconds", "0.05",
+             "--recovery-timeout", "10")
     with LocalMesh(tmp_path / "mesh", config_file=CONFIG, extra_args=offer) as mesh:
         a = mesh.start_peer("a")
         b = mesh.start_peer("b", a.addrs[:1])
@@ -198,9 +201,28 @@ def test_tiny_llama_and_gpt2_through_three_then_two_stages_with_kill_9_mid_gener
                      what=f"{name} on the 2 survivors")
             got = request(survivors[1], {"model": name, "prompt": PROMPT, "max_tokens": 24, "ignore_eos": True})
             assert got["token_ids"] == want[name][:24] and len(got["route"]) == 2, name
+        # No route left: one survivor dies mid-stream and the last peer cannot hold the bigger model. The
+        # generation ends with GENERATION_FAILED once --recovery-timeout passes (never a hang), and new
+        # requests are refused at once with MODEL_NOT_AVAILABLE.
+        last, doomed = survivors
+        s = Streamer(last, "/v1/completions", {"model": big, "prompt": PROMPT, "max_tokens": 400,
+                                                "temperature": 0, "ignore_eos": True, "stream": True})
+        s.start()
+        wait_for(lambda: len(s.tokens) >= 5 or not s.is_alive(), 60, interval=0.01, what="5 streamed tokens")
+        killed_at = time.monotonic()
+        doomed.proc.kill()
+        doomed.proc.wait()
+        s.join(60)
+        assert not s.is_alive() and isinstance(s.error, MeshError), (s.error, len(s.tokens), s.final)
+        assert s.error.code == "GENERATION_FAILED" and time.monotonic() - killed_at < 30, s.error
+        assert s.tokens == reference(models[big], PROMPT, len(s.tokens))
+        with pytest.raises(MeshError) as refused:
+            request(last, {"model": big, "prompt": PROMPT, "max_tokens": 4})
+        assert refused.value.code == "MODEL_NOT_AVAILABLE"
+
         # c (unless it was the victim) ran stages from shards it fetched from a and b: nothing installed.
         assert Store(tmp_path / "mesh" / c.name / "store", Identity.generate()).installed() == []
-        if c is not victim:
+        if c is last:
             assert c.get("/api/model")["local"]["stages"], "c runs stages of shards it fetched"
 
 
