@@ -36,14 +36,19 @@ def api_get(addr: str, path: str, *, method: str = "GET", timeout: float = 5.0, 
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
+    except (urllib.error.URLError, OSError) as exc:
+        raise _api_error(addr, exc) from None
+
+
+def _api_error(addr: str, exc: OSError) -> MeshError:
+    """The API's error answer (its code and message), or API_UNREACHABLE."""
+    if isinstance(exc, urllib.error.HTTPError):
         try:
             err = json.loads(exc.read())["error"]
         except (ValueError, KeyError, TypeError):
             err = {"code": "HTTP_ERROR", "message": str(exc)}
-        raise MeshError(err["message"], code=err["code"]) from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise MeshError(f"cannot reach the peer's API at {addr}: {exc}", code="API_UNREACHABLE") from None
+        return MeshError(err["message"], code=err["code"])
+    return MeshError(f"cannot reach the peer's API at {addr}: {exc}", code="API_UNREACHABLE")
 
 
 # ---- start --------------------------------------------------------------------------------------
@@ -236,14 +241,8 @@ def stream_events(addr: str, path: str, body: dict[str, Any], *, timeout: float 
                                  headers={"Content-Type": "application/json"})
     try:
         resp = urllib.request.urlopen(req, timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        try:
-            err = json.loads(exc.read())["error"]
-        except (ValueError, KeyError, TypeError):
-            err = {"code": "HTTP_ERROR", "message": str(exc)}
-        raise MeshError(err["message"], code=err["code"]) from None
     except (urllib.error.URLError, OSError) as exc:
-        raise MeshError(f"cannot reach the peer's API at {addr}: {exc}", code="API_UNREACHABLE") from None
+        raise _api_error(addr, exc) from None
     with resp:
         for raw in resp:
             line = raw.decode().strip()
