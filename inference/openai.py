@@ -237,8 +237,6 @@ class Api:
                 if stopped:
                     out.finish_reason = "stop"
                     break
-            else:
-                out.finish_reason = "length"
             await gen.aclose()
             tail = text.finish()  # text held back for a stop string that never came
             if tail:
