@@ -53,7 +53,8 @@ def planner_layers(manifest: Manifest, context_tokens: int) -> list[Layer]:
                   s.memory_bytes + s.kv_bytes_per_token * context_tokens) for s in manifest.shards]
 
 
-def _split_model(spec: str) -> tuple[str, str | None]:
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``"id"`` or ``"id@revision"`` → (id, revision or None)."""
     model, _, revision = spec.partition("@")
     return model, revision or None
 
@@ -61,8 +62,8 @@ def _split_model(spec: str) -> tuple[str, str | None]:
 def keep_spec(specs: list[str], spec: str) -> list[str]:
     """``specs`` planning ``spec`` from now on: it replaces a spec of the same model id (one plan per
     model; two revisions of one id would take turns replacing each other's plan every tick)."""
-    model, _ = _split_model(spec)
-    return [s for s in specs if _split_model(s)[0] != model] + [spec]
+    model, _ = split_spec(spec)
+    return [s for s in specs if split_spec(s)[0] != model] + [spec]
 
 
 class PlanService:
@@ -158,14 +159,14 @@ class PlanService:
             if m.status == NodeStatus.OFFLINE:
                 continue
             for spec in m.info.serve_models:  # peers that asked the mesh to serve a model
-                if _split_model(spec)[0] not in {_split_model(s)[0] for s in specs}:
+                if split_spec(spec)[0] not in {split_spec(s)[0] for s in specs}:
                     specs.append(spec)
-        models = {_split_model(spec)[0] for spec in specs}
+        models = {split_spec(spec)[0] for spec in specs}
         inherited = [f"{m}@{h.plan.revision}" for m, h in self.book.current.items() if m not in models]
         return [*specs, *inherited]
 
     async def _coordinate_model(self, spec: str, *, strict: bool = False) -> None:
-        model, revision = _split_model(spec)
+        model, revision = split_spec(spec)
         async with self._lock:  # the loop and API requests: one decision at a time, one epoch each
             try:
                 held = self.book.current.get(model)
@@ -225,25 +226,12 @@ class PlanService:
     # ---- inputs ------------------------------------------------------------------------------------
 
     async def layers(self, model: str, revision: str | None) -> tuple[list[Layer], str]:
-        """The planner layers of ``model`` (at ``revision``, or the version found) from its manifest: this
-        peer's store first, then any peer that advertises it. MODEL_NOT_AVAILABLE when nobody has it."""
+        """The planner layers of ``model`` (at ``revision``, or the version found) from its signed manifest
+        (``StageHost.manifest``: this peer's store, else a holder). MODEL_NOT_AVAILABLE when nobody has it."""
         if revision is not None and (model, revision) in self._layers:
             return self._layers[(model, revision)], revision
         node = self.node
-        try:
-            manifest = (await trio.to_thread.run_sync(node.store.manifest, model, revision))[0]
-        except MeshError:
-            manifest = None
-            for holder in node.holders(model, revision):
-                try:
-                    manifest = (await node.fetcher.fetch_manifest(holder, model, revision))[0]
-                    break
-                except MeshError as err:
-                    log.info("manifest of %s from %s: %s %s", model, holder, err.code, err,
-                             extra={"event": "manifest_failed", "code": err.code, "peer": holder})
-            if manifest is None:
-                raise NotFoundError(f"no peer holds {model}{'@' + revision if revision else ''} (nothing to plan)",
-                                    code="MODEL_NOT_AVAILABLE") from None
+        manifest, _ = await node.stages.manifest(model, revision)
         layers = planner_layers(manifest, node.config.coordinator.context_tokens)
         self._layers[(model, manifest.revision)] = layers
         return layers, manifest.revision
@@ -286,7 +274,7 @@ class PlanService:
         if not self.is_coordinator():
             lead = self.node.core.leadership
             raise NotCoordinator(f"ask the coordinator: {lead.coordinator} (term {lead.term})")
-        model, _ = _split_model(spec)
+        model, _ = split_spec(spec)
         try:
             await self._coordinate_model(spec, strict=True)
         except MeshError:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import trio
 
+from coordinator.service import split_spec
 from inference import protocol
 from inference.frames import MAX_TOKENS, Frame
 from inference.host import new_session_id, stage_key
@@ -90,11 +91,6 @@ class _Results:
     channel: trio.MemorySendChannel[Frame]
 
 
-def _split(spec: str) -> tuple[str, str | None]:
-    model, _, revision = spec.partition("@")
-    return model, revision or None
-
-
 class Driver:
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -114,7 +110,7 @@ class Driver:
 
     def status(self, spec: str) -> dict[str, Any]:
         """The model's current plan and which of its stages are ready (404 when there is no plan)."""
-        model, revision = _split(spec)
+        model, revision = split_spec(spec)
         held = self.node.plans.book.current.get(model)
         if held is None or (revision is not None and held.plan.revision != revision):
             raise NotFoundError(f"no plan for {spec} in this mesh (POST /api/model to serve it)", code="NO_PLAN")
@@ -127,7 +123,7 @@ class Driver:
 
     def route(self, spec: str) -> Route | None:
         """The current plan's route for ``spec`` when every stage on it is loaded and its peer is live."""
-        model, revision = _split(spec)
+        model, revision = split_spec(spec)
         held = self.node.plans.book.current.get(model)
         if held is None or (revision is not None and held.plan.revision != revision):
             return None
@@ -161,8 +157,8 @@ class Driver:
         route = self.route(spec)
         if route is not None:
             return route
-        model, _ = _split(spec)
-        if model in self.node.plans.book.current or model in {_split(s)[0] for s in self.node.serve_requests()}:
+        model, _ = split_spec(spec)
+        if model in self.node.plans.book.current or model in {split_spec(s)[0] for s in self.node.serve_requests()}:
             raise ModelNotAvailable(f"{spec} is not ready: its stages are still being planned or loaded "
                                     "(GET /api/model shows which)")
         raise NotFoundError(f"the mesh does not serve {spec} (POST /api/model to serve it)", code="UNKNOWN_MODEL")

@@ -221,11 +221,11 @@ class StageHost:
 
     # ---- shards and files -------------------------------------------------------------------------
 
-    async def manifest(self, model: str, revision: str) -> tuple[Manifest, bytes]:
-        """The signed manifest of ``model@revision``: this peer's store, else a peer that holds it."""
-        key = (model, revision)
-        if key in self._manifests:
-            return self._manifests[key]
+    async def manifest(self, model: str, revision: str | None) -> tuple[Manifest, bytes]:
+        """The signed manifest of ``model`` (at ``revision``, or the version found): this peer's store
+        first, then any peer that advertises it. MODEL_NOT_AVAILABLE when nobody gives one."""
+        if revision is not None and (model, revision) in self._manifests:
+            return self._manifests[(model, revision)]
         node = self.node
         try:
             found = await trio.to_thread.run_sync(node.store.manifest, model, revision)
@@ -236,13 +236,15 @@ class StageHost:
                 try:
                     found = await node.fetcher.fetch_manifest(holder, model, revision)
                     break
-                except PeerError as err:
+                except MeshError as err:
                     errors.append(f"{holder}: {err.code}")
+                    log.info("manifest of %s from %s: %s %s", model, holder, err.code, err,
+                             extra={"event": "manifest_failed", "code": err.code, "peer": holder})
             if found is None:
-                why = "; ".join(errors) or "none holds it"
-                raise NotFoundError(f"no peer gave the manifest of {model}@{revision} ({why})",
+                why = "; ".join(errors) or "no peer holds it"
+                raise NotFoundError(f"no manifest of {model}{'@' + revision if revision else ''} ({why})",
                                     code="MODEL_NOT_AVAILABLE") from None
-        self._manifests[key] = found
+        self._manifests[(model, found[0].revision)] = found
         return found
 
     def _installed(self, manifest: Manifest) -> bool:
@@ -279,21 +281,9 @@ class StageHost:
             t = fetcher.new_transfer(manifest.model_id, manifest.revision)
             t.total_bytes, t.files_total = sum(j.size for j in todo), len(todo)
             try:
-                limiter = trio.CapacityLimiter(fetcher.parallel)
-                failures: list[MeshError] = []
-
-                async def one(job: Job) -> None:
-                    async with limiter:
-                        try:
-                            await fetcher.fetch_file(job, holders, t)
-                        except MeshError as err:
-                            failures.append(err)
-
-                async with trio.open_nursery() as nursery:
-                    for job in todo:
-                        nursery.start_soon(one, job)
+                failures = await fetcher.fetch_files(todo, holders, t)
                 if failures:
-                    raise failures[0]
+                    raise failures[0][1]
             except MeshError as err:
                 t.state, t.error = "error", err.to_dict()
                 raise

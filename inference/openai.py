@@ -25,6 +25,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from inference.driver import Request as GenRequest
+from inference.driver import stop_ids
+from inference.protocol import Route as MeshRoute
 from inference.sampling import Sampling
 from mesh.errors import MeshError, PeerError
 
@@ -121,7 +123,7 @@ class TextStream:
         if self.tokenizer is None:
             return "", False
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        cut = self._stop_at(text)
         if cut >= 0:
             return self._emit(text[:cut]), True
         if text.endswith("\ufffd"):
@@ -133,8 +135,12 @@ class TextStream:
         if self.tokenizer is None:
             return ""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        cut = self._stop_at(text)
         return self._emit(text[:cut] if cut >= 0 else text)
+
+    def _stop_at(self, text: str) -> int:
+        """Where the first stop string starts in ``text``; -1 if none is there."""
+        return min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
 
     def _emit(self, text: str) -> str:
         if not text.startswith(self.emitted) or len(text) <= len(self.emitted):
@@ -170,13 +176,11 @@ class Api:
     def __init__(self, node: Node) -> None:
         self.node = node
 
-    async def _prompt(self, body: dict[str, Any], chat: bool, model: str) -> tuple[list[int], Any, frozenset[int]]:
+    async def _prompt(self, body: dict[str, Any], chat: bool, route: MeshRoute
+                      ) -> tuple[list[int], Any, frozenset[int]]:
         """(prompt token ids, tokenizer or None, stop ids) for a request body."""
         driver = self.node.driver
-        route = driver.require(model)
         folder = await driver.model_files(route)
-        from inference.driver import stop_ids
-
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages or not all(
@@ -207,11 +211,11 @@ class Api:
         """Parse and validate a request, then (params, events): ("delta", text, Token) per token and a
         final ("done", Outcome). Errors before the first event are raised here, not in the stream."""
         p = parse_params(body, default_max)
-        prompt, tok, stops = await self._prompt(body, chat, p.model)
+        route = self.node.driver.require(p.model)
+        prompt, tok, stops = await self._prompt(body, chat, route)
         if body.get("ignore_eos") is True:
             stops = frozenset()
         req = GenRequest(p.model, tuple(prompt), p.max_tokens, p.sampling, stops)
-        route = self.node.driver.require(p.model)
         gen = self.node.driver.generate(req)
 
         async def events() -> AsyncIterator[Any]:

@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 import trio
 
-from coordinator.service import PlanService
+from coordinator.service import PlanService, keep_spec, split_spec
 from inference.driver import Driver
 from inference.host import StageHost
 from inference.protocol import ACTIVATIONS_PROTOCOL
@@ -331,13 +331,11 @@ class Node:
         """Ask the mesh to serve ``spec`` ("id" or "id@revision"): gossiped with the heartbeat, the
         coordinator plans it, the peers it names load their stages. UNKNOWN_MODEL unless this peer or a
         live peer has it installed."""
-        from coordinator.service import keep_spec
-
-        model, _, revision = spec.partition("@")
+        model, revision = split_spec(spec)
         if not model or len(spec) > 256:
             raise PeerError("model_id must be a model id, or id@revision", code="INVALID_PARAMETER")
         local = any(entry == spec if revision else entry.startswith(f"{model}@") for entry in self._installed)
-        if not local and not self.holders(model, revision or None):
+        if not local and not self.holders(model, revision):
             raise NotFoundError(f"no peer has {spec} installed (meshnode models add on one of them first)",
                                 code="UNKNOWN_MODEL")
         self._serve = keep_spec(self._serve, spec)
@@ -349,7 +347,7 @@ class Node:
 
     def serving(self, model: str | None = None) -> dict[str, Any]:
         """What this peer asked to serve and what the mesh runs: each model's plan and stage readiness."""
-        wanted = {s.partition("@")[0] for s in self._serve} | set(self.plans.book.current)
+        wanted = {split_spec(s)[0] for s in self._serve} | set(self.plans.book.current)
         if model is not None:
             wanted = {model}
         rows = []

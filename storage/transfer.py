@@ -370,21 +370,9 @@ class Fetcher:
         jobs += [Job(f.path, f.sha256, f.size, folder / f.path) for f in manifest.files]
         t.total_bytes, t.files_total = sum(j.size for j in jobs), len(jobs)
         self._event("started", t, revision=rev, files=len(jobs), bytes=t.total_bytes, holders=list(holders))
-        failures: list[tuple[Job, MeshError]] = []
-        limiter = trio.CapacityLimiter(self.parallel)
-
-        async def one(job: Job) -> None:
-            async with limiter:
-                try:
-                    await self.fetch_file(job, holders, t)
-                except MeshError as err:
-                    failures.append((job, err))
-
         for d in (folder, registry.shard_dir):
             await trio.to_thread.run_sync(functools.partial(d.mkdir, parents=True, exist_ok=True))
-        async with trio.open_nursery() as nursery:
-            for job in jobs:
-                nursery.start_soon(one, job)
+        failures = await self.fetch_files(jobs, holders, t)
         if failures and source is not None:
             return await self._from_source(t, model, rev, source, [j.name for j, _ in failures])
         if failures:  # fetch_model records the error status
@@ -435,6 +423,24 @@ class Fetcher:
         registry = self.store.registry
         atomic_write(registry.model_dir(manifest.model_id, manifest.revision) / MANIFEST_FILE, signed)
         registry.set_status(manifest.model_id, manifest.revision, "ready", size=manifest.size, source="mesh")
+
+    async def fetch_files(self, jobs: Sequence[Job], holders: Sequence[NodeId], t: Transfer
+                          ) -> list[tuple[Job, MeshError]]:
+        """Fetch ``jobs``, ``parallel`` at a time; the ones that failed, with why."""
+        failures: list[tuple[Job, MeshError]] = []
+        limiter = trio.CapacityLimiter(self.parallel)
+
+        async def one(job: Job) -> None:
+            async with limiter:
+                try:
+                    await self.fetch_file(job, holders, t)
+                except MeshError as err:
+                    failures.append((job, err))
+
+        async with trio.open_nursery() as nursery:
+            for job in jobs:
+                nursery.start_soon(one, job)
+        return failures
 
     # ---- one file --------------------------------------------------------------------------------
 
