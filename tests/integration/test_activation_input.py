@@ -89,9 +89,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     assert cli(["models", "--data-dir", str(root / "mesh" / "a"), "add", str(root / "tiny"), "--id", "tiny"]) == 0
     mesh = LocalMesh(root / "mesh", CONFIG, extra_args=("--benchmark-seconds", "0.05"))
     try:
-        peer = mesh.start_peer("a")
+        peer = mesh.start_peer("a", args=("--serve", "tiny"))  # `meshnode start --serve ID`
         wait_for(lambda: agreed([peer]), 15, what="the peer to lead its own mesh")
-        api_get(peer.api, "/api/model", method="POST", body={"model_id": "tiny"}, timeout=5.0)
 
         def listed() -> dict[str, Any] | None:
             data = (peer.try_get("/v1/models") or {}).get("data", [])

@@ -233,10 +233,11 @@ def test_smollm2_chat_streams_the_single_process_text_and_survives_kill_9(
     for peer in ("peer-a", "peer-b", "peer-c"):
         assert cli(["models", "--data-dir", str(tmp_path / peer), "add", str(smollm2_folder), "--id", SMOLLM2]) == 0
     with LocalMesh(tmp_path, config_file=CONFIG, extra_args=("--benchmark-seconds", "0.05")) as mesh:
-        a = mesh.start_peer("peer-a", args=("--serve", SMOLLM2))  # `meshnode start --serve ID`
-        peers = [a, mesh.start_peer("peer-b", a.addrs[:1])]
-        peers.append(mesh.start_peer("peer-c", peers[-1].addrs[:1]))
+        # Served once all three agree, so the first plan already spans them (a model requested while peers
+        # are still joining is planned on the first ones; a join improves it only past --reassign-threshold).
+        peers = mesh.start_chain(3)  # peer-a, peer-b, peer-c
         wait_for(lambda: agreed(peers), 30, what="one coordinator")
+        serve(peers[0], SMOLLM2)
         # Meanwhile: the oracle, in this process.
         model = LlamaForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
