@@ -33,9 +33,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, DynamicCache, PretrainedConfig
 
+from inference.qlinear import QuantEmbedding, linear
 from mesh.errors import LocalError, PeerError
+from storage.formats import MIN, QUANTIZED, SCALE, FormatError, shard_format, weight_formats
 from storage.manifest import Shard
 from storage.metadata import GPT2_TYPES, LLAMA_TYPES
+from storage.quantize import SAFETENSORS_DTYPES
 
 #: Loads one shard's tensors by name (``safetensors.torch.load_file`` of the verified shard file).
 TensorLoader = Callable[[Shard], dict[str, torch.Tensor]]
@@ -80,9 +83,18 @@ def stage_config(config: dict[str, Any], blocks: int, dtype: torch.dtype) -> Pre
     return cfg
 
 
+class ShardFormatMismatch(LocalError):
+    """A shard's tensors are not in the format its manifest records (a lying or damaged manifest)."""
+
+    code = "SHARD_FORMAT_MISMATCH"
+    http_status = 422
+
+
 class Stage:
     def __init__(self, config: dict[str, Any], shards: Sequence[Shard], start: int, end: int, load: TensorLoader,
                  *, dtype: torch.dtype = torch.float32) -> None:
+        """Shards ``[start, end)`` of a model, run in compute dtype ``dtype`` (float tensors are converted to
+        it; int8/int4 weights stay as stored and run through their kernels)."""
         if not 0 <= start < end <= len(shards):
             raise LocalError(f"stage [{start}, {end}) is outside the model's {len(shards)} layers",
                              code="INVALID_STAGE")
@@ -95,12 +107,17 @@ class Stage:
         self.cfg = stage_config(config, max(1, len(blocks)), dtype)
         self.dtype = dtype
         by_name = {s.name: s for s in shards}
-        tensors: dict[str, torch.Tensor] = {}
-        for s in own:
-            tensors |= load(s)
+        needed = list(own)
         if self.last and own[-1].tied_to and own[-1].tied_to not in {s.name for s in own}:
-            tensors |= load(by_name[own[-1].tied_to])  # a tied head needs the embedding matrix
+            needed.append(by_name[own[-1].tied_to])  # a tied head needs the embedding matrix
+        tensors: dict[str, torch.Tensor] = {}
+        for s in needed:
+            tensors |= _checked(s, load(s))
         tensors = {_plain(k): v for k, v in tensors.items()}
+        self.formats = weight_formats([(k, SAFETENSORS_DTYPES.get(v.dtype, str(v.dtype)), tuple(v.shape))
+                                       for k, v in tensors.items()])
+        if self.family == "gpt2" and set(self.formats.values()) & set(QUANTIZED):
+            raise LocalError("GPT-2 stages run float weights only", code="UNSUPPORTED_QUANTIZATION")
         self.hidden = self.cfg.n_embd if self.family == "gpt2" else self.cfg.hidden_size
         with torch.no_grad():
             self.embed = self._embedding(tensors) if self.first else None
@@ -110,22 +127,30 @@ class Stage:
 
     # ---- building -----------------------------------------------------------------------------------
 
+    def _float(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype) if t.is_floating_point() else t
+
     def _embedding(self, t: dict[str, torch.Tensor]) -> nn.Module:
         if self.family == "gpt2":
-            return nn.ModuleDict({"wte": nn.Embedding.from_pretrained(t["wte.weight"], freeze=True),
-                                  "wpe": nn.Embedding.from_pretrained(t["wpe.weight"], freeze=True)})
-        return nn.Embedding.from_pretrained(t["embed_tokens.weight"], freeze=True,
-                                            padding_idx=self.cfg.pad_token_id)
+            return nn.ModuleDict({"wte": nn.Embedding.from_pretrained(self._float(t["wte.weight"]), freeze=True),
+                                  "wpe": nn.Embedding.from_pretrained(self._float(t["wpe.weight"]), freeze=True)})
+        name = "embed_tokens.weight"
+        fmt = self.formats[name]
+        if fmt in QUANTIZED:
+            return QuantEmbedding(fmt, t[name], t[name + SCALE], t.get(name + MIN), self.dtype)
+        return nn.Embedding.from_pretrained(self._float(t[name]), freeze=True, padding_idx=self.cfg.pad_token_id)
 
     def _body(self, t: dict[str, torch.Tensor], numbers: list[int]) -> nn.Module:
         with torch.device("meta"):
             body = AutoModel.from_config(self.cfg, dtype=self.dtype)
         prefix = "h" if self.family == "gpt2" else "layers"
-        local = {}
+        local, fmt_of = {}, {}
         for k, v in t.items():
             m = re.match(rf"{prefix}\.(\d+)\.(.*)", k)
             if m and int(m.group(1)) in numbers:
-                local[f"{prefix}.{numbers.index(int(m.group(1)))}.{m.group(2)}"] = v
+                name = f"{numbers.index(int(m.group(1)))}.{m.group(2)}"  # renumbered from 0 on this stage
+                local[name] = v
+                fmt_of[name] = self.formats.get(k)
         if self.family == "gpt2":
             body.wte = None
             body.wpe = _ZeroPositions(self.cfg.n_embd, self.dtype)
@@ -136,8 +161,26 @@ class Stage:
             body.norm = nn.Identity()
             body.rotary_emb = type(body.rotary_emb)(config=self.cfg)  # real buffers, on the CPU
             block_module = body.layers
-        missing, unexpected = block_module.load_state_dict(
-            {k.split(".", 1)[1]: v for k, v in local.items()}, strict=False, assign=True)
+        # Quantized matrices: their nn.Linear is replaced by the kernel's module (shapes checked there).
+        replaced = set()
+        for name in [k for k in local if fmt_of[k] in QUANTIZED]:
+            path = name.removesuffix(".weight")
+            parent, _, attr = path.rpartition(".")
+            old = block_module.get_submodule(path)
+            if not isinstance(old, nn.Linear):
+                raise LocalError(f"{prefix}.{name} is quantized but is not a linear layer's weight",
+                                 code="UNSUPPORTED_QUANTIZATION")
+            new = linear(fmt_of[name], local, name, local.get(path + ".bias"), self.dtype)
+            if (new.out_features, new.in_features) != (old.out_features, old.in_features):
+                raise ShardFormatMismatch(f"{prefix}.{name}: stored as [{new.out_features}, {new.in_features}], "
+                                          f"the model needs [{old.out_features}, {old.in_features}]")
+            setattr(block_module.get_submodule(parent) if parent else block_module, attr, new)
+            replaced.add(path)
+            for suffix in (".weight", ".weight" + SCALE, ".weight" + MIN, ".bias"):
+                local.pop(path + suffix, None)
+        local = {k: self._float(v) for k, v in local.items()}
+        missing, unexpected = block_module.load_state_dict(local, strict=False, assign=True)
+        missing = [k for k in missing if k.rpartition(".")[0] not in replaced]
         if missing:
             raise LocalError(f"stage weights lack {prefix}.{missing[0]}", code="SHARD_INCOMPLETE")
         if unexpected:
@@ -145,28 +188,27 @@ class Stage:
         for name, buf in list(body.named_buffers()):
             if buf.is_meta:
                 raise LocalError(f"stage buffer {name} was not initialised", code="SHARD_INCOMPLETE")
+        for name, param in list(body.named_parameters()):
+            if param.is_meta:
+                raise LocalError(f"stage weight {name} was not loaded", code="SHARD_INCOMPLETE")
         return body.eval()
 
     def _norm(self, t: dict[str, torch.Tensor]) -> nn.Module:
         if self.family == "gpt2":
-            norm = nn.LayerNorm(self.cfg.n_embd, eps=self.cfg.layer_norm_epsilon)
-            norm.load_state_dict({"weight": t["ln_f.weight"], "bias": t["ln_f.bias"]})
+            norm = nn.LayerNorm(self.cfg.n_embd, eps=self.cfg.layer_norm_epsilon, dtype=self.dtype)
+            norm.load_state_dict({"weight": self._float(t["ln_f.weight"]), "bias": self._float(t["ln_f.bias"])})
             return norm.eval()
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
         norm = LlamaRMSNorm(self.cfg.hidden_size, eps=self.cfg.rms_norm_eps)
-        norm.load_state_dict({"weight": t["norm.weight"]})
+        norm.load_state_dict({"weight": self._float(t["norm.weight"])}, assign=True)
         return norm.eval()
 
     def _head(self, t: dict[str, torch.Tensor]) -> nn.Module:
-        weight = t.get("lm_head.weight")
-        if weight is None:
-            weight = t["wte.weight" if self.family == "gpt2" else "embed_tokens.weight"]
-        head = nn.Linear(weight.shape[1], weight.shape[0], bias="lm_head.bias" in t)
-        head.weight = nn.Parameter(weight, requires_grad=False)
-        if "lm_head.bias" in t:
-            head.bias = nn.Parameter(t["lm_head.bias"], requires_grad=False)
-        return head.eval()
+        name = "lm_head.weight"
+        if name not in t:
+            name = "wte.weight" if self.family == "gpt2" else "embed_tokens.weight"
+        return linear(self.formats.get(name, "float32"), t, name, t.get("lm_head.bias"), self.dtype).eval()
 
     # ---- running ------------------------------------------------------------------------------------
 
@@ -198,6 +240,22 @@ class Stage:
         if self.head is not None:
             h = self.head(h[:, -1:])  # only the last position's logits are ever used: a prefill skips the rest
         return h
+
+
+def _checked(shard: Shard, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The shard's tensors, if they are what its manifest entry says: the same names, dtypes and shapes,
+    and the format it records (SHARD_FORMAT_MISMATCH otherwise)."""
+    specs = [(k, SAFETENSORS_DTYPES.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in tensors.items()]
+    declared = sorted((t.name, t.dtype, tuple(t.shape)) for t in shard.tensors)
+    if sorted(specs) != declared:
+        raise ShardFormatMismatch(f"shard {shard.name}: its tensors differ from the manifest's list")
+    try:
+        actual = shard_format(specs)
+    except FormatError as exc:
+        raise ShardFormatMismatch(f"shard {shard.name}: {exc}") from None
+    if specs and shard.format and actual != shard.format:  # (a tied head's shard holds no tensors)
+        raise ShardFormatMismatch(f"shard {shard.name}: the manifest says {shard.format}, its tensors are {actual}")
+    return tensors
 
 
 def _plain(name: str) -> str:

@@ -19,6 +19,7 @@ import trio
 from mesh import config as config_mod
 from mesh import logs
 from mesh.errors import MeshError, NotFoundError
+from storage.formats import WEIGHTS
 
 log = logging.getLogger("meshnode")
 DEFAULT_API = "127.0.0.1:8470"
@@ -189,9 +190,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     store = _store(args)
     if args.models_command == "add":
         logs.setup("info", False)
-        manifest = store.add(args.source, revision=args.revision, model_id=args.id)
+        manifest = store.add(args.source, revision=args.revision, model_id=args.id, weights=args.weights)
         print(f"{manifest.model_id} ({manifest.revision}): ready, {len(manifest.shards)} shards, "
-              f"{manifest.total_layers} layers, {_size(manifest.size)}")
+              f"{manifest.total_layers} layers, {_size(manifest.size)}, weights {'+'.join(manifest.formats)}")
+        for note in manifest.notes:
+            print(f"  {note}")
         return 0
     models = store.describe()
     if args.models_command == "show":
@@ -208,7 +211,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for m in models:
         for rev, v in m["versions"].items():
             default = " (default)" if rev == m["default_version"] else ""
-            layers = f"{v['layers']} layers" if "layers" in v else v.get("error") or ""
+            layers = f"{v['layers']} layers  {v['weights']}" if "layers" in v else v.get("error") or ""
             print(f"{m['id']}  {rev}{default}  {v['status']}  {_size(v['size'])}  {layers}")
     return 0
 
@@ -306,6 +309,9 @@ def make_parser() -> argparse.ArgumentParser:
     add.add_argument("source")
     add.add_argument("--revision", help="HF revision (branch, tag or commit); a label for local sources")
     add.add_argument("--id", help="model id to register it under (default: derived from the source)")
+    add.add_argument("--weights", choices=WEIGHTS, default="auto",
+                     help="weight format of the shards: auto keeps what the source ships (bf16 stays bf16, a GGUF "
+                          "stays int4/int8); float32|bfloat16|float16|int8|int4 convert")
     lst = msub.add_parser("list", help="installed models with sizes, layers and status")
     lst.add_argument("--json", action="store_true")
     show = msub.add_parser("show", help="one model: versions, files, shards and checksums")

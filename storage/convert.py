@@ -9,10 +9,19 @@ memory for about one tensor.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from mesh.errors import LocalError
+from storage.formats import FLOAT_DTYPES, FLOAT_FORMATS, GROUP, ITEMSIZE, MIN, QUANTIZED, SCALE
+from storage.metadata import Architecture, ModelMetadata, TensorInfo, group_layers, read_model_tensors
+from storage.quantize import SAFETENSORS_DTYPES, TORCH_DTYPES, encode_weight, tensor_bytes
+from storage.shards import write_produced_shard
 
 
 @dataclass(frozen=True)
@@ -23,3 +32,92 @@ class SourceTensor:
     auto: str  # the format ``--weights auto`` stores it in: a float format, or int8/int4 for matrices
     read: Callable[[str], dict[str, torch.Tensor]]  # format -> the stored tensors (name -> tensor)
     exact: bool = True  # False when ``auto`` requantizes (Q8_0 -> int8 per channel, K-quants)
+
+
+def choose(st: SourceTensor, weights: str) -> str:
+    """The format ``--weights`` gives one tensor: ``auto`` keeps the source's; a float format applies to
+    every tensor; int8/int4 apply to weight matrices (int4 needs K % 32 == 0 and N % 16 == 0, the CPU
+    kernel's layout, else int8), vectors keep their float dtype."""
+    if weights == "auto":
+        return st.auto
+    if weights in FLOAT_DTYPES:
+        return weights
+    if not (len(st.shape) == 2 and st.name.endswith("weight")):
+        return FLOAT_FORMATS.get(st.source_dtype, "float32")
+    n, k = st.shape
+    if weights == "int4" and (k % GROUP or n % 16):
+        return "int8"
+    return weights
+
+
+def stored(name: str, shape: tuple[int, ...], fmt: str) -> list[TensorInfo]:
+    """The tensors a weight is stored as in format ``fmt`` (storage.formats), as header-only infos."""
+    def info(n: str, dtype: str, s: tuple[int, ...]) -> TensorInfo:
+        return TensorInfo(n, dtype, s, "", 0, math.prod(s) * ITEMSIZE[dtype], 0)
+
+    if fmt == "int8":
+        return [info(name, "I8", shape), info(name + SCALE, "F32", shape[:1])]
+    if fmt == "int4":
+        n, k = shape
+        return [info(name, "U8", (n, k // 2)), info(name + SCALE, "F16", (n, k // GROUP)),
+                info(name + MIN, "F16", (n, k // GROUP))]
+    return [info(name, FLOAT_DTYPES[fmt], shape)]
+
+
+def convert(tensors: list[SourceTensor], weights: str, arch: Architecture, shard_dir: Path
+            ) -> tuple[ModelMetadata, list[tuple[int, str]]]:
+    """Write every layer's shard in the chosen format, one source tensor at a time; (metadata of the
+    stored tensors, (size, sha256) per layer)."""
+    if weights in QUANTIZED and arch.family == "gpt2":
+        raise LocalError("GPT-2 weights can be stored as float32, bfloat16 or float16, not quantized",
+                         code="UNSUPPORTED_QUANTIZATION")
+    chosen = {st.name: (st, choose(st, weights)) for st in tensors}
+    infos: dict[str, TensorInfo] = {}
+    source_of: dict[str, str] = {}
+    for st, fmt in chosen.values():
+        for info in stored(st.name, st.shape, fmt):
+            infos[info.name] = info
+            source_of[info.name] = st.name
+    meta = group_layers(arch, infos)
+    pending: dict[str, torch.Tensor] = {}  # produced tensors waiting for their turn (a weight's scales)
+
+    def produce(name: str) -> bytes:
+        if name not in pending:
+            st, fmt = chosen[source_of[name]]
+            out = st.read(fmt)
+            want = {i.name: i for i in stored(st.name, st.shape, fmt)}
+            if set(out) != set(want):
+                raise LocalError(f"{st.name}: conversion to {fmt} gave {sorted(out)}, expected {sorted(want)}",
+                                 code="CONVERSION_FAILED")
+            for n, t in out.items():
+                if SAFETENSORS_DTYPES.get(t.dtype) != want[n].dtype or tuple(t.shape) != want[n].shape:
+                    raise LocalError(f"{n}: conversion to {fmt} gave {t.dtype} {list(t.shape)}, expected "
+                                     f"{want[n].dtype} {list(want[n].shape)}", code="CONVERSION_FAILED")
+            pending.update(out)
+        return tensor_bytes(pending.pop(name))
+
+    written = [write_produced_shard(layer.name, [infos[n] for n in layer.tensors], produce, shard_dir)
+               for layer in meta.layers]
+    return meta, written
+
+
+def folder_tensors(folder: Path) -> list[SourceTensor]:
+    """The tensors of a Hugging Face folder as conversion sources (each read on demand with safetensors)."""
+    out = []
+    for info in read_model_tensors(folder).values():
+        if info.dtype not in FLOAT_FORMATS:
+            raise LocalError(f"{info.name} is {info.dtype}: only float weights can be converted",
+                             code="UNSUPPORTED_QUANTIZATION")
+        out.append(SourceTensor(info.name, info.shape, info.dtype, FLOAT_FORMATS[info.dtype],
+                                functools.partial(_read_folder_tensor, folder / info.file, info.name)))
+    return out
+
+
+def _read_folder_tensor(path: Path, name: str, fmt: str) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        t = f.get_tensor(name)
+    if fmt in QUANTIZED:
+        return encode_weight(name, t, fmt)
+    return {name: t.to(TORCH_DTYPES[fmt]).contiguous()}

@@ -28,6 +28,10 @@ MAX_SHARDS = 4096
 MAX_TENSORS_PER_SHARD = 1024
 MAX_FILES = 64
 MAX_DIMS = 8
+MAX_NOTES = 32
+#: The compute dtypes a manifest or a plan may name (``storage.formats.COMPUTE_DTYPES``; kept here so this
+#: module stays pure).
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 class ManifestSignerMismatch(PeerError):
@@ -60,6 +64,7 @@ class Shard:
     flops_base: int = 0  # FLOPs per token = flops_base + flops_per_context * sequence length
     flops_per_context: int = 0
     tied_to: str | None = None  # a head without weights of its own uses this shard's weights
+    format: str = ""  # the weight format of its matrices: "int4", "int4+int8", "bfloat16" (storage.formats)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +83,14 @@ class Manifest:
     created_by: NodeId
     shards: tuple[Shard, ...]
     files: tuple[ManifestFile, ...]
+    weights: str = "auto"  # what ``models add --weights`` asked for
+    compute: str = "float32"  # the compute dtype its formats call for (a plan may override it)
+    notes: tuple[str, ...] = ()  # how the source's tensors were mapped ("Q8_0 -> int8 (requantized ...)")
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The distinct shard formats, sorted (``("float32",)``, ``("int4", "int4+int8")``)."""
+        return tuple(sorted({s.format for s in self.shards if s.format}))
 
     @property
     def total_layers(self) -> int:
@@ -97,8 +110,10 @@ def encode_manifest(m: Manifest) -> bytes:
             "tensors": [[t.name, t.dtype, list(t.shape)] for t in s.tensors], "size": s.size, "sha256": s.sha256,
             "params": s.params, "memory_bytes": s.memory_bytes, "kv_bytes_per_token": s.kv_bytes_per_token,
             "flops_base": s.flops_base, "flops_per_context": s.flops_per_context, "tied_to": s.tied_to,
+            "format": s.format,
         } for s in m.shards],
         "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in m.files],
+        "weights": m.weights, "compute": m.compute, "notes": list(m.notes),
     })
 
 
@@ -134,11 +149,22 @@ def decode_manifest(payload: bytes) -> Manifest:
         expected_start = s.layer_end
     if len({f.path for f in files}) != len(files):
         raise DecodeError("manifest.files: a path appears twice")
+    compute = r.opt_text("compute") or "float32"
+    if compute not in COMPUTE_DTYPES:
+        raise DecodeError(f"manifest.compute: {compute!r} is not one of {COMPUTE_DTYPES}")
+    notes = r.array("notes", _note, limit=MAX_NOTES)
     return Manifest(
         model_id=r.text("model_id"), revision=r.text("revision"), family=r.text("family"),
         config_sha256=_hex(r.text("config_sha256"), "manifest.config_sha256"),
         created_by=NodeId(r.text("created_by")), shards=shards, files=files,
+        weights=r.opt_text("weights") or "auto", compute=compute, notes=notes,
     )
+
+
+def _note(raw: Any, where: str) -> str:
+    if not isinstance(raw, str) or len(raw) > 256:
+        raise DecodeError(f"{where}: expected a string of at most 256 characters")
+    return raw
 
 
 def _hex(v: str, where: str) -> str:
@@ -179,6 +205,7 @@ def _shard(raw: Any, where: str) -> Shard:
         params=_count(r, "params"), memory_bytes=_count(r, "memory_bytes"),
         kv_bytes_per_token=_count(r, "kv_bytes_per_token"), flops_base=_count(r, "flops_base"),
         flops_per_context=_count(r, "flops_per_context"), tied_to=r.opt_text("tied_to"),
+        format=r.opt_text("format") or "",
     )
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.errors import LocalError, PeerError
+from storage import formats
 
 #: Bytes per element of every safetensors dtype.
 DTYPE_BYTES = {
@@ -189,6 +190,7 @@ class Layer:
     # FLOPs per token = base + per_context * sequence_length (the attention term grows with context)
     flops_base: int = 0
     flops_per_context: int = 0
+    format: str = ""  # the weight format of its matrices (storage.formats.shard_format)
 
     @property
     def bytes(self) -> int:
@@ -205,6 +207,8 @@ class ModelMetadata:
     arch: Architecture
     layers: tuple[Layer, ...]
     tensors: dict[str, TensorInfo] = field(repr=False)
+
+    compute: str = "float32"  # the compute dtype its formats call for (memory and KV bytes are counted in it)
 
     @property
     def params(self) -> int:
@@ -257,31 +261,45 @@ def group_layers(arch: Architecture, tensors: dict[str, TensorInfo]) -> ModelMet
     if embedding is None:
         raise UnsupportedArchitecture("no token embedding weight found")
 
-    kv_dtype_bytes = DTYPE_BYTES[embedding.dtype]
+    def specs(infos: list[TensorInfo]) -> list[formats.TensorSpec]:
+        return [(t.name, t.dtype, t.shape) for t in infos]
+
+    try:
+        layer_formats = {key: formats.shard_format(specs(infos)) for key, infos in groups.items()}
+        matrix_formats = formats.weight_formats(specs(list(tensors.values()))).values()
+    except formats.FormatError as exc:
+        raise MalformedSafetensors(str(exc)) from None
+    compute = formats.default_compute(matrix_formats)  # norms' vectors do not decide it
+    kv_bytes = formats.COMPUTE_ITEMSIZE[compute]  # the KV cache is kept in the compute dtype
     layers: list[Layer] = []
     for (kind_order, number), infos in sorted(groups.items()):
         kind = next(k for k, v in order.items() if v == kind_order)
         infos.sort(key=lambda t: t.name)
-        params = sum(t.numel for t in infos)
+        params = formats.params_of(specs(infos))
         by_dtype: dict[str, int] = {}
         for t in infos:
             by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
         name = f"block.{number}" if kind == "block" else kind
         base = per_context = kv = 0
         if kind == "block":
-            weights = sum(t.numel for t in infos if len(t.shape) >= 2)  # matmuls; biases/norms are noise
-            base = 2 * weights
+            base = 2 * formats.matmul_params(specs(infos))  # matmuls; biases/norms are noise
             per_context = 4 * arch.heads * arch.head_dim  # QK^T and AV, a multiply-add each
-            kv = 2 * arch.kv_heads * arch.head_dim * kv_dtype_bytes
+            kv = 2 * arch.kv_heads * arch.head_dim * kv_bytes
         elif kind == "head":
             base = 2 * params
         elif kind == "norm":
             base = 4 * arch.hidden
         layers.append(Layer(len(layers), name, kind, tuple(t.name for t in infos), params, by_dtype,
-                            sum(by_dtype.values()), kv, flops_base=base, flops_per_context=per_context))
+                            formats.loaded_bytes(specs(infos), compute), kv, flops_base=base,
+                            flops_per_context=per_context, format=layer_formats[(kind_order, number)]))
     if not any(layer.kind == "head" for layer in layers):
         if not arch.tied:
             raise UnsupportedArchitecture("no lm_head weight and the config does not tie it to the embedding")
-        layers.append(Layer(len(layers), "head", "head", (), 0, {}, embedding.nbytes, 0, tied_to="embedding",
-                            flops_base=2 * embedding.numel))
-    return ModelMetadata(arch, tuple(layers), tensors)
+        emb = next(layer for layer in layers if layer.kind == "embedding")
+        emb_specs = specs([tensors[n] for n in emb.tensors  # the embedding matrix and its scales, not wpe
+                           if n == embedding.name or (formats.is_companion(n) and n.startswith(embedding.name))])
+        vocab_params = math.prod(formats.logical_shape(embedding.name, embedding.dtype, embedding.shape,
+                                                       formats.weight_formats(emb_specs).get(embedding.name)))
+        layers.append(Layer(len(layers), "head", "head", (), 0, {}, formats.loaded_bytes(emb_specs, compute), 0,
+                            tied_to="embedding", flops_base=2 * vocab_params, format=emb.format))
+    return ModelMetadata(arch, tuple(layers), tensors, compute)

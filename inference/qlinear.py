@@ -1,0 +1,98 @@
+"""Linear layers and embeddings over the compact shard formats (``storage.formats``), with torch's own CPU
+kernels for weight-only quantized matmuls. Activations are in the stage's compute dtype (bf16 is what the
+kernels are fast with on CPUs that do bf16; fp32 works everywhere, slower).
+
+    Int8Linear    y[m, n] = sum_k x[m, k] * q[n, k] * scale[n]          aten._weight_int8pack_mm
+    Int4Linear    y[m, n] = sum_k x[m, k] * ((q[n, k] - 8) * s[g, n] + z[g, n])   aten._weight_int4pack_mm_for_cpu
+                  with the stored w = q * scale + min, so s = scale and z = min + 8 * scale per group g
+
+The int4 kernel takes its own tiled layout (``_convert_weight_to_int4pack_for_cpu``), built at load time
+from the stored nibbles in blocks of rows, so the transient copy stays small.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from storage.formats import GROUP
+from storage.quantize import unpack_int4
+
+#: Rows converted to the int4 kernel layout at a time (a multiple of its 32-row tiles).
+PACK_ROWS = 2048
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q", q.contiguous())  # [N, K] int8
+        self.register_buffer("scale", scale.to(dtype).contiguous())  # [N]
+        self.register_buffer("bias", None if bias is None else bias.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.q, self.scale)
+        y = y.reshape(*shape[:-1], self.out_features)  # [..., N]
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bias: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        n, half = packed.shape
+        self.out_features, self.in_features = n, 2 * half
+        tiles = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            unpack_int4(packed[r:r + PACK_ROWS]).to(torch.int32), 1) for r in range(0, n, PACK_ROWS)]
+        self.register_buffer("w", torch.cat(tiles) if len(tiles) > 1 else tiles[0])
+        s = scale.float().t()  # [K/32, N]
+        z = mn.float().t() + 8.0 * s
+        self.register_buffer("scales_and_zeros", torch.stack([s, z], dim=-1).to(dtype).contiguous())  # [K/32, N, 2]
+        self.register_buffer("bias", None if bias is None else bias.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(), self.w, GROUP,
+                                                       self.scales_and_zeros)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class QuantEmbedding(nn.Module):
+    """Token embeddings stored int8 or int4: only the rows looked up are dequantized."""
+
+    def __init__(self, fmt: str, weight: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.fmt, self.dtype = fmt, dtype
+        self.register_buffer("weight", weight)  # int8 [V, H] or packed int4 [V, H/2]
+        self.register_buffer("scale", scale)  # [V] or [V, H/32]
+        self.register_buffer("mn", mn)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        if self.fmt == "int8":
+            rows = self.weight[flat].float() * self.scale[flat].float()[:, None]  # [T, H]
+        else:
+            q = unpack_int4(self.weight[flat]).float()  # [T, H]
+            t, h = q.shape
+            assert self.mn is not None
+            rows = (q.reshape(t, h // GROUP, GROUP) * self.scale[flat].float()[..., None]
+                    + self.mn[flat].float()[..., None]).reshape(t, h)
+        return rows.to(self.dtype).reshape(*ids.shape, -1)
+
+
+def linear(fmt: str, t: dict[str, torch.Tensor], name: str, bias: torch.Tensor | None,
+           dtype: torch.dtype) -> nn.Module:
+    """The module for weight ``name`` (``...weight``) stored in ``fmt`` among the tensors ``t``."""
+    w = t[name]
+    if fmt == "int8":
+        return Int8Linear(w, t[name + "_scale"], bias, dtype)
+    if fmt == "int4":
+        return Int4Linear(w, t[name + "_scale"], t[name + "_min"], bias, dtype)
+    layer = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+    return layer
