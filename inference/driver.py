@@ -16,7 +16,6 @@ runs continue exactly as if nothing had happened. With no working route in time 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,6 +32,7 @@ from inference.frames import MAX_TOKENS, Frame
 from inference.host import new_session_id, stage_key
 from inference.protocol import ACTIVATIONS_PROTOCOL, Hop, Route
 from inference.sampling import Sampling
+from inference.tokenizer import load_tokenizer
 from mesh.errors import NotFoundError, PeerError
 from mesh.ids import NodeId
 from mesh.transport import Stream
@@ -344,36 +344,9 @@ class Driver:
         async with self._tokenizer_lock:
             if key not in self._tokenizers:
                 folder = await self.model_files(route)
-                self._tokenizers[key] = await trio.to_thread.run_sync(_load_tokenizer, folder)
+                self._tokenizers[key] = await trio.to_thread.run_sync(load_tokenizer, folder)
         tok = self._tokenizers[key]
         if tok is None:
             raise PeerError(f"{route.model} has no tokenizer: send token ids as the prompt",
                             code="TOKENIZER_UNAVAILABLE")
         return tok
-
-
-def _load_tokenizer(folder: Path) -> Any:
-    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.meshnode_stop_ids = stop_ids(folder, tok)
-    return tok
-
-
-def stop_ids(folder: Path, tokenizer: Any = None) -> frozenset[int]:
-    """End-of-sequence ids from generation_config.json, config.json and the tokenizer."""
-    ids: set[int] = set()
-    for name in ("generation_config.json", "config.json"):
-        try:
-            eos = json.loads((folder / name).read_text()).get("eos_token_id")
-        except (OSError, ValueError, AttributeError):
-            continue
-        for v in eos if isinstance(eos, list) else [eos]:
-            if type(v) is int and v >= 0:
-                ids.add(v)
-    if tokenizer is not None and isinstance(getattr(tokenizer, "eos_token_id", None), int):
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
-

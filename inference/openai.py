@@ -25,9 +25,9 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from inference.driver import Request as GenRequest
-from inference.driver import stop_ids
 from inference.protocol import Route as MeshRoute
 from inference.sampling import Sampling
+from inference.tokenizer import chat_ids, stop_ids, text_ids
 from mesh.errors import MeshError, PeerError
 
 if TYPE_CHECKING:
@@ -188,9 +188,8 @@ class Api:
                     for m in messages):
                 raise _invalid("messages must be a non-empty list of {role, content} with text content", "messages")
             tok = await driver.tokenizer(route)
-            text = tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
-                                           add_generation_prompt=True, tokenize=False)
-            return list(tok(text, add_special_tokens=False)["input_ids"]), tok, tok.meshnode_stop_ids
+            ids = chat_ids(tok, [{"role": m["role"], "content": m["content"]} for m in messages])
+            return ids, tok, tok.meshnode_stop_ids
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -198,7 +197,7 @@ class Api:
             if not prompt:
                 raise _invalid("prompt must not be empty", "prompt")
             tok = await driver.tokenizer(route)
-            return list(tok(prompt)["input_ids"]), tok, tok.meshnode_stop_ids
+            return text_ids(tok, prompt), tok, tok.meshnode_stop_ids
         if isinstance(prompt, list) and prompt and all(type(t) is int and t >= 0 for t in prompt):
             try:
                 tok = await driver.tokenizer(route)

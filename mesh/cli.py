@@ -261,7 +261,11 @@ def stream_events(addr: str, path: str, body: dict[str, Any], *, timeout: float 
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Stream a completion from the mesh through the local peer, printing text as it comes."""
+    """Generate text: through the mesh (the local peer's API), or with ``--local`` from the local store in
+    this process (the single-process reference). Text is printed as it comes; ``--json`` prints one object
+    at the end instead."""
+    if args.local:
+        return _generate_local(args)
     model = args.model
     if not model:
         served = api_get(args.api, "/v1/models")["data"]
@@ -277,12 +281,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
         path, body["prompt"] = "/v1/completions", args.prompt
     else:
         path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": args.prompt}]
+    text, details = [], {}
     for event in stream_events(args.api, path, body):
         choice = event["choices"][0]
-        text = choice.get("text") if args.raw else choice["delta"].get("content")
-        if text:
-            print(text, end="", flush=True)
-    print(flush=True)
+        piece = choice.get("text") if args.raw else choice["delta"].get("content")
+        if choice.get("finish_reason") is not None:
+            details = event.get("meshnode", {})
+        if piece:
+            text.append(piece)
+            if not args.json:
+                print(piece, end="", flush=True)
+    if args.json:
+        print(json.dumps({"text": "".join(text), "token_ids": details.get("token_ids", []),
+                          "timings": details.get("timings", {}), "route": details.get("route", []),
+                          "failovers": details.get("failovers", 0)}))
+    else:
+        print(flush=True)
+    return 0
+
+
+def _generate_local(args: argparse.Namespace) -> int:
+    from inference.local import LocalModel
+    from inference.sampling import Sampling
+    from inference.tokenizer import chat_ids, text_ids
+
+    if not args.model:
+        raise MeshError("--local needs --model ID (meshnode models list shows them)", code="INVALID_PARAMETER")
+    logs.setup("warning", False)
+    model = LocalModel(_store(args), args.model, compute_dtype=args.compute_dtype)
+    tok = model.tokenizer
+    if tok is None:
+        raise MeshError(f"{args.model} has no tokenizer", code="TOKENIZER_UNAVAILABLE")
+    prompt = text_ids(tok, args.prompt) if args.raw else chat_ids(tok, [{"role": "user", "content": args.prompt}])
+    sampling = Sampling(args.temperature, 0, 1.0, args.seed if args.seed is not None else 0)
+    result = model.generate(prompt, args.max_tokens, sampling=sampling)
+    text = tok.decode(result.token_ids, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({"text": text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
+                          "finish_reason": "stop" if result.stopped else "length", "timings": result.timings}))
+    else:
+        print(text, flush=True)
     return 0
 
 
@@ -339,6 +377,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for sampling (same seed, same text)")
     p.add_argument("--raw", action="store_true", help="plain completion of the prompt, no chat template")
     p.add_argument("--api", default=DEFAULT_API, help="the peer's API address (host:port)")
+    p.add_argument("--json", action="store_true", help='print one object at the end: {"text", "token_ids", "timings"}')
+    p.add_argument("--local", action="store_true",
+                   help="run the model from the local store in this process: no mesh, no running peer")
+    p.add_argument("--data-dir", default="~/.meshnode", help="with --local: the data directory holding the model")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
+                   help="with --local: the compute dtype (default: the model's, as a plan would choose)")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("demo", help="start a local mesh on 127.0.0.1 and show it working")
     config_mod.add_arguments(p)
