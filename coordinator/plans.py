@@ -33,6 +33,7 @@ from coordinator.election import Leadership
 from mesh.errors import DecodeError, PeerError
 from mesh.identity import Identity, node_id_for_key
 from mesh.wire import MAX_GOSSIP_MESSAGE, open_envelope, seal, versioned
+from storage.manifest import COMPUTE_DTYPES
 
 T = TypeVar("T")
 PLAN = "plan"
@@ -85,6 +86,7 @@ class Plan:
     reason: str = ""  # initial | reassign | replan | term | improve | request
     reassigned: tuple[str, ...] = ()
     issued_at: float = 0.0  # the coordinator's wall clock; informational
+    compute_dtype: str = "float32"  # every stage computes in it and sends activations in it (no mixed pipeline)
 
     @property
     def latency_s(self) -> float:
@@ -124,6 +126,7 @@ class Plan:
             "reason": self.reason,
             "reassigned_nodes": list(self.reassigned),
             "issued_at": self.issued_at,
+            "compute_dtype": self.compute_dtype,
             "selected_nodes": [{"node_id": n.node_id,
                                 "capabilities": {"flops": n.flops, "memory_bytes": n.memory_bytes},
                                 "current_load": n.load, "latency_ms": n.latency_ms, "reliability": n.reliability}
@@ -144,7 +147,7 @@ class Plan:
 def make_plan(layers: Sequence[planner.Layer], peers: Sequence[planner.Peer], split: planner.Split, *,
               model: str = "", revision: str = "", term: int = 0, epoch: int = 0, coordinator: str = "",
               request_id: str = "", reason: str = "", reassigned: Sequence[str] = (), issued_at: float = 0.0,
-              nodes: dict[str, NodeSummary] | None = None) -> Plan:
+              nodes: dict[str, NodeSummary] | None = None, compute_dtype: str = "float32") -> Plan:
     """A Plan from a planner Split: layer positions become layer indices, every range gets a fallback
     (``planner.fallback_for``), ``nodes`` adds load/latency/reliability to the selected peers."""
     by_id = {q.node_id: q for q in peers}
@@ -162,6 +165,7 @@ def make_plan(layers: Sequence[planner.Layer], peers: Sequence[planner.Peer], sp
         total_layers=len(layers), assignments=assignments, nodes=summaries, bottleneck_s=split.bottleneck_s,
         communication_overhead_s=sum(by_id[s.node_id].link_s for s in split.stages[:-1]),
         request_id=request_id, reason=reason, reassigned=tuple(reassigned), issued_at=issued_at,
+        compute_dtype=compute_dtype,
     )
 
 
@@ -177,7 +181,7 @@ def encode_plan(p: Plan) -> bytes:
         "nodes": [[n.node_id, n.flops, n.memory_bytes, n.load, n.latency_ms, n.reliability] for n in p.nodes],
         "bottleneck_s": p.bottleneck_s, "communication_overhead_s": p.communication_overhead_s,
         "request_id": p.request_id, "reason": p.reason, "reassigned": list(p.reassigned),
-        "issued_at": p.issued_at,
+        "issued_at": p.issued_at, "compute_dtype": p.compute_dtype,
     })
 
 
@@ -245,13 +249,16 @@ def decode_plan(payload: bytes) -> Plan:
     if term < 1 or epoch < 1:
         raise DecodeError("plan.term and plan.epoch start at 1")
     reassigned = r.array("reassigned", lambda x, where: _typed([x], "t", where)[0], limit=MAX_STAGES)
+    compute = r.text("compute_dtype", "float32")
+    if compute not in COMPUTE_DTYPES:
+        raise DecodeError(f"plan.compute_dtype: {compute!r} is not one of {', '.join(COMPUTE_DTYPES)}")
     return Plan(
         model_id=r.text("model_id"), revision=r.text("revision"), term=term, epoch=epoch,
         coordinator=r.text("coordinator"), total_layers=total, assignments=assignments, nodes=nodes,
         bottleneck_s=_typed([r.number("bottleneck_s")], "f", "plan.bottleneck_s")[0],
         communication_overhead_s=_typed([r.number("communication_overhead_s", 0.0)], "f", "plan.overhead")[0],
         request_id=r.text("request_id", ""), reason=r.text("reason", ""), reassigned=reassigned,
-        issued_at=r.number("issued_at", 0.0),
+        issued_at=r.number("issued_at", 0.0), compute_dtype=compute,
     )
 
 

@@ -13,6 +13,7 @@ The layers of a model come from its signed manifest: this peer's store, or else 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -29,6 +30,7 @@ from mesh.errors import MeshError, NotFoundError, PeerError
 from mesh.logs import Throttle
 from mesh.transport import GossipMessage
 from mesh.wire import PLANS_TOPIC, NodeStatus
+from storage import formats
 from storage.manifest import Manifest
 
 if TYPE_CHECKING:
@@ -46,11 +48,22 @@ class NotCoordinator(PeerError):
     http_status = 409
 
 
-def planner_layers(manifest: Manifest, context_tokens: int) -> list[Layer]:
+def planner_layers(manifest: Manifest, context_tokens: int, compute: str | None = None) -> list[Layer]:
     """The planner's view of a model: one layer per shard (embedding, blocks, norm, head) in pipeline
-    order; FLOPs per token at ``context_tokens`` of context; memory = weights + KV cache for that context."""
-    return [Layer(s.index, float(s.flops_base + s.flops_per_context * context_tokens),
-                  s.memory_bytes + s.kv_bytes_per_token * context_tokens) for s in manifest.shards]
+    order; FLOPs per token at ``context_tokens`` of context; memory = weights as loaded for ``compute``
+    (default: the manifest's compute dtype) + KV cache for that context, in that dtype."""
+    compute = compute or manifest.compute
+    by_name = {s.name: s for s in manifest.shards}
+    out = []
+    for s in manifest.shards:
+        weights, kv = s.memory_bytes, s.kv_bytes_per_token
+        if compute != manifest.compute:  # float tensors and the KV cache change size with the compute dtype
+            own = s if s.tensors or not s.tied_to else by_name[s.tied_to]
+            weights = formats.loaded_bytes([(t.name, t.dtype, t.shape) for t in own.tensors], compute)
+            kv = kv * formats.COMPUTE_ITEMSIZE[compute] // formats.COMPUTE_ITEMSIZE[manifest.compute]
+        out.append(Layer(s.index, float(s.flops_base + s.flops_per_context * context_tokens),
+                         weights + kv * context_tokens))
+    return out
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -76,7 +89,8 @@ class PlanService:
         for spec in co.models:
             self._keep(spec)
         self.errors: dict[str, dict[str, Any]] = {}  # model -> the last planning error, cleared by a plan
-        self._layers: dict[tuple[str, str], list[Layer]] = {}  # (model, revision) -> layers
+        self._layers: dict[tuple[str, str, str], list[Layer]] = {}  # (model, revision, compute) -> layers
+        self._manifests: dict[tuple[str, str], Manifest] = {}
         self._throttle = Throttle(every=10.0)
         self._wake = trio.Event()
         self._lock = trio.Lock()
@@ -172,15 +186,19 @@ class PlanService:
                 held = self.book.current.get(model)
                 # An unpinned model stays at the revision of its plan; without a plan, at the one found.
                 revision = revision or (held.plan.revision if held is not None else self._resolved(model))
-                layers, revision = await self.layers(model, revision)
+                layers, revision, compute = await self.layers(model, revision)
                 self._latest[model] = (revision, self.node.now())
                 current = held.plan if held is not None and held.plan.revision == revision else None
                 workers = self.workers(model, revision)
                 term = self.node.core.leadership.term
                 decision = await trio.to_thread.run_sync(self.controller.decide, model, layers, workers, current,
                                                          term)
+                if current is not None and current.compute_dtype != compute and decision is None:
+                    decision = self.controller.decide(model, layers, workers, None, term)  # replan in it
+                    if decision is not None:
+                        decision = dataclasses.replace(decision, reason="compute")
                 if decision is not None:
-                    await self._issue(model, revision, layers, decision)
+                    await self._issue(model, revision, layers, decision, compute=compute)
             except MeshError as err:
                 self._error(model, err)
                 if strict:
@@ -198,13 +216,14 @@ class PlanService:
                       extra={"event": "plan_failed", "code": err.code, "model": model, "node_id": self.node.node_id})
 
     async def _issue(self, model: str, revision: str, layers: Sequence[Layer], d: Decision, *,
-                     request_id: str = "") -> Plan:
+                     request_id: str = "", compute: str = "float32") -> Plan:
         lead = self.node.core.leadership
         if not self.is_coordinator():
             raise NotCoordinator(f"this peer is not the coordinator (term {lead.term}: {lead.coordinator})")
         plan = make_plan(layers, d.peers, d.split, model=model, revision=revision, term=lead.term,
                          epoch=self.book.next_epoch(model), coordinator=self.node.node_id, request_id=request_id,
-                         reason=d.reason, reassigned=d.reassigned, issued_at=time.time(), nodes=self._summaries())
+                         reason=d.reason, reassigned=d.reassigned, issued_at=time.time(), nodes=self._summaries(),
+                         compute_dtype=compute)
         envelope = seal_plan(plan, self.node.identity)
         verdict = self.book.offer(Held(plan, envelope), lead)
         assert verdict.accepted, verdict
@@ -225,16 +244,31 @@ class PlanService:
 
     # ---- inputs ------------------------------------------------------------------------------------
 
-    async def layers(self, model: str, revision: str | None) -> tuple[list[Layer], str]:
-        """The planner layers of ``model`` (at ``revision``, or the version found) from its signed manifest
-        (``StageHost.manifest``: this peer's store, else a holder). MODEL_NOT_AVAILABLE when nobody has it."""
-        if revision is not None and (model, revision) in self._layers:
-            return self._layers[(model, revision)], revision
-        node = self.node
-        manifest, _ = await node.stages.manifest(model, revision)
-        layers = planner_layers(manifest, node.config.coordinator.context_tokens)
-        self._layers[(model, manifest.revision)] = layers
-        return layers, manifest.revision
+    async def layers(self, model: str, revision: str | None) -> tuple[list[Layer], str, str]:
+        """(planner layers, revision, compute dtype) of ``model`` (at ``revision``, or the version found) from
+        its signed manifest (``StageHost.manifest``: this peer's store, else a holder), counted in the
+        compute dtype a plan would use now (``compute_for``). MODEL_NOT_AVAILABLE when nobody has it."""
+        manifest = self._manifests.get((model, revision)) if revision is not None else None
+        if manifest is None:
+            manifest, _ = await self.node.stages.manifest(model, revision)
+            self._manifests[(model, manifest.revision)] = manifest
+        compute = self.compute_for(manifest)
+        key = (model, manifest.revision, compute)
+        if key not in self._layers:
+            self._layers[key] = planner_layers(manifest, self.node.config.coordinator.context_tokens, compute)
+        return self._layers[key], manifest.revision, compute
+
+    def compute_for(self, manifest: Manifest) -> str:
+        """The compute dtype of a plan for ``manifest``: ``--compute-dtype`` if set; else the manifest's
+        (bf16 for compact weights) when every live peer runs bf16 fast (``compute-bf16`` in its gossiped
+        features), fp32 otherwise. One dtype per plan: no pipeline mixes them."""
+        wanted = self.node.config.inference.compute_dtype
+        if wanted != "auto":
+            return wanted
+        if manifest.compute == "bfloat16" and all(
+                "compute-bf16" in m.info.features_supported for m in self.node.core.membership.live()):
+            return "bfloat16"
+        return "float32"
 
     def workers(self, model: str, revision: str) -> list[Worker]:
         entry = f"{model}@{revision}"
@@ -298,7 +332,7 @@ class PlanService:
             model = next(iter(self.book.current))
         held = self.book.current.get(model)
         revision = held.plan.revision if held is not None else None
-        layers, revision = await self.layers(model, revision)
+        layers, revision, compute = await self.layers(model, revision)
         stages = parse_splits(current_splits, layers)
         workers = self.workers(model, revision)
         alive = {w.node_id for w in workers if w.alive}
@@ -321,10 +355,11 @@ class PlanService:
         if held is not None and self.is_coordinator():
             async with self._lock:  # still the current plan once the loop lets go?
                 if self.book.current.get(model) is held and held.plan.stages() == asked:
-                    published = await self._issue(model, revision, layers, decision, request_id=request_id)
+                    published = await self._issue(model, revision, layers, decision, request_id=request_id,
+                                                  compute=compute)
         plan = published or make_plan(layers, decision.peers, decision.split, model=model, revision=revision,
                                       request_id=request_id, reason=decision.reason,
-                                      reassigned=decision.reassigned, nodes=self._summaries())
+                                      reassigned=decision.reassigned, nodes=self._summaries(), compute_dtype=compute)
         view = plan.view()
         return {"request_id": request_id, "model": model, "new_splits": view["model_split_plan"]["splits"],
                 "reassigned_nodes": list(decision.reassigned), "replanned": decision.reason == "replan",

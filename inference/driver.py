@@ -5,12 +5,14 @@ when it is here), send the prompt as step 0 (prefill), then one token per step; 
 and sends each token straight back here. Per token that is one hop per stage and nothing more.
 
 Failover: a step fails when a stage reports an error, a hop's stream breaks, the plan moves to other
-stages, or no token comes within ``step_timeout``. The driver then waits (up to ``recovery_timeout``) for
-a route whose stages are all ready — the coordinator's next epoch, with the replacement's stage loaded —
-and replays the prompt plus every token generated so far as the new session's prefill, which rebuilds
-every stage's KV cache. Sampling is seeded per position (``inference.sampling``), so greedy and seeded
-runs continue exactly as if nothing had happened. With no working route in time the request ends with
-``GENERATION_FAILED``; it never hangs.
+stages, or no token comes within ``step_timeout``. A refusal no route can cure (a wrong dtype or shape, a
+bad request) fails the request at once. Otherwise the driver waits (up to ``recovery_timeout`` from the
+first failure, however many routes fail meanwhile) for a route whose stages are all ready — the
+coordinator's next epoch, with the replacement's stage loaded — and replays the generation with its
+original step structure (the prompt, then one step per token so far, sent pipelined), which rebuilds every
+stage's KV cache bit for bit in every weight format. Sampling is seeded per position
+(``inference.sampling``), so greedy and seeded runs continue exactly as if nothing had happened. With no
+working route in time the request ends with ``GENERATION_FAILED``; it never hangs.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_FAILOVERS = 8
+#: Refusals no other route can cure (the request or the pipeline is wrong, not a peer): fail at once.
+PERMANENT = frozenset({"BAD_DTYPE", "BAD_SHAPE", "BAD_VALUES", "BAD_FRAME", "CONTEXT_TOO_LONG", "INVALID_PARAMETER",
+                       "UNSUPPORTED_QUANTIZATION", "SHARD_FORMAT_MISMATCH"})
 RESULT_QUEUE = 8  # results waiting for the driver per session (back-pressure on the last stage)
 
 
@@ -116,9 +121,11 @@ class Driver:
             raise NotFoundError(f"no plan for {spec} in this mesh (POST /api/model to serve it)", code="NO_PLAN")
         plan = held.plan
         stages = [{"node_id": a.node_id, "layers": [a.start, a.end],
-                   "ready": self._stage_ready(a.node_id, stage_key(model, plan.revision, a.start, a.end))}
+                   "ready": self._stage_ready(a.node_id, stage_key(model, plan.revision, a.start, a.end,
+                                                                   plan.compute_dtype))}
                   for a in plan.assignments]
         return {"model": model, "revision": plan.revision, "term": plan.term, "epoch": plan.epoch,
+                "compute_dtype": plan.compute_dtype,
                 "ready": all(s["ready"] for s in stages), "stages": stages}
 
     def route(self, spec: str) -> Route | None:
@@ -129,9 +136,10 @@ class Driver:
             return None
         plan = held.plan
         hops = tuple(Hop(a.node_id, a.start, a.end) for a in plan.assignments)
-        if not all(self._stage_ready(h.node, stage_key(model, plan.revision, h.start, h.end)) for h in hops):
+        if not all(self._stage_ready(h.node, stage_key(model, plan.revision, h.start, h.end, plan.compute_dtype))
+                   for h in hops):
             return None
-        return Route(model, plan.revision, (plan.term, plan.epoch), hops)
+        return Route(model, plan.revision, (plan.term, plan.epoch), hops, plan.compute_dtype)
 
     def served(self) -> list[Route]:
         """Every model with a ready route (what ``/v1/models`` lists)."""
@@ -201,7 +209,10 @@ class Driver:
     # ---- generating -------------------------------------------------------------------------------
 
     async def generate(self, req: Request) -> AsyncIterator[Token]:
-        """Tokens as they come (the last one may be a stop token), failing over as needed."""
+        """Tokens as they come (the last one may be a stop token), failing over as needed. A refusal that
+        no other route can cure (``PERMANENT``) fails the request at once; otherwise the generation waits
+        for a working route at most ``recovery_timeout`` from its first failure until it has a token again,
+        however many routes fail in between."""
         inf = self.node.config.inference
         if not req.prompt:
             raise PeerError("the prompt has no tokens", code="INVALID_PARAMETER")
@@ -212,16 +223,24 @@ class Driver:
         self.generations += 1
         produced: list[int] = []
         failures: list[str] = []
+        deadline: float | None = None  # set by a failure, cleared by the next token
         while True:
             attempt = self._attempt(route, req, produced, replayed=bool(failures))
             try:
                 async for tok in attempt:
                     produced.append(tok.id)
+                    deadline = None
                     yield tok
                 return
             except RouteFailed as err:
                 self.failovers += 1
                 failures.append(f"{err.code} at {err.node[-8:] or '?'}")
+                if err.code in PERMANENT:
+                    log.error("generation on %s epoch %s refused: %s %s; no other route can cure it",
+                              route.model, route.epoch, err.code, err,
+                              extra={"event": "generation_refused", "code": err.code, "model": route.model,
+                                     "node_id": self.node.node_id, "peer": err.node})
+                    raise GenerationFailed(f"{err.code}: {err}") from None
                 log.warning("generation on %s epoch %s failed after %d tokens: %s %s; failing over", route.model,
                             route.epoch, len(produced), err.code, err,
                             extra={"event": "failover", "code": err.code, "model": route.model,
@@ -229,16 +248,18 @@ class Driver:
                 if len(failures) > MAX_FAILOVERS:
                     raise GenerationFailed(f"gave up after {len(failures)} failed routes: {'; '.join(failures)}") \
                         from None
-                route = await self._await_route(req.model, route, inf.recovery_timeout, failures)
+                if deadline is None:
+                    deadline = trio.current_time() + inf.recovery_timeout
+                route = await self._await_route(req.model, route, deadline, failures)
             finally:
                 await attempt.aclose()  # a caller that stops early frees the route's sessions now, not at GC
 
-    async def _await_route(self, spec: str, failed: Route, timeout: float, failures: list[str]) -> Route:
+    async def _await_route(self, spec: str, failed: Route, deadline: float, failures: list[str]) -> Route:
         """A ready route other than ``failed`` (or ``failed`` again once its peers have had time to be
-        declared dead and have not been)."""
+        declared dead and have not been), before ``deadline``."""
         now = trio.current_time()
-        deadline = now + timeout
         same_after = now + self.node.config.membership.offline_after + 1.0
+        timeout = self.node.config.inference.recovery_timeout
         while True:
             route = self.route(spec)
             if route is not None and not self._broken(route) and (
@@ -252,40 +273,88 @@ class Driver:
 
     async def _attempt(self, route: Route, req: Request, produced: list[int], *, replayed: bool
                        ) -> AsyncIterator[Token]:
+        """One session over ``route``. After a failover (``produced`` not empty) the session first replays
+        the generation with the original step structure — the prompt as step 0, then one step per token
+        already produced — sent pipelined (each stage works on step k while the next works on step k-1, so
+        it costs about one pass of the slowest stage per token, not a round trip each). A prefill of N tokens
+        does not compute bit-identically to N single steps in bf16 or int8, so only the same steps rebuild
+        the same KV caches, and the next token is the one the uninterrupted run would have produced."""
         me = self.node.node_id
         session = new_session_id(me)
         send_results, results = trio.open_memory_channel[Frame](RESULT_QUEUE)
         self._results[session] = _Results(route, send_results)
         step_timeout = self.node.config.inference.step_timeout
-        ids = [*req.prompt, *produced]
-        position, step = 0, 0
         try:
             async with contextlib.AsyncExitStack() as stack:
                 send = await self._upstream(stack, route)
+                first = {**route.to_wire(), "driver": me, "sampling": req.sampling.to_wire()}
+                inputs = [list(req.prompt), *([t] for t in produced)]  # step k's input
+                position = 0
+                frames = []
+                for step, ids in enumerate(inputs):
+                    frames.append(Frame("tokens", session, step, position, torch.tensor([ids], dtype=torch.int64),
+                                        first if step == 0 else {}))
+                    position += len(ids)
+                step = len(inputs) - 1  # the step whose token comes next
+                t0 = time.perf_counter()
+                if produced:
+                    await self._replay(send, frames, results, route, produced, step_timeout)
+                else:
+                    await send(frames[0])
                 while len(produced) < req.max_tokens:
-                    extra = {**route.to_wire(), "driver": me, "sampling": req.sampling.to_wire()} if step == 0 else {}
-                    t0 = time.perf_counter()
-                    await send(Frame("tokens", session, step, position, torch.tensor([ids], dtype=torch.int64), extra))
                     result = await self._wait(results, route, step, step_timeout)
                     token = result.extra.get("token")
                     if type(token) is not int or token < 0:
                         raise RouteFailed("BAD_RESULT", f"the last stage answered token {token!r}", route.nodes[-1])
                     timings = result.extra.get("compute_ms")
-                    tok = Token(token, len(produced), token in req.stop_ids, route.epoch, replayed and step == 0,
-                                tuple(timings) if isinstance(timings, list) else (),
-                                (time.perf_counter() - t0) * 1000, result.tensor)
+                    tok = Token(token, len(produced), token in req.stop_ids, route.epoch, replayed and step == len(
+                        inputs) - 1, tuple(timings) if isinstance(timings, list) else (),
+                        (time.perf_counter() - t0) * 1000, result.tensor)
                     yield tok
                     if tok.stop or len(produced) >= req.max_tokens:  # the caller appended it
                         break
-                    position += len(ids)
-                    ids = [token]
                     step += 1
+                    t0 = time.perf_counter()
+                    await send(Frame("tokens", session, step, position, torch.tensor([[token]], dtype=torch.int64)))
+                    position += 1
                 with contextlib.suppress(RouteFailed):
                     await send(Frame("end", session, step + 1, position))  # free every stage's cache now
         finally:
             del self._results[session]
             send_results.close()
             results.close()
+
+    async def _replay(self, send: Callable[[Frame], Awaitable[None]], frames: list[Frame],
+                      results: trio.MemoryReceiveChannel[Frame], route: Route, produced: list[int],
+                      timeout: float) -> None:
+        """Send every replay step without waiting, while reading the results of the steps whose tokens the
+        caller already has (each must be the same token: greedy and seeded sampling are deterministic)."""
+        failed: list[RouteFailed] = []
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            async def pump() -> None:
+                try:
+                    for frame in frames:
+                        await send(frame)
+                except RouteFailed as err:
+                    failed.append(err)
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(pump)
+            try:
+                for k, want in enumerate(produced):
+                    got = (await self._wait(results, route, k, timeout)).extra.get("token")
+                    if got != want:  # a kernel that is not deterministic here: say so, keep the user's text
+                        log.error("replay step %d gave token %r, the generation had %d", k, got, want,
+                                  extra={"event": "replay_diverged", "model": route.model,
+                                         "node_id": self.node.node_id})
+            except RouteFailed as err:
+                failed.append(err)
+                nursery.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
+        log.info("replayed %d steps on epoch %s in %.3fs", len(frames), route.epoch, time.perf_counter() - t0,
+                 extra={"event": "replayed", "model": route.model, "node_id": self.node.node_id})
 
     async def _upstream(self, stack: contextlib.AsyncExitStack, route: Route) -> Callable[[Frame], Awaitable[None]]:
         first = route.hops[0].node

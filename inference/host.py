@@ -34,7 +34,8 @@ import torch
 import trio
 
 from inference import protocol
-from inference.frames import Frame, FrameError, expect
+from inference.frames import DTYPE_NAMES, Frame, FrameError, expect
+from inference.local import dtype_of
 from inference.protocol import ACTIVATIONS_PROTOCOL, Route, error_frame, route_of
 from inference.sampling import Sampling, sample
 from inference.sessions import SessionTable
@@ -63,9 +64,9 @@ class StageNotReady(PeerError):
     http_status = 503
 
 
-def stage_key(model: str, revision: str, start: int, end: int) -> str:
-    """How a ready stage is named in gossip (``NodeInfo.stages``)."""
-    return f"{model}@{revision}:{start}:{end}"
+def stage_key(model: str, revision: str, start: int, end: int, compute: str = "float32") -> str:
+    """How a ready stage is named in gossip (``NodeInfo.stages``): ``model@revision:start:end:dtype``."""
+    return f"{model}@{revision}:{start}:{end}:{compute}"
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Loaded:
     revision: str
     start: int
     end: int
+    compute: str
     stage: Stage
     sessions: SessionTable
     vocab: int
@@ -85,7 +87,7 @@ class Loaded:
 
     @property
     def key(self) -> str:
-        return stage_key(self.model, self.revision, self.start, self.end)
+        return stage_key(self.model, self.revision, self.start, self.end, self.compute)
 
 
 def fits(stages: list[Stage]) -> Callable[[dict[str, Any]], None]:
@@ -99,7 +101,12 @@ def fits(stages: list[Stage]) -> Callable[[dict[str, Any]], None]:
         if shape[0] != 1:
             raise FrameError(f"one sequence per session, got a batch of {shape[0]}", code="BAD_SHAPE")
         for st in stages:
-            if (len(shape) == 2 and st.first) or (len(shape) == 3 and not st.first and shape[2] == st.hidden):
+            if len(shape) == 2 and st.first:
+                return
+            if len(shape) == 3 and not st.first and shape[2] == st.hidden:
+                if header.get("dtype") != DTYPE_NAMES[st.dtype]:  # the plan's compute dtype, nothing else
+                    raise FrameError(f"expected {DTYPE_NAMES[st.dtype]} activations, got {header.get('dtype')}",
+                                     code="BAD_DTYPE")
                 return
         raise FrameError(f"no stage here takes a tensor of shape {shape}", code="BAD_SHAPE")
     return admit
@@ -156,17 +163,17 @@ class StageHost:
 
     async def _follow(self) -> None:
         me = self.node.node_id
-        wanted: dict[str, tuple[str, int, int]] = {}
+        wanted: dict[str, tuple[str, int, int, str]] = {}
         for model, held in list(self.node.plans.book.current.items()):
             mine = next((a for a in held.plan.assignments if a.node_id == me), None)
             if mine is not None:
-                wanted[model] = (held.plan.revision, mine.start, mine.end)
+                wanted[model] = (held.plan.revision, mine.start, mine.end, held.plan.compute_dtype)
         for model in [m for m in self.loaded if m not in wanted]:
             gone = self.loaded.pop(model)
             log.info("stage %s freed: no plan names this peer for it", gone.key,
                      extra={"event": "stage_freed", "model": model, "node_id": me})
-        for model, (revision, start, end) in wanted.items():
-            key = stage_key(model, revision, start, end)
+        for model, (revision, start, end, compute) in wanted.items():
+            key = stage_key(model, revision, start, end, compute)
             current = self.loaded.get(model)
             if current is not None and current.key == key:
                 continue
@@ -174,7 +181,7 @@ class StageHost:
             if failed is not None and failed[0] == key and self.node.now() - failed[1] < RETRY_LOAD:
                 continue
             try:
-                self.loaded[model] = await self._load(model, revision, start, end)
+                self.loaded[model] = await self._load(model, revision, start, end, compute)
                 self.errors.pop(model, None)
                 self._failed.pop(model, None)
             except MeshError as err:
@@ -189,7 +196,7 @@ class StageHost:
             log.error("cannot load stage %s: %s %s", key, err.code, err,
                       extra={"event": "stage_load_failed", "code": err.code, "model": model})
 
-    async def _load(self, model: str, revision: str, start: int, end: int) -> Loaded:
+    async def _load(self, model: str, revision: str, start: int, end: int, compute: str) -> Loaded:
         t0 = time.perf_counter()
         manifest, _ = await self.manifest(model, revision)
         if end > len(manifest.shards):
@@ -209,10 +216,11 @@ class StageHost:
             verify_file(path, shard.size, shard.sha256, f"shard {shard.name}")  # again: the disk may have changed
             return load_file(path)
 
-        stage = await trio.to_thread.run_sync(lambda: Stage(config, manifest.shards, start, end, load))
+        dtype = dtype_of(compute)
+        stage = await trio.to_thread.run_sync(lambda: Stage(config, manifest.shards, start, end, load, dtype=dtype))
         vocab = int(config.get("vocab_size") or 0)
         max_pos = int(config.get("max_position_embeddings") or config.get("n_positions") or 1 << 20)
-        loaded = Loaded(model, revision, start, end, stage,
+        loaded = Loaded(model, revision, start, end, compute, stage,
                         SessionTable(max_sessions=self.max_sessions, idle_timeout=self.idle_timeout),
                         vocab, max_pos, load_s=time.perf_counter() - t0)
         log.info("stage %s ready in %.2fs (%d shards)", loaded.key, loaded.load_s, end - start,
@@ -369,10 +377,10 @@ class StageHost:
         if sender != expected:
             raise PeerError(f"stage {index} takes frames from {expected}, not {sender}", code="NOT_IN_ROUTE")
         loaded = self.loaded.get(route.model)
-        if loaded is None or loaded.key != stage_key(route.model, route.revision, hop.start, hop.end):
+        if loaded is None or loaded.key != stage_key(route.model, route.revision, hop.start, hop.end, route.compute):
             have = loaded.key if loaded is not None else "nothing"
             raise StageNotReady(f"this peer has {have} loaded, not {route.model}@{route.revision} "
-                                f"[{hop.start}, {hop.end})")
+                                f"[{hop.start}, {hop.end}) in {route.compute}")
         return loaded, route, index, NodeId(driver), sampling
 
     async def serve_session(self, up: Upstream, first: Frame, stream: Stream | None) -> None:

@@ -66,10 +66,11 @@ class Route:
     revision: str
     epoch: tuple[int, int]  # (term, epoch) of the plan
     hops: tuple[Hop, ...]
+    compute: str = "float32"  # the plan's compute dtype: every stage runs in it, activations travel in it
 
     def to_wire(self) -> dict[str, Any]:
         return {"model": self.model, "revision": self.revision, "epoch": list(self.epoch),
-                "route": [[h.node, h.start, h.end] for h in self.hops]}
+                "route": [[h.node, h.start, h.end] for h in self.hops], "compute": self.compute}
 
     @property
     def nodes(self) -> tuple[NodeId, ...]:
@@ -96,4 +97,7 @@ def route_of(extra: dict[str, Any]) -> Route:
         hops.append(Hop(NodeId(row[0]), row[1], row[2]))
     if len({h.node for h in hops}) != len(hops):
         raise FrameError("route: a node appears twice")
-    return Route(model, revision, (epoch[0], epoch[1]), tuple(hops))
+    compute = extra.get("compute", "float32")
+    if compute not in ("float32", "bfloat16"):
+        raise FrameError(f"route: compute dtype {compute!r} is not float32 or bfloat16", code="BAD_DTYPE")
+    return Route(model, revision, (epoch[0], epoch[1]), tuple(hops), compute)

@@ -74,6 +74,9 @@ class InferenceConfig:
     session_idle_timeout: float = 120.0  # a stage frees a session's KV cache after this much silence
     step_timeout: float = 60.0  # the driver's wait for one step's token before it gives up on the route
     recovery_timeout: float = 60.0  # how long a generation waits for a working route after a failure
+    # The compute dtype of the plans this peer makes as coordinator: "auto" (bf16 for compact weights when
+    # every peer does bf16 arithmetic, fp32 otherwise), "float32" or "bfloat16".
+    compute_dtype: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +147,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("inference.step_timeout", "--step-timeout", "seconds the driver waits for one token"),
     Option("inference.recovery_timeout", "--recovery-timeout",
            "seconds a generation waits for a working route after a stage fails"),
+    Option("inference.compute_dtype", "--compute-dtype",
+           "compute dtype of the plans this peer makes: auto, float32 or bfloat16"),
     Option("log.level", "--log-level", "debug, info, warning or error"),
     Option("log.json", "--log-json", "log one JSON object per line"),
     Option("demo.peers", "--peers", "number of local peers for `meshnode demo`"),
@@ -254,5 +259,7 @@ def validate(config: Config) -> None:
     inf = config.inference
     if inf.max_sessions < 1 or min(inf.session_idle_timeout, inf.step_timeout, inf.recovery_timeout) <= 0:
         raise ValueError("inference: max_sessions must be at least 1 and its timeouts positive")
+    if inf.compute_dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"inference.compute_dtype: auto, float32 or bfloat16, not {inf.compute_dtype!r}")
     if config.demo.peers < 1:
         raise ValueError("demo.peers must be at least 1")

@@ -29,7 +29,12 @@ def test_a_valid_route() -> None:
     assert r.nodes == ("a", "b", "c")
     assert route_of(r.to_wire()) == r
     assert r.to_wire() == {"model": "tiny", "revision": "r1", "epoch": [2, 5],
-                           "route": [["a", 0, 3], ["b", 3, 5], ["c", 5, 7]]}
+                           "route": [["a", 0, 3], ["b", 3, 5], ["c", 5, 7]], "compute": "float32"}
+    bf16 = route_of(step0(compute="bfloat16"))
+    assert bf16.compute == "bfloat16" and route_of(bf16.to_wire()) == bf16
+    with pytest.raises(FrameError) as err:  # a compute dtype no plan may choose
+        route_of(step0(compute="float16"))
+    assert err.value.code == "BAD_DTYPE"
     one = route_of(step0(route=[["solo", 0, 1]], epoch=[0, 0]))
     assert one.hops == (Hop("solo", 0, 1),) and one.epoch == (0, 0)
     many = route_of(step0(route=[[f"n{i}", i, i + 1] for i in range(MAX_ROUTE)]))
