@@ -78,8 +78,10 @@ def sample(logits: torch.Tensor, s: Sampling, position: int) -> int:
         scores = scores.masked_fill(scores < kth, -math.inf)
     if s.top_p < 1.0:
         ordered, order = torch.sort(scores, descending=True)
-        cumulative = torch.softmax(ordered, dim=-1).cumsum(-1)
-        drop = cumulative - torch.softmax(ordered, dim=-1) >= s.top_p  # keep the smallest set reaching top_p
+        probs = torch.softmax(ordered, dim=-1)
+        # Keep the smallest set reaching top_p; a set whose mass is top_p up to float32 rounding reaches it
+        # (a sum of 0.9 computes as 0.8999999 with some CPUs' softmax kernels).
+        drop = probs.cumsum(-1) - probs >= s.top_p - 1e-6
         scores = scores.scatter(0, order[drop], -math.inf)
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=_generator(s.seed, position)))
