@@ -7,7 +7,7 @@ needs memory for its stored result plus one slice (``CHUNK`` elements), whatever
 What ``--weights auto`` keeps (``storage.formats``; only 2-D matrices are ever quantized):
 
     F32, F16, BF16   the same float format
-    Q4_0             int4, exact: per block of 32, scale d, min -8d
+    Q4_0             int4, exact: per block of 32, scale d, min -8d (the same values; a zero may change sign)
     Q4_1             int4, exact: scale d, min m
     Q4_K             int4, the 4-bit values kept, per sub-block of 32 scale d*sc and min -dmin*m rounded to F16
     Q8_0, Q6_K       int8 per output channel, requantized (dequantized, then ``quantize_int8``)
@@ -25,6 +25,7 @@ as well and keeps int4 exact.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -43,7 +44,7 @@ from gguf.quants import Q4_K, dequantize
 from mesh.errors import LocalError
 from storage.convert import SourceTensor
 from storage.formats import FLOAT_DTYPES, GROUP, MIN, QUANTIZED, SCALE
-from storage.quantize import TORCH_DTYPES, pack_int4, quantize_int4, quantize_int8
+from storage.quantize import TORCH_DTYPES, pack_int4, quantize_int4
 
 Q = GGMLQuantizationType
 GGUF_MAGIC = b"GGUF"
@@ -181,8 +182,8 @@ def read_header(path: Path) -> GgufHeader:
                              f"know; supported: {', '.join(t.name for t in SUPPORTED)}",
                              code="UNSUPPORTED_QUANTIZATION") from None
         block, type_size = GGML_QUANT_SIZES[qtype]
-        n = int(np.prod(dims, dtype=np.float64))
-        if min(dims) < 1 or n > size * 256 or dims[0] % block:
+        n = math.prod(dims)
+        if min(dims) < 1 or dims[0] % block:
             raise malformed(path, f"tensor {name} has impossible dimensions {dims} for {qtype.name}")
         nbytes = n // block * type_size
         start = data_start + offset
@@ -262,6 +263,14 @@ def int4_rows(raw: np.ndarray, qtype: GGMLQuantizationType) -> tuple[torch.Tenso
             torch.from_numpy(mn.reshape(rows, groups)))
 
 
+def quantize_int8_(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``storage.quantize.quantize_int8`` computed in place on a float32 [R, K] slice we own (1.5x faster: no
+    temporaries); the same int8 values and scales, bit for bit."""
+    lo, hi = torch.aminmax(w, dim=1)
+    scale = (torch.maximum(-lo, hi) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)  # = |w|.amax / 127
+    return w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
 class GgufSource:
     """A GGUF file opened for conversion: ``config`` (transformers' config.json content), ``tensors`` (one
     ``SourceTensor`` per GGUF tensor, named as transformers names it), ``notes`` (the mapping, for people) and
@@ -281,13 +290,14 @@ class GgufSource:
         self.notes = self._notes(ignored)
 
     def _notes(self, ignored: list[str]) -> list[str]:
-        counts = Counter((st.source_dtype, st.auto, st.exact, len(st.shape)) for st in self.tensors)
-        notes = []
-        for (dtype, auto, exact, dims), n in sorted(counts.items()):
-            how = "exact" if exact else "requantized per channel" if auto == "int8" else "requantized"
-            if dims != 2 and dtype not in ("F32", "F16", "BF16"):
-                how = "dequantized vectors"
-            notes.append(f"{dtype} -> {auto} ({how}): {n} tensor{'s' if n != 1 else ''}")
+        def how(st: SourceTensor) -> str:
+            if st.source_dtype not in ("F32", "F16", "BF16") and len(st.shape) != 2:
+                return "dequantized vectors"
+            return "exact" if st.exact else "requantized per channel" if st.auto == "int8" else "requantized"
+
+        counts = Counter((st.source_dtype, st.auto, how(st)) for st in self.tensors)
+        notes = [f"{dtype} -> {auto} ({kind}): {n} tensor{'s' if n != 1 else ''}"
+                 for (dtype, auto, kind), n in sorted(counts.items())]
         small = [st.name for st in self.tensors if st.source_dtype in ("Q4_0", "Q4_1", "Q4_K") and st.auto == "int8"]
         if small:
             notes.append(f"int4 needs K % 32 == 0 and N % 16 == 0, so int8 for: {', '.join(small[:3])}"
@@ -380,7 +390,7 @@ class GgufSource:
         if fmt in TORCH_DTYPES:
             return lambda raw: (floats(raw).to(TORCH_DTYPES[fmt]),)
         if fmt == "int8":
-            return lambda raw: quantize_int8(floats(raw))
+            return lambda raw: quantize_int8_(floats(raw))
         if t.qtype in INT4_TYPES:  # keep the 4-bit values: exact for Q4_0/Q4_1
             def kept(raw: np.ndarray) -> tuple[torch.Tensor, ...]:
                 q, scale, mn = int4_rows(raw, t.qtype)
@@ -397,7 +407,7 @@ def load_config(path: Path) -> dict[str, Any]:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise malformed(path, f"transformers cannot read its metadata: {exc}") from exc
-    out = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+    out = {k: v for k, v in json.loads(config.to_json_string(use_diff=False)).items() if not k.startswith("_")}
     if out.get("model_type") in CAUSAL_LM and not out.get("architectures"):
         out["architectures"] = [CAUSAL_LM[out["model_type"]]]
     return out
