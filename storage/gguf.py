@@ -394,6 +394,8 @@ class GgufSource:
         if t.qtype in INT4_TYPES:  # keep the 4-bit values: exact for Q4_0/Q4_1
             def kept(raw: np.ndarray) -> tuple[torch.Tensor, ...]:
                 q, scale, mn = int4_rows(raw, t.qtype)
+                if not (scale.isfinite().all() and mn.isfinite().all()):  # |w| beyond F16's range: no real model
+                    raise LocalError(f"{t.name}: {t.qtype.name} scales overflow F16 as int4", code="CONVERSION_FAILED")
                 return pack_int4(q), scale, mn
             return kept
         return lambda raw: quantize_int4(floats(raw))
