@@ -89,8 +89,9 @@ class Manifest:
 
     @property
     def formats(self) -> tuple[str, ...]:
-        """The distinct shard formats, sorted (``("float32",)``, ``("int4", "int4+int8")``)."""
-        return tuple(sorted({s.format for s in self.shards if s.format}))
+        """The distinct formats of its weight matrices, sorted (``("float32",)``, ``("int4", "int8")``); the
+        final norm's vectors do not count."""
+        return tuple(sorted({f for s in self.shards if s.format and s.kind != "norm" for f in s.format.split("+")}))
 
     @property
     def total_layers(self) -> int:

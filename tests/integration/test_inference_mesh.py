@@ -1,10 +1,12 @@
-"""Generation through real `meshnode start` processes on 127.0.0.1, with the unsplit transformers model as
-the oracle: tokens from the mesh must equal its greedy tokens — across 3 stages, across 2 stages, and
-across a kill -9 of a middle stage in the middle of a generation (the driver fails over to the next plan
-epoch and replays the prefix)."""
+"""Generation through real `meshnode start` processes on 127.0.0.1, with the unsplit model as the oracle:
+tokens from the mesh must equal its greedy tokens — across 3 stages, across 2 stages, and across a kill -9
+of a middle stage in the middle of a generation (the driver fails over to the next plan epoch and replays
+the generation step by step). fp32 models are checked against transformers itself; bf16, fp16 and
+quantized ones against ``generate --local`` (the same shards, kernels and compute dtype in one process)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -39,6 +41,14 @@ def tiny_gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(2)
     return GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=128, n_positions=512,
                                       initializer_range=0.5, bos_token_id=1, eos_token_id=2))
+
+
+def local_reference(data_dir: Path, model: str, prompt: list[int], new: int) -> list[int]:
+    """The single-process reference: the model from ``data_dir``'s store through the same stage code."""
+    from inference.local import LocalModel
+
+    local = LocalModel(Store(data_dir / "store", Identity.generate()), model)
+    return local.generate(prompt, new, stop=False).token_ids
 
 
 def reference(model: torch.nn.Module, prompt: list[int], new: int) -> list[int]:
@@ -113,16 +123,22 @@ class Streamer(threading.Thread):
 
 
 def kill_middle_stage_during(driver: PeerProcess, peers: list[PeerProcess], entry: dict[str, Any], path: str,
-                             body: dict[str, Any], after_tokens: int) -> tuple[Streamer, PeerProcess, float]:
-    """Stream ``body`` from ``driver``; once ``after_tokens`` tokens arrived, kill -9 the middle stage's
-    peer. Returns the finished streamer, the victim and the seconds from the kill to the next token."""
+                             body: dict[str, Any], after_tokens: int, also: Streamer | None = None
+                             ) -> tuple[Streamer, PeerProcess, float]:
+    """Stream ``body`` from ``driver`` (and ``also``, started alongside); once ``after_tokens`` tokens arrived
+    on both, kill -9 the middle stage's peer. Returns the finished streamer, the victim and the seconds
+    from the kill to the next token."""
     hops = entry["meshnode"]["stages"]
     victim = next(p for p in peers if p.node_id == hops[1]["node_id"])
-    assert victim is not driver
+    assert victim is not driver and (also is None or also.peer is not victim)
     s = Streamer(driver, path, body)
     s.start()
-    wait_for(lambda: len(s.tokens) >= after_tokens or s.error or not s.is_alive(), 60, interval=0.01,
-             what=f"{after_tokens} streamed tokens")
+    streams = [s] if also is None else [s, also]
+    if also is not None:
+        also.start()
+    wait_for(lambda: all(len(x.tokens) >= after_tokens or x.error or not x.is_alive() for x in streams), 60,
+             interval=0.01, what=f"{after_tokens} streamed tokens")
+    assert all(x.error is None and x.is_alive() for x in streams), [(x.error, len(x.tokens)) for x in streams]
     assert s.error is None and s.is_alive(), (s.error, len(s.tokens))
     killed_at, seen = time.monotonic(), len(s.tokens)
     victim.proc.kill()
@@ -134,7 +150,10 @@ def kill_middle_stage_during(driver: PeerProcess, peers: list[PeerProcess], entr
 
 
 def test_tiny_llama_and_gpt2_through_three_then_two_stages_with_kill_9_mid_generation(tmp_path: Path) -> None:
-    models = {"llama": tiny_llama(), "gpt2": tiny_gpt2()}
+    """fp32 Llama and GPT-2 (oracle: transformers), a bf16 Llama and an fp16 GPT-2 from folders (oracle: the
+    same shards in one process; bf16 plans compute in bf16, fp16 weights are upcast to fp32)."""
+    models = {"llama": tiny_llama(), "gpt2": tiny_gpt2(), "llama-bf16": tiny_llama().to(torch.bfloat16),
+              "gpt2-fp16": tiny_gpt2().to(torch.float16)}
     needs: dict[str, int] = {}
     for name, model in models.items():
         model.save_pretrained(tmp_path / name)
@@ -158,7 +177,10 @@ def test_tiny_llama_and_gpt2_through_three_then_two_stages_with_kill_9_mid_gener
             assert name in serve(c, name)["requested"]
         entries = {name: wait_for(lambda n=name: served(peers, n, stages=3), 60, what=f"{name} on 3 stages")
                    for name in models}
-        want = {name: reference(model, PROMPT, 120) for name, model in models.items()}
+        want = {name: reference(model, PROMPT, 120) if name in ("llama", "gpt2")
+                else local_reference(tmp_path / "mesh" / "a", name, PROMPT, 120) for name, model in models.items()}
+        assert c.get("/api/model?model=llama-bf16")["models"][0]["compute_dtype"] == "bfloat16"
+        assert c.get("/api/model?model=gpt2-fp16")["models"][0]["compute_dtype"] == "float32"
         for name in models:
             got = request(c, {"model": name, "prompt": PROMPT, "max_tokens": 24, "ignore_eos": True})
             assert got["token_ids"] == want[name][:24], name
@@ -174,7 +196,8 @@ def test_tiny_llama_and_gpt2_through_three_then_two_stages_with_kill_9_mid_gener
             except Exception as exc:  # reported below
                 results[(peer.name, name, n)] = exc
 
-        threads = [threading.Thread(target=one, args=(p, name, n)) for p in peers for name in models for n in (0, 3)]
+        threads = [threading.Thread(target=one, args=(p, name, n)) for p in peers for name in ("llama", "gpt2")
+                   for n in (0, 3)]
         for t in threads:
             t.start()
         for t in threads:
@@ -183,16 +206,24 @@ def test_tiny_llama_and_gpt2_through_three_then_two_stages_with_kill_9_mid_gener
             assert got == reference(models[name], PROMPT[: 3 + n], 40), (name, n, got)
         assert len(results) == len(threads)
 
-        # kill -9 the middle stage of the llama plan while a 120-token generation streams from stage 0's peer.
+        # kill -9 the middle stage of the llama plan while a 120-token generation streams from stage 0's peer,
+        # and a bf16 one from another survivor (3 stages on 3 peers: the victim is on its route too).
         entry = entries["llama"]
         driver = next(p for p in peers if p.node_id == entry["meshnode"]["stages"][0]["node_id"])
+        victim_id = entry["meshnode"]["stages"][1]["node_id"]
+        other = next(p for p in peers if p is not driver and p.node_id != victim_id)
         body = {"model": "llama", "prompt": PROMPT, "max_tokens": 120, "temperature": 0, "ignore_eos": True,
                 "stream": True}
-        s, victim, recovery = kill_middle_stage_during(driver, peers, entry, "/v1/completions", body, 10)
+        bf16 = Streamer(other, "/v1/completions", {**body, "model": "llama-bf16"})
+        s, victim, recovery = kill_middle_stage_during(driver, peers, entry, "/v1/completions", body, 10,
+                                                       also=bf16)
         assert s.tokens == want["llama"], "the failover changed the generated tokens"
         assert s.final["choices"][0]["finish_reason"] == "length"
         assert s.final["meshnode"]["failovers"] >= 1 and len(s.final["meshnode"]["epochs"]) >= 2
-        print(f"kill -9 of the middle stage: next token {recovery:.2f}s later, 120 tokens identical")
+        bf16.join(120)
+        assert bf16.error is None and bf16.tokens == want["llama-bf16"], "the failover changed the bf16 tokens"
+        assert bf16.final["meshnode"]["failovers"] >= 1
+        print(f"kill -9 of the middle stage: next token {recovery:.2f}s later, 120 tokens identical (fp32, bf16)")
 
         # Both models now run on the two survivors, still exactly.
         survivors = [p for p in peers if p is not victim]
@@ -227,32 +258,27 @@ def test_tiny_llama_and_gpt2_through_three_then_two_stages_with_kill_9_mid_gener
 
 
 def test_smollm2_chat_streams_the_single_process_text_and_survives_kill_9(
-        tmp_path: Path, smollm2_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from transformers import AutoTokenizer
+        tmp_path: Path, smollm2_store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    """SmolLM2 as its GGUF ships (int4 + int8 shards, bf16 compute): one peer holds it, the others fetch their
+    stages' shards; the mesh's chat answer equals ``generate --local`` and says Paris; a kill -9 of the middle
+    stage mid-answer leaves the text identical."""
+    import shutil
 
-    for peer in ("peer-a", "peer-b", "peer-c"):
-        assert cli(["models", "--data-dir", str(tmp_path / peer), "add", str(smollm2_folder), "--id", SMOLLM2]) == 0
+    shutil.copytree(smollm2_store.root, tmp_path / "peer-a" / "store")  # a has it; b and c fetch from a
     with LocalMesh(tmp_path, config_file=CONFIG, extra_args=("--benchmark-seconds", "0.05")) as mesh:
         # Served once all three agree, so the first plan already spans them (a model requested while peers
         # are still joining is planned on the first ones; a join improves it only past --reassign-threshold).
         peers = mesh.start_chain(3)  # peer-a, peer-b, peer-c
         wait_for(lambda: agreed(peers), 30, what="one coordinator")
         serve(peers[0], SMOLLM2)
-        # Meanwhile: the oracle, in this process.
-        model = LlamaForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
-
-        def chat_ids(question: str) -> list[int]:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                                 tokenize=False)
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
-
         question = "What is the capital of France?"
-        want = reference(model, chat_ids(question), 32)
-        end = want.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in want else len(want)
-        want_text = tokenizer.decode(want[:end], skip_special_tokens=True)
-        assert want_text.startswith("The capital of France is Paris")
+        capsys.readouterr()
+        assert cli(["generate", "--local", "--data-dir", str(tmp_path / "peer-a"), "--model", SMOLLM2, "--json",
+                    "--max-tokens", "32", question]) == 0
+        local = json.loads(capsys.readouterr().out)
+        assert "Paris" in local["text"] and local["timings"]["compute_dtype"] == "bfloat16", local
         entry = wait_for(lambda: served(peers, SMOLLM2, stages=3), 90, what="SmolLM2 on 3 stages")
+        assert peers[0].get(f"/api/model?model={SMOLLM2}")["models"][0]["compute_dtype"] == "bfloat16"
         driver = next(p for p in peers if p.node_id == entry["meshnode"]["stages"][-1]["node_id"])
 
         s = Streamer(driver, "/v1/chat/completions", {"model": SMOLLM2, "temperature": 0, "max_tokens": 32,
@@ -260,17 +286,26 @@ def test_smollm2_chat_streams_the_single_process_text_and_survives_kill_9(
                                                       "messages": [{"role": "user", "content": question}]})
         s.run()
         assert s.error is None, s.error
-        assert s.text == want_text and s.final["choices"][0]["finish_reason"] == "stop"
+        assert s.text == local["text"] and s.tokens == local["token_ids"], (s.text, local)
+        assert s.final["choices"][0]["finish_reason"] == "stop"
         assert len(s.arrivals) > 3 and s.arrivals[-1] > s.arrivals[0]  # streamed, not sent at once
         capsys.readouterr()
-        assert cli(["generate", question, "--api", peers[1].api, "--max-tokens", "32"]) == 0  # another driver
-        assert capsys.readouterr().out == want_text + "\n"
+        assert cli(["generate", question, "--api", peers[1].api, "--max-tokens", "32", "--json"]) == 0  # another
+        mesh_json = json.loads(capsys.readouterr().out)
+        assert mesh_json["text"] == local["text"] and mesh_json["token_ids"] == local["token_ids"]
+        assert mesh_json["timings"]["ttft_ms"] > 0
 
-        story = chat_ids("Write a short story about a lighthouse keeper.")
-        want_story = reference(model, story, 48)
+        from inference.local import LocalModel
+        from inference.tokenizer import chat_ids
+
+        reference_model = LocalModel(Store(tmp_path / "peer-a" / "store", Identity.generate()), SMOLLM2)
+        story = chat_ids(reference_model.tokenizer, [{"role": "user",
+                                                      "content": "Write a short story about a lighthouse keeper."}])
+        want_story = reference_model.generate(story, 48, stop=False).token_ids
         body = {"model": SMOLLM2, "prompt": story, "max_tokens": 48, "temperature": 0, "ignore_eos": True,
                 "stream": True}
         s, _, recovery = kill_middle_stage_during(driver, peers, entry, "/v1/completions", body, 8)
-        assert s.tokens == want_story, (tokenizer.decode(s.tokens), tokenizer.decode(want_story))
+        assert s.tokens == want_story, (reference_model.tokenizer.decode(s.tokens),
+                                        reference_model.tokenizer.decode(want_story))
         assert s.final["meshnode"]["failovers"] >= 1
-        print(f"SmolLM2: kill -9 of the middle stage, next token {recovery:.2f}s later; 48 tokens identical")
+        print(f"SmolLM2 int4/int8: kill -9 of the middle stage, next token {recovery:.2f}s later; 48 tokens identical")

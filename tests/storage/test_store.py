@@ -78,18 +78,31 @@ def test_the_hub_source_uses_the_hf_cache_offline(tmp_path: Path, monkeypatch: p
     assert store.verify("org/tiny").total_layers == 5
 
 
-def test_cli_adds_the_packaged_smollm2_gguf_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_adds_the_packaged_smollm2_gguf_compact_and_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                              ) -> None:
+    """The packaged GGUF (Q4_1 + a Q8_0 embedding) stays compact: int4 and int8 shards, one copy of the
+    weights, the whole data dir within 1.5x the GGUF file; adding it again is a no-op."""
+    from conftest import smollm2_gguf
+
     data = str(tmp_path / "data")
     assert main(["models", "--data-dir", data, "add", "smollm2-135m-instruct"]) == 0
-    assert "ready, 33 shards, 33 layers" in capsys.readouterr().out  # embedding, 30 blocks, norm, head
+    out = capsys.readouterr().out
+    assert "ready, 33 shards, 33 layers" in out and "weights int4+int8" in out, out  # embedding, 30 blocks, ...
+    assert "Q8_0 -> int8 (requantized" in out and "Q4_1 -> int4 (exact)" in out
     assert main(["models", "--data-dir", data, "list", "--json"]) == 0
     (model,) = json.loads(capsys.readouterr().out)
     version = model["versions"][model["default_version"]]
     assert model["id"] == "smollm2-135m-instruct" and version["family"] == "llama"
-    assert {"config.json", "tokenizer.json"} <= {f["name"] for f in version["files"]}
-    sources = list((tmp_path / "data" / "store" / "sources").rglob("config.json"))
-    assert len(sources) == 1  # converted once; a second add reuses the conversion
-    mtime = sources[0].stat().st_mtime
+    assert version["weights"] == "int4+int8" and version["compute_dtype"] == "bfloat16"
+    assert {"config.json", "tokenizer.json", "chat_template.jinja"} <= {f["name"] for f in version["files"]}
+    assert {s["format"] for s in version["shards"]} == {"int4", "int8", "float32"}  # blocks, embedding, norm
+    total = sum(f.stat().st_size for f in (tmp_path / "data").rglob("*") if f.is_file())
+    assert total <= 1.5 * smollm2_gguf().stat().st_size, total
+    assert not (tmp_path / "data" / "store" / "sources").exists()  # no second copy of the weights
+    manifest_file = next((tmp_path / "data" / "store").rglob("manifest.cbor"))
+    mtime = manifest_file.stat().st_mtime
     assert main(["models", "--data-dir", data, "add", "smollm2-135m-instruct"]) == 0
-    assert sources[0].stat().st_mtime == mtime
+    assert manifest_file.stat().st_mtime == mtime
+    assert main(["models", "--data-dir", data, "list"]) == 0
+    assert "int4+int8" in capsys.readouterr().out
     assert main(["models", "--data-dir", data, "show", "nope"]) == 2

@@ -122,24 +122,22 @@ def test_a_stage_holds_only_its_own_weights_and_checks_positions(tmp_path: Path)
     assert cache.get_seq_length() == 5
 
 
-def test_smollm2_in_two_and_three_stages_equals_the_unsplit_model(tmp_path: Path, smollm2_folder: Path) -> None:
-    """The real model (SmolLM2-135M-Instruct, from the packaged GGUF): 32 greedy tokens of a chat prompt
-    through 2- and 3-stage splits equal the unsplit transformers model's; last logits within 1e-4."""
+def test_smollm2_in_two_and_three_stages_equals_the_unsplit_model(smollm2_store: Store,
+                                                                   smollm2_transformers: tuple) -> None:
+    """The real model (SmolLM2-135M-Instruct, from the packaged GGUF, stored as float32): 32 greedy tokens of a
+    chat prompt through 2- and 3-stage splits equal transformers' own load of the GGUF; last logits within
+    1e-4 (the float32 shards are transformers' dequantized tensors bit for bit)."""
     import json
 
-    from transformers import AutoTokenizer
-
-    store = Store(tmp_path / "store", Identity.generate())
-    manifest = store.add(str(smollm2_folder), model_id="smollm2-135m-instruct")
-    source = smollm2_folder
-    model = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    model, tokenizer = smollm2_transformers
+    store = smollm2_store
+    manifest, _ = store.manifest("smollm2-f32")
+    assert {s.format for s in manifest.shards if s.kind != "head"} == {"float32"}
     prompt = [tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                             add_generation_prompt=True, tokenize=True, return_dict=False)]
     want, want_logits = reference(model, prompt, 32)
     assert tokenizer.decode(want).startswith("The capital of France is Paris.")
-    config = json.loads((store.registry.model_dir("smollm2-135m-instruct", manifest.revision) / "config.json")
-                        .read_text())
+    config = json.loads((store.registry.model_dir("smollm2-f32", manifest.revision) / "config.json").read_text())
     n = len(manifest.shards)  # 33: embedding, 30 blocks, norm, head
     for cuts in ([16], [11, 22], [4, n - 3]):
         bounds = [0, *cuts, n]
