@@ -100,14 +100,17 @@ def fits(stages: list[Stage]) -> Callable[[dict[str, Any]], None]:
             return
         if shape[0] != 1:
             raise FrameError(f"one sequence per session, got a batch of {shape[0]}", code="BAD_SHAPE")
+        dtypes = []  # compute dtypes of the stages that take hidden states of this shape
         for st in stages:
             if len(shape) == 2 and st.first:
                 return
             if len(shape) == 3 and not st.first and shape[2] == st.hidden:
-                if header.get("dtype") != DTYPE_NAMES[st.dtype]:  # the plan's compute dtype, nothing else
-                    raise FrameError(f"expected {DTYPE_NAMES[st.dtype]} activations, got {header.get('dtype')}",
-                                     code="BAD_DTYPE")
-                return
+                if header.get("dtype") == DTYPE_NAMES[st.dtype]:  # the plan's compute dtype, nothing else
+                    return
+                dtypes.append(DTYPE_NAMES[st.dtype])
+        if dtypes:
+            raise FrameError(f"expected {' or '.join(sorted(set(dtypes)))} activations, got {header.get('dtype')}",
+                             code="BAD_DTYPE")
         raise FrameError(f"no stage here takes a tensor of shape {shape}", code="BAD_SHAPE")
     return admit
 
@@ -342,8 +345,19 @@ class StageHost:
         frames into the returned channel (bounded: the driver waits when the stage is behind)."""
         assert self._nursery is not None
         send, receive = trio.open_memory_channel[Frame](4)
-        self._nursery.start_soon(self.serve_session, Upstream(self.node.node_id, channel=receive), first, None)
+        self._nursery.start_soon(self._serve_local, Upstream(self.node.node_id, channel=receive), first)
         return send
+
+    async def _serve_local(self, up: Upstream, first: Frame) -> None:
+        """A local session runs in the host's nursery: a bug in it must end that session, not the host (the
+        transport's handler boundary does this for remote sessions)."""
+        try:
+            await self.serve_session(up, first, None)
+        except Exception:  # the documented boundary of one session
+            log.exception("local activation session %s failed", first.session,
+                          extra={"event": "session_failed", "code": "INTERNAL", "node_id": self.node.node_id})
+            await self._notify(self.node.node_id, error_frame(first.session, 0, "INTERNAL", "the local stage failed",
+                                                              self.node.node_id))
 
     def _trusted_driver(self, first: Frame, sender: NodeId) -> NodeId | None:
         """The driver named in a step 0, if the sender is the hop the route puts before this peer (so a
@@ -400,7 +414,7 @@ class StageHost:
         frame = first
         try:
             async with contextlib.AsyncExitStack() as stack:
-                send = await self._downstream(stack, next_node, first.session)
+                send = await self._downstream(stack, next_node, first.session, None if last else driver)
                 while True:
                     out = await self._step(loaded, session, frame, sampling, last)
                     await send(out)
@@ -425,10 +439,13 @@ class StageHost:
         finally:
             loaded.sessions.end(first.session)
 
-    async def _downstream(self, stack: contextlib.AsyncExitStack, peer: NodeId,
-                          session: str) -> Callable[[Frame], Awaitable[None]]:
+    async def _downstream(self, stack: contextlib.AsyncExitStack, peer: NodeId, session: str,
+                          driver: NodeId | None) -> Callable[[Frame], Awaitable[None]]:
         """How this stage sends its outputs: a stream to the next hop (or to the driver), or straight
-        into the driver when it is this peer. Opened lazily, once per session."""
+        into the driver when it is this peer. Opened lazily, once per session. A next stage's refusal
+        comes back on that stream (it may refuse a frame from its header alone, before it knows the
+        session's driver); it is passed on to ``driver`` at once, so no generation waits for a step
+        timeout to learn that a stage refused it."""
         if peer == self.node.node_id:
             async def local(frame: Frame) -> None:
                 await self.node.driver.deliver(frame, self.node.node_id)
@@ -443,11 +460,35 @@ class StageHost:
                 except PeerError as err:
                     raise StreamClosedError(f"cannot reach the next hop {peer}: {err.code} {err}",
                                             code="NEXT_HOP_FAILED") from None
+                if driver is not None and self._nursery is not None:
+                    scope = trio.CancelScope()
+                    stack.callback(scope.cancel)  # the watcher ends with the session
+                    self._nursery.start_soon(self._watch_refusals, scope, holder[0], peer, session, driver)
             try:
                 await protocol.send(holder[0], frame)
             except PeerError as err:
                 raise PeerError(f"the next hop {peer} failed: {err.code} {err}", code="NEXT_HOP_FAILED") from None
         return remote
+
+    async def _watch_refusals(self, scope: trio.CancelScope, stream: Stream, peer: NodeId, session: str,
+                              driver: NodeId) -> None:
+        """Read what the next hop sends back on the session's stream (only ever a refusal) and tell the
+        driver; a stream that merely closes is left to the step's own error handling. Runs in the host's
+        nursery under ``scope`` (cancelled when the session ends) and never raises."""
+        with scope:
+            try:
+                frame = await protocol.receive(stream, timeout=self.idle_timeout)
+            except (PeerError, trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            await self._refused_downstream(frame, peer, session, driver)
+
+    async def _refused_downstream(self, frame: Frame, peer: NodeId, session: str, driver: NodeId) -> None:
+        if frame.kind == "error":
+            code = str(frame.extra.get("code", "NEXT_HOP_FAILED"))[:64]
+            message = str(frame.extra.get("message", ""))[:500]
+            log.info("session %s: the next hop %s refused it: %s %s", session, peer, code, message,
+                     extra={"event": "next_hop_refused", "code": code, "peer": peer, "node_id": self.node.node_id})
+            await self._notify(driver, error_frame(session, frame.step, code, f"{message} (at {peer})", peer))
 
     async def _notify(self, driver: NodeId, frame: Frame) -> None:
         """Best effort: an error frame to the driver on its own stream (never raises)."""

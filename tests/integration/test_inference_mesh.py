@@ -186,6 +186,14 @@ def test_tiny_llama_and_gpt2_through_three_then_two_stages_with_kill_9_mid_gener
             assert got["token_ids"] == want[name][:24], name
             assert len(got["route"]) == 3 and got["failovers"] == 0
 
+        # A refusal no route can cure fails the request at once, not after retries: a prompt longer than the
+        # model's context is refused by stage 0 (CONTEXT_TOO_LONG), well within --recovery-timeout 10.
+        t0 = time.monotonic()
+        with pytest.raises(MeshError) as refused:
+            request(c, {"model": "llama", "prompt": PROMPT * 100, "max_tokens": 4})
+        assert refused.value.code == "GENERATION_FAILED" and "CONTEXT_TOO_LONG" in str(refused.value)
+        assert time.monotonic() - t0 < 5, time.monotonic() - t0
+
         # Several sessions at once, from every peer, on both models: each gets exactly its own tokens.
         results: dict[tuple[str, str, int], Any] = {}
 
