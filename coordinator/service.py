@@ -259,16 +259,14 @@ class PlanService:
         return self._layers[key], manifest.revision, compute
 
     def compute_for(self, manifest: Manifest) -> str:
-        """The compute dtype of a plan for ``manifest``: ``--compute-dtype`` if set; else the manifest's
-        (bf16 for compact weights) when every live peer runs bf16 fast (``compute-bf16`` in its gossiped
-        features), fp32 otherwise. One dtype per plan: no pipeline mixes them."""
+        """The compute dtype of a plan for ``manifest``: ``--compute-dtype`` if set; else bf16 for compact
+        weights when every live peer runs them fast in bf16 (``storage.formats.plan_compute`` over their
+        gossiped features), fp32 otherwise. One dtype per plan: no pipeline mixes them."""
         wanted = self.node.config.inference.compute_dtype
         if wanted != "auto":
             return wanted
-        if manifest.compute == "bfloat16" and all(
-                "compute-bf16" in m.info.features_supported for m in self.node.core.membership.live()):
-            return "bfloat16"
-        return "float32"
+        return formats.plan_compute(manifest.formats,
+                                    [m.info.features_supported for m in self.node.core.membership.live()])
 
     def workers(self, model: str, revision: str) -> list[Worker]:
         entry = f"{model}@{revision}"

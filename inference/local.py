@@ -18,6 +18,7 @@ from inference.sampling import Sampling, sample
 from inference.stage import Stage
 from inference.tokenizer import load_tokenizer, stop_ids
 from mesh.errors import LocalError
+from storage.formats import plan_compute
 from storage.manifest import Shard
 from storage.shards import shard_path, verify_file
 from storage.store import Store
@@ -61,7 +62,11 @@ class LocalModel:
         self.manifest, _ = store.manifest(model, revision)
         self.folder = store.registry.model_dir(model, self.manifest.revision)
         config = json.loads((self.folder / "config.json").read_text())
-        self.compute = compute_dtype or self.manifest.compute
+        if compute_dtype is None:  # what a plan over this one machine would choose
+            from mesh.hardware import bf16_features
+
+            compute_dtype = plan_compute(self.manifest.formats, [bf16_features()])
+        self.compute = compute_dtype
         shard_dir = store.registry.shard_dir
 
         def load(shard: Shard) -> dict[str, torch.Tensor]:

@@ -61,21 +61,21 @@ def snapshot(gpu_list: tuple[GpuInfo, ...] = ()) -> Hardware:
     )
 
 
-def has_bf16() -> bool:
-    """Whether this CPU runs bf16 activations fast: in hardware (x86 AVX512-BF16 or AMX, Arm's BF16
-    extension) or through torch's vectorized AVX2/AVX512 kernels. Compact weights (int8, int4, bf16) then
-    run with bf16 activations; their kernels are several times slower with fp32 ones (measured: int8 x fp32
-    7x slower than int8 x bf16 on a 576x576 matmul on an AVX2 machine). Without it a plan computes in fp32."""
+def bf16_features() -> tuple[str, ...]:
+    """How this CPU does bf16, as gossiped features: ``bf16-hardware`` (x86 AVX512-BF16 or AMX, Arm's BF16
+    extension: bf16 matmuls are fast) and ``compute-bf16`` (also torch's vectorized AVX2/AVX512 kernels:
+    int8 and int4 weight kernels are fast with bf16 activations — measured here on AVX2, int8 x fp32 is 7x
+    slower than int8 x bf16 on a 576x576 matmul, while bf16 x bf16 dense is slower than fp32)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = {w for line in f if line.startswith(("flags", "Features")) for w in line.split(":", 1)[1].split()}
     except OSError:
         flags = set()
     if flags & {"avx512_bf16", "amx_bf16", "bf16"}:
-        return True
+        return ("bf16-hardware", "compute-bf16")
     import torch
 
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return ("compute-bf16",) if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else ()
 
 
 def measure_flops(seconds: float) -> float:

@@ -456,8 +456,7 @@ async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_
         accept_public_jobs=config.node.accept_public_jobs,
         min_free_memory_gb=config.node.min_free_memory_gb,
         layer_memory_bytes=layer_memory(config),
-        features_supported=("gossip-v1", "election-v1",
-                            *(("compute-bf16",) if await trio.to_thread.run_sync(hardware.has_bf16) else ())),
+        features_supported=("gossip-v1", "election-v1", *await trio.to_thread.run_sync(hardware.bf16_features)),
     )
     core = PeerCore(identity, profile, m, trio.current_time())
     store = await trio.to_thread.run_sync(Store, data_dir / "store", identity)

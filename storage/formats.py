@@ -130,6 +130,18 @@ def loaded_bytes(tensors: Iterable[TensorSpec], compute: str) -> int:
     return total
 
 
+def plan_compute(formats: Iterable[str], peers: Iterable[Iterable[str]]) -> str:
+    """The compute dtype of a plan over peers with these gossiped features: bf16 when the model's formats
+    call for it (``default_compute``) and every peer runs it fast — quantized weights need ``compute-bf16``
+    (their kernels want bf16 activations), bf16 weights alone need ``bf16-hardware`` (without it a bf16
+    matmul is slower than an fp32 one) — fp32 otherwise."""
+    parts = {p for f in formats for p in f.split("+")}
+    if default_compute(parts) != "bfloat16":
+        return "float32"
+    need = "compute-bf16" if parts & set(QUANTIZED) else "bf16-hardware"
+    return "bfloat16" if all(need in set(f) for f in peers) else "float32"
+
+
 def default_compute(formats: Iterable[str]) -> str:
     """The compute dtype a model's shard formats call for: bf16 when its weights are compact (bf16, int8,
     int4: their kernels want bf16 activations; fp16 matrices beside them are converted), fp32 when any

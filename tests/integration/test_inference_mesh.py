@@ -150,16 +150,22 @@ def kill_middle_stage_during(driver: PeerProcess, peers: list[PeerProcess], entr
 
 
 def test_tiny_llama_and_gpt2_through_three_then_two_stages_with_kill_9_mid_generation(tmp_path: Path) -> None:
-    """fp32 Llama and GPT-2 (oracle: transformers), a bf16 Llama and an fp16 GPT-2 from folders (oracle: the
-    same shards in one process; bf16 plans compute in bf16, fp16 weights are upcast to fp32)."""
+    """fp32 Llama and GPT-2 (oracle: transformers); a bf16 Llama and an fp16 GPT-2 from folders, and the
+    Llama converted to int8 (oracle: the same shards in one process). Plans compute int8 in bf16 where the CPU
+    runs bf16 kernels fast (AVX2 and up), bf16 weights in bf16 only with hardware bf16, fp16 upcast to fp32."""
+    from mesh.hardware import bf16_features
+    from storage.formats import plan_compute
+
     models = {"llama": tiny_llama(), "gpt2": tiny_gpt2(), "llama-bf16": tiny_llama().to(torch.bfloat16),
-              "gpt2-fp16": tiny_gpt2().to(torch.float16)}
+              "gpt2-fp16": tiny_gpt2().to(torch.float16), "llama-int8": None}
     needs: dict[str, int] = {}
     for name, model in models.items():
-        model.save_pretrained(tmp_path / name)
+        if model is not None:
+            model.save_pretrained(tmp_path / name)
         for peer in ("a", "b"):  # c holds nothing: it fetches the shards of its stages from a and b
-            assert cli(["models", "--data-dir", str(tmp_path / "mesh" / peer), "add", str(tmp_path / name),
-                        "--id", name]) == 0
+            source = ["llama", "--weights", "int8"] if model is None else [name]
+            assert cli(["models", "--data-dir", str(tmp_path / "mesh" / peer), "add", str(tmp_path / source[0]),
+                        *source[1:], "--id", name]) == 0
         manifest = Store(tmp_path / "mesh" / "a" / "store", Identity.generate()).manifest(name)[0]
         needs[name] = sum(x.bytes for x in planner_layers(manifest, 2048))
     need = max(needs.values())
@@ -179,8 +185,9 @@ def test_tiny_llama_and_gpt2_through_three_then_two_stages_with_kill_9_mid_gener
                    for name in models}
         want = {name: reference(model, PROMPT, 120) if name in ("llama", "gpt2")
                 else local_reference(tmp_path / "mesh" / "a", name, PROMPT, 120) for name, model in models.items()}
-        assert c.get("/api/model?model=llama-bf16")["models"][0]["compute_dtype"] == "bfloat16"
-        assert c.get("/api/model?model=gpt2-fp16")["models"][0]["compute_dtype"] == "float32"
+        here = [bf16_features()]
+        for name, fmt in (("llama-bf16", "bfloat16"), ("gpt2-fp16", "float16"), ("llama-int8", "int8")):
+            assert c.get(f"/api/model?model={name}")["models"][0]["compute_dtype"] == plan_compute([fmt], here)
         for name in models:
             got = request(c, {"model": name, "prompt": PROMPT, "max_tokens": 24, "ignore_eos": True})
             assert got["token_ids"] == want[name][:24], name
@@ -215,27 +222,27 @@ def test_tiny_llama_and_gpt2_through_three_then_two_stages_with_kill_9_mid_gener
         assert len(results) == len(threads)
 
         # kill -9 the middle stage of the llama plan while a 120-token generation streams from stage 0's peer,
-        # and a bf16 one from another survivor (3 stages on 3 peers: the victim is on its route too).
+        # and an int8 one from another survivor (3 stages on 3 peers: the victim is on its route too).
         entry = entries["llama"]
         driver = next(p for p in peers if p.node_id == entry["meshnode"]["stages"][0]["node_id"])
         victim_id = entry["meshnode"]["stages"][1]["node_id"]
         other = next(p for p in peers if p is not driver and p.node_id != victim_id)
         body = {"model": "llama", "prompt": PROMPT, "max_tokens": 120, "temperature": 0, "ignore_eos": True,
                 "stream": True}
-        bf16 = Streamer(other, "/v1/completions", {**body, "model": "llama-bf16"})
+        int8 = Streamer(other, "/v1/completions", {**body, "model": "llama-int8"})
         s, victim, recovery = kill_middle_stage_during(driver, peers, entry, "/v1/completions", body, 10,
-                                                       also=bf16)
+                                                       also=int8)
         assert s.tokens == want["llama"], "the failover changed the generated tokens"
         assert s.final["choices"][0]["finish_reason"] == "length"
         assert s.final["meshnode"]["failovers"] >= 1 and len(s.final["meshnode"]["epochs"]) >= 2
-        bf16.join(120)
-        assert bf16.error is None and bf16.tokens == want["llama-bf16"], "the failover changed the bf16 tokens"
-        assert bf16.final["meshnode"]["failovers"] >= 1
-        print(f"kill -9 of the middle stage: next token {recovery:.2f}s later, 120 tokens identical (fp32, bf16)")
+        int8.join(120)
+        assert int8.error is None and int8.tokens == want["llama-int8"], "the failover changed the int8 tokens"
+        assert int8.final["meshnode"]["failovers"] >= 1
+        print(f"kill -9 of the middle stage: next token {recovery:.2f}s later, 120 tokens identical (fp32, int8)")
 
         # Both models now run on the two survivors, still exactly.
         survivors = [p for p in peers if p is not victim]
-        for name in models:
+        for name in ("llama", "gpt2"):
             wait_for(lambda n=name: served(survivors, n, stages=2, exclude=victim.node_id), 60,
                      what=f"{name} on the 2 survivors")
             got = request(survivors[1], {"model": name, "prompt": PROMPT, "max_tokens": 24, "ignore_eos": True})
