@@ -146,3 +146,50 @@ def test_format_rules() -> None:
     assert formats.default_compute(["int4", "int4+int8", "float32"]) == "float32"
     assert formats.default_compute(["int4", "float16+int4"]) == "bfloat16"
     assert formats.default_compute(["float16"]) == "float32"
+
+
+MEMORY_PROBE = r"""
+import json, sys
+from pathlib import Path
+import torch
+from safetensors.torch import load_file
+from inference.stage import Stage
+from mesh.identity import Identity
+from storage.store import Store
+
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
+
+store = Store(Path(sys.argv[1]), Identity.generate())
+model, start, end = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+manifest, _ = store.manifest(model)
+config = json.loads((store.registry.model_dir(model, manifest.revision) / "config.json").read_text())
+load = lambda s: load_file(store.blob(s.sha256)[0])
+dtype = getattr(torch, manifest.compute)
+warm = Stage(config, manifest.shards, 1, 2, load, dtype=dtype)  # imports and kernels warmed up on one block
+warm.forward(torch.randn(1, 3, warm.hidden, dtype=dtype), torch.arange(3)[None], warm.new_cache())
+del warm
+before = rss()
+stage = Stage(config, manifest.shards, start, end, load, dtype=dtype)
+x = torch.tensor([[1, 2, 3]]) if stage.first else torch.randn(1, 3, stage.hidden, dtype=dtype)
+stage.forward(x, torch.arange(3)[None], stage.new_cache())
+print(json.dumps({"grown": rss() - before}))
+"""
+
+
+@pytest.mark.parametrize("model,cut", [("smollm2-135m-instruct", (0, 33)), ("smollm2-135m-instruct", (10, 33)),
+                                       ("smollm2-f32", (0, 17))])
+def test_a_loaded_stage_costs_what_the_plan_counts(smollm2_store: Store, model: str, cut: tuple[int, int]) -> None:
+    """After a stage loads (and runs a step), the process has grown by at most its planned memory + 15%."""
+    import subprocess
+    import sys
+
+    start, end = cut
+    manifest, _ = smollm2_store.manifest(model)
+    shards = manifest.shards[start:end]
+    planned = sum(s.memory_bytes + s.kv_bytes_per_token * 3 for s in shards)  # a tied head counts its matrix
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(smollm2_store.root), model, str(start), str(end)],
+                         capture_output=True, text=True, timeout=300, check=True)
+    grown = json.loads(out.stdout.strip().splitlines()[-1])["grown"]
+    assert grown <= 1.15 * planned, (grown / 2**20, planned / 2**20)
+    assert grown >= 0.3 * planned, (grown / 2**20, planned / 2**20)  # the probe sees the weights at all
