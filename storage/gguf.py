@@ -44,7 +44,7 @@ from gguf.quants import Q4_K, dequantize
 from mesh.errors import LocalError
 from storage.convert import SourceTensor
 from storage.formats import FLOAT_DTYPES, GROUP, MIN, QUANTIZED, SCALE
-from storage.quantize import TORCH_DTYPES, pack_int4, quantize_int4
+from storage.quantize import TORCH_DTYPES, pack_int4, quantize_int4, quantize_int8_
 
 Q = GGMLQuantizationType
 GGUF_MAGIC = b"GGUF"
@@ -261,14 +261,6 @@ def int4_rows(raw: np.ndarray, qtype: GGMLQuantizationType) -> tuple[torch.Tenso
     groups = q.shape[1] // GROUP
     return (torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(scale.reshape(rows, groups)),
             torch.from_numpy(mn.reshape(rows, groups)))
-
-
-def quantize_int8_(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``storage.quantize.quantize_int8`` computed in place on a float32 [R, K] slice we own (1.5x faster: no
-    temporaries); the same int8 values and scales, bit for bit."""
-    lo, hi = torch.aminmax(w, dim=1)
-    scale = (torch.maximum(-lo, hi) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)  # = |w|.amax / 127
-    return w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
 class GgufSource:

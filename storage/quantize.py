@@ -16,10 +16,14 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] float -> (q int8 [N, K], scale float32 [N]): symmetric, one scale per output row."""
-    w = w.float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    return quantize_int8_(w.float().clone() if w.dtype == torch.float32 else w.float())
+
+
+def quantize_int8_(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_int8`` computed in place on a float32 [N, K] tensor the caller owns (no temporaries)."""
+    lo, hi = torch.aminmax(w, dim=1)
+    scale = (torch.maximum(-lo, hi) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)  # = |w|.amax / 127
+    return w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
 def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
