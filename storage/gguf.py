@@ -308,6 +308,8 @@ class GgufSource:
 
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        if "tokenizer.ggml.model" not in self.header.metadata:  # no tokenizer: the model takes token ids
+            return
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
         except (OSError, ValueError, KeyError, TypeError) as exc:

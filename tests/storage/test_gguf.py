@@ -288,49 +288,84 @@ def test_smollm2_maps_like_transformers(smollm2: Path) -> None:
 # -- bounded memory on a large file
 
 STREAM = textwrap.dedent("""
-    import sys, threading, time
+    import json, sys, threading, time
     from pathlib import Path
-    from storage.gguf import open_gguf
+    from mesh.identity import Identity
+    from storage.store import Store
 
     def status(key):
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
-    src = open_gguf(Path(sys.argv[1]))
-    peak, done = [status("RssAnon")], []
-    def sample():  # transient peaks inside a read, not only between tensors
+    peak, done = [status("RssAnon"), status("VmRSS")], []
+    def sample():  # transient peaks inside a read or a write, not only between tensors
         while not done:
-            peak.append(max(peak.pop(), status("RssAnon")))
+            peak[:] = [max(peak[0], status("RssAnon")), max(peak[1], status("VmRSS"))]
             time.sleep(0.002)
     threading.Thread(target=sample, daemon=True).start()
-    start, formats = time.monotonic(), set()
-    for st in src.tensors:
-        out = st.read(st.auto)
-        formats.add(st.auto)
-        del out
-        peak.append(max(peak.pop(), status("RssAnon")))
+    start = time.monotonic()
+    manifest = Store(Path(sys.argv[2]), Identity.generate()).add(sys.argv[1], model_id="big")
     done.append(1)
-    print(peak[0], status("VmHWM"), time.monotonic() - start, len(src.tensors), sorted(formats))
+    print(json.dumps({"anon": peak[0], "rss": peak[1], "seconds": time.monotonic() - start,
+                      "formats": manifest.formats, "shards": len(manifest.shards), "size": manifest.size}))
 """)
 
 
 def test_streaming_a_large_file_keeps_memory_bounded(tmp_path: Path) -> None:
+    """``models add`` of a ~1 GB Q8_0 GGUF (raw blocks written by the test) holds about one tensor at a time:
+    peak RssAnon and peak RSS (mapped file pages count there) under 1 GiB; its shards then load as a stage."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from inference.stage import Stage
+    from mesh.identity import Identity
+    from storage.store import Store
+
     shape = Shape(vocab=32000, hidden=2048, layers=18, heads=16, kv_heads=4, ffn=5632, context=2048)
     path = tmp_path / "big.gguf"
     try:
         size = write_big_q8(path, shape)
         assert size > 0.9 * 2**30
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-        run = subprocess.run([sys.executable, "-c", STREAM, str(path)], capture_output=True, text=True, env=env,
-                             cwd=ROOT, timeout=300)
+        run = subprocess.run([sys.executable, "-c", STREAM, str(path), str(tmp_path / "store")], capture_output=True,
+                             text=True, env=env, cwd=ROOT, timeout=400)
         assert run.returncode == 0, run.stderr[-3000:]
-        anon, hwm, seconds, count, formats = run.stdout.strip().splitlines()[-1].split(" ", 4)
-        print(f"{size / 2**30:.2f} GiB Q8_0: RssAnon peak {int(anon) >> 20} MiB, VmHWM {int(hwm) >> 20} MiB, "
-              f"{float(seconds):.1f} s for {count} tensors")
-        assert formats == "['float32', 'int8']"
-        assert int(anon) < 2**30 and int(hwm) < 2**30  # the file alone is bigger than either
+        out = json.loads(run.stdout.strip().splitlines()[-1])
+        print(f"{size / 2**30:.2f} GiB Q8_0 added: RssAnon peak {out['anon'] >> 20} MiB, RSS peak {out['rss'] >> 20} "
+              f"MiB, {out['seconds']:.1f} s, {out['shards']} shards, {out['size'] >> 20} MiB")
+        assert out["formats"] == ["int8"] and out["shards"] == 18 + 3
+        assert out["anon"] < 2**30 and out["rss"] < 2**30  # the file alone is bigger than either
+        assert out["size"] < 1.1 * size
     finally:
         path.unlink(missing_ok=True)
+    store = Store(tmp_path / "store", Identity.generate())
+    manifest, _ = store.manifest("big")
+    config = json.loads((store.registry.model_dir("big", manifest.revision) / "config.json").read_text())
+    stage = Stage(config, manifest.shards, 1, 3, lambda s: load_file(store.blob(s.sha256)[0]), dtype=torch.bfloat16)
+    h = stage.forward(torch.randn(1, 2, shape.hidden, dtype=torch.bfloat16), torch.arange(2)[None], stage.new_cache())
+    assert h.shape == (1, 2, shape.hidden) and bool(torch.isfinite(h).all())
+
+
+def test_a_bad_gguf_leaves_nothing_in_the_store(tmp_path: Path, tiny: Path) -> None:
+    """``models add`` of an unsupported or truncated GGUF: its code, no shard, no model files, no temp folder;
+    the model is not listed as ready."""
+    from mesh.errors import MeshError
+    from mesh.identity import Identity
+    from storage.store import Store
+
+    bad = write_llama(tmp_path / "q5.gguf", lambda name, shape: Q.Q5_0 if name == "blk.1.ffn_up.weight" else Q.F32)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny.read_bytes()[:-1000])
+    store = Store(tmp_path / "store", Identity.generate())
+    for source, code in ((bad, "UNSUPPORTED_QUANTIZATION"), (cut, "MALFORMED_GGUF")):
+        with pytest.raises(MeshError) as excinfo:
+            store.add(str(source))
+        assert excinfo.value.code == code
+    assert store.installed() == []
+    files = [p for p in (tmp_path / "store").rglob("*") if p.is_file() and p.name not in ("registry.json",)]
+    assert all(p.suffix in (".lock", "") and "shard" not in str(p) for p in files), files
+    assert not any((tmp_path / "store").rglob("*.safetensors")) and not any((tmp_path / "store" / "tmp").rglob("*"))
 
 
 # -- bad input, refused when the file is opened
