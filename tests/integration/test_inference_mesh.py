@@ -242,7 +242,7 @@ def test_tiny_llama_and_gpt2_through_three_then_two_stages_with_kill_9_mid_gener
 
         # Both models now run on the two survivors, still exactly.
         survivors = [p for p in peers if p is not victim]
-        for name in ("llama", "gpt2"):
+        for name in models:
             wait_for(lambda n=name: served(survivors, n, stages=2, exclude=victim.node_id), 60,
                      what=f"{name} on the 2 survivors")
             got = request(survivors[1], {"model": name, "prompt": PROMPT, "max_tokens": 24, "ignore_eos": True})

@@ -8,7 +8,7 @@ import cbor2
 import pytest
 import torch
 
-from inference.frames import MAX_HEADER, MAX_TOKENS, Frame, decode, decode_header, encode, expect
+from inference.frames import MAX_HEADER, MAX_TOKENS, Frame, FrameError, decode, decode_header, encode, expect
 from inference.sessions import SessionTable
 from mesh.errors import PeerError
 
@@ -102,3 +102,22 @@ def test_sessions_advance_in_order_and_stay_bounded() -> None:
     assert table.step("c", 0, 11.5, dict) is not None  # a idle since 1.0: expired to make room
     assert "a" not in table and "b" in table and len(table) == 2
     assert table.end("b") and not table.end("b")
+
+
+def test_a_stage_refuses_activations_of_another_compute_dtype_from_the_header() -> None:
+    """Hidden states must be in the plan's compute dtype: refused (BAD_DTYPE) before a payload byte is read;
+    a peer running stages of two dtypes takes either."""
+    from types import SimpleNamespace
+
+    from inference.host import fits
+
+    fp32 = SimpleNamespace(first=False, hidden=64, dtype=torch.float32)
+    bf16 = SimpleNamespace(first=False, hidden=64, dtype=torch.bfloat16)
+    fits([fp32])({"shape": [1, 3, 64], "dtype": "float32"})
+    with pytest.raises(FrameError) as err:
+        fits([fp32])({"shape": [1, 3, 64], "dtype": "bfloat16"})
+    assert err.value.code == "BAD_DTYPE" and "float32" in str(err.value)
+    fits([fp32, bf16])({"shape": [1, 3, 64], "dtype": "bfloat16"})
+    with pytest.raises(FrameError) as err:
+        fits([fp32, bf16])({"shape": [1, 3, 32], "dtype": "bfloat16"})
+    assert err.value.code == "BAD_SHAPE"
