@@ -138,7 +138,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("coordinator.hop_ms", "--hop-ms", "planner cost of one activation hop between stages, ms per token"),
     Option("coordinator.context_tokens", "--context-tokens", "context every stage's KV cache must hold"),
     Option("coordinator.reassign_threshold", "--reassign-threshold",
-           "bottleneck growth a reassignment may cause before a full replan (0.25: 25%)"),
+           "bottleneck growth a reassignment may cause before a full replan (0.25: 25%%)"),
     Option("coordinator.republish_interval", "--republish-interval", "seconds between plan republishes"),
     Option("inference.serve", "--serve", "model (id or id@revision) to ask the mesh to serve (repeatable)"),
     Option("inference.max_sessions", "--max-sessions", "generations one stage runs at once"),

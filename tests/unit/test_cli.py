@@ -1,0 +1,47 @@
+"""Every command's --help works and names its options (the README's commands are run by the tests that use
+them: models add/list/show, generate --local/--json, start, status, plan, ...)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from mesh.cli import main, make_parser
+
+
+def commands() -> list[list[str]]:
+    out: list[list[str]] = []
+
+    def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            out.append(path)
+        for sub in subs:
+            for name, child in sub.choices.items():
+                walk(child, [*path, name])
+    walk(make_parser(), [])
+    return out
+
+
+WANT = {("models", "add"): ["--weights", "auto|float32|bfloat16|float16|int8|int4"],
+        ("generate",): ["--local", "--json", "--data-dir", "--compute-dtype"],
+        ("start",): ["--compute-dtype", "--bootstrap"]}
+
+
+@pytest.mark.parametrize("path", commands(), ids=" ".join)
+def test_every_command_has_help(path: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([*path, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: meshnode")
+    for needle in WANT.get(tuple(path), []):
+        assert needle.split("|")[0] in text, needle
+
+
+def test_generate_local_needs_a_model(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--local", "--data-dir", str(tmp_path), "hi"]) == 2
+    assert "INVALID_PARAMETER" in capsys.readouterr().err
+    assert main(["generate", "--local", "--data-dir", str(tmp_path), "--model", "nope", "hi"]) == 2
+    assert "MODEL_NOT_AVAILABLE" in capsys.readouterr().err
