@@ -1,22 +1,30 @@
-"""Pipeline inference over real peers against one process: SmolLM2-135M-Instruct, fp32, greedy.
+"""Pipeline inference over real peers against one process: SmolLM2-135M-Instruct from the store, greedy.
 
-    .venv/bin/python bench/pipeline.py [--new-tokens 64] [--prompt-tokens 128] [--repeat 3] [--skip-recovery]
-                                       [--model-dir HF_FOLDER]   (about 2.5 minutes with the defaults)
+    .venv/bin/python bench/pipeline.py [--weights auto|float32|bfloat16|int8|int4] [--new-tokens 64]
+                                       [--prompt-tokens 128] [--repeat 3] [--skip-recovery] [--data-dir DIR]
 
-Measured side by side in one run, every mesh number also as a ratio to the single process:
+The packaged GGUF is added once into a store in the format ``--weights`` picks (``auto``, the default and the
+fastest measured so far: as it ships, int4 blocks + an int8 embedding and head, computed in bf16; the others
+are converted while streaming the GGUF into shards, ~20 s), or taken from ``DIR/store`` when it is already
+there (``--data-dir``: keep the converted store between runs). That store directory is copied into every
+mesh peer's data dir, so nothing is converted or fetched per peer. Measured side by side in one run, every
+mesh number also as a ratio to the single process:
 
-1. single process: transformers ``LlamaForCausalLM`` with a ``DynamicCache`` greedy loop (prefill, then
-   one forward per token), with ``torch.set_num_threads(1)`` (what each mesh peer gets: LocalMesh starts
-   peers with OMP_NUM_THREADS=1) and with torch's default thread count. Warmed up once per setting.
-2. a 2-peer and a 3-peer mesh (``LocalMesh``, configs/local-3.toml, the model installed on every peer so
-   nothing is fetched), driven through ``POST /api/request`` on stage 0's peer after a short warm-up.
-   TTFT is the driver's (from starting the generation to the first token); decode tok/s is
-   (tokens - 1) / (total - TTFT), the same definition as the single process. Per-hop latency: each decode
-   step's ``step_ms`` minus the sum of its stages' ``compute_ms`` (the forward in a worker thread, the
-   last stage's sampling included), divided by the hops a token makes. With the driver on stage 0's peer
-   a token makes one network hop per stage: stage 0 runs in the driver's process (no hop), then
-   stage i -> stage i+1 for each of the S-1 boundaries, then the last stage -> the driver: S hops.
-   "tokens equal" compares the mesh's tokens with the single process' (1 thread): equality is the oracle.
+1. single process: ``inference.local.LocalModel`` (what ``meshnode generate --local`` runs: the same stage
+   code, kernels and compute dtype as the mesh, the compute dtype chosen as a plan over this machine
+   would; prompt as one step, then one step per token), with ``torch.set_num_threads(1)`` (what each mesh
+   peer gets: LocalMesh starts peers with OMP_NUM_THREADS=1) and with torch's default thread count. Warmed
+   up once per setting; the settings alternate run by run. Its decode step is (total - TTFT) / (tokens - 1).
+2. a 2-peer and a 3-peer mesh (``LocalMesh``, configs/local-3.toml, the store copied into every peer),
+   driven through ``POST /api/request`` on stage 0's peer after a short warm-up. The peers choose the
+   plan's compute dtype themselves (``GET /api/model?model=ID`` shows it; reported). TTFT is the driver's
+   (from starting the generation to the first token); decode tok/s is (tokens - 1) / (total - TTFT), the
+   same definition as the single process. Per-hop latency: each decode step's ``step_ms`` minus the sum
+   of its stages' ``compute_ms`` (the forward in a worker thread, the last stage's sampling included),
+   divided by the hops a token makes. With the driver on stage 0's peer a token makes one network hop per
+   stage: stage 0 runs in the driver's process (no hop), then stage i -> stage i+1 for each of the S-1
+   boundaries, then the last stage -> the driver: S hops. "tokens equal" compares the mesh's tokens with
+   the single process' (1 thread): equality is the oracle.
 3. recovery (3-peer mesh): a 200-token ``/v1/completions`` stream from stage 0's peer; after ~20 tokens
    the middle stage's process gets kill -9. Reported: time from the kill to the next token, the longest
    gap between tokens after the kill against the median gap before it, when the driver logged its
@@ -31,32 +39,30 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import logging
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from contextlib import redirect_stdout
-from io import StringIO
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, DynamicCache, LlamaForCausalLM
 
+from inference.local import LocalModel
 from mesh.cli import api_get, stream_events
-from mesh.cli import main as cli
 from mesh.errors import MeshError
-from mesh.identity import Identity
+from mesh.keyfile import load_or_create
 from mesh.localmesh import LocalMesh, PeerProcess, agreed, wait_for
 from storage.store import Store
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "local-3.toml")
-MODEL = "smollm2-135m-instruct"
+MODEL = "smollm2-135m-instruct"  # the packaged GGUF; also the model id of --weights auto
+WEIGHTS = ("auto", "float32", "bfloat16", "int8", "int4")
 RECOVERY_TOKENS = 200
 KILL_AFTER = 20
 TEXT = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a lamp, a notebook and "
@@ -69,17 +75,19 @@ TEXT = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, 
 # ---- the model and the prompt ------------------------------------------------------------------------
 
 
-def model_folder(root: Path, given: str | None) -> Path:
-    """A Hugging Face folder of SmolLM2: ``given``, or the store's GGUF conversion (~16-25 s) under ``root``."""
-    if given:
-        return Path(given)
-    manifest = Store(root / "convert", Identity.generate()).add(MODEL)
-    return root / "convert" / "sources" / MODEL / manifest.revision
+def model_store(data_dir: Path, weights: str) -> tuple[Store, str, float]:
+    """The store of ``data_dir`` holding SmolLM2 in ``weights`` (streamed from the packaged GGUF now unless that
+    version is there already), its model id, and the seconds adding took."""
+    model_id = MODEL if weights == "auto" else f"{MODEL}-{weights}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(data_dir / "store", load_or_create(data_dir))
+    t0 = time.monotonic()
+    store.add(MODEL, model_id=model_id, weights=weights)
+    return store, model_id, time.monotonic() - t0
 
 
-def prompt_ids(folder: Path, n: int) -> list[int]:
+def prompt_ids(tok: Any, n: int) -> list[int]:
     """Exactly ``n`` token ids of plain English text."""
-    tok = AutoTokenizer.from_pretrained(folder)
     copies = 1
     while len(ids := list(tok(TEXT * copies, add_special_tokens=False)["input_ids"])) < n:
         copies *= 2
@@ -89,32 +97,21 @@ def prompt_ids(folder: Path, n: int) -> list[int]:
 # ---- single process ----------------------------------------------------------------------------------
 
 
-def single_run(model: LlamaForCausalLM, prompt: list[int], new: int) -> dict[str, Any]:
-    """Greedy prefill + (new - 1) decode steps with the model's own KV cache; timings like the mesh's."""
-    cache = DynamicCache(config=model.config)
-    out: list[int] = []
-    step_ms: list[float] = []
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        ids = torch.tensor([prompt])
-        while len(out) < new:
-            s = time.perf_counter()
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
-            out.append(int(logits.argmax(-1)))
-            step_ms.append((time.perf_counter() - s) * 1000)
-            ids = torch.tensor([[out[-1]]])
-        total = (time.perf_counter() - t0) * 1000
-    ttft = step_ms[0]
-    return {"tokens": out, "ttft_ms": ttft, "total_ms": total, "step_ms": step_ms,
-            "tok_s": (new - 1) / ((total - ttft) / 1000) if new > 1 else float("nan")}
+def single_run(model: LocalModel, prompt: list[int], new: int) -> dict[str, Any]:
+    """Greedy: the prompt as one step, then (new - 1) decode steps; no stop tokens; timings like the mesh's."""
+    got = model.generate(prompt, new, stop=False)
+    t = got.timings
+    ttft, total = t["ttft_ms"], t["total_ms"]
+    return {"tokens": got.token_ids, "ttft_ms": ttft, "total_ms": total,
+            "step_ms": (total - ttft) / (new - 1) if new > 1 else float("nan"),
+            "tok_s": t["decode_tokens_per_s"] or float("nan")}
 
 
-def single_process(folder: Path, prompt: list[int], new: int, repeat: int, reference_tokens: int
+def single_process(model: LocalModel, prompt: list[int], new: int, repeat: int, reference_tokens: int
                    ) -> tuple[dict[str, list[dict[str, Any]]], list[int], int]:
     """{"1": runs with one thread, "N": runs with torch's default N}, the 1-thread reference tokens
     (``reference_tokens`` long, for the recovery check) and N. Settings alternate run by run."""
     default = torch.get_num_threads()
-    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     settings = {"1": 1, str(default): default}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in settings}
     try:
@@ -131,53 +128,49 @@ def single_process(folder: Path, prompt: list[int], new: int, repeat: int, refer
             reference = single_run(model, prompt, reference_tokens)["tokens"]
     finally:
         torch.set_num_threads(default)
-    del model
     return runs, reference, default
 
 
 # ---- meshes ------------------------------------------------------------------------------------------
 
 
-def install(base: Path, names: list[str], folder: Path) -> None:
+def install(store: Store, base: Path, names: list[str]) -> None:
+    """Copy the whole store into each peer's data dir (``base/name/store``): nothing to convert or fetch."""
     for name in names:
-        with redirect_stdout(StringIO()):
-            rc = cli(["models", "--data-dir", str(base / name), "add", str(folder), "--id", MODEL])
-        if rc != 0:
-            raise RuntimeError(f"installing {MODEL} into {base / name} failed ({rc})")
-    logging.getLogger().setLevel(logging.WARNING)  # `models add` set the root logger to INFO
+        shutil.copytree(store.root, base / name / "store")
 
 
-def serve(peers: list[PeerProcess]) -> dict[str, Any]:
+def serve(peers: list[PeerProcess], model: str) -> dict[str, Any]:
     """Ask for the model and wait until every peer's /v1/models lists it on the same stages (on one stage
     per peer if the plan gets there within 45 s, else on whatever the planner chose)."""
     def ask() -> dict[str, Any] | None:
         try:
-            return api_get(peers[0].api, "/api/model", method="POST", body={"model_id": MODEL})
+            return api_get(peers[0].api, "/api/model", method="POST", body={"model_id": model})
         except MeshError as err:
             if err.code != "UNKNOWN_MODEL":
                 raise
             return None  # not yet heard of a holder (every peer holds it, but the peer may not know itself)
 
-    wait_for(ask, 20, what=f"the mesh to accept serving {MODEL}")
+    wait_for(ask, 20, what=f"the mesh to accept serving {model}")
 
     def listed(stages: int | None) -> dict[str, Any] | None:
         seen = []
         for p in peers:
-            entry = next((m for m in (p.try_get("/v1/models") or {}).get("data", []) if m["id"] == MODEL), None)
+            entry = next((m for m in (p.try_get("/v1/models") or {}).get("data", []) if m["id"] == model), None)
             if entry is None or (stages is not None and len(entry["meshnode"]["stages"]) != stages):
                 return None
             seen.append(entry)
         return seen[0] if all(e["meshnode"]["stages"] == seen[0]["meshnode"]["stages"] for e in seen) else None
 
     try:
-        return wait_for(lambda: listed(len(peers)), 45, what=f"{MODEL} on {len(peers)} stages")
+        return wait_for(lambda: listed(len(peers)), 45, what=f"{model} on {len(peers)} stages")
     except TimeoutError:
-        return wait_for(lambda: listed(None), 30, what=f"{MODEL} served")
+        return wait_for(lambda: listed(None), 30, what=f"{model} served")
 
 
-def request(peer: PeerProcess, prompt: list[int], new: int) -> dict[str, Any]:
+def request(peer: PeerProcess, model: str, prompt: list[int], new: int) -> dict[str, Any]:
     return api_get(peer.api, "/api/request", method="POST", timeout=180.0,
-                   body={"model": MODEL, "prompt": prompt, "max_tokens": new, "ignore_eos": True})
+                   body={"model": model, "prompt": prompt, "max_tokens": new, "ignore_eos": True})
 
 
 def mesh_metrics(got: dict[str, Any], hops: int) -> dict[str, Any]:
@@ -220,13 +213,13 @@ class Streamer(threading.Thread):
             self.error = exc
 
 
-def recovery(peers: list[PeerProcess], entry: dict[str, Any], driver: PeerProcess, coordinator: str,
+def recovery(peers: list[PeerProcess], model: str, entry: dict[str, Any], driver: PeerProcess, coordinator: str,
              prompt: list[int], reference: list[int]) -> dict[str, Any]:
     hops = entry["meshnode"]["stages"]
     if len(hops) < 3:
         return {"skipped": f"the plan has {len(hops)} stages: no middle stage to kill"}
     victim = next(p for p in peers if p.node_id == hops[len(hops) // 2]["node_id"])
-    s = Streamer(driver, {"model": MODEL, "prompt": prompt, "max_tokens": RECOVERY_TOKENS, "temperature": 0,
+    s = Streamer(driver, {"model": model, "prompt": prompt, "max_tokens": RECOVERY_TOKENS, "temperature": 0,
                           "ignore_eos": True, "stream": True})
     s.start()
     wait_for(lambda: len(s.tokens) >= KILL_AFTER or s.error or not s.is_alive(), 90, interval=0.005,
@@ -253,6 +246,7 @@ def recovery(peers: list[PeerProcess], entry: dict[str, Any], driver: PeerProces
             "failover_code": failover[0].get("code", "?") if failover else "none logged",
             "tokens": len(s.tokens), "equal": s.tokens == reference[:len(s.tokens)] and len(s.tokens) == len(reference),
             "replay_tokens": len(prompt) + replay if replay is not None else 0,
+            "replay_steps": replay + 1 if replay is not None else 0,
             "replay_ms": step_ms[replay] if replay is not None and replay < len(step_ms) else float("nan"),
             "failovers": meshnode.get("failovers"), "epochs": meshnode.get("epochs"),
             "finish": (s.final.get("choices") or [{}])[0].get("finish_reason"),
@@ -260,24 +254,26 @@ def recovery(peers: list[PeerProcess], entry: dict[str, Any], driver: PeerProces
                                 .get("stages", []))}
 
 
-def run_mesh(base: Path, count: int, prompt: list[int], new: int, repeat: int, *, do_recovery: bool,
+def run_mesh(base: Path, count: int, model: str, prompt: list[int], new: int, repeat: int, *, do_recovery: bool,
              reference: list[int]) -> dict[str, Any]:
     with LocalMesh(base, config_file=CONFIG, extra_args=("--benchmark-seconds", "0.05")) as mesh:
         t0 = time.monotonic()
         peers = mesh.start_chain(count, prefix=f"m{count}")
         coordinator, _ = wait_for(lambda: agreed(peers), 40, what="one coordinator")
-        entry = serve(peers)
+        entry = serve(peers, model)
         ready_s = time.monotonic() - t0
         stages = entry["meshnode"]["stages"]
         driver = next(p for p in peers if p.node_id == stages[0]["node_id"])
-        request(driver, prompt[:16], 4)  # warm-up: tokenizer, sessions, streams, first-use allocations
-        runs = [mesh_metrics(request(driver, prompt, new), len(stages)) for _ in range(repeat)]
+        compute = driver.get(f"/api/model?model={model}")["models"][0]["compute_dtype"]
+        request(driver, model, prompt[:16], 4)  # warm-up: tokenizer, sessions, streams, first-use allocations
+        runs = [mesh_metrics(request(driver, model, prompt, new), len(stages)) for _ in range(repeat)]
         flops = {n["node_id"]: n.get("compute_flops", 0.0) for n in driver.get("/api/nodes")["nodes"]}
         out: dict[str, Any] = {"stages": len(stages), "layers": [h["layers"] for h in stages], "runs": runs,
-                               "ready_s": ready_s, "gflops": [flops.get(h["node_id"], 0.0) / 1e9 for h in stages]}
+                               "ready_s": ready_s, "compute_dtype": compute,
+                               "gflops": [flops.get(h["node_id"], 0.0) / 1e9 for h in stages]}
         if do_recovery:
             try:
-                out["recovery"] = recovery(peers, entry, driver, coordinator, prompt, reference)
+                out["recovery"] = recovery(peers, model, entry, driver, coordinator, prompt, reference)
             except (RuntimeError, TimeoutError, MeshError) as err:
                 out["recovery"] = {"skipped": f"failed: {err}"}
     out["logs"] = log_summary(mesh.peers)
@@ -309,45 +305,59 @@ def med(runs: list[dict[str, Any]], key: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", choices=WEIGHTS, default="auto",
+                        help="weight format of the stored model (auto: as the GGUF ships, int4 + int8)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per measured request")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3, help="measured runs per setup (medians are shown)")
     parser.add_argument("--skip-recovery", action="store_true", help="no kill -9 of the middle stage")
-    parser.add_argument("--model-dir", help="an existing HF folder of SmolLM2-135M-Instruct (skips the conversion)")
+    parser.add_argument("--data-dir", help="keep the store in DIR/store and reuse it (skips the conversion next "
+                                           "time); the whole store is copied into every peer")
     args = parser.parse_args(argv)
     if args.new_tokens < 2 or args.prompt_tokens < 16 or args.repeat < 1:
         parser.error("--new-tokens >= 2, --prompt-tokens >= 16, --repeat >= 1")
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         root = Path(tmp)
-        folder = model_folder(root, args.model_dir)
-        prompt = prompt_ids(folder, args.prompt_tokens)
-        install(root / "mesh2", ["m2-a", "m2-b"], folder)
-        install(root / "mesh3", ["m3-a", "m3-b", "m3-c"], folder)
+        store, model_id, add_s = model_store(Path(args.data_dir) if args.data_dir else root / "data", args.weights)
+        install(store, root / "mesh2", ["m2-a", "m2-b"])
+        install(store, root / "mesh3", ["m3-a", "m3-b", "m3-c"])
+        local = LocalModel(store, model_id)  # the compute dtype a plan over this machine would choose
+        prompt = prompt_ids(local.tokenizer, args.prompt_tokens)
         singles, reference, default_threads = single_process(
-            folder, prompt, args.new_tokens, args.repeat, 0 if args.skip_recovery else RECOVERY_TOKENS)
-        meshes = {n: run_mesh(root / f"mesh{n}", n, prompt, args.new_tokens, args.repeat,
+            local, prompt, args.new_tokens, args.repeat, 0 if args.skip_recovery else RECOVERY_TOKENS)
+        info = {"model_id": model_id, "formats": "+".join(local.manifest.formats), "compute_dtype": local.compute,
+                "add_s": add_s, "load_s": local.load_s}
+        del local
+        meshes = {n: run_mesh(root / f"mesh{n}", n, model_id, prompt, args.new_tokens, args.repeat,
                               do_recovery=n == 3 and not args.skip_recovery, reference=reference)
                   for n in (2, 3)}
-    report(args, singles, reference, default_threads, meshes, time.monotonic() - began)
+    report(args, info, singles, reference, default_threads, meshes, time.monotonic() - began)
     return 0
 
 
-def report(args: argparse.Namespace, singles: dict[str, list[dict[str, Any]]], reference: list[int],
-           default_threads: int, meshes: dict[int, dict[str, Any]], elapsed: float) -> None:
+def report(args: argparse.Namespace, info: dict[str, Any], singles: dict[str, list[dict[str, Any]]],
+           reference: list[int], default_threads: int, meshes: dict[int, dict[str, Any]], elapsed: float) -> None:
     one, many = singles["1"], singles[str(default_threads)]
     base_ttft, base_tok = med(one, "ttft_ms"), med(one, "tok_s")
     many_ttft, many_tok = med(many, "ttft_ms"), med(many, "tok_s")
     want = reference[:args.new_tokens]
-    print(f"SmolLM2-135M-Instruct fp32, greedy, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens "
-          f"(ignore_eos), median of {args.repeat}; {os.cpu_count()} CPU cores on this machine. Mesh peers run with "
-          f"OMP_NUM_THREADS=1 each; ratios are against the single process with 1 thread and with "
-          f"{default_threads} (torch's default).\n")
+    mesh_dtypes = ", ".join(f"{n} peers {m['compute_dtype']}" for n, m in meshes.items())
+    print(f"SmolLM2-135M-Instruct ({info['model_id']}), --weights {args.weights}: weights {info['formats']}; "
+          f"compute dtype: single process {info['compute_dtype']}, mesh plans {mesh_dtypes}. Greedy, "
+          f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens (ignore_eos), median of {args.repeat}; "
+          f"{os.cpu_count()} CPU cores on this machine. Mesh peers run with OMP_NUM_THREADS=1 each; ratios are "
+          f"against the single process (LocalModel) with 1 thread and with {default_threads} (torch's default). "
+          f"Store: added in {info['add_s']:.1f}s (0 when reused), LocalModel loaded in {info['load_s']:.1f}s.\n")
+    odd = [f"{n} peers" for n, m in meshes.items() if m["compute_dtype"] != info["compute_dtype"]]
+    if odd:
+        print(f"NOTE: the mesh plan ({', '.join(odd)}) chose another compute dtype than the single process: "
+              f"tokens need not be equal.\n")
     print("| setup | stages | TTFT ms | TTFT x (1t, {n}t) | decode tok/s | tok/s x (1t, {n}t) | decode step ms "
           "| compute ms/step | per-hop ms | tokens equal |".replace("{n}", str(default_threads)))
     print("| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | --- |")
     for key, runs in singles.items():
-        step = statistics.median(statistics.median(r["step_ms"][1:]) for r in runs)
+        step = med(runs, "step_ms")
         eq = "oracle" if key == "1" else ("yes" if all(r["tokens"] == want for r in runs) else "no")
         print(f"| single process, {key} thread{'s' if key != '1' else ''} | 1 | {med(runs, 'ttft_ms'):.1f} "
               f"| {med(runs, 'ttft_ms') / base_ttft:.2f}, {med(runs, 'ttft_ms') / many_ttft:.2f} "
@@ -365,7 +375,7 @@ def report(args: argparse.Namespace, singles: dict[str, list[dict[str, Any]]], r
                                  *((f"mesh {n} peers", m["runs"]) for n, m in meshes.items())]]
     print(f"\nspread of decode tok/s over the {args.repeat} runs (max/min; single-process settings alternate run by "
           f"run): {', '.join(spread)}")
-    single_step = statistics.median(statistics.median(r["step_ms"][1:]) for r in one)
+    single_step = med(one, "step_ms")
     for n, m in meshes.items():
         runs = m["runs"]
         stage_ms = ", ".join(f"{statistics.median(r['per_stage_ms'][i] for r in runs):.2f}"
@@ -390,8 +400,9 @@ def report(args: argparse.Namespace, singles: dict[str, list[dict[str, Any]]], r
                   f"{rec['next_token_s'] * 1000 / rec['gap_before_ms']:.0f}x the median gap between tokens before it "
                   f"({rec['gap_before_ms']:.1f} ms); longest gap after the kill {rec['stall_s']:.2f}s. Breakdown: the "
                   f"driver logged its failover ({rec['failover_code']}) {rec['detect_s']:.2f}s after the kill, then "
-                  f"waited about {wait:.2f}s for a ready route, then replayed {rec['replay_tokens']} tokens as one "
-                  f"prefill step in {rec['replay_ms']:.0f} ms. {rec['tokens']} tokens, finish {rec['finish']}, "
+                  f"waited about {wait:.2f}s for a ready route, then replayed {rec['replay_tokens']} tokens in the "
+                  f"original {rec['replay_steps']} steps (the prompt, then one per token; pipelined) in "
+                  f"{rec['replay_ms']:.0f} ms. {rec['tokens']} tokens, finish {rec['finish']}, "
                   f"failovers "
                   f"{rec['failovers']}, epochs {rec['epochs']}, {rec['stages_after']} stages after; tokens equal to "
                   f"the uninterrupted single process: {'yes' if rec['equal'] else 'no'}")
