@@ -295,7 +295,7 @@ class Driver:
                     frames.append(Frame("tokens", session, step, position, torch.tensor([ids], dtype=torch.int64),
                                         first if step == 0 else {}))
                     position += len(ids)
-                step = len(inputs) - 1  # the step whose token comes next
+                step = first_new = len(inputs) - 1  # the step whose token comes next
                 t0 = time.perf_counter()
                 if produced:
                     await self._replay(send, frames, results, route, produced, step_timeout)
@@ -307,9 +307,9 @@ class Driver:
                     if type(token) is not int or token < 0:
                         raise RouteFailed("BAD_RESULT", f"the last stage answered token {token!r}", route.nodes[-1])
                     timings = result.extra.get("compute_ms")
-                    tok = Token(token, len(produced), token in req.stop_ids, route.epoch, replayed and step == len(
-                        inputs) - 1, tuple(timings) if isinstance(timings, list) else (),
-                        (time.perf_counter() - t0) * 1000, result.tensor)
+                    tok = Token(token, len(produced), token in req.stop_ids, route.epoch,
+                                replayed and step == first_new, tuple(timings) if isinstance(timings, list) else (),
+                                (time.perf_counter() - t0) * 1000, result.tensor)
                     yield tok
                     if tok.stop or len(produced) >= req.max_tokens:  # the caller appended it
                         break
