@@ -24,6 +24,7 @@ as well and keeps int4 exact.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -304,14 +305,12 @@ class GgufSource:
 
     def write_model_files(self, folder: Path) -> None:
         """config.json and the tokenizer files (with the chat template) into ``folder``; reads no tensor."""
-        from transformers import AutoTokenizer
-
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
         if "tokenizer.ggml.model" not in self.header.metadata:  # no tokenizer: the model takes token ids
             return
         try:
-            tokenizer = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+            tokenizer = _tokenizer(_identity(self.path))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LocalError(f"{self.path.name}: transformers cannot read its tokenizer: {exc}",
                              code="MALFORMED_GGUF") from exc
@@ -395,10 +394,25 @@ class GgufSource:
         return lambda raw: quantize_int4(floats(raw))
 
 
+def _identity(path: Path) -> tuple[str, int, int]:
+    """What a cache of a file's metadata is keyed by: the file as it is now (another file, or this one
+    changed, is read again)."""
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
 def load_config(path: Path) -> dict[str, Any]:
     """transformers' config for a GGUF file (its metadata only), as config.json content."""
+    return json.loads(_config_json(_identity(path)))  # a fresh dict for every caller
+
+
+@functools.lru_cache(maxsize=4)
+def _config_json(key: tuple[str, int, int]) -> str:
+    """Reading a GGUF's metadata through transformers parses its whole vocabulary (seconds for 49k tokens):
+    done once per file per process, also when the same file is added in two formats."""
     from transformers import AutoConfig
 
+    path = Path(key[0])
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
@@ -406,7 +420,16 @@ def load_config(path: Path) -> dict[str, Any]:
     out = {k: v for k, v in json.loads(config.to_json_string(use_diff=False)).items() if not k.startswith("_")}
     if out.get("model_type") in CAUSAL_LM and not out.get("architectures"):
         out["architectures"] = [CAUSAL_LM[out["model_type"]]]
-    return out
+    return json.dumps(out)
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(key: tuple[str, int, int]) -> Any:
+    """The GGUF's tokenizer as transformers builds it from the metadata (once per file per process)."""
+    from transformers import AutoTokenizer
+
+    path = Path(key[0])
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 def open_gguf(path: Path) -> GgufSource:
