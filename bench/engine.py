@@ -263,10 +263,9 @@ def load_tokenizer(store_root: Path, model_id: str, gguf: Path) -> Any:
 
     store = Store(store_root, Identity.from_seed(SEED))
     manifest, _ = store.manifest(model_id)
-    for folder in (store.registry.model_dir(model_id, manifest.revision),
-                   *(p.parent for p in sorted(store_root.glob("sources/*/*/config.json")))):
-        if (folder / "tokenizer.json").is_file():
-            return AutoTokenizer.from_pretrained(folder)
+    folder = store.registry.model_dir(model_id, manifest.revision)
+    if (folder / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(folder)
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
