@@ -33,7 +33,7 @@ from coordinator.election import Leadership
 from mesh.errors import DecodeError, PeerError
 from mesh.identity import Identity, node_id_for_key
 from mesh.wire import MAX_GOSSIP_MESSAGE, open_envelope, seal, versioned
-from storage.manifest import COMPUTE_DTYPES
+from storage.formats import COMPUTE_DTYPES
 
 T = TypeVar("T")
 PLAN = "plan"

@@ -35,11 +35,10 @@ import trio
 
 from inference import protocol
 from inference.frames import DTYPE_NAMES, Frame, FrameError, expect
-from inference.local import dtype_of
 from inference.protocol import ACTIVATIONS_PROTOCOL, Route, error_frame, route_of
 from inference.sampling import Sampling, sample
 from inference.sessions import SessionTable
-from inference.stage import Stage
+from inference.stage import Stage, dtype_of
 from mesh.errors import LocalError, MeshError, NotFoundError, PeerError
 from mesh.ids import NodeId
 from mesh.logs import Throttle

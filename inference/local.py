@@ -15,22 +15,13 @@ from typing import Any
 import torch
 
 from inference.sampling import Sampling, sample
-from inference.stage import Stage
+from inference.stage import Stage, dtype_of
 from inference.tokenizer import load_tokenizer, stop_ids
 from mesh.errors import LocalError
 from storage.formats import plan_compute
 from storage.manifest import Shard
 from storage.shards import shard_path, verify_file
 from storage.store import Store
-
-COMPUTE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def dtype_of(name: str) -> torch.dtype:
-    if name not in COMPUTE:
-        raise LocalError(f"compute dtype must be one of {', '.join(COMPUTE)}, not {name!r}",
-                         code="INVALID_COMPUTE_DTYPE")
-    return COMPUTE[name]
 
 
 @dataclass

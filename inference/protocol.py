@@ -24,6 +24,7 @@ from typing import Any
 from inference.frames import MAX_HEADER, Frame, FrameError, decode, decode_header, encode
 from mesh.ids import NodeId
 from mesh.transport import Stream
+from storage.formats import COMPUTE_DTYPES
 
 ACTIVATIONS_PROTOCOL = "/meshnode/activations/1"
 MAX_ROUTE = 256  # stages in one route
@@ -98,6 +99,7 @@ def route_of(extra: dict[str, Any]) -> Route:
     if len({h.node for h in hops}) != len(hops):
         raise FrameError("route: a node appears twice")
     compute = extra.get("compute", "float32")
-    if compute not in ("float32", "bfloat16"):
-        raise FrameError(f"route: compute dtype {compute!r} is not float32 or bfloat16", code="BAD_DTYPE")
+    if compute not in COMPUTE_DTYPES:
+        raise FrameError(f"route: compute dtype {compute!r} is not one of {', '.join(COMPUTE_DTYPES)}",
+                         code="BAD_DTYPE")
     return Route(model, revision, (epoch[0], epoch[1]), tuple(hops), compute)

@@ -34,9 +34,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, DynamicCache, PretrainedConfig
 
+from inference.frames import DTYPES
 from inference.qlinear import QuantEmbedding, linear
 from mesh.errors import LocalError, PeerError
-from storage.formats import MIN, QUANTIZED, SCALE, FormatError, shard_format, weight_formats
+from storage.formats import COMPUTE_DTYPES, MIN, QUANTIZED, SCALE, FormatError, shard_format, weight_formats
 from storage.manifest import Shard
 from storage.metadata import GPT2_TYPES, LLAMA_TYPES
 from storage.quantize import SAFETENSORS_DTYPES
@@ -243,6 +244,14 @@ class Stage:
         if self.head is not None:
             h = self.head(h[:, -1:])  # only the last position's logits are ever used: a prefill skips the rest
         return h
+
+
+def dtype_of(compute: str) -> torch.dtype:
+    """The torch dtype of a plan's compute dtype (``storage.formats.COMPUTE_DTYPES``)."""
+    if compute not in COMPUTE_DTYPES:
+        raise LocalError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {compute!r}",
+                         code="INVALID_COMPUTE_DTYPE")
+    return DTYPES[compute]
 
 
 def release_memory() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mesh.errors import LocalError
-from storage.formats import FLOAT_DTYPES, FLOAT_FORMATS, GROUP, ITEMSIZE, MIN, QUANTIZED, SCALE
+from storage.formats import DTYPE_BYTES, FLOAT_DTYPES, FLOAT_FORMATS, GROUP, MIN, QUANTIZED, SCALE
 from storage.metadata import Architecture, ModelMetadata, TensorInfo, group_layers, read_model_tensors
 from storage.quantize import SAFETENSORS_DTYPES, TORCH_DTYPES, encode_weight, tensor_bytes
 from storage.shards import write_produced_shard
@@ -59,7 +59,7 @@ def choose(st: SourceTensor, weights: str) -> str:
 def stored(name: str, shape: tuple[int, ...], fmt: str) -> list[TensorInfo]:
     """The tensors a weight is stored as in format ``fmt`` (storage.formats), as header-only infos."""
     def info(n: str, dtype: str, s: tuple[int, ...]) -> TensorInfo:
-        return TensorInfo(n, dtype, s, "", 0, math.prod(s) * ITEMSIZE[dtype], 0)
+        return TensorInfo(n, dtype, s, "", 0, math.prod(s) * DTYPE_BYTES[dtype], 0)
 
     if fmt == "int8":
         return [info(name, "I8", shape), info(name + SCALE, "F32", shape[:1])]

@@ -29,8 +29,11 @@ QUANTIZED = ("int8", "int4")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 GROUP = 32
 SCALE, MIN = "_scale", "_min"  # suffixes of a quantized weight's companions: "X.weight_scale", "X.weight_min"
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-            "F8_E4M3": 1, "F8_E5M2": 1, "U64": 8, "U32": 4, "U16": 2, "BOOL": 1}
+#: Bytes per element of every safetensors dtype.
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
 COMPUTE_ITEMSIZE = {"float32": 4, "bfloat16": 2}
 
 TensorSpec = tuple[str, str, Sequence[int]]  # (name, safetensors dtype, stored shape)
@@ -122,11 +125,11 @@ def loaded_bytes(tensors: Iterable[TensorSpec], compute: str) -> int:
         if is_companion(name):
             total += n * size
         elif formats.get(name) in QUANTIZED:
-            total += n * ITEMSIZE[dtype]
+            total += n * DTYPE_BYTES[dtype]
         elif dtype in FLOAT_FORMATS:
             total += n * size
         else:
-            total += n * ITEMSIZE.get(dtype, 4)
+            total += n * DTYPE_BYTES[dtype]
     return total
 
 

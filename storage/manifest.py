@@ -19,6 +19,7 @@ from mesh.errors import DecodeError, PeerError
 from mesh.identity import Identity, node_id_for_key
 from mesh.ids import NodeId
 from mesh.wire import Reader, open_envelope, seal, versioned
+from storage.formats import COMPUTE_DTYPES
 
 MANIFEST = "manifest"
 MANIFEST_VERSION = 1
@@ -29,9 +30,6 @@ MAX_TENSORS_PER_SHARD = 1024
 MAX_FILES = 64
 MAX_DIMS = 8
 MAX_NOTES = 32
-#: The compute dtypes a manifest or a plan may name (``storage.formats.COMPUTE_DTYPES``; kept here so this
-#: module stays pure).
-COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 class ManifestSignerMismatch(PeerError):

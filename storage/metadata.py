@@ -22,12 +22,8 @@ from typing import Any
 
 from mesh.errors import LocalError, PeerError
 from storage import formats
+from storage.formats import DTYPE_BYTES
 
-#: Bytes per element of every safetensors dtype.
-DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}
 #: The safetensors format caps its JSON header at 100 MB.
 MAX_HEADER_BYTES = 100_000_000
 INDEX_FILE = "model.safetensors.index.json"

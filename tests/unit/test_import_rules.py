@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PURE = [
     "mesh/errors.py", "mesh/ids.py", "mesh/identity.py", "mesh/wire.py", "mesh/membership.py", "mesh/peer.py",
     "mesh/sim.py", "mesh/config.py", "coordinator/election.py", "coordinator/planner.py", "coordinator/plans.py",
-    "coordinator/control.py", "storage/manifest.py", "inference/sessions.py",
+    "coordinator/control.py", "storage/formats.py", "storage/manifest.py", "inference/sessions.py",
 ]
 # Pure third-party helpers: CBOR, ed25519, base58. No trio, libp2p, torch, psutil, HTTP, sockets, clocks.
 ALLOWED_THIRD_PARTY = {"cbor2", "cryptography", "base58"}
