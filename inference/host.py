@@ -38,14 +38,14 @@ from inference.frames import DTYPE_NAMES, Frame, FrameError, expect
 from inference.protocol import ACTIVATIONS_PROTOCOL, Route, error_frame, route_of
 from inference.sampling import Sampling, sample
 from inference.sessions import SessionTable
-from inference.stage import Stage, dtype_of
+from inference.stage import Stage, dtype_of, verified_loader
 from mesh.errors import LocalError, MeshError, NotFoundError, PeerError
 from mesh.ids import NodeId
 from mesh.logs import Throttle
 from mesh.transport import Stream, StreamClosedError
 from storage.manifest import Manifest, Shard
 from storage.registry import safe_name
-from storage.shards import shard_path, verify_file
+from storage.shards import shard_path
 from storage.transfer import Job
 
 if TYPE_CHECKING:
@@ -208,16 +208,9 @@ class StageHost:
         by_name = {s.name: s for s in manifest.shards}
         if own[-1].tied_to and own[-1].tied_to in by_name and by_name[own[-1].tied_to] not in own:
             own.append(by_name[own[-1].tied_to])
-        folder, paths = await self.ensure(manifest, own)
+        folder, _ = await self.ensure(manifest, own)  # (the shards are in the store's shard folder)
         config = json.loads(await trio.to_thread.run_sync((folder / "config.json").read_text))
-
-        def load(shard: Shard) -> dict[str, torch.Tensor]:
-            from safetensors.torch import load_file
-
-            path = paths[shard.sha256]
-            verify_file(path, shard.size, shard.sha256, f"shard {shard.name}")  # again: the disk may have changed
-            return load_file(path)
-
+        load = verified_loader(self.node.store.registry.shard_dir)
         dtype = dtype_of(compute)
         stage = await trio.to_thread.run_sync(lambda: Stage(config, manifest.shards, start, end, load, dtype=dtype))
         vocab = int(config.get("vocab_size") or 0)

@@ -15,12 +15,10 @@ from typing import Any
 import torch
 
 from inference.sampling import Sampling, sample
-from inference.stage import Stage, dtype_of
+from inference.stage import Stage, dtype_of, verified_loader
 from inference.tokenizer import load_tokenizer, stop_ids
 from mesh.errors import LocalError
 from storage.formats import plan_compute
-from storage.manifest import Shard
-from storage.shards import shard_path, verify_file
 from storage.store import Store
 
 
@@ -58,18 +56,9 @@ class LocalModel:
 
             compute_dtype = plan_compute(self.manifest.formats, [bf16_features()])
         self.compute = compute_dtype
-        shard_dir = store.registry.shard_dir
-
-        def load(shard: Shard) -> dict[str, torch.Tensor]:
-            from safetensors.torch import load_file
-
-            path = shard_path(shard_dir, shard.sha256)
-            verify_file(path, shard.size, shard.sha256, f"shard {shard.name}")
-            return load_file(path)
-
         with torch.no_grad():
-            self.stage = Stage(config, self.manifest.shards, 0, len(self.manifest.shards), load,
-                               dtype=dtype_of(self.compute))
+            self.stage = Stage(config, self.manifest.shards, 0, len(self.manifest.shards),
+                               verified_loader(store.registry.shard_dir), dtype=dtype_of(self.compute))
         self.tokenizer = load_tokenizer(self.folder)
         self.stop_ids = self.tokenizer.meshnode_stop_ids if self.tokenizer is not None else stop_ids(self.folder)
         self.load_s = time.perf_counter() - t0

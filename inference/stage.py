@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ from storage.formats import COMPUTE_DTYPES, MIN, QUANTIZED, SCALE, FormatError, 
 from storage.manifest import Shard
 from storage.metadata import GPT2_TYPES, LLAMA_TYPES
 from storage.quantize import SAFETENSORS_DTYPES
+from storage.shards import shard_path, verify_file
 
 #: Loads one shard's tensors by name (``safetensors.torch.load_file`` of the verified shard file).
 TensorLoader = Callable[[Shard], dict[str, torch.Tensor]]
@@ -244,6 +246,18 @@ class Stage:
         if self.head is not None:
             h = self.head(h[:, -1:])  # only the last position's logits are ever used: a prefill skips the rest
         return h
+
+
+def verified_loader(shard_dir: Path) -> TensorLoader:
+    """Loads a shard from ``shard_dir`` after checking its size and SHA256 again (the disk may have changed
+    since the shard arrived)."""
+    def load(shard: Shard) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        path = shard_path(shard_dir, shard.sha256)
+        verify_file(path, shard.size, shard.sha256, f"shard {shard.name}")
+        return load_file(path)
+    return load
 
 
 def dtype_of(compute: str) -> torch.dtype:
