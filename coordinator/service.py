@@ -90,7 +90,6 @@ class PlanService:
             self._keep(spec)
         self.errors: dict[str, dict[str, Any]] = {}  # model -> the last planning error, cleared by a plan
         self._layers: dict[tuple[str, str, str], list[Layer]] = {}  # (model, revision, compute) -> layers
-        self._manifests: dict[tuple[str, str], Manifest] = {}
         self._throttle = Throttle(every=10.0)
         self._wake = trio.Event()
         self._lock = trio.Lock()
@@ -194,7 +193,8 @@ class PlanService:
                 decision = await trio.to_thread.run_sync(self.controller.decide, model, layers, workers, current,
                                                          term)
                 if current is not None and current.compute_dtype != compute and decision is None:
-                    decision = self.controller.decide(model, layers, workers, None, term)  # replan in it
+                    decision = await trio.to_thread.run_sync(  # replan in the new compute dtype
+                        self.controller.decide, model, layers, workers, None, term)
                     if decision is not None:
                         decision = dataclasses.replace(decision, reason="compute")
                 if decision is not None:
@@ -248,10 +248,7 @@ class PlanService:
         """(planner layers, revision, compute dtype) of ``model`` (at ``revision``, or the version found) from
         its signed manifest (``StageHost.manifest``: this peer's store, else a holder), counted in the
         compute dtype a plan would use now (``compute_for``). MODEL_NOT_AVAILABLE when nobody has it."""
-        manifest = self._manifests.get((model, revision)) if revision is not None else None
-        if manifest is None:
-            manifest, _ = await self.node.stages.manifest(model, revision)
-            self._manifests[(model, manifest.revision)] = manifest
+        manifest, _ = await self.node.stages.manifest(model, revision)  # (kept there once it has a revision)
         compute = self.compute_for(manifest)
         key = (model, manifest.revision, compute)
         if key not in self._layers:
