@@ -91,7 +91,7 @@ def shard_format(tensors: Iterable[TensorSpec]) -> str:
     return "+".join(sorted(formats))
 
 
-def logical_shape(name: str, dtype: str, shape: Sequence[int], fmt: str | None) -> tuple[int, ...]:
+def logical_shape(shape: Sequence[int], fmt: str | None) -> tuple[int, ...]:
     """The weight's shape as the model sees it (an int4 matrix stores two columns per byte)."""
     if fmt == "int4":
         return (shape[0], 2 * shape[1])
@@ -102,13 +102,13 @@ def params_of(tensors: Iterable[TensorSpec]) -> int:
     """Model parameters held by these tensors (scales and mins are not parameters)."""
     specs = list(tensors)
     formats = weight_formats(specs)
-    return sum(math.prod(logical_shape(n, d, s, formats.get(n))) for n, d, s in specs if not is_companion(n))
+    return sum(math.prod(logical_shape(s, formats.get(n))) for n, _, s in specs if not is_companion(n))
 
 
 def matmul_params(tensors: Iterable[TensorSpec]) -> int:
     specs = list(tensors)
     formats = weight_formats(specs)
-    return sum(math.prod(logical_shape(n, d, s, formats.get(n))) for n, d, s in specs
+    return sum(math.prod(logical_shape(s, formats.get(n))) for n, _, s in specs
                if not is_companion(n) and len(s) >= 2)
 
 

@@ -33,7 +33,6 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -279,7 +278,7 @@ class GgufSource:
                 continue
             auto, exact = auto_format(t.qtype, t.shape)
             self.tensors.append(SourceTensor(names[t.name], t.shape, t.qtype.name, auto,
-                                             partial(self._read, t, names[t.name]), exact))
+                                             functools.partial(self._read, t, names[t.name]), exact))
         self.notes = self._notes(ignored)
 
     def _notes(self, ignored: list[str]) -> list[str]:

@@ -294,7 +294,7 @@ def group_layers(arch: Architecture, tensors: dict[str, TensorInfo]) -> ModelMet
         emb = next(layer for layer in layers if layer.kind == "embedding")
         emb_specs = specs([tensors[n] for n in emb.tensors  # the embedding matrix and its scales, not wpe
                            if n == embedding.name or (formats.is_companion(n) and n.startswith(embedding.name))])
-        vocab_params = math.prod(formats.logical_shape(embedding.name, embedding.dtype, embedding.shape,
+        vocab_params = math.prod(formats.logical_shape(embedding.shape,
                                                        formats.weight_formats(emb_specs).get(embedding.name)))
         layers.append(Layer(len(layers), "head", "head", (), 0, {}, formats.loaded_bytes(emb_specs, compute), 0,
                             tied_to="embedding", flops_base=2 * vocab_params, format=emb.format))
