@@ -118,8 +118,7 @@ class Stage:
         for s in needed:
             tensors |= _checked(s, load(s))
         tensors = {_plain(k): v for k, v in tensors.items()}
-        self.formats = weight_formats([(k, SAFETENSORS_DTYPES.get(v.dtype, str(v.dtype)), tuple(v.shape))
-                                       for k, v in tensors.items()])
+        self.formats = weight_formats(_specs(tensors))
         if self.family == "gpt2" and set(self.formats.values()) & set(QUANTIZED):
             raise LocalError("GPT-2 stages run float weights only", code="UNSUPPORTED_QUANTIZATION")
         self.hidden = self.cfg.n_embd if self.family == "gpt2" else self.cfg.hidden_size
@@ -280,7 +279,7 @@ def release_memory() -> None:
 def _checked(shard: Shard, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The shard's tensors, if they are what its manifest entry says: the same names, dtypes and shapes,
     and the format it records (SHARD_FORMAT_MISMATCH otherwise)."""
-    specs = [(k, SAFETENSORS_DTYPES.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in tensors.items()]
+    specs = _specs(tensors)
     declared = sorted((t.name, t.dtype, tuple(t.shape)) for t in shard.tensors)
     if sorted(specs) != declared:
         raise ShardFormatMismatch(f"shard {shard.name}: its tensors differ from the manifest's list")
@@ -291,6 +290,11 @@ def _checked(shard: Shard, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     if specs and shard.format and actual != shard.format:  # (a tied head's shard holds no tensors)
         raise ShardFormatMismatch(f"shard {shard.name}: the manifest says {shard.format}, its tensors are {actual}")
     return tensors
+
+
+def _specs(tensors: dict[str, torch.Tensor]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, safetensors dtype, shape) of loaded tensors, as ``storage.formats`` reads them."""
+    return [(k, SAFETENSORS_DTYPES.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in tensors.items()]
 
 
 def _plain(name: str) -> str:
