@@ -20,15 +20,25 @@ from storage.quantize import unpack_int4
 
 #: Rows converted to the int4 kernel layout at a time (a multiple of its 32-row tiles).
 PACK_ROWS = 2048
+#: Byte alignment the kernels' vector loads need (torch's own allocations have it; tensors read from a
+#: safetensors file sit at the file's offsets: an int8 weight at offset 40 mod 64 crashed the AVX512
+#: ``_weight_int8pack_mm`` with SIGSEGV).
+ALIGN = 64
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and starting on an ``ALIGN``-byte boundary (copied only when it is not)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % ALIGN == 0 else t.clone()
 
 
 class Int8Linear(nn.Module):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.register_buffer("q", q.contiguous())  # [N, K] int8
-        self.register_buffer("scale", scale.to(dtype).contiguous())  # [N]
-        self.register_buffer("bias", None if bias is None else bias.to(dtype))
+        self.register_buffer("q", aligned(q))  # [N, K] int8
+        self.register_buffer("scale", aligned(scale.to(dtype)))  # [N]
+        self.register_buffer("bias", None if bias is None else aligned(bias.to(dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -48,8 +58,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("w", torch.cat(tiles) if len(tiles) > 1 else tiles[0])
         s = scale.float().t()  # [K/32, N]
         z = mn.float().t() + 8.0 * s
-        self.register_buffer("scales_and_zeros", torch.stack([s, z], dim=-1).to(dtype).contiguous())  # [K/32, N, 2]
-        self.register_buffer("bias", None if bias is None else bias.to(dtype))
+        self.register_buffer("scales_and_zeros", aligned(torch.stack([s, z], dim=-1).to(dtype)))  # [K/32, N, 2]
+        self.register_buffer("bias", None if bias is None else aligned(bias.to(dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

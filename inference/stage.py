@@ -16,6 +16,9 @@ How it stays exactly equal to the unsplit model (see docs/ARCHITECTURE.md, Infer
   itself when it owns those shards), so its blocks are indexed locally from 0 and a per-session
   ``DynamicCache`` of this stage alone reports the right past length to the causal mask;
 - ``_attn_implementation`` is set to ``sdpa`` (a bare config has none, which runs without a causal mask);
+  stages in bf16/fp16 use ``meshnode_sdpa``: the same function on query, keys and values upcast to fp32
+  (torch's CPU flash attention in bf16 measured 3-5x slower than in fp32 here: 190 vs 60 µs per decode step
+  of SmolLM2 at 133 positions, 1.36 vs 0.28 ms at 1,000), its output cast back;
 - Llama-family rotary embeddings are rebuilt on the CPU (their buffers are not in the weights);
 - GPT-2 adds its learned position embeddings on the first stage only; later stages add zero.
 
@@ -66,6 +69,35 @@ class _ZeroPositions(nn.Module):
         return torch.zeros((*position_ids.shape, self.hidden), dtype=self.dtype)  # no upcast of bf16 stages
 
 
+#: Attention for stages computing in bf16/fp16 (registered with transformers below).
+LOW_PRECISION_SDPA = "meshnode_sdpa"
+
+
+def _sdpa_in_fp32(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """transformers' sdpa attention on fp32 copies of q/k/v ([B, heads, T, D]); output [B, T, heads, D] in the
+    stage's dtype."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    dtype = query.dtype
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                          **kwargs)
+    return out.to(dtype), weights
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(LOW_PRECISION_SDPA, _sdpa_in_fp32)
+    AttentionMaskInterface.register(LOW_PRECISION_SDPA, sdpa_mask)  # the same masks as sdpa
+
+
+_register_attention()
+
+
 def stage_config(config: dict[str, Any], blocks: int, dtype: torch.dtype) -> PretrainedConfig:
     model_type = config.get("model_type")
     if model_type not in LLAMA_TYPES | GPT2_TYPES:
@@ -81,7 +113,7 @@ def stage_config(config: dict[str, Any], blocks: int, dtype: torch.dtype) -> Pre
         cfg.num_hidden_layers = blocks
         if getattr(cfg, "layer_types", None) is not None:
             cfg.layer_types = cfg.layer_types[:blocks]  # trimmed in step with the blocks (all full attention)
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = "sdpa" if dtype == torch.float32 else LOW_PRECISION_SDPA
     cfg.dtype = dtype
     cfg.use_cache = True
     return cfg

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,6 +20,21 @@ from mesh.errors import MeshError
 from mesh.node import NODE_FILE
 
 T = TypeVar("T")
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child before exec: SIGKILL when the process that started it dies, so peers never outlive a
+    killed test run or demo (a pytest that died of a signal once left three peers running). Linux only; the
+    signal follows the starting *thread*, so a LocalMesh is driven from a thread that outlives it."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def wait_for(check: Callable[[], T | None], timeout: float, interval: float = 0.2, what: str = "condition") -> T:
@@ -96,7 +112,8 @@ class LocalMesh:
         cmd += [*self.extra_args, *args]
         log = open(data_dir / "peer.log", "ab")  # the child holds its own copy of the descriptor
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=partial(_die_with_parent, os.getpid()) if sys.platform == "linux" else None)
         log.close()
         peer = PeerProcess(name, data_dir, proc)
         self.peers.append(peer)
