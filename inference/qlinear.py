@@ -18,7 +18,10 @@ from torch import nn
 from storage.formats import GROUP
 from storage.quantize import unpack_int4
 
-#: Rows converted to the int4 kernel layout at a time (a multiple of its 32-row tiles).
+#: Rows of one tile of the int4 kernel's layout (measured: layouts of 64-row multiples concatenate into the
+#: layout of the whole; 32-row pieces do not).
+INT4_TILE_ROWS = 64
+#: Rows converted to the int4 kernel layout at a time (whole tiles).
 PACK_ROWS = 2048
 #: Byte alignment the kernels' vector loads need (torch's own allocations have it; tensors read from a
 #: safetensors file sit at the file's offsets: an int8 weight at offset 40 mod 64 crashed the AVX512
@@ -48,18 +51,26 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bias: torch.Tensor | None,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, w: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
+                 in_features: int) -> None:
+        """``w``: the kernel's tiled layout; ``scales_and_zeros``: [K/32, N, 2] in the compute dtype."""
         super().__init__()
+        self.out_features, self.in_features = scales_and_zeros.shape[1], in_features
+        self.register_buffer("w", w)
+        self.register_buffer("scales_and_zeros", aligned(scales_and_zeros))
+        self.register_buffer("bias", None if bias is None else aligned(bias))
+
+    @classmethod
+    def from_stored(cls, packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bias: torch.Tensor | None,
+                    dtype: torch.dtype) -> Int4Linear:
+        """From the shard format: nibbles [N, K/2], scale and min [N, K/32]."""
         n, half = packed.shape
-        self.out_features, self.in_features = n, 2 * half
         tiles = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             unpack_int4(packed[r:r + PACK_ROWS]).to(torch.int32), 1) for r in range(0, n, PACK_ROWS)]
-        self.register_buffer("w", torch.cat(tiles) if len(tiles) > 1 else tiles[0])
         s = scale.float().t()  # [K/32, N]
         z = mn.float().t() + 8.0 * s
-        self.register_buffer("scales_and_zeros", aligned(torch.stack([s, z], dim=-1).to(dtype)))  # [K/32, N, 2]
-        self.register_buffer("bias", None if bias is None else aligned(bias.to(dtype)))
+        return cls(torch.cat(tiles) if len(tiles) > 1 else tiles[0], torch.stack([s, z], dim=-1).to(dtype),
+                   None if bias is None else bias.to(dtype), 2 * half)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -100,9 +111,30 @@ def linear(fmt: str, t: dict[str, torch.Tensor], name: str, bias: torch.Tensor |
     if fmt == "int8":
         return Int8Linear(w, t[name + "_scale"], bias, dtype)
     if fmt == "int4":
-        return Int4Linear(w, t[name + "_scale"], t[name + "_min"], bias, dtype)
+        return Int4Linear.from_stored(w, t[name + "_scale"], t[name + "_min"], bias, dtype)
     layer = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
-    layer.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+    layer.weight = nn.Parameter(aligned(w.to(dtype)), requires_grad=False)
     if bias is not None:
-        layer.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        layer.bias = nn.Parameter(aligned(bias.to(dtype)), requires_grad=False)
     return layer
+
+
+def fused(layers: list[nn.Module]) -> nn.Module | None:
+    """One quantized linear computing ``layers`` side by side (their outputs concatenated), or None unless
+    all are int8 or all int4 over the same input. Each output row is its own dot product with its own
+    scales, so the fused rows are the separate layers' rows; one call instead of several saves the per-call
+    cost, which dominates small decode matmuls. Float layers are never fused (float32 stays transformers'
+    arithmetic exactly)."""
+    kind = type(layers[0])
+    if kind not in (Int8Linear, Int4Linear) or any(type(m) is not kind for m in layers):
+        return None
+    if len({m.in_features for m in layers}) != 1 or len({m.bias is None for m in layers}) != 1:
+        return None
+    bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
+    if kind is Int8Linear:
+        return Int8Linear(torch.cat([m.q for m in layers]), torch.cat([m.scale for m in layers]), bias,
+                          layers[0].scale.dtype)
+    if any(m.out_features % INT4_TILE_ROWS for m in layers):  # the layout concatenates in whole tiles only
+        return None
+    return Int4Linear(torch.cat([m.w for m in layers]), torch.cat([m.scales_and_zeros for m in layers], dim=1),
+                      bias, layers[0].in_features)

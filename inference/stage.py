@@ -38,8 +38,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, DynamicCache, PretrainedConfig
 
+from inference.blocks import Blocks, KVCache, runs_directly
 from inference.frames import DTYPES
-from inference.qlinear import QuantEmbedding, linear
+from inference.qlinear import QuantEmbedding, aligned, linear
 from mesh.errors import LocalError, PeerError
 from storage.formats import COMPUTE_DTYPES, MIN, QUANTIZED, SCALE, FormatError, shard_format, weight_formats
 from storage.manifest import Shard
@@ -147,8 +148,8 @@ class Stage:
         if self.last and own[-1].tied_to and own[-1].tied_to not in {s.name for s in own}:
             needed.append(by_name[own[-1].tied_to])  # a tied head needs the embedding matrix
         tensors: dict[str, torch.Tensor] = {}
-        for s in needed:
-            tensors |= _checked(s, load(s))
+        for s in needed:  # each shard's tensors 64-byte aligned as they arrive (its unaligned copies freed at once)
+            tensors |= {k: aligned(v) for k, v in _checked(s, load(s)).items()}
         tensors = {_plain(k): v for k, v in tensors.items()}
         self.formats = weight_formats(_specs(tensors))
         if self.family == "gpt2" and set(self.formats.values()) & set(QUANTIZED):
@@ -159,6 +160,9 @@ class Stage:
             self.body = self._body(tensors, [int(s.name.split(".")[1]) for s in blocks]) if blocks else None
             self.norm = self._norm(tensors) if any(s.kind == "norm" for s in own) else None
             self.head = self._head(tensors) if self.last else None
+        # Llama-family blocks run through inference.blocks (the same arithmetic, far fewer framework calls);
+        # other families and sliding-window configs through the transformers module itself.
+        self.blocks = Blocks(self.body) if self.body is not None and runs_directly(self.cfg) else None
         del tensors
         release_memory()  # the shards' float copies and the int4 repacking are freed: give the pages back
 
@@ -249,12 +253,14 @@ class Stage:
 
     # ---- running ------------------------------------------------------------------------------------
 
-    def new_cache(self) -> DynamicCache | None:
+    def new_cache(self) -> KVCache | DynamicCache | None:
         """A KV cache for one session on this stage (None when the stage has no decoder blocks)."""
+        if self.blocks is not None:
+            return self.blocks.new_cache()
         return DynamicCache(config=self.cfg) if self.body is not None else None
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | DynamicCache | None) -> torch.Tensor:
         """Run this stage for tokens at ``positions`` ([B, T] int64). ``x``: token ids on the first stage,
         hidden states otherwise. Returns hidden states, or the last position's logits [B, 1, V] on the stage
         with the head."""
@@ -269,7 +275,9 @@ class Stage:
                 h = self.embed["wte"](x) + self.embed["wpe"](positions)
             else:
                 h = self.embed(x)
-        if self.body is not None:
+        if self.blocks is not None:
+            h = self.blocks(h, positions, cache)
+        elif self.body is not None:
             h = self.body(inputs_embeds=h, position_ids=positions, past_key_values=cache,
                           use_cache=True).last_hidden_state
         if self.norm is not None:

@@ -108,8 +108,27 @@ def test_kernels_compute_the_dequantized_matmul() -> None:
     assert torch.allclose(Int8Linear(q, scale, None, torch.float32)(x), ref, atol=1e-3)
     packed, s4, m4 = quantize_int4(w)
     ref4 = x.bfloat16().float() @ dequantize("int4", packed, s4, m4).t()
-    got = Int4Linear(packed, s4, m4, None, torch.bfloat16)(x.bfloat16()).float()
+    got = Int4Linear.from_stored(packed, s4, m4, None, torch.bfloat16)(x.bfloat16()).float()
     assert (got - ref4).abs().max() < 0.05 * ref4.abs().max(), (got - ref4).abs().max()
+
+
+def test_fused_quantized_layers_compute_each_layer_s_rows() -> None:
+    """q/k/v and gate/up fuse into one kernel call; every fused row is the separate layer's row, bit for bit."""
+    from inference.qlinear import Int4Linear, Int8Linear, fused
+
+    torch.manual_seed(6)
+    ws = [torch.randn(n, 128) for n in (64, 128, 192)]
+    x = torch.randn(3, 128).bfloat16()
+    int8 = [Int8Linear(*quantize_int8(w), None, torch.bfloat16) for w in ws]
+    int4 = [Int4Linear.from_stored(*quantize_int4(w), None, torch.bfloat16) for w in ws]
+    for layers in (int8, int4):
+        both = fused(layers)
+        assert both is not None and both.out_features == 384
+        assert torch.equal(both(x), torch.cat([m(x) for m in layers], dim=-1))
+    assert fused([int8[0], int4[1]]) is None  # mixed formats stay separate
+    odd = Int4Linear.from_stored(*quantize_int4(torch.randn(32, 128)), None, torch.bfloat16)
+    assert fused([int4[0], odd]) is None  # not whole tiles of the int4 layout
+    assert fused([torch.nn.Linear(128, 4), torch.nn.Linear(128, 4)]) is None  # float layers are never fused
 
 
 def test_a_shard_whose_format_lies_is_refused(tmp_path: Path, source: Path) -> None:

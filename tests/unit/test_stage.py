@@ -146,3 +146,51 @@ def test_smollm2_in_two_and_three_stages_equals_the_unsplit_model(smollm2_store:
         got, logits = run_pipeline(stages, prompt, 32)
         assert got == want, (cuts, tokenizer.decode(got))
         assert torch.allclose(logits, want_logits, atol=1e-4), (cuts, (logits - want_logits).abs().max())
+
+
+def qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(3)
+    return Qwen2ForCausalLM(Qwen2Config(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+        vocab_size=128, initializer_range=0.5, max_position_embeddings=256, tie_word_embeddings=False))
+
+
+@pytest.mark.parametrize("make", [lambda: llama(False), qwen2], ids=["llama-gqa", "qwen2-bias"])
+def test_float32_blocks_are_transformers_bit_for_bit(make, tmp_path: Path) -> None:
+    """The Llama family's blocks run through inference.blocks, not the transformers module; in float32 every
+    logit equals transformers' exactly: a prompt, then a chunk after cached positions, then single steps."""
+    model = make().eval()
+    store, manifest = installed(model, tmp_path)
+    stages = build(store, manifest, [2])
+    assert all(s.blocks is not None for s in stages), "the direct path must be the one under test"
+    caches = [s.new_cache() for s in stages]
+    ref_cache = DynamicCache(config=model.config)
+    chunks = [[3, 17, 42, 7, 99, 5], [11, 12, 13], [40], [41], [2]]
+    start = 0
+    with torch.no_grad():
+        for chunk in chunks:
+            ids = torch.tensor([chunk])
+            pos = torch.arange(start, start + len(chunk)).unsqueeze(0)
+            want = model(input_ids=ids, position_ids=pos, past_key_values=ref_cache, use_cache=True,
+                         logits_to_keep=1).logits  # the head on the last position only, as a stage runs it
+            h = ids
+            for stage, cache in zip(stages, caches, strict=True):
+                h = stage.forward(h, pos, cache)
+            assert torch.equal(h, want), (chunk, (h - want).abs().max())
+            start += len(chunk)
+
+
+def test_sliding_window_configs_run_through_the_transformers_module(tmp_path: Path) -> None:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(4)
+    model = MistralForCausalLM(MistralConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, initializer_range=0.5, max_position_embeddings=256, sliding_window=4))
+    want, _ = reference(model, PROMPT, 10)
+    store, manifest = installed(model, tmp_path)
+    stages = build(store, manifest, [2])
+    assert all(s.blocks is None for s in stages)  # inference.blocks has no sliding window
+    assert run_pipeline(stages, PROMPT, 10)[0] == want
