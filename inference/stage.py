@@ -29,6 +29,7 @@ against its cache (a replayed or lost step is an error, never silent garbage).
 from __future__ import annotations
 
 import ctypes
+import functools
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -88,15 +89,15 @@ def _sdpa_in_fp32(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     return out.to(dtype), weights
 
 
+@functools.cache
 def _register_attention() -> None:
+    """Registered with transformers on the first stage built (importing its attention registry at module
+    import would slow every peer's start by the import of transformers' modeling code)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(LOW_PRECISION_SDPA, _sdpa_in_fp32)
     AttentionMaskInterface.register(LOW_PRECISION_SDPA, sdpa_mask)  # the same masks as sdpa
-
-
-_register_attention()
 
 
 def stage_config(config: dict[str, Any], blocks: int, dtype: torch.dtype) -> PretrainedConfig:
@@ -114,6 +115,7 @@ def stage_config(config: dict[str, Any], blocks: int, dtype: torch.dtype) -> Pre
         cfg.num_hidden_layers = blocks
         if getattr(cfg, "layer_types", None) is not None:
             cfg.layer_types = cfg.layer_types[:blocks]  # trimmed in step with the blocks (all full attention)
+    _register_attention()
     cfg._attn_implementation = "sdpa" if dtype == torch.float32 else LOW_PRECISION_SDPA
     cfg.dtype = dtype
     cfg.use_cache = True

@@ -132,8 +132,8 @@ def heartbeat_stats(peers: list[PeerProcess]) -> dict[tuple[str, str], dict[str,
     return {(o.name, row["name"]): row["heartbeats"] for o in peers for row in o.get("/api/nodes")["nodes"]}
 
 
-def test_heartbeats_keep_their_interval_for_three_minutes(tmp_path: Path) -> None:
-    soak_s = 180
+def test_heartbeats_keep_their_interval_for_ninety_seconds(tmp_path: Path) -> None:
+    soak_s = 90  # longer than the 60 s that libp2p's adaptive gossip stretched the heartbeat to
     with LocalMesh(tmp_path, CONFIG, extra_args=ARGS) as mesh:
         peers = mesh.start_chain(3)
         wait_for(lambda: agreed(peers), timeout=15, what="3 peers agree")
