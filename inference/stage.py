@@ -33,11 +33,10 @@ import functools
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, DynamicCache, PretrainedConfig
 
 from inference.blocks import Blocks, KVCache, runs_directly
 from inference.frames import DTYPES
@@ -48,6 +47,9 @@ from storage.manifest import Shard
 from storage.metadata import GPT2_TYPES, LLAMA_TYPES
 from storage.quantize import SAFETENSORS_DTYPES
 from storage.shards import shard_path, verify_file
+
+if TYPE_CHECKING:  # transformers is imported when the first stage is built, not when a peer starts (~1.3 s)
+    from transformers import DynamicCache, PretrainedConfig
 
 #: Loads one shard's tensors by name (``safetensors.torch.load_file`` of the verified shard file).
 TensorLoader = Callable[[Shard], dict[str, torch.Tensor]]
@@ -105,6 +107,8 @@ def stage_config(config: dict[str, Any], blocks: int, dtype: torch.dtype) -> Pre
     if model_type not in LLAMA_TYPES | GPT2_TYPES:
         raise LocalError(f"model_type {model_type!r} cannot be run as a pipeline stage",
                          code="UNSUPPORTED_ARCHITECTURE")
+    from transformers import AutoConfig
+
     cfg = AutoConfig.for_model(**config)
     if model_type in GPT2_TYPES:
         if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
@@ -184,6 +188,8 @@ class Stage:
         return nn.Embedding.from_pretrained(self._float(t[name]), freeze=True, padding_idx=self.cfg.pad_token_id)
 
     def _body(self, t: dict[str, torch.Tensor], numbers: list[int]) -> nn.Module:
+        from transformers import AutoModel
+
         with torch.device("meta"):
             body = AutoModel.from_config(self.cfg, dtype=self.dtype)
         prefix = "h" if self.family == "gpt2" else "layers"
@@ -259,6 +265,8 @@ class Stage:
         """A KV cache for one session on this stage (None when the stage has no decoder blocks)."""
         if self.blocks is not None:
             return self.blocks.new_cache()
+        from transformers import DynamicCache
+
         return DynamicCache(config=self.cfg) if self.body is not None else None
 
     @torch.no_grad()
