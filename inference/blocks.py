@@ -13,10 +13,10 @@ One block, for hidden states h [B, T, H], heads n, kv heads m, head size D, inte
     x = rms_norm(h) * w_post
     h = h + (act(x Wg) * x Wu) Wd                            [B, T, H]  (gate and up fused when quantized)
 
-In float32 every step is transformers' own (``F.rms_norm`` is bit-identical to ``LlamaRMSNorm`` in float32,
-the attention call is transformers' ``sdpa_attention_forward``), so a float32 stage equals the transformers
-model bit for bit; the tests check it. In bf16, ``F.rms_norm`` rounds once where ``LlamaRMSNorm`` rounds twice:
-the mesh and ``generate --local`` run this same code, which is what the oracle compares.
+Every step is transformers' own arithmetic (``rms_norm`` is ``LlamaRMSNorm`` bit for bit in every dtype, the
+attention call is transformers' ``sdpa_attention_forward``), so a float32 stage equals the transformers model
+bit for bit; the tests check it. In bf16 the stage differs from transformers only where it says so: attention
+on fp32 copies (``inference.stage``) and fused quantized matmuls.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class Blocks:
             mask = torch.ones(t, past + t, dtype=torch.bool).tril(diagonal=past)[None, None]
         for i, blk in enumerate(self.blocks):
             a = blk.attn
-            x = F.rms_norm(h, (h.shape[-1],), blk.w_in, blk.eps_in)
+            x = rms_norm(h, blk.w_in, blk.eps_in)
             if blk.qkv is not None:
                 q, k, v = blk.qkv(x).split(blk.sizes, dim=-1)
             else:
@@ -124,7 +124,7 @@ class Blocks:
             k, v = cache.update(i, k, v)
             out, _ = self.attention(a, q, k, v, mask, dropout=0.0, scaling=a.scaling)  # [B, T, n, D]
             h = h + a.o_proj(out.reshape(b, t, -1).contiguous())
-            x = F.rms_norm(h, (h.shape[-1],), blk.w_post, blk.eps_post)
+            x = rms_norm(h, blk.w_post, blk.eps_post)
             m = blk.mlp
             if blk.gate_up is not None:
                 gate, up = blk.gate_up(x).split(blk.intermediate, dim=-1)
@@ -132,6 +132,13 @@ class Blocks:
                 gate, up = m.gate_proj(x), m.up_proj(x)
             h = h + m.down_proj(m.act_fn(gate) * up)
         return h
+
+
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LlamaRMSNorm`` exactly, in fewer ops: normalised in fp32, rounded to the stage's dtype, then scaled
+    (one fused ``F.rms_norm`` in bf16 rounds once instead of twice, and flipped SmolLM2's int4 answer to the
+    capital-of-France question, a near tie, from "Paris")."""
+    return weight * F.rms_norm(h.float(), (h.shape[-1],), None, eps).to(h.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -131,6 +131,26 @@ def test_fused_quantized_layers_compute_each_layer_s_rows() -> None:
     assert fused([torch.nn.Linear(128, 4), torch.nn.Linear(128, 4)]) is None  # float layers are never fused
 
 
+def test_kernel_tensors_are_64_byte_aligned_whatever_their_source() -> None:
+    """Safetensors hands out tensors at the file's offsets; the AVX512 int8 kernel died of SIGSEGV on an int8
+    weight at 40 mod 64, so every kernel tensor is copied to an aligned one (and only when it is not)."""
+    from inference.qlinear import ALIGN, Int8Linear, aligned
+
+    torch.manual_seed(7)
+    q, scale = quantize_int8(torch.randn(64, 128))
+    raw = torch.empty(q.numel() + ALIGN, dtype=torch.int8)
+    start = (-raw.data_ptr() + 40) % ALIGN  # a view that starts at 40 mod 64, as in a shard file
+    odd = raw[start:start + q.numel()].view(64, 128)
+    odd.copy_(q)
+    assert odd.data_ptr() % ALIGN == 40
+    layer = Int8Linear(odd, scale, None, torch.bfloat16)
+    assert layer.q.data_ptr() % ALIGN == 0 and torch.equal(layer.q, q)
+    x = torch.randn(2, 128).bfloat16()
+    assert torch.equal(layer(x), Int8Linear(q, scale, None, torch.bfloat16)(x))
+    kept = torch.empty(64, 128)
+    assert kept.data_ptr() % ALIGN == 0 and aligned(kept) is kept  # no copy when already aligned
+
+
 def test_a_shard_whose_format_lies_is_refused(tmp_path: Path, source: Path) -> None:
     store, manifest = add(tmp_path, source, "int8")
     block = next(s for s in manifest.shards if s.kind == "block")

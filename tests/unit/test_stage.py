@@ -111,6 +111,7 @@ def test_a_stage_holds_only_its_own_weights_and_checks_positions(tmp_path: Path)
     loaded.clear()
     tail = Stage(config, manifest.shards, 5, 7, load)  # norm + tied head: needs the embedding matrix too
     assert loaded == ["norm", "head", "embedding"] and tail.body is None
+    assert all(t.data_ptr() % 64 == 0 for t in [*middle.body.parameters(), *tail.head.parameters()])  # see qlinear
     params = sum(p.numel() for p in middle.body.parameters())
     assert params == sum(p.numel() for i in (1, 2) for p in model.model.layers[i].parameters())
     cache = middle.new_cache()
@@ -194,3 +195,18 @@ def test_sliding_window_configs_run_through_the_transformers_module(tmp_path: Pa
     stages = build(store, manifest, [2])
     assert all(s.blocks is None for s in stages)  # inference.blocks has no sliding window
     assert run_pipeline(stages, PROMPT, 10)[0] == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_blocks_norm_is_llama_rmsnorm_bit_for_bit(dtype: torch.dtype) -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from inference.blocks import rms_norm
+
+    torch.manual_seed(5)
+    norm = LlamaRMSNorm(576, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(576).to(dtype)
+    for shape in ((1, 1, 576), (1, 37, 576)):
+        h = (torch.randn(shape) * 4).to(dtype)
+        with torch.no_grad():
+            assert torch.equal(rms_norm(h, norm.weight, 1e-5), norm(h)), shape
