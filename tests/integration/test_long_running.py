@@ -132,8 +132,8 @@ def heartbeat_stats(peers: list[PeerProcess]) -> dict[tuple[str, str], dict[str,
     return {(o.name, row["name"]): row["heartbeats"] for o in peers for row in o.get("/api/nodes")["nodes"]}
 
 
-def test_heartbeats_keep_their_interval_for_ninety_seconds(tmp_path: Path) -> None:
-    soak_s = 90  # longer than the 60 s that libp2p's adaptive gossip stretched the heartbeat to
+def test_heartbeats_keep_their_interval_for_a_minute(tmp_path: Path) -> None:
+    soak_s = 60  # a stretched heartbeat (libp2p's adaptive gossip reached 60 s) shows as missing beats
     with LocalMesh(tmp_path, CONFIG, extra_args=ARGS) as mesh:
         peers = mesh.start_chain(3)
         wait_for(lambda: agreed(peers), timeout=15, what="3 peers agree")
