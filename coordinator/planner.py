@@ -33,7 +33,6 @@ class PlanInfeasible(PeerError):
     """The model does not fit the mesh: the message names the shortfall."""
 
     code = "PLAN_INFEASIBLE"
-    http_status = 409
 
 
 @dataclass(frozen=True, slots=True)

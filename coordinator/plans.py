@@ -44,7 +44,6 @@ MAX_PENDING = 64  # plans of a future term kept aside, one per (model, claimant)
 
 class PlanSignerMismatch(PeerError):
     code = "PLAN_SIGNER_MISMATCH"
-    http_status = 401
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,6 @@ RESOLVE_TTL = 30.0
 
 class NotCoordinator(PeerError):
     code = "NOT_COORDINATOR"
-    http_status = 409
 
 
 def planner_layers(manifest: Manifest, context_tokens: int, compute: str | None = None) -> list[Layer]:

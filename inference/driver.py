@@ -51,14 +51,15 @@ PERMANENT = frozenset({"BAD_DTYPE", "BAD_SHAPE", "BAD_VALUES", "BAD_FRAME", "CON
 RESULT_QUEUE = 8  # results waiting for the driver per session (back-pressure on the last stage)
 
 
-class ModelNotAvailable(PeerError):
+class ModelNotServed(PeerError):
+    """The mesh has no ready route for the model yet (planning or loading); storage's ModelNotAvailable is
+    the same code for a store that lacks it."""
+
     code = "MODEL_NOT_AVAILABLE"
-    http_status = 503
 
 
 class GenerationFailed(PeerError):
     code = "GENERATION_FAILED"
-    http_status = 503
 
 
 class RouteFailed(Exception):
@@ -167,7 +168,7 @@ class Driver:
             return route
         model, _ = split_spec(spec)
         if model in self.node.plans.book.current or model in {split_spec(s)[0] for s in self.node.serve_requests()}:
-            raise ModelNotAvailable(f"{spec} is not ready: its stages are still being planned or loaded "
+            raise ModelNotServed(f"{spec} is not ready: its stages are still being planned or loaded "
                                     "(GET /api/model shows which)")
         raise NotFoundError(f"the mesh does not serve {spec} (POST /api/model to serve it)", code="UNKNOWN_MODEL")
 

@@ -60,7 +60,6 @@ FIRST_FRAME_TIMEOUT = 10.0
 
 class StageNotReady(PeerError):
     code = "STAGE_NOT_READY"
-    http_status = 503
 
 
 def stage_key(model: str, revision: str, start: int, end: int, compute: str = "float32") -> str:

@@ -18,7 +18,6 @@ from mesh.errors import PeerError
 
 class SessionError(PeerError):
     code = "UNKNOWN_SESSION"
-    http_status = 404
 
 
 @dataclass(slots=True)

@@ -59,7 +59,6 @@ class PositionMismatch(PeerError):
     """A step's positions do not continue this stage's cache for the session."""
 
     code = "POSITION_MISMATCH"
-    http_status = 409
 
 
 class _ZeroPositions(nn.Module):
@@ -130,7 +129,6 @@ class ShardFormatMismatch(LocalError):
     """A shard's tensors are not in the format its manifest records (a lying or damaged manifest)."""
 
     code = "SHARD_FORMAT_MISMATCH"
-    http_status = 422
 
 
 class Stage:

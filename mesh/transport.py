@@ -61,28 +61,24 @@ _FRAME_HEADER = struct.Struct(">I")
 
 class DialError(PeerError):
     code = "DIAL_FAILED"
-    http_status = 502
 
 
 class PeerTimeoutError(PeerError):
     """A peer did not answer in time: frozen, overloaded, or its connection silently died."""
 
     code = "PEER_TIMEOUT"
-    http_status = 504
 
 
 class StreamClosedError(PeerError):
     """The peer closed or reset the stream before the exchange was complete."""
 
     code = "STREAM_CLOSED"
-    http_status = 502
 
 
 class PeerUnreachableError(PeerError):
     """No connection to the peer and no address we may dial."""
 
     code = "PEER_UNREACHABLE"
-    http_status = 502
 
 
 @dataclass(frozen=True, slots=True)

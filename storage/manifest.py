@@ -36,7 +36,6 @@ class ManifestSignerMismatch(PeerError):
     """The manifest claims to be made by one node but is signed by another key."""
 
     code = "MANIFEST_SIGNER_MISMATCH"
-    http_status = 401
 
 
 @dataclass(frozen=True, slots=True)

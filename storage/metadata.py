@@ -36,7 +36,6 @@ class MalformedSafetensors(PeerError):
 
 class UnsupportedArchitecture(LocalError):
     code = "UNSUPPORTED_ARCHITECTURE"
-    http_status = 422
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,7 +44,6 @@ class ModelNotAvailable(PeerError):
     """The model (version) is not ready here. ``reason``: not_installed | downloading | verifying | error."""
 
     code = "MODEL_NOT_AVAILABLE"
-    http_status = 503
 
     def __init__(self, model_id: str, reason: str, detail: str = "") -> None:
         super().__init__(f"model {model_id!r} is not available here: {reason}{f' ({detail})' if detail else ''}")
@@ -57,7 +56,6 @@ class ModelNotAvailable(PeerError):
 
 class LockHeld(LocalError):
     code = "LOCK_HELD"
-    http_status = 409
 
 
 class RegistryError(LocalError):

@@ -33,12 +33,10 @@ MODEL_FILES = (
 
 class ShardSizeMismatch(PeerError):
     code = "SHARD_SIZE_MISMATCH"
-    http_status = 422
 
 
 class ShardHashMismatch(PeerError):
     code = "SHARD_HASH_MISMATCH"
-    http_status = 422
 
 
 def shard_path(shard_dir: Path, sha256: str) -> Path:

@@ -41,7 +41,6 @@ HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja"
 
 class SourceError(LocalError):
     code = "MODEL_SOURCE_UNAVAILABLE"
-    http_status = 404
 
 
 class Store:

@@ -59,14 +59,12 @@ KEEP_EVENTS = 1000
 
 class TransferFailed(PeerError):
     code = "TRANSFER_FAILED"
-    http_status = 502
 
 
 class ManifestMismatch(PeerError):
     """A holder answered with the manifest of another model or revision than asked for."""
 
     code = "MANIFEST_MISMATCH"
-    http_status = 502
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
