@@ -35,6 +35,8 @@ CODES: dict[str, Code] = _table(
     ("NOT_FOUND", 404, "no such thing here"),
     ("METHOD_NOT_ALLOWED", 405, "the endpoint does not take this HTTP method"),
     ("API_UNREACHABLE", 503, "the CLI cannot reach the peer's HTTP API"),
+    ("HTTP_ERROR", 502, "the peer's API answered an HTTP error without a JSON error body"),
+    ("INTERNAL", 500, "an unexpected failure in one request or stream handler (logged; the peer goes on)"),
     # wire and membership
     ("MALFORMED_MESSAGE", 400, "bytes that are not a well-formed message (CBOR, types, fields)"),
     ("MESSAGE_TOO_LARGE", 413, "a message or tensor over its size limit"),
