@@ -27,6 +27,7 @@ from coordinator.control import Controller, Decision, Worker
 from coordinator.planner import Layer
 from coordinator.plans import Held, NodeSummary, Plan, PlanBook, Verdict, make_plan, open_plan, seal_plan
 from mesh.errors import MeshError, NotFoundError, PeerError
+from mesh.ids import ModelRef, keep_ref
 from mesh.logs import Throttle
 from mesh.transport import GossipMessage
 from mesh.wire import PLANS_TOPIC, NodeStatus
@@ -63,19 +64,6 @@ def planner_layers(manifest: Manifest, context_tokens: int, compute: str | None 
         out.append(Layer(s.index, float(s.flops_base + s.flops_per_context * context_tokens),
                          weights + kv * context_tokens))
     return out
-
-
-def split_spec(spec: str) -> tuple[str, str | None]:
-    """``"id"`` or ``"id@revision"`` → (id, revision or None)."""
-    model, _, revision = spec.partition("@")
-    return model, revision or None
-
-
-def keep_spec(specs: list[str], spec: str) -> list[str]:
-    """``specs`` planning ``spec`` from now on: it replaces a spec of the same model id (one plan per
-    model; two revisions of one id would take turns replacing each other's plan every tick)."""
-    model, _ = split_spec(spec)
-    return [s for s in specs if split_spec(s)[0] != model] + [spec]
 
 
 class PlanService:
@@ -171,14 +159,14 @@ class PlanService:
             if m.status == NodeStatus.OFFLINE:
                 continue
             for spec in m.info.serve_models:  # peers that asked the mesh to serve a model
-                if split_spec(spec)[0] not in {split_spec(s)[0] for s in specs}:
+                if ModelRef.of(spec).model not in {ModelRef.of(s).model for s in specs}:
                     specs.append(spec)
-        models = {split_spec(spec)[0] for spec in specs}
-        inherited = [f"{m}@{h.plan.revision}" for m, h in self.book.current.items() if m not in models]
+        models = {ModelRef.of(spec).model for spec in specs}
+        inherited = [str(ModelRef(m, h.plan.revision)) for m, h in self.book.current.items() if m not in models]
         return [*specs, *inherited]
 
     async def _coordinate_model(self, spec: str, *, strict: bool = False) -> None:
-        model, revision = split_spec(spec)
+        model, revision = ModelRef.of(spec)
         async with self._lock:  # the loop and API requests: one decision at a time, one epoch each
             try:
                 held = self.book.current.get(model)
@@ -265,7 +253,7 @@ class PlanService:
                                     [m.info.features_supported for m in self.node.core.membership.live()])
 
     def workers(self, model: str, revision: str) -> list[Worker]:
-        entry = f"{model}@{revision}"
+        entry = str(ModelRef(model, revision))
         hop = self.node.config.coordinator.hop_ms / 1000
         gpu_only = self.node.config.membership.require_gpu
         return [Worker(m.node_id, m.info.compute_flops, m.info.layer_memory_bytes, m.status,
@@ -302,7 +290,7 @@ class PlanService:
         if not self.is_coordinator():
             lead = self.node.core.leadership
             raise NotCoordinator(f"ask the coordinator: {lead.coordinator} (term {lead.term})")
-        model, _ = split_spec(spec)
+        model = ModelRef.of(spec).model
         try:
             await self._coordinate_model(spec, strict=True)
         except MeshError:
@@ -312,7 +300,7 @@ class PlanService:
         return self.view(model)
 
     def _keep(self, spec: str) -> None:
-        self.models = keep_spec(self.models, spec)
+        self.models = keep_ref(self.models, spec)
 
     async def reassign_request(self, failed: Sequence[str], current_splits: Any, request_id: str,
                                model: str | None) -> dict[str, Any]:

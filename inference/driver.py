@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import trio
 
-from coordinator.service import split_spec
 from inference import protocol
 from inference.frames import MAX_TOKENS, Frame
 from inference.host import new_session_id, stage_key
@@ -36,7 +35,7 @@ from inference.protocol import ACTIVATIONS_PROTOCOL, Hop, Route
 from inference.sampling import Sampling
 from inference.tokenizer import load_tokenizer
 from mesh.errors import NotFoundError, PeerError
-from mesh.ids import NodeId
+from mesh.ids import ModelRef, NodeId
 from mesh.transport import Stream
 from mesh.wire import NodeStatus
 
@@ -116,7 +115,7 @@ class Driver:
 
     def status(self, spec: str) -> dict[str, Any]:
         """The model's current plan and which of its stages are ready (404 when there is no plan)."""
-        model, revision = split_spec(spec)
+        model, revision = ModelRef.of(spec)
         held = self.node.plans.book.current.get(model)
         if held is None or (revision is not None and held.plan.revision != revision):
             raise NotFoundError(f"no plan for {spec} in this mesh (POST /api/model to serve it)", code="NO_PLAN")
@@ -131,7 +130,7 @@ class Driver:
 
     def route(self, spec: str) -> Route | None:
         """The current plan's route for ``spec`` when every stage on it is loaded and its peer is live."""
-        model, revision = split_spec(spec)
+        model, revision = ModelRef.of(spec)
         held = self.node.plans.book.current.get(model)
         if held is None or (revision is not None and held.plan.revision != revision):
             return None
@@ -166,8 +165,8 @@ class Driver:
         route = self.route(spec)
         if route is not None:
             return route
-        model, _ = split_spec(spec)
-        if model in self.node.plans.book.current or model in {split_spec(s)[0] for s in self.node.serve_requests()}:
+        model = ModelRef.of(spec).model
+        if model in self.node.plans.book.current or model in {ModelRef.of(s).model for s in self.node.serve_requests()}:
             raise ModelNotServed(f"{spec} is not ready: its stages are still being planned or loaded "
                                     "(GET /api/model shows which)")
         raise NotFoundError(f"the mesh does not serve {spec} (POST /api/model to serve it)", code="UNKNOWN_MODEL")

@@ -40,7 +40,7 @@ from inference.sampling import Sampling, sample
 from inference.sessions import SessionTable
 from inference.stage import Stage, dtype_of, verified_loader
 from mesh.errors import LocalError, MeshError, NotFoundError, PeerError
-from mesh.ids import NodeId
+from mesh.ids import ModelRef, NodeId
 from mesh.logs import Throttle
 from mesh.transport import Stream, StreamClosedError
 from storage.manifest import Manifest, Shard
@@ -64,7 +64,7 @@ class StageNotReady(PeerError):
 
 def stage_key(model: str, revision: str, start: int, end: int, compute: str = "float32") -> str:
     """How a ready stage is named in gossip (``NodeInfo.stages``): ``model@revision:start:end:dtype``."""
-    return f"{model}@{revision}:{start}:{end}:{compute}"
+    return f"{ModelRef(model, revision)}:{start}:{end}:{compute}"
 
 
 @dataclass

@@ -110,7 +110,7 @@ CODES: dict[str, Code] = _table(
     ("STAGE_LOAD_FAILED", 500, "this peer's stage could not be loaded"),
     ("NEXT_HOP_FAILED", 502, "the next stage of the route failed"),
     ("GENERATION_FAILED", 503, "the generation could not be completed (the cause is in the message)"),
-    ("TOKENIZER_UNAVAILABLE", 422, "the model has no tokenizer, so it takes token ids only"),
+    ("TOKENIZER_UNAVAILABLE", 400, "the model has no tokenizer, so it takes token ids only"),
 )
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 import trio
 
-from coordinator.service import PlanService, keep_spec, split_spec
+from coordinator.service import PlanService
 from inference.driver import Driver
 from inference.host import StageHost
 from inference.protocol import ACTIVATIONS_PROTOCOL
@@ -36,7 +36,7 @@ from mesh.config import Config
 from mesh.errors import MeshError, NotFoundError, PeerError
 from mesh.fsutil import atomic_write
 from mesh.identity import Identity
-from mesh.ids import NodeId
+from mesh.ids import ModelRef, NodeId, keep_ref
 from mesh.keyfile import load_or_create
 from mesh.logs import Throttle
 from mesh.membership import Forgotten, Member, StatusChanged
@@ -290,8 +290,7 @@ class Node:
         for m in self.core.membership.members():
             if m.node_id == self.node_id or m.status == NodeStatus.OFFLINE:
                 continue
-            if any(entry == f"{model}@{revision}" if revision else entry.startswith(f"{model}@")
-                   for entry in m.info.installed_models):
+            if any(ModelRef(model, revision).matches(entry) for entry in m.info.installed_models):
                 found.append(m)
         found.sort(key=lambda m: (m.info.hardware.load, m.node_id))
         return [m.node_id for m in found]
@@ -331,14 +330,14 @@ class Node:
         """Ask the mesh to serve ``spec`` ("id" or "id@revision"): gossiped with the heartbeat, the
         coordinator plans it, the peers it names load their stages. UNKNOWN_MODEL unless this peer or a
         live peer has it installed."""
-        model, revision = split_spec(spec)
+        model, revision = ModelRef.of(spec)
         if not model or len(spec) > 256:
             raise PeerError("model_id must be a model id, or id@revision", code="INVALID_PARAMETER")
         local = any(entry == spec if revision else entry.startswith(f"{model}@") for entry in self._installed)
         if not local and not self.holders(model, revision):
             raise NotFoundError(f"no peer has {spec} installed (meshnode models add on one of them first)",
                                 code="UNKNOWN_MODEL")
-        self._serve = keep_spec(self._serve, spec)
+        self._serve = keep_ref(self._serve, spec)
         log.info("asked the mesh to serve %s", spec, extra={"event": "serve_requested", "model": model,
                                                              "node_id": self.node_id})
         await self.publish_heartbeat()  # the coordinator hears it now, not on the next beat
@@ -347,7 +346,7 @@ class Node:
 
     def serving(self, model: str | None = None) -> dict[str, Any]:
         """What this peer asked to serve and what the mesh runs: each model's plan and stage readiness."""
-        wanted = {split_spec(s)[0] for s in self._serve} | set(self.plans.book.current)
+        wanted = {ModelRef.of(s).model for s in self._serve} | set(self.plans.book.current)
         if model is not None:
             wanted = {model}
         rows = []

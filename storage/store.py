@@ -25,6 +25,7 @@ from typing import Any
 from mesh.errors import LocalError, MeshError, NotFoundError
 from mesh.fsutil import atomic_write
 from mesh.identity import Identity
+from mesh.ids import ModelRef
 from storage.convert import choose, convert, folder_tensors
 from storage.formats import WEIGHTS
 from storage.manifest import Manifest, open_manifest, seal_manifest
@@ -191,7 +192,7 @@ class Store:
     def installed(self) -> list[str]:
         """``model@revision`` of every ready model version (what gossip advertises)."""
         self.registry.refresh()
-        return sorted(f"{mid}@{rev}" for mid, e in self.registry.models.items()
+        return sorted(str(ModelRef(mid, rev)) for mid, e in self.registry.models.items()
                       for rev, v in e.versions.items() if v.status == "ready")
 
     def blob(self, sha256: str) -> tuple[Path, str]:

@@ -11,7 +11,9 @@ from mesh.errors import CODES, LocalError, MeshError, NotFoundError, PeerError, 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("mesh", "coordinator", "storage", "inference")
 #: How source names a code: a class's ``code = "X"``, an error's ``code="X"``, a reply's ``"code": "X"``.
-USES = re.compile(r"""code(?:: str)? ?= ?"([A-Z][A-Z0-9_]+)"|"code": "([A-Z][A-Z0-9_]+)"|(?:\{|, )\d{3}: "([A-Z][A-Z0-9_]+)\"""")
+USES = re.compile(r'code(?:: str)? ?= ?"([A-Z][A-Z0-9_]+)"'  # code = "X", code: str = "X", code="X"
+                  r'|"code": "([A-Z][A-Z0-9_]+)"'  # {"code": "X"}
+                  r'|(?:\{|, )\d{3}: "([A-Z][A-Z0-9_]+)"')  # {404: "X", 405: "Y"}
 
 
 def codes_in_source() -> dict[str, set[str]]:

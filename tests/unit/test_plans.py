@@ -321,9 +321,9 @@ def test_survivors_that_may_not_take_work_keep_their_range_and_get_no_more() -> 
 
 
 def test_one_plan_per_model_id() -> None:
-    from coordinator.service import keep_spec
+    from mesh.ids import keep_ref
 
     specs: list[str] = []
     for spec in ("tiny@r1", "other", "tiny@r2", "tiny"):
-        specs = keep_spec(specs, spec)
+        specs = keep_ref(specs, spec)
     assert specs == ["other", "tiny"]
