@@ -142,6 +142,7 @@ def main(cfg: Config, config_path: str | None) -> int:
                              what="the new plan")
             print("now:", ", ".join(f"{names[s['node_id']]} [{s['layers'][0]}, {s['layers'][1]})" for s in after))
             print("\nstopping the mesh (SIGTERM: drain, goodbye, exit)...", flush=True)
+            mesh.close(drain=True)  # what a user's Ctrl-C does (the tests' meshes stop at once instead)
             return 0 if stormy == calm else 1
     except MeshError as err:
         print(f"\ndemo failed: {err.code} {err}", flush=True)
