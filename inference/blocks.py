@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference.qlinear import fused
+from storage.metadata import LLAMA_TYPES
 
 
 class KVCache:
@@ -67,7 +68,7 @@ class _Block:
 
 def runs_directly(cfg: Any) -> bool:
     """Whether a Llama-family config has only what ``Blocks`` implements (no sliding-window attention)."""
-    if getattr(cfg, "model_type", None) not in {"llama", "mistral", "qwen2"}:
+    if getattr(cfg, "model_type", None) not in LLAMA_TYPES:
         return False
     if getattr(cfg, "sliding_window", None) is not None and (cfg.model_type == "mistral"
                                                             or getattr(cfg, "use_sliding_window", False)):

@@ -13,8 +13,9 @@ How it stays exactly equal to the unsplit model (see docs/ARCHITECTURE.md, Infer
 - the decoder blocks are the family's own base model (``AutoModel.from_config``: LlamaModel,
   MistralModel, Qwen2Model, GPT2Model) built on the meta device with only this stage's blocks, their
   tensors loaded with ``assign=True``; its embedding and final norm are taken out (the stage runs them
-  itself when it owns those shards), so its blocks are indexed locally from 0 and a per-session
-  ``DynamicCache`` of this stage alone reports the right past length to the causal mask;
+  itself when it owns those shards), so its blocks are indexed locally from 0 and a per-session cache of
+  this stage alone reports the right past length (``inference.blocks.KVCache`` for the Llama family, whose
+  blocks ``inference.blocks`` runs; ``DynamicCache`` for the others);
 - ``_attn_implementation`` is set to ``sdpa`` (a bare config has none, which runs without a causal mask);
   stages in bf16/fp16 use ``meshnode_sdpa``: the same function on query, keys and values upcast to fp32
   (torch's CPU flash attention in bf16 measured 3-5x slower than in fp32 here: 190 vs 60 µs per decode step

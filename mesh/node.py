@@ -286,11 +286,11 @@ class Node:
 
     def holders(self, model: str, revision: str | None) -> list[NodeId]:
         """Live peers that advertise ``model`` (at ``revision``, if given), least loaded first."""
-        found = []
+        found, ref = [], ModelRef(model, revision)
         for m in self.core.membership.members():
             if m.node_id == self.node_id or m.status == NodeStatus.OFFLINE:
                 continue
-            if any(ModelRef(model, revision).matches(entry) for entry in m.info.installed_models):
+            if any(ref.matches(entry) for entry in m.info.installed_models):
                 found.append(m)
         found.sort(key=lambda m: (m.info.hardware.load, m.node_id))
         return [m.node_id for m in found]
@@ -333,7 +333,7 @@ class Node:
         model, revision = ModelRef.of(spec)
         if not model or len(spec) > 256:
             raise PeerError("model_id must be a model id, or id@revision", code="INVALID_PARAMETER")
-        local = any(entry == spec if revision else entry.startswith(f"{model}@") for entry in self._installed)
+        local = any(ModelRef(model, revision).matches(entry) for entry in self._installed)
         if not local and not self.holders(model, revision):
             raise NotFoundError(f"no peer has {spec} installed (meshnode models add on one of them first)",
                                 code="UNKNOWN_MODEL")
