@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mesh.app.localmesh import LocalMesh, PeerProcess, wait_for
 from mesh.churn import run_process
-from mesh.localmesh import LocalMesh, PeerProcess, wait_for
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "local-3.toml")
 

@@ -54,10 +54,10 @@ from typing import Any
 import torch
 
 from inference.local import LocalModel
-from mesh.cli import api_get, stream_events
+from mesh.app.client import api_get, stream_events
+from mesh.app.localmesh import LocalMesh, PeerProcess, agreed, wait_for
 from mesh.errors import MeshError
 from mesh.keyfile import load_or_create
-from mesh.localmesh import LocalMesh, PeerProcess, agreed, wait_for
 from storage.store import Store
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "local-3.toml")

@@ -99,10 +99,10 @@ def tcp_receive(files: list[Path], out_dir: Path | None) -> float:
 
 def p2p(work: Path, source: str) -> tuple[float, int, dict, dict, Any]:
     """(seconds, bytes, transfer, puller RSS before/after, manifest) for one pull of ``source`` from a holder."""
-    from mesh.cli import main as cli
-    from mesh.cli import pull
+    from mesh.app.cli import main as cli
+    from mesh.app.client import pull
+    from mesh.app.localmesh import LocalMesh, wait_for
     from mesh.identity import Identity
-    from mesh.localmesh import LocalMesh, wait_for
     from storage.store import Store
 
     assert cli(["models", "--data-dir", str(work / "mesh" / "holder"), "add", source, "--id", "bench"]) == 0

@@ -17,8 +17,8 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import trio
 
@@ -26,16 +26,15 @@ from coordinator import planner
 from coordinator.control import Controller, Decision, Worker
 from coordinator.planner import Layer
 from coordinator.plans import Held, NodeSummary, Plan, PlanBook, Verdict, make_plan, open_plan, seal_plan
+from mesh.config import Config
 from mesh.errors import MeshError, NotFoundError, PeerError
 from mesh.ids import ModelRef, keep_ref
 from mesh.logs import Throttle
+from mesh.ports import Clock, Gossip, Library, MeshView, Offload, Signer
 from mesh.transport import GossipMessage
 from mesh.wire import PLANS_TOPIC, NodeStatus
 from storage import formats
 from storage.manifest import Manifest
-
-if TYPE_CHECKING:
-    from mesh.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +65,16 @@ def planner_layers(manifest: Manifest, context_tokens: int, compute: str | None 
     return out
 
 
+#: How a refused gossip message is reported (the root's rate-limited log of rejections).
+Reject = Callable[[PeerError, str], None]
+
+
 class PlanService:
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        co = node.config.coordinator
+    def __init__(self, config: Config, view: MeshView, gossip: Gossip, signer: Signer, library: Library, *,
+                 reject: Reject, on_plan: Callable[[], None], now: Clock, offload: Offload) -> None:
+        self.config, self.view, self.gossip, self.signer, self.library = config, view, gossip, signer, library
+        self._reject, self._on_plan, self.now, self.offload = reject, on_plan, now, offload
+        co = config.coordinator
         self.book = PlanBook()
         self.controller = Controller(threshold=co.reassign_threshold)
         self.models: list[str] = []  # specs: "id" or "id@revision", one per model id
@@ -86,43 +91,43 @@ class PlanService:
 
     def accept_gossip(self, msg: GossipMessage) -> bool:
         """Topic validator: forged, malformed or oversize plans are neither delivered nor relayed."""
-        return msg.sender == self.node.node_id or self._open(msg) is not None
+        return msg.sender == self.view.node_id or self._open(msg) is not None
 
     def _open(self, msg: GossipMessage) -> Plan | None:
         """The verified plan, or None after logging why it was refused."""
         try:
             return open_plan(msg.data)
         except PeerError as err:
-            self.node._reject(err, msg.sender)
+            self._reject(err, msg.sender)
         except Exception:  # a decoder bug must not take down pubsub or the receive loop: refuse, log, go on
             log.exception("plan from %s could not be read", msg.sender,
                           extra={"event": "rejected", "code": "INTERNAL", "peer": msg.sender})
         return None
 
     async def receive(self) -> None:
-        async with self.node.transport.subscribe(PLANS_TOPIC) as messages:
+        async with self.gossip.subscribe(PLANS_TOPIC) as messages:
             async for msg in messages:
-                if msg.sender == self.node.node_id or (plan := self._open(msg)) is None:
+                if msg.sender == self.view.node_id or (plan := self._open(msg)) is None:
                     continue
-                self._judge(plan, self.book.offer(Held(plan, msg.data), self.node.core.leadership), msg.sender)
+                self._judge(plan, self.book.offer(Held(plan, msg.data), self.view.leadership), msg.sender)
 
     def _judge(self, plan: Plan, verdict: Verdict, sender: str) -> None:
         where = {"model": plan.model_id, "term": plan.term, "epoch": plan.epoch, "coordinator": plan.coordinator,
-                 "node_id": self.node.node_id}
+                 "node_id": self.view.node_id}
         if verdict.accepted:
-            self.node.stages.wake.set()
+            self._on_plan()
             stages = ", ".join(f"{a.node_id[-6:]}[{a.start},{a.end})" for a in plan.assignments)
             log.info("plan for %s: term %d epoch %d (%s) %s", plan.model_id, plan.term, plan.epoch,
                      plan.reason or "-", stages, extra={"event": "plan_accepted", "reason": plan.reason, **where})
         elif verdict.code in ("STALE_TERM", "NOT_COORDINATOR", "STALE_EPOCH"):
-            held = self._throttle.allow((sender, verdict.code), self.node.now())
+            held = self._throttle.allow((sender, verdict.code), self.now())
             if held is not None:
                 log.warning("ignored plan for %s from %s: %s (term %d epoch %d)", plan.model_id, sender,
                             verdict.code, plan.term, plan.epoch,
                             extra={"event": "plan_ignored", "code": verdict.code, "peer": sender, **where})
 
     def on_leadership_changed(self) -> None:
-        for plan, verdict in self.book.retry(self.node.core.leadership):
+        for plan, verdict in self.book.retry(self.view.leadership):
             self._judge(plan, verdict, plan.coordinator)
         self._wake.set()
 
@@ -132,30 +137,29 @@ class PlanService:
     # ---- coordinating ------------------------------------------------------------------------------
 
     def is_coordinator(self) -> bool:
-        core = self.node.core
-        return core.leadership.coordinator == self.node.node_id and core.status in (NodeStatus.READY,
-                                                                                    NodeStatus.DEGRADED)
+        view = self.view
+        return view.leadership.coordinator == view.node_id and view.status in (NodeStatus.READY, NodeStatus.DEGRADED)
 
     async def coordinate(self) -> None:
-        co = self.node.config.coordinator
+        co = self.config.coordinator
         last_publish = -float("inf")
         while True:
-            with trio.move_on_after(self.node.config.membership.heartbeat_interval / 4):
+            with trio.move_on_after(self.config.membership.heartbeat_interval / 4):
                 await self._wake.wait()
             self._wake = trio.Event()
             if not self.is_coordinator():
                 continue
             for spec in self.specs():
                 await self._coordinate_model(spec)
-            if self.node.now() - last_publish >= co.republish_interval:
-                last_publish = self.node.now()
+            if self.now() - last_publish >= co.republish_interval:
+                last_publish = self.now()
                 await self._republish()
 
     def specs(self) -> list[str]:
         """What to keep a plan for: the configured or requested models, and every model the mesh has a
         plan for (a new coordinator takes over its predecessor's plans)."""
         specs = list(self.models)
-        for m in sorted(self.node.core.membership.members(), key=lambda m: m.node_id):
+        for m in sorted(self.view.membership.members(), key=lambda m: m.node_id):
             if m.status == NodeStatus.OFFLINE:
                 continue
             for spec in m.info.serve_models:  # peers that asked the mesh to serve a model
@@ -173,14 +177,14 @@ class PlanService:
                 # An unpinned model stays at the revision of its plan; without a plan, at the one found.
                 revision = revision or (held.plan.revision if held is not None else self._resolved(model))
                 layers, revision, compute = await self.layers(model, revision)
-                self._latest[model] = (revision, self.node.now())
+                self._latest[model] = (revision, self.now())
                 current = held.plan if held is not None and held.plan.revision == revision else None
                 workers = self.workers(model, revision)
-                term = self.node.core.leadership.term
-                decision = await trio.to_thread.run_sync(self.controller.decide, model, layers, workers, current,
+                term = self.view.leadership.term
+                decision = await self.offload(self.controller.decide, model, layers, workers, current,
                                                          term)
                 if current is not None and current.compute_dtype != compute and decision is None:
-                    decision = await trio.to_thread.run_sync(  # replan in the new compute dtype
+                    decision = await self.offload(  # replan in the new compute dtype
                         self.controller.decide, model, layers, workers, None, term)
                     if decision is not None:
                         decision = dataclasses.replace(decision, reason="compute")
@@ -194,77 +198,77 @@ class PlanService:
     def _resolved(self, model: str) -> str | None:
         """The revision an unpinned model resolved to in the last 30 s (no manifest fetch per tick)."""
         found = self._latest.get(model)
-        return found[0] if found is not None and self.node.now() - found[1] < RESOLVE_TTL else None
+        return found[0] if found is not None and self.now() - found[1] < RESOLVE_TTL else None
 
     def _error(self, model: str, err: MeshError) -> None:
         self.errors[model] = {**err.to_dict(), "at": time.time()}
-        if self._throttle.allow(("plan", model, err.code, str(err)), self.node.now()) is not None:
+        if self._throttle.allow(("plan", model, err.code, str(err)), self.now()) is not None:
             log.error("cannot plan %s: %s %s", model, err.code, err,
-                      extra={"event": "plan_failed", "code": err.code, "model": model, "node_id": self.node.node_id})
+                      extra={"event": "plan_failed", "code": err.code, "model": model, "node_id": self.view.node_id})
 
     async def _issue(self, model: str, revision: str, layers: Sequence[Layer], d: Decision, *,
                      request_id: str = "", compute: str = "float32") -> Plan:
-        lead = self.node.core.leadership
+        lead = self.view.leadership
         if not self.is_coordinator():
             raise NotCoordinator(f"this peer is not the coordinator (term {lead.term}: {lead.coordinator})")
         plan = make_plan(layers, d.peers, d.split, model=model, revision=revision, term=lead.term,
-                         epoch=self.book.next_epoch(model), coordinator=self.node.node_id, request_id=request_id,
+                         epoch=self.book.next_epoch(model), coordinator=self.view.node_id, request_id=request_id,
                          reason=d.reason, reassigned=d.reassigned, issued_at=time.time(), nodes=self._summaries(),
                          compute_dtype=compute)
-        envelope = seal_plan(plan, self.node.identity)
+        envelope = seal_plan(plan, self.signer)
         verdict = self.book.offer(Held(plan, envelope), lead)
         assert verdict.accepted, verdict
         self.errors.pop(model, None)
-        self._judge(plan, verdict, self.node.node_id)
+        self._judge(plan, verdict, self.view.node_id)
         await self._publish(envelope)
         return plan
 
     async def _publish(self, envelope: bytes) -> None:
-        with trio.move_on_after(self.node.config.membership.heartbeat_interval):
-            await self.node.transport.publish(PLANS_TOPIC, envelope)
+        with trio.move_on_after(self.config.membership.heartbeat_interval):
+            await self.gossip.publish(PLANS_TOPIC, envelope)
 
     async def _republish(self) -> None:
-        term = self.node.core.leadership.term
+        term = self.view.leadership.term
         for held in list(self.book.current.values()):
-            if held.plan.coordinator == self.node.node_id and held.plan.term == term:
+            if held.plan.coordinator == self.view.node_id and held.plan.term == term:
                 await self._publish(held.envelope)
 
     # ---- inputs ------------------------------------------------------------------------------------
 
     async def layers(self, model: str, revision: str | None) -> tuple[list[Layer], str, str]:
         """(planner layers, revision, compute dtype) of ``model`` (at ``revision``, or the version found) from
-        its signed manifest (``StageHost.manifest``: this peer's store, else a holder), counted in the
+        its signed manifest (``Library.manifest``: this peer's store, else a holder), counted in the
         compute dtype a plan would use now (``compute_for``). MODEL_NOT_AVAILABLE when nobody has it."""
-        manifest, _ = await self.node.stages.manifest(model, revision)  # (kept there once it has a revision)
+        manifest, _ = await self.library.manifest(model, revision)  # (kept there once it has a revision)
         compute = self.compute_for(manifest)
         key = (model, manifest.revision, compute)
         if key not in self._layers:
-            self._layers[key] = planner_layers(manifest, self.node.config.coordinator.context_tokens, compute)
+            self._layers[key] = planner_layers(manifest, self.config.coordinator.context_tokens, compute)
         return self._layers[key], manifest.revision, compute
 
     def compute_for(self, manifest: Manifest) -> str:
         """The compute dtype of a plan for ``manifest``: ``--compute-dtype`` if set; else bf16 for compact
         weights when every live peer runs them fast in bf16 (``storage.formats.plan_compute`` over their
         gossiped features), fp32 otherwise. One dtype per plan: no pipeline mixes them."""
-        wanted = self.node.config.inference.compute_dtype
+        wanted = self.config.inference.compute_dtype
         if wanted != "auto":
             return wanted
         return formats.plan_compute(manifest.formats,
-                                    [m.info.features_supported for m in self.node.core.membership.live()])
+                                    [m.info.features_supported for m in self.view.membership.live()])
 
     def workers(self, model: str, revision: str) -> list[Worker]:
         entry = str(ModelRef(model, revision))
-        hop = self.node.config.coordinator.hop_ms / 1000
-        gpu_only = self.node.config.membership.require_gpu
+        hop = self.config.coordinator.hop_ms / 1000
+        gpu_only = self.config.membership.require_gpu
         return [Worker(m.node_id, m.info.compute_flops, m.info.layer_memory_bytes, m.status,
                        m.info.accept_public_jobs and not (gpu_only and not m.info.hardware.gpus),
                        entry in m.info.installed_models, hop)
-                for m in self.node.core.membership.members()]
+                for m in self.view.membership.members()]
 
     def _summaries(self) -> dict[str, NodeSummary]:
-        hop_ms = self.node.config.coordinator.hop_ms
+        hop_ms = self.config.coordinator.hop_ms
         out = {}
-        for m in self.node.core.membership.members():
+        for m in self.view.membership.members():
             a = m.arrivals
             reliability = a.count / (a.count + a.missed) if a.count else 1.0
             out[m.node_id] = NodeSummary(m.node_id, m.info.compute_flops, m.info.layer_memory_bytes,
@@ -274,12 +278,12 @@ class PlanService:
     # ---- API ---------------------------------------------------------------------------------------
 
     def view(self, model: str | None = None) -> dict[str, Any]:
-        lead = self.node.core.leadership
+        lead = self.view.leadership
         plans = {m: h for m, h in self.book.current.items() if model is None or m == model}
         if model is not None and not plans and model not in self.errors:
             raise NotFoundError(f"no plan for {model!r} on this peer", code="NO_PLAN")
         return {
-            "coordinator": lead.coordinator, "term": lead.term, "self": self.node.node_id,
+            "coordinator": lead.coordinator, "term": lead.term, "self": self.view.node_id,
             "models": self.models,
             "plans": [h.plan.view() | {"envelope": h.envelope.hex()} for h in plans.values()],
             "errors": {m: e for m, e in self.errors.items() if model is None or m == model},
@@ -288,7 +292,7 @@ class PlanService:
     async def request_plan(self, spec: str) -> dict[str, Any]:
         """Keep a plan for ``spec`` from now on and plan it at once (coordinator only)."""
         if not self.is_coordinator():
-            lead = self.node.core.leadership
+            lead = self.view.leadership
             raise NotCoordinator(f"ask the coordinator: {lead.coordinator} (term {lead.term})")
         model = ModelRef.of(spec).model
         try:
@@ -326,11 +330,11 @@ class PlanService:
             raise PeerError(f"unknown peers in current_splits: {', '.join(unknown)}", code="UNKNOWN_NODE")
         # A failed peer the table no longer knows is costed like the average peer of the plan.
         known = [by_id[n].flops for n, _, _ in stages if n in by_id] or [1.0]
-        hop = self.node.config.coordinator.hop_ms / 1000
+        hop = self.config.coordinator.hop_ms / 1000
         for n, _, _ in stages:
             by_id.setdefault(n, planner.Peer(n, sum(known) / len(known), 0, hop))
         current = planner.split_of(layers, [(by_id[n], s, e) for n, s, e in stages])
-        decision = await trio.to_thread.run_sync(functools.partial(
+        decision = await self.offload(functools.partial(
             self.controller.cover, layers, workers, current, gone, reason="request"))
         published = None
         asked = tuple((n, layers[s].index, layers[e - 1].index + 1) for n, s, e in stages)

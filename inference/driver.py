@@ -23,24 +23,24 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import trio
 
+from coordinator.plans import PlanBook
 from inference import protocol
 from inference.frames import MAX_TOKENS, Frame
-from inference.host import new_session_id, stage_key
 from inference.protocol import ACTIVATIONS_PROTOCOL, Hop, Route
 from inference.sampling import Sampling
+from inference.sessions import new_session_id, stage_key
 from inference.tokenizer import load_tokenizer
+from mesh.config import InferenceConfig
 from mesh.errors import NotFoundError, PeerError
 from mesh.ids import ModelRef, NodeId
+from mesh.ports import Library, MeshView, Offload, Streams
 from mesh.transport import Stream
 from mesh.wire import NodeStatus
-
-if TYPE_CHECKING:
-    from mesh.node import Node
 
 log = logging.getLogger(__name__)
 MAX_FAILOVERS = 8
@@ -96,9 +96,21 @@ class _Results:
     channel: trio.MemorySendChannel[Frame]
 
 
+class LocalStages(Protocol):
+    """The stages on this peer, as a driver sees them (``StageHost``)."""
+
+    def ready(self) -> tuple[str, ...]: ...
+
+    def open_local(self, first: Frame) -> trio.MemorySendChannel[Frame]: ...
+
+
 class Driver:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, config: InferenceConfig, offline_after: float, view: MeshView, plans: PlanBook,
+                 library: Library, streams: Streams, local: LocalStages, *, requested: Callable[[], list[str]],
+                 offload: Offload) -> None:
+        self.config, self.offline_after, self.view, self.plans = config, offline_after, view, plans
+        self.library, self.streams, self.local, self.requested, self.offload = (library, streams, local, requested,
+                                                                                offload)
         self._results: dict[str, _Results] = {}
         self._tokenizers: dict[tuple[str, str], Any] = {}
         self._tokenizer_lock = trio.Lock()
@@ -108,15 +120,15 @@ class Driver:
     # ---- routes -----------------------------------------------------------------------------------
 
     def _stage_ready(self, node_id: NodeId, key: str) -> bool:
-        if node_id == self.node.node_id:
-            return key in self.node.stages.ready()
-        m = self.node.core.membership.get(node_id)
+        if node_id == self.view.node_id:
+            return key in self.local.ready()
+        m = self.view.membership.get(node_id)
         return m is not None and m.status in (NodeStatus.READY, NodeStatus.DEGRADED) and key in m.info.stages
 
     def status(self, spec: str) -> dict[str, Any]:
         """The model's current plan and which of its stages are ready (404 when there is no plan)."""
         model, revision = ModelRef.of(spec)
-        held = self.node.plans.book.current.get(model)
+        held = self.plans.current.get(model)
         if held is None or (revision is not None and held.plan.revision != revision):
             raise NotFoundError(f"no plan for {spec} in this mesh (POST /api/model to serve it)", code="NO_PLAN")
         plan = held.plan
@@ -131,7 +143,7 @@ class Driver:
     def route(self, spec: str) -> Route | None:
         """The current plan's route for ``spec`` when every stage on it is loaded and its peer is live."""
         model, revision = ModelRef.of(spec)
-        held = self.node.plans.book.current.get(model)
+        held = self.plans.current.get(model)
         if held is None or (revision is not None and held.plan.revision != revision):
             return None
         plan = held.plan
@@ -143,20 +155,20 @@ class Driver:
 
     def served(self) -> list[Route]:
         """Every model with a ready route (what ``/v1/models`` lists)."""
-        return [r for m in sorted(self.node.plans.book.current) if (r := self.route(m)) is not None]
+        return [r for m in sorted(self.plans.current) if (r := self.route(m)) is not None]
 
     def _broken(self, route: Route) -> bool:
         """A stage peer of ``route`` is offline, or the plan moved on and its new route is ready (a route
         that still works is kept while the new plan's stages load)."""
-        held = self.node.plans.book.current.get(route.model)
+        held = self.plans.current.get(route.model)
         if held is None or tuple(held.plan.stages()) != tuple((h.node, h.start, h.end) for h in route.hops):
             newer = self.route(route.model)
             if newer is not None and newer.hops != route.hops:
                 return True
         for h in route.hops:
-            if h.node == self.node.node_id:
+            if h.node == self.view.node_id:
                 continue
-            m = self.node.core.membership.get(h.node)
+            m = self.view.membership.get(h.node)
             if m is None or m.status == NodeStatus.OFFLINE:
                 return True
         return False
@@ -166,7 +178,7 @@ class Driver:
         if route is not None:
             return route
         model = ModelRef.of(spec).model
-        if model in self.node.plans.book.current or model in {ModelRef.of(s).model for s in self.node.serve_requests()}:
+        if model in self.plans.current or model in {ModelRef.of(s).model for s in self.requested()}:
             raise ModelNotServed(f"{spec} is not ready: its stages are still being planned or loaded "
                                     "(GET /api/model shows which)")
         raise NotFoundError(f"the mesh does not serve {spec} (POST /api/model to serve it)", code="UNKNOWN_MODEL")
@@ -194,7 +206,7 @@ class Driver:
         """An inbound stream of results (or an error) from a stage of one of our sessions."""
         entry = self._entry(first, stream.peer)
         frame = first
-        idle = self.node.config.inference.session_idle_timeout
+        idle = self.config.session_idle_timeout
         while frame.kind in ("result", "error"):
             if frame.session != first.session:
                 raise PeerError("results for another session on this stream", code="UNKNOWN_SESSION")
@@ -213,7 +225,7 @@ class Driver:
         no other route can cure (``PERMANENT``) fails the request at once; otherwise the generation waits
         for a working route at most ``recovery_timeout`` from its first failure until it has a token again,
         however many routes fail in between."""
-        inf = self.node.config.inference
+        inf = self.config
         if not req.prompt:
             raise PeerError("the prompt has no tokens", code="INVALID_PARAMETER")
         if len(req.prompt) + 1 > MAX_TOKENS:
@@ -239,12 +251,12 @@ class Driver:
                     log.error("generation on %s epoch %s refused: %s %s; no other route can cure it",
                               route.model, route.epoch, err.code, err,
                               extra={"event": "generation_refused", "code": err.code, "model": route.model,
-                                     "node_id": self.node.node_id, "peer": err.node})
+                                     "node_id": self.view.node_id, "peer": err.node})
                     raise GenerationFailed(f"{err.code}: {err}") from None
                 log.warning("generation on %s epoch %s failed after %d tokens: %s %s; failing over", route.model,
                             route.epoch, len(produced), err.code, err,
                             extra={"event": "failover", "code": err.code, "model": route.model,
-                                   "node_id": self.node.node_id, "peer": err.node})
+                                   "node_id": self.view.node_id, "peer": err.node})
                 if len(failures) > MAX_FAILOVERS:
                     raise GenerationFailed(f"gave up after {len(failures)} failed routes: {'; '.join(failures)}") \
                         from None
@@ -258,8 +270,8 @@ class Driver:
         """A ready route other than ``failed`` (or ``failed`` again once its peers have had time to be
         declared dead and have not been), before ``deadline``."""
         now = trio.current_time()
-        same_after = now + self.node.config.membership.offline_after + 1.0
-        timeout = self.node.config.inference.recovery_timeout
+        same_after = now + self.offline_after + 1.0
+        timeout = self.config.recovery_timeout
         while True:
             route = self.route(spec)
             if route is not None and not self._broken(route) and (
@@ -268,7 +280,7 @@ class Driver:
             if trio.current_time() >= deadline:
                 raise GenerationFailed(f"no working route for {spec} within {timeout}s after a failure "
                                        f"({'; '.join(failures)}); peers left: "
-                                       f"{len(self.node.core.membership.members())}")
+                                       f"{len(self.view.membership.members())}")
             await trio.sleep(0.1)
 
     async def _attempt(self, route: Route, req: Request, produced: list[int], *, replayed: bool
@@ -279,11 +291,11 @@ class Driver:
         it costs about one pass of the slowest stage per token, not a round trip each). A prefill of N tokens
         does not compute bit-identically to N single steps in bf16 or int8, so only the same steps rebuild
         the same KV caches, and the next token is the one the uninterrupted run would have produced."""
-        me = self.node.node_id
+        me = self.view.node_id
         session = new_session_id(me)
         send_results, results = trio.open_memory_channel[Frame](RESULT_QUEUE)
         self._results[session] = _Results(route, send_results)
-        step_timeout = self.node.config.inference.step_timeout
+        step_timeout = self.config.step_timeout
         try:
             async with contextlib.AsyncExitStack() as stack:
                 send = await self._upstream(stack, route)
@@ -347,24 +359,24 @@ class Driver:
                     if got != want:  # a kernel that is not deterministic here: say so, keep the user's text
                         log.error("replay step %d gave token %r, the generation had %d", k, got, want,
                                   extra={"event": "replay_diverged", "model": route.model,
-                                         "node_id": self.node.node_id})
+                                         "node_id": self.view.node_id})
             except RouteFailed as err:
                 failed.append(err)
                 nursery.cancel_scope.cancel()
         if failed:
             raise failed[0]
         log.info("replayed %d steps on epoch %s in %.3fs", len(frames), route.epoch, time.perf_counter() - t0,
-                 extra={"event": "replayed", "model": route.model, "node_id": self.node.node_id})
+                 extra={"event": "replayed", "model": route.model, "node_id": self.view.node_id})
 
     async def _upstream(self, stack: contextlib.AsyncExitStack, route: Route) -> Callable[[Frame], Awaitable[None]]:
         first = route.hops[0].node
-        if first == self.node.node_id:
+        if first == self.view.node_id:
             holder: list[trio.MemorySendChannel[Frame]] = []
 
             async def local(frame: Frame) -> None:
                 try:
                     if not holder:
-                        holder.append(self.node.stages.open_local(frame))
+                        holder.append(self.local.open_local(frame))
                         stack.push_async_callback(holder[0].aclose)
                     else:
                         await holder[0].send(frame)
@@ -372,7 +384,7 @@ class Driver:
                     raise RouteFailed("STAGE_GONE", "the local stage ended the session", first) from None
             return local
         try:
-            stream = await stack.enter_async_context(self.node.transport.open_stream(first, ACTIVATIONS_PROTOCOL))
+            stream = await stack.enter_async_context(self.streams.open_stream(first, ACTIVATIONS_PROTOCOL))
         except PeerError as err:
             raise RouteFailed(err.code, f"cannot open the first stage: {err}", first) from None
 
@@ -403,8 +415,8 @@ class Driver:
     # ---- tokenizer --------------------------------------------------------------------------------
 
     async def model_files(self, route: Route) -> Path:
-        manifest, _ = await self.node.stages.manifest(route.model, route.revision)
-        folder, _ = await self.node.stages.ensure(manifest, [])
+        manifest, _ = await self.library.manifest(route.model, route.revision)
+        folder, _ = await self.library.ensure(manifest, [])
         return folder
 
     async def tokenizer(self, route: Route) -> Any:
@@ -413,7 +425,7 @@ class Driver:
         async with self._tokenizer_lock:
             if key not in self._tokenizers:
                 folder = await self.model_files(route)
-                self._tokenizers[key] = await trio.to_thread.run_sync(load_tokenizer, folder)
+                self._tokenizers[key] = await self.offload(load_tokenizer, folder)
         tok = self._tokenizers[key]
         if tok is None:
             raise PeerError(f"{route.model} has no tokenizer: send token ids as the prompt",

@@ -23,33 +23,27 @@ import collections
 import contextlib
 import json
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import trio
 
+from coordinator.plans import PlanBook
 from inference import protocol
 from inference.frames import DTYPE_NAMES, Frame, FrameError, expect
 from inference.protocol import ACTIVATIONS_PROTOCOL, Route, error_frame, route_of
 from inference.sampling import Sampling, sample
-from inference.sessions import SessionTable
+from inference.sessions import SessionTable, stage_key
 from inference.stage import Stage, dtype_of, verified_loader
-from mesh.errors import LocalError, MeshError, NotFoundError, PeerError
-from mesh.ids import ModelRef, NodeId
+from mesh.config import InferenceConfig
+from mesh.errors import LocalError, MeshError, PeerError
+from mesh.ids import NodeId
 from mesh.logs import Throttle
+from mesh.ports import Clock, Library, Offload, Streams
 from mesh.transport import Stream, StreamClosedError
-from storage.manifest import Manifest, Shard
-from storage.registry import safe_name
-from storage.shards import shard_path
-from storage.transfer import Job
-
-if TYPE_CHECKING:
-    from mesh.node import Node
 
 log = logging.getLogger(__name__)
 #: Seconds before a stage that failed to load is tried again.
@@ -60,11 +54,6 @@ FIRST_FRAME_TIMEOUT = 10.0
 
 class StageNotReady(PeerError):
     code = "STAGE_NOT_READY"
-
-
-def stage_key(model: str, revision: str, start: int, end: int, compute: str = "float32") -> str:
-    """How a ready stage is named in gossip (``NodeInfo.stages``): ``model@revision:start:end:dtype``."""
-    return f"{ModelRef(model, revision)}:{start}:{end}:{compute}"
 
 
 @dataclass
@@ -133,15 +122,23 @@ class Upstream:
         raise StreamClosedError(f"no frame from the driver for {timeout}s")
 
 
+#: Where results and error frames for a driver on this peer go (the root routes them to its ``Driver``).
+Deliver = Callable[[Frame, NodeId], Awaitable[None]]
+#: An inbound stream whose first frame is a result or an error: the driver's (``Driver.accept_results``).
+AcceptResults = Callable[[Stream, Frame], Awaitable[None]]
+
+
 class StageHost:
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        inf = node.config.inference
+    def __init__(self, config: InferenceConfig, node_id: NodeId, plans: PlanBook, library: Library,
+                 streams: Streams, *, deliver: Deliver, accept_results: AcceptResults, now: Clock,
+                 offload: Offload) -> None:
+        self.node_id, self.plans, self.library, self.streams = node_id, plans, library, streams
+        self._deliver, self._accept_results, self.now, self.offload = deliver, accept_results, now, offload
+        inf = config
         self.max_sessions, self.idle_timeout = inf.max_sessions, inf.session_idle_timeout
         self.loaded: dict[str, Loaded] = {}  # model -> its stage here
         self.errors: dict[str, dict[str, Any]] = {}  # model -> why its stage could not be loaded
         self._failed: dict[str, tuple[str, float]] = {}  # model -> (stage key, when it failed)
-        self._manifests: dict[tuple[str, str], tuple[Manifest, bytes]] = {}
         self._nursery: trio.Nursery | None = None
         self._throttle = Throttle(every=10.0)
         self._streams: collections.Counter[NodeId] = collections.Counter()  # open inbound streams per peer
@@ -163,9 +160,9 @@ class StageHost:
                 await self._follow()
 
     async def _follow(self) -> None:
-        me = self.node.node_id
+        me = self.node_id
         wanted: dict[str, tuple[str, int, int, str]] = {}
-        for model, held in list(self.node.plans.book.current.items()):
+        for model, held in list(self.plans.current.items()):
             mine = next((a for a in held.plan.assignments if a.node_id == me), None)
             if mine is not None:
                 wanted[model] = (held.plan.revision, mine.start, mine.end, held.plan.compute_dtype)
@@ -179,7 +176,7 @@ class StageHost:
             if current is not None and current.key == key:
                 continue
             failed = self._failed.get(model)
-            if failed is not None and failed[0] == key and self.node.now() - failed[1] < RETRY_LOAD:
+            if failed is not None and failed[0] == key and self.now() - failed[1] < RETRY_LOAD:
                 continue
             try:
                 self.loaded[model] = await self._load(model, revision, start, end, compute)
@@ -191,15 +188,15 @@ class StageHost:
                 self._load_failed(model, key, LocalError(f"{type(exc).__name__}: {exc}", code="STAGE_LOAD_FAILED"))
 
     def _load_failed(self, model: str, key: str, err: MeshError) -> None:
-        self._failed[model] = (key, self.node.now())
+        self._failed[model] = (key, self.now())
         self.errors[model] = {**err.to_dict(), "stage": key, "at": time.time()}
-        if self._throttle.allow(("load", key, err.code), self.node.now()) is not None:
+        if self._throttle.allow(("load", key, err.code), self.now()) is not None:
             log.error("cannot load stage %s: %s %s", key, err.code, err,
                       extra={"event": "stage_load_failed", "code": err.code, "model": model})
 
     async def _load(self, model: str, revision: str, start: int, end: int, compute: str) -> Loaded:
         t0 = time.perf_counter()
-        manifest, _ = await self.manifest(model, revision)
+        manifest, _ = await self.library.manifest(model, revision)
         if end > len(manifest.shards):
             raise LocalError(f"the plan gives this peer [{start}, {end}) of a model with {len(manifest.shards)} "
                              "layers", code="INVALID_STAGE")
@@ -207,93 +204,19 @@ class StageHost:
         by_name = {s.name: s for s in manifest.shards}
         if own[-1].tied_to and own[-1].tied_to in by_name and by_name[own[-1].tied_to] not in own:
             own.append(by_name[own[-1].tied_to])
-        folder, _ = await self.ensure(manifest, own)  # (the shards are in the store's shard folder)
-        config = json.loads(await trio.to_thread.run_sync((folder / "config.json").read_text))
-        load = verified_loader(self.node.store.registry.shard_dir)
+        folder, _ = await self.library.ensure(manifest, own)  # (the shards are in the store's shard folder)
+        config = json.loads(await self.offload((folder / "config.json").read_text))
+        load = verified_loader(self.library.shard_dir)
         dtype = dtype_of(compute)
-        stage = await trio.to_thread.run_sync(lambda: Stage(config, manifest.shards, start, end, load, dtype=dtype))
+        stage = await self.offload(lambda: Stage(config, manifest.shards, start, end, load, dtype=dtype))
         vocab = int(config.get("vocab_size") or 0)
         max_pos = int(config.get("max_position_embeddings") or config.get("n_positions") or 1 << 20)
         loaded = Loaded(model, revision, start, end, compute, stage,
                         SessionTable(max_sessions=self.max_sessions, idle_timeout=self.idle_timeout),
                         vocab, max_pos, load_s=time.perf_counter() - t0)
         log.info("stage %s ready in %.2fs (%d shards)", loaded.key, loaded.load_s, end - start,
-                 extra={"event": "stage_ready", "model": model, "node_id": self.node.node_id})
+                 extra={"event": "stage_ready", "model": model, "node_id": self.node_id})
         return loaded
-
-    # ---- shards and files -------------------------------------------------------------------------
-
-    async def manifest(self, model: str, revision: str | None) -> tuple[Manifest, bytes]:
-        """The signed manifest of ``model`` (at ``revision``, or the version found): this peer's store
-        first, then any peer that advertises it. MODEL_NOT_AVAILABLE when nobody gives one."""
-        if revision is not None and (model, revision) in self._manifests:
-            return self._manifests[(model, revision)]
-        node = self.node
-        try:
-            found = await trio.to_thread.run_sync(node.store.manifest, model, revision)
-        except MeshError:
-            found = None
-            errors = []
-            for holder in node.holders(model, revision):
-                try:
-                    found = await node.fetcher.fetch_manifest(holder, model, revision)
-                    break
-                except MeshError as err:
-                    errors.append(f"{holder}: {err.code}")
-                    log.info("manifest of %s from %s: %s %s", model, holder, err.code, err,
-                             extra={"event": "manifest_failed", "code": err.code, "peer": holder})
-            if found is None:
-                why = "; ".join(errors) or "no peer holds it"
-                raise NotFoundError(f"no manifest of {model}{'@' + revision if revision else ''} ({why})",
-                                    code="MODEL_NOT_AVAILABLE") from None
-        self._manifests[(model, found[0].revision)] = found
-        return found
-
-    def _installed(self, manifest: Manifest) -> bool:
-        try:
-            self.node.store.registry.require(manifest.model_id, manifest.revision)
-        except MeshError:
-            return False
-        return True
-
-    async def ensure(self, manifest: Manifest, shards: list[Shard]) -> tuple[Path, dict[str, Path]]:
-        """(folder with the model's files, shard SHA256 → file) with everything here; what is missing is
-        fetched from the peers that hold the model (each file SHA256-checked before it is committed)."""
-        store = self.node.store
-        shard_dir = store.registry.shard_dir
-        paths = {s.sha256: shard_path(shard_dir, s.sha256) for s in shards}
-        if await trio.to_thread.run_sync(self._installed, manifest):
-            return store.registry.model_dir(manifest.model_id, manifest.revision), paths
-        folder = store.root / "stages" / safe_name(manifest.model_id) / safe_name(manifest.revision)
-        jobs = [Job(s.name, s.sha256, s.size, paths[s.sha256]) for s in shards]
-        jobs += [Job(f.path, f.sha256, f.size, folder / f.path) for f in manifest.files]
-
-        def missing() -> list[Job]:
-            folder.mkdir(parents=True, exist_ok=True)
-            shard_dir.mkdir(parents=True, exist_ok=True)
-            return [j for j in jobs if not (j.dest.is_file() and j.dest.stat().st_size == j.size)]
-
-        todo = await trio.to_thread.run_sync(missing)
-        if todo:
-            holders = self.node.holders(manifest.model_id, manifest.revision)
-            if not holders:
-                raise NotFoundError(f"{len(todo)} files of {manifest.model_id}@{manifest.revision} are missing here "
-                                    "and no peer holds the model", code="MODEL_NOT_AVAILABLE")
-            fetcher = self.node.fetcher
-            t = fetcher.new_transfer(manifest.model_id, manifest.revision)
-            t.total_bytes, t.files_total = sum(j.size for j in todo), len(todo)
-            try:
-                failures = await fetcher.fetch_files(todo, holders, t)
-                if failures:
-                    raise failures[0][1]
-            except MeshError as err:
-                t.state, t.error = "error", err.to_dict()
-                raise
-            t.state = "done"
-            log.info("fetched %d files (%d bytes) of %s@%s for a stage", len(todo), t.done_bytes,
-                     manifest.model_id, manifest.revision,
-                     extra={"event": "stage_fetched", "model": manifest.model_id, "node_id": self.node.node_id})
-        return folder, paths
 
     # ---- sessions ---------------------------------------------------------------------------------
 
@@ -312,7 +235,7 @@ class StageHost:
                 first = await protocol.receive(stream, timeout=FIRST_FRAME_TIMEOUT,
                                                admit=fits([s.stage for s in self.loaded.values()]))
                 if first.kind in ("result", "error"):
-                    await self.node.driver.accept_results(stream, first)
+                    await self._accept_results(stream, first)
                     return
             except PeerError as err:
                 await self._refuse(stream, "", 0, err)
@@ -325,10 +248,10 @@ class StageHost:
 
     async def _refuse(self, stream: Stream | None, session: str, step: int, err: PeerError) -> None:
         log.info("activation session %s refused: %s %s", session or "-", err.code, err,
-                 extra={"event": "session_refused", "code": err.code, "node_id": self.node.node_id})
+                 extra={"event": "session_refused", "code": err.code, "node_id": self.node_id})
         if stream is not None:
             with contextlib.suppress(PeerError):
-                await protocol.send(stream, error_frame(session, step, err.code, str(err), self.node.node_id),
+                await protocol.send(stream, error_frame(session, step, err.code, str(err), self.node_id),
                                     timeout=1.0)
 
     def open_local(self, first: Frame) -> trio.MemorySendChannel[Frame]:
@@ -336,7 +259,7 @@ class StageHost:
         frames into the returned channel (bounded: the driver waits when the stage is behind)."""
         assert self._nursery is not None
         send, receive = trio.open_memory_channel[Frame](4)
-        self._nursery.start_soon(self._serve_local, Upstream(self.node.node_id, channel=receive), first)
+        self._nursery.start_soon(self._serve_local, Upstream(self.node_id, channel=receive), first)
         return send
 
     async def _serve_local(self, up: Upstream, first: Frame) -> None:
@@ -346,9 +269,9 @@ class StageHost:
             await self.serve_session(up, first, None)
         except Exception:  # the documented boundary of one session
             log.exception("local activation session %s failed", first.session,
-                          extra={"event": "session_failed", "code": "INTERNAL", "node_id": self.node.node_id})
-            await self._notify(self.node.node_id, error_frame(first.session, 0, "INTERNAL", "the local stage failed",
-                                                              self.node.node_id))
+                          extra={"event": "session_failed", "code": "INTERNAL", "node_id": self.node_id})
+            await self._notify(self.node_id, error_frame(first.session, 0, "INTERNAL", "the local stage failed",
+                                                              self.node_id))
 
     def _trusted_driver(self, first: Frame, sender: NodeId) -> NodeId | None:
         """The driver named in a step 0, if the sender is the hop the route puts before this peer (so a
@@ -359,7 +282,7 @@ class StageHost:
         except PeerError:
             return None
         driver = first.extra.get("driver")
-        index = next((i for i, h in enumerate(route.hops) if h.node == self.node.node_id), None)
+        index = next((i for i, h in enumerate(route.hops) if h.node == self.node_id), None)
         if not isinstance(driver, str) or index is None:
             return None
         return NodeId(driver) if sender == (driver if index == 0 else route.hops[index - 1].node) else None
@@ -373,7 +296,7 @@ class StageHost:
         if not isinstance(driver, str) or not driver:
             raise FrameError("step 0 must name the driver")
         sampling = Sampling.from_wire(first.extra.get("sampling", {}))
-        me = self.node.node_id
+        me = self.node_id
         index = next((i for i, h in enumerate(route.hops) if h.node == me), None)
         if index is None:
             raise PeerError(f"this peer ({me}) is not on the route", code="NOT_IN_ROUTE")
@@ -389,15 +312,14 @@ class StageHost:
         return loaded, route, index, NodeId(driver), sampling
 
     async def serve_session(self, up: Upstream, first: Frame, stream: Stream | None) -> None:
-        node = self.node
         try:
             loaded, route, index, driver, sampling = self._admit(first, up.peer)
-            session = loaded.sessions.step(first.session, 0, node.now(), loaded.stage.new_cache)
+            session = loaded.sessions.step(first.session, 0, self.now(), loaded.stage.new_cache)
         except PeerError as err:
             await self._refuse(stream, first.session, first.step, err)
             trusted = self._trusted_driver(first, up.peer)
             if trusted is not None and err.code != "SESSION_EXISTS":  # the driver need not wait for a timeout
-                await self._notify(trusted, error_frame(first.session, 0, err.code, str(err), node.node_id))
+                await self._notify(trusted, error_frame(first.session, 0, err.code, str(err), self.node_id))
             return
         up.admit = fits([loaded.stage])
         last = index == len(route.hops) - 1
@@ -416,17 +338,17 @@ class StageHost:
                     if frame.kind == "end":
                         await send(Frame("end", frame.session, frame.step, frame.start))
                         return
-                    loaded.sessions.step(first.session, frame.step, node.now(), loaded.stage.new_cache)
+                    loaded.sessions.step(first.session, frame.step, self.now(), loaded.stage.new_cache)
         except StreamClosedError as err:
             # The previous hop went away (its peer died, or the driver gave up): nothing to answer.
             log.info("session %s ended: %s", first.session, err,
-                     extra={"event": "session_closed", "code": err.code, "node_id": node.node_id})
+                     extra={"event": "session_closed", "code": err.code, "node_id": self.node_id})
             if index > 0:  # a hop between stages broke: the driver learns now, not at its step timeout
                 await self._notify(driver, error_frame(first.session, session.next_step, err.code,
-                                                       f"{err} (stage {index})", node.node_id))
+                                                       f"{err} (stage {index})", self.node_id))
         except PeerError as err:
             await self._refuse(stream, first.session, frame.step, err)
-            await self._notify(driver, error_frame(first.session, frame.step, err.code, str(err), node.node_id))
+            await self._notify(driver, error_frame(first.session, frame.step, err.code, str(err), self.node_id))
         finally:
             loaded.sessions.end(first.session)
 
@@ -437,9 +359,9 @@ class StageHost:
         comes back on that stream (it may refuse a frame from its header alone, before it knows the
         session's driver); it is passed on to ``driver`` at once, so no generation waits for a step
         timeout to learn that a stage refused it."""
-        if peer == self.node.node_id:
+        if peer == self.node_id:
             async def local(frame: Frame) -> None:
-                await self.node.driver.deliver(frame, self.node.node_id)
+                await self._deliver(frame, self.node_id)
             return local
         holder: list[Stream] = []
 
@@ -447,7 +369,7 @@ class StageHost:
             if not holder:
                 try:
                     holder.append(await stack.enter_async_context(
-                        self.node.transport.open_stream(peer, ACTIVATIONS_PROTOCOL)))
+                        self.streams.open_stream(peer, ACTIVATIONS_PROTOCOL)))
                 except PeerError as err:
                     raise StreamClosedError(f"cannot reach the next hop {peer}: {err.code} {err}",
                                             code="NEXT_HOP_FAILED") from None
@@ -478,17 +400,17 @@ class StageHost:
             code = str(frame.extra.get("code", "NEXT_HOP_FAILED"))[:64]
             message = str(frame.extra.get("message", ""))[:500]
             log.info("session %s: the next hop %s refused it: %s %s", session, peer, code, message,
-                     extra={"event": "next_hop_refused", "code": code, "peer": peer, "node_id": self.node.node_id})
+                     extra={"event": "next_hop_refused", "code": code, "peer": peer, "node_id": self.node_id})
             await self._notify(driver, error_frame(session, frame.step, code, f"{message} (at {peer})", peer))
 
     async def _notify(self, driver: NodeId, frame: Frame) -> None:
         """Best effort: an error frame to the driver on its own stream (never raises)."""
         try:
-            if driver == self.node.node_id:
-                await self.node.driver.deliver(frame, self.node.node_id)
+            if driver == self.node_id:
+                await self._deliver(frame, self.node_id)
                 return
             with trio.move_on_after(2.0):
-                async with self.node.transport.open_stream(driver, ACTIVATIONS_PROTOCOL, timeout=2.0) as s:
+                async with self.streams.open_stream(driver, ACTIVATIONS_PROTOCOL, timeout=2.0) as s:
                     await protocol.send(s, frame)
         except (PeerError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -510,11 +432,11 @@ class StageHost:
         positions = torch.arange(frame.start, frame.start + count).unsqueeze(0)
         t0 = time.perf_counter()
         async with loaded.limiter:
-            out = await trio.to_thread.run_sync(stage.forward, x, positions, session.cache)
+            out = await self.offload(stage.forward, x, positions, session.cache)
             if last:
                 logits = out[0, -1].float()
-                token = await trio.to_thread.run_sync(sample, logits, sampling, frame.start + count)
-        loaded.sessions.done(session, self.node.now())
+                token = await self.offload(sample, logits, sampling, frame.start + count)
+        loaded.sessions.done(session, self.now())
         loaded.steps += 1
         before = frame.extra.get("compute_ms")
         if not (isinstance(before, list) and all(isinstance(v, int | float) for v in before)):
@@ -538,7 +460,3 @@ class StageHost:
                             "sessions": len(s.sessions), "steps": s.steps, "load_s": round(s.load_s, 3)}
                            for s in self.loaded.values()],
                 "errors": self.errors}
-
-
-def new_session_id(node: NodeId) -> str:
-    return f"{node[-6:]}-{secrets.token_hex(8)}"

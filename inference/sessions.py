@@ -9,11 +9,13 @@ expired first; if none is idle the new one is refused (``TOO_MANY_SESSIONS``), n
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from mesh.errors import PeerError
+from mesh.ids import ModelRef, NodeId
 
 
 class SessionError(PeerError):
@@ -78,3 +80,12 @@ class SessionTable:
         for sid in old:
             del self._sessions[sid]
         return old
+
+
+def stage_key(model: str, revision: str, start: int, end: int, compute: str = "float32") -> str:
+    """How a ready stage is named in gossip (``NodeInfo.stages``): ``model@revision:start:end:dtype``."""
+    return f"{ModelRef(model, revision)}:{start}:{end}:{compute}"
+
+
+def new_session_id(node: NodeId) -> str:
+    return f"{node[-6:]}-{secrets.token_hex(8)}"

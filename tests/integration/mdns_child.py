@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from mesh.localmesh import LocalMesh, agreed, wait_for
+from mesh.app.localmesh import LocalMesh, agreed, wait_for
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "local-3.toml")
 

@@ -27,12 +27,12 @@ from inference import protocol
 from inference.frames import MAX_HEADER, Frame, encode
 from inference.protocol import ACTIVATIONS_PROTOCOL
 from inference.sampling import Sampling
-from mesh.cli import api_get
-from mesh.cli import main as cli
+from mesh.app.cli import main as cli
+from mesh.app.client import api_get
+from mesh.app.localmesh import LocalMesh, PeerProcess, agreed, wait_for
 from mesh.errors import PeerError
 from mesh.identity import Identity
 from mesh.ids import NodeId
-from mesh.localmesh import LocalMesh, PeerProcess, agreed, wait_for
 from mesh.transport import Stream, Transport
 
 pytestmark = pytest.mark.integration

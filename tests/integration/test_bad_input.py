@@ -13,9 +13,9 @@ import cbor2
 import pytest
 import trio
 
+from mesh.app.localmesh import LocalMesh, PeerProcess, agreed, wait_for
 from mesh.errors import CODES
 from mesh.identity import Identity
-from mesh.localmesh import LocalMesh, PeerProcess, agreed, wait_for
 from mesh.transport import Transport
 from mesh.wire import NODE_INFO, Hardware, NodeInfo, NodeStatus, encode_node_info, seal, seal_node_info
 

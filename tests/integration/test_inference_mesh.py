@@ -17,11 +17,11 @@ import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from coordinator.service import planner_layers
-from mesh.cli import api_get, stream_events
-from mesh.cli import main as cli
+from mesh.app.cli import main as cli
+from mesh.app.client import api_get, stream_events
+from mesh.app.localmesh import LocalMesh, PeerProcess, agreed, wait_for
 from mesh.errors import MeshError
 from mesh.identity import Identity
-from mesh.localmesh import LocalMesh, PeerProcess, agreed, wait_for
 from storage.store import Store
 
 pytestmark = pytest.mark.integration

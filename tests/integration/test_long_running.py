@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from mesh.app.client import api_get
+from mesh.app.localmesh import LocalMesh, PeerProcess, agreed, wait_for
 from mesh.churn import run_process
-from mesh.cli import api_get
 from mesh.errors import MeshError
-from mesh.localmesh import LocalMesh, PeerProcess, agreed, wait_for
 
 pytestmark = pytest.mark.integration
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "local-3.toml")

@@ -17,11 +17,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from coordinator.plans import PLAN, encode_plan, open_plan, seal_plan
 from coordinator.service import planner_layers
-from mesh.cli import api_get
-from mesh.cli import main as cli
+from mesh.app.cli import main as cli
+from mesh.app.client import api_get
+from mesh.app.localmesh import LocalMesh, PeerProcess, agreed, wait_for
 from mesh.errors import MeshError
 from mesh.identity import Identity
-from mesh.localmesh import LocalMesh, PeerProcess, agreed, wait_for
 from mesh.transport import Transport
 from mesh.wire import PLANS_TOPIC, seal
 from storage.store import Store

@@ -17,9 +17,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mesh.cli import main as cli
+from mesh.app.cli import main as cli
+from mesh.app.localmesh import LocalMesh, PeerProcess, wait_for
 from mesh.identity import Identity
-from mesh.localmesh import LocalMesh, PeerProcess, wait_for
 from storage.store import Store
 
 pytestmark = pytest.mark.integration
@@ -64,7 +64,7 @@ def test_pull_survives_kill_of_a_holder_and_serves_files_safely(tmp_path: Path) 
         c = mesh.start_peer("c", b.addrs[:1])
         wait_for(lambda: holders_seen(c, {a.node_id, b.node_id}, entry), 30, what="C to see both holders")
 
-        pull = subprocess.Popen([sys.executable, "-m", "mesh.cli", "models", "pull", "tiny", "--api", c.api],
+        pull = subprocess.Popen([sys.executable, "-m", "mesh.app.cli", "models", "pull", "tiny", "--api", c.api],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, COLUMNS="100"))
         try:
             def a_is_mid_transfer() -> bool:

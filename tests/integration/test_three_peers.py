@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.localmesh import LocalMesh, agreed, wait_for
+from mesh.app.localmesh import LocalMesh, agreed, wait_for
 
 pytestmark = pytest.mark.integration
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "local-3.toml")
@@ -42,7 +42,7 @@ def test_drain_moves_a_peer_to_draining_then_offline_and_it_exits(tmp_path: Path
     with LocalMesh(tmp_path, CONFIG, extra_args=("--benchmark-seconds", "0.05", "--drain-seconds", "3")) as mesh:
         a, b = mesh.start_chain(2)
         wait_for(lambda: agreed([a, b]), timeout=15, what="2 peers to agree")
-        from mesh.cli import main
+        from mesh.app.cli import main
 
         assert main(["drain", "--api", b.api]) == 0
         wait_for(lambda: ("draining" in str(a.try_get("/api/node-health?node_id=" + b.node_id))), timeout=3,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mesh.cli import main
+from mesh.app.cli import main
 from mesh.errors import MeshError
 from mesh.identity import Identity
 from storage.registry import ModelNotAvailable

@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from mesh.cli import main, make_parser
+from mesh.app.cli import main, make_parser
 
 
 def commands() -> list[list[str]]:

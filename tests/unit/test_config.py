@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from mesh import config as cfg
-from mesh.cli import format_status, make_parser
+from mesh.app.cli import make_parser
+from mesh.app.client import format_status
 from mesh.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

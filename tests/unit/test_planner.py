@@ -128,7 +128,7 @@ def test_against_the_greedy_baseline_on_heterogeneous_meshes() -> None:
 def test_meshnode_plan_prints_the_plan_or_fails_clearly(tmp_path, capsys) -> None:
     import json
 
-    from mesh.cli import main
+    from mesh.app.cli import main
 
     layers = [{"index": i, "flops_per_token": 1e9, "bytes": 100 * 2**20} for i in range(6)]
     nodes = [{"node_id": "a", "flops": 1e10, "memory_bytes": 2**30, "link_ms": 2.0},

@@ -7,9 +7,6 @@ import json
 import logging
 import signal
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,38 +15,12 @@ import trio
 
 from mesh import config as config_mod
 from mesh import logs
+from mesh.app.client import api_get, format_status, pull, stream_events
 from mesh.errors import MeshError, NotFoundError
 from storage.formats import WEIGHTS
 
 log = logging.getLogger("meshnode")
 DEFAULT_API = "127.0.0.1:8470"
-
-
-def _api_url(addr: str) -> str:
-    return addr if addr.startswith("http") else f"http://{addr}"
-
-
-def api_get(addr: str, path: str, *, method: str = "GET", timeout: float = 5.0, body: Any = None) -> Any:
-    """Call the local HTTP API; returns decoded JSON, raises MeshError with the API's code."""
-    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
-    req = urllib.request.Request(_api_url(addr) + path, method=method, data=data,
-                                 headers={"Content-Type": "application/json"} if body is not None else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except (urllib.error.URLError, OSError) as exc:
-        raise _api_error(addr, exc) from None
-
-
-def _api_error(addr: str, exc: OSError) -> MeshError:
-    """The API's error answer (its code and message), or API_UNREACHABLE."""
-    if isinstance(exc, urllib.error.HTTPError):
-        try:
-            err = json.loads(exc.read())["error"]
-        except (ValueError, KeyError, TypeError):
-            err = {"code": "HTTP_ERROR", "message": str(exc)}
-        return MeshError(err["message"], code=err["code"])
-    return MeshError(f"cannot reach the peer's API at {addr}: {exc}", code="API_UNREACHABLE")
 
 
 # ---- start --------------------------------------------------------------------------------------
@@ -62,12 +33,13 @@ async def _start(cfg: config_mod.Config) -> None:
 
 
 async def _serve_until_drained(cfg: config_mod.Config, signals: AsyncIterator[int]) -> None:
-    from mesh import node as node_mod
+    from mesh.app import main as peer_main
+    from mesh.app.node import Node
 
     async with trio.open_nursery() as nursery:
 
-        async def run_peer(task_status: trio.TaskStatus[node_mod.Node]) -> None:
-            await node_mod.run(cfg, task_status=task_status)
+        async def run_peer(task_status: trio.TaskStatus[Node]) -> None:
+            await peer_main.run(cfg, task_status=task_status)
             nursery.cancel_scope.cancel()  # the peer has drained and closed: stop the signal watcher
 
         peer = await nursery.start(run_peer)
@@ -97,30 +69,6 @@ def cmd_start(args: argparse.Namespace) -> int:
 # ---- status / drain -----------------------------------------------------------------------------
 
 
-def _fmt_gb(x: float) -> str:
-    return f"{x:.1f}"
-
-
-def format_status(nodes: dict[str, Any]) -> str:
-    header = ("NODE", "NAME", "STATUS", "ROLE", "CPU", "MEM GB", "FREE GB", "LOAD", "GPUS", "GFLOP/S")
-    rows = [header]
-    for n in nodes["nodes"]:
-        hw = n["hardware"]
-        role = "coordinator" if n["is_coordinator"] else ""
-        if n.get("is_self"):
-            role = (role + " (self)").strip()
-        gpus = ",".join(g["name"] for g in hw["gpus"]) or "-"
-        rows.append((
-            n["node_id"][:16] + "…", n.get("name") or "-", n["status"], role, str(hw["cpu_cores"]),
-            _fmt_gb(hw["memory_gb"]), _fmt_gb(hw["memory_free_gb"]), f"{hw['load']:.2f}", gpus,
-            f"{n['compute_flops'] / 1e9:.1f}",
-        ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.append(f"coordinator: {nodes['coordinator'] or '(none yet)'}   term: {nodes['term']}")
-    return "\n".join(lines)
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     nodes = api_get(args.api, "/api/nodes")
     if args.json:
@@ -137,7 +85,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mesh import demo
+    from mesh.app import demo
 
     cfg = config_mod.build(args)
     logs.setup("warning", False)
@@ -154,31 +102,6 @@ def _store(args: argparse.Namespace) -> Any:
 
 def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
-
-
-def pull(api: str, model: str, revision: str | None, source: str | None, *, quiet: bool = False,
-         poll: float = 0.25) -> dict[str, Any]:
-    """Ask the running peer at ``api`` to fetch a model from the mesh and follow its progress (a rich
-    progress bar with speed and ETA); the finished transfer, or MeshError with the transfer's code."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-    started = api_get(api, "/api/transfers", method="POST",
-                      body={"model": model, "revision": revision, "source": source})["transfer"]
-    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, disable=quiet, transient=False) as bar:
-        task = bar.add_task(f"{model}", total=None)
-        while True:
-            t = api_get(api, f"/api/transfers/{started['id']}")
-            bar.update(task, total=t["total_bytes"] or None, completed=t["done_bytes"],
-                       description=f"{model} {t['files_done']}/{t['files_total']} files")
-            if t["state"] != "running":
-                break
-            time.sleep(poll)
-    if t["state"] == "error":
-        err = t["error"] or {}
-        raise MeshError(err.get("message", "transfer failed"), code=err.get("code", "TRANSFER_FAILED"))
-    return t
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -235,29 +158,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = plans.make_plan(layers, peers, split, request_id=args.request_id)
     print(json.dumps(plan.view(args.tokens), indent=2))
     return 0
-
-
-def stream_events(addr: str, path: str, body: dict[str, Any], *, timeout: float = 120.0) -> Any:
-    """POST ``body`` and yield each server-sent event's JSON until ``[DONE]``; an error event (or an
-    error answer) raises MeshError with its code."""
-    req = urllib.request.Request(_api_url(addr) + path, method="POST", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
-    except (urllib.error.URLError, OSError) as exc:
-        raise _api_error(addr, exc) from None
-    with resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                return
-            event = json.loads(data)
-            if "error" in event:
-                raise MeshError(event["error"]["message"], code=event["error"]["code"])
-            yield event
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

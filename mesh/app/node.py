@@ -1,5 +1,7 @@
-"""The composition root: one peer, one root nursery. Wires identity, hardware, transport, the pure
-peer core and the HTTP API together and drives them with time.
+"""The composition root: one peer, one root nursery. ``Node`` builds every service from narrow parts (a
+membership view, streams and gossip, the plan book, the model library, a clock, a signer, an executor),
+wires what one must tell another as callbacks, and drives the pure peer core with time. Nothing imports
+this package; ``mesh.app.main`` runs a peer on libp2p, ``mesh.app.inproc`` runs many on the memory twin.
 
 Tasks (all children of one nursery, none fire-and-forget):
     heartbeats  - publish this peer's signed NodeInfo every heartbeat_interval (never blocked by a peer)
@@ -7,21 +9,21 @@ Tasks (all children of one nursery, none fire-and-forget):
     ticks       - failure detection, lifecycle and election, four times per heartbeat
     dialer      - (re)dial bootstrap peers and members learned from gossip (peer exchange), mDNS finds
     reaper      - close the connection of a member that fell silent (libp2p never notices a frozen peer)
-    transfers   - model fetches started through the API (``start_fetch``), in their own nursery
+    library     - model fetches started through the API (``Library.start_fetch``), in their own nursery
+    stages      - the stages this peer runs (``inference.host.StageHost``); activation streams are routed
+                  to it, and results for this peer's generations from it to the ``Driver``
     plans       - signed plans from the plans topic; while coordinating, planning and reassignment
                   (``coordinator.service.PlanService``)
-    api         - the local HTTP API
+    api         - the local HTTP API (started by ``mesh.app.main``)
     lifecycle   - drain on request or signal: draining for drain_seconds, then a goodbye, then exit
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import logging
-import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psutil
@@ -34,17 +36,17 @@ from inference.protocol import ACTIVATIONS_PROTOCOL
 from mesh import hardware
 from mesh.config import Config
 from mesh.errors import MeshError, NotFoundError, PeerError
-from mesh.fsutil import atomic_write
 from mesh.identity import Identity
 from mesh.ids import ModelRef, NodeId, keep_ref
-from mesh.keyfile import load_or_create
 from mesh.logs import Throttle
 from mesh.membership import Forgotten, Member, StatusChanged
-from mesh.peer import LeaderChanged, PeerCore, PeerEvent, PeerProfile
-from mesh.transport import GossipMessage, Transport, is_loopback_addr, peer_id_of
+from mesh.peer import LeaderChanged, PeerCore, PeerEvent
+from mesh.ports import Network, Offload, threads
+from mesh.transport import GossipMessage, is_loopback_addr, peer_id_of
 from mesh.wire import NODES_TOPIC, PLANS_TOPIC, GpuInfo, NodeStatus, open_signed
+from storage.library import Library
 from storage.store import Store
-from storage.transfer import Fetcher, RateLimit, Server, Transfer
+from storage.transfer import Fetcher, RateLimit, Server
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -53,10 +55,14 @@ MAX_CONCURRENT_DIALS = 8
 NODE_FILE = "node.json"  # addresses of the running peer, for scripts and tests
 
 
+#: Starts the HTTP API of a node in a nursery (``nursery.start(api, node, listen)``) and reports its URL.
+ApiStarter = Callable[..., Awaitable[Any]]
+
+
 class Node:
     def __init__(
-        self, config: Config, identity: Identity, core: PeerCore, transport: Transport,
-        gpus: tuple[GpuInfo, ...], flops: float, store: Store,
+        self, config: Config, identity: Identity, core: PeerCore, transport: Network,
+        gpus: tuple[GpuInfo, ...], flops: float, store: Store, *, offload: Offload = threads,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -76,11 +82,18 @@ class Node:
         self.fetcher = Fetcher(transport, store, parallel=st.parallel_downloads, retries=st.retries,
                                download=RateLimit(st.download_limit_mb_s * 1e6))
         self._installed: tuple[str, ...] = ()
-        self._transfer_nursery: trio.Nursery | None = None
-        self.plans = PlanService(self)
-        self.stages = StageHost(self)
-        self.driver = Driver(self)
         self._serve: list[str] = list(config.inference.serve)  # models this peer asks the mesh to serve
+        self.offload = offload
+        # The services, each from the narrow parts it uses; the callbacks are the only paths between them.
+        self.library = Library(store, self.fetcher, core, offload)
+        self.plans = PlanService(config, core, transport, identity, self.library, reject=self._reject,
+                                 on_plan=lambda: self.stages.wake.set(), now=self.now, offload=offload)
+        self.stages = StageHost(config.inference, self.node_id, self.plans.book, self.library, transport,
+                                deliver=lambda frame, sender: self.driver.deliver(frame, sender),
+                                accept_results=lambda stream, first: self.driver.accept_results(stream, first),
+                                now=self.now, offload=offload)
+        self.driver = Driver(config.inference, config.membership.offline_after, core, self.plans.book, self.library,
+                             transport, self.stages, requested=self.serve_requests, offload=offload)
 
     @property
     def node_id(self) -> NodeId:
@@ -138,7 +151,11 @@ class Node:
         # last list rather than delay the heartbeat.
         with trio.move_on_after(0.2):
             try:
-                self._installed = tuple(await trio.to_thread.run_sync(self.store.installed, abandon_on_cancel=True))
+                if self.offload is threads:  # a worker thread that a slow read may leave behind
+                    found = await trio.to_thread.run_sync(self.store.installed, abandon_on_cancel=True)
+                else:
+                    found = await self.offload(self.store.installed)
+                self._installed = tuple(found)
             except (MeshError, OSError) as err:  # a broken registry.json must not stop the heartbeats
                 code = getattr(err, "code", "STORE_IO")
                 if self._reject_throttle.allow(("store", code), self.now()) is not None:
@@ -278,51 +295,6 @@ class Node:
 
     # ---- models ----------------------------------------------------------------------------------
 
-    async def transfers(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._transfer_nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
-
-    def holders(self, model: str, revision: str | None) -> list[NodeId]:
-        """Live peers that advertise ``model`` (at ``revision``, if given), least loaded first."""
-        found, ref = [], ModelRef(model, revision)
-        for m in self.core.membership.members():
-            if m.node_id == self.node_id or m.status == NodeStatus.OFFLINE:
-                continue
-            if any(ref.matches(entry) for entry in m.info.installed_models):
-                found.append(m)
-        found.sort(key=lambda m: (m.info.hardware.load, m.node_id))
-        return [m.node_id for m in found]
-
-    def start_fetch(self, model: str, revision: str | None, source: str | None) -> Transfer:
-        """Fetch a model from the peers that hold it, in the background; its progress is the returned
-        Transfer (``/api/transfers``). ``source``: where to add it from if no peer can deliver it."""
-        assert self._transfer_nursery is not None
-        transfer = self.fetcher.new_transfer(model, revision)
-        add_from_source = None
-        if source:
-            async def add_from_source(rev: str | None) -> None:
-                await trio.to_thread.run_sync(functools.partial(self.store.add, source, revision=rev,
-                                                                model_id=model))
-
-        async def fetch() -> None:
-            try:
-                await self.fetcher.fetch_model(model, revision, self.holders(model, revision),
-                                               source=add_from_source, transfer=transfer)
-                self.store.count(model, "fetch")
-            except MeshError as err:  # recorded on the transfer and logged by the fetcher
-                log.warning("fetching %s failed: %s %s", model, err.code, err,
-                            extra={"event": "fetch_failed", "code": err.code, "model": model})
-            except Exception as exc:  # a bug in one fetch must not take the peer down
-                log.exception("fetching %s failed unexpectedly", model,
-                              extra={"event": "fetch_failed", "code": "INTERNAL", "model": model})
-                transfer.state = "error"
-                transfer.error = {"code": "INTERNAL", "message": f"{type(exc).__name__}: {exc}"}
-
-        self._transfer_nursery.start_soon(fetch)
-        return transfer
-
     def serve_requests(self) -> list[str]:
         return list(self._serve)
 
@@ -334,7 +306,7 @@ class Node:
         if not model or len(spec) > 256:
             raise PeerError("model_id must be a model id, or id@revision", code="INVALID_PARAMETER")
         local = any(ModelRef(model, revision).matches(entry) for entry in self._installed)
-        if not local and not self.holders(model, revision):
+        if not local and not self.library.holders(model, revision):
             raise NotFoundError(f"no peer has {spec} installed (meshnode models add on one of them first)",
                                 code="UNKNOWN_MODEL")
         self._serve = keep_ref(self._serve, spec)
@@ -432,61 +404,29 @@ class Node:
 def _count_tasks(task: trio.lowlevel.Task) -> int:
     return 1 + sum(_count_tasks(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
 
+    # ---- running ---------------------------------------------------------------------------------
 
-def layer_memory(config: Config) -> int:
-    """Bytes this peer offers for model layers: the configured cap, else the memory available now less
-    the free-memory floor (taken once at start, so loading layers does not shrink the offer)."""
-    if config.node.max_layer_memory_mb > 0:
-        return int(config.node.max_layer_memory_mb * 2**20)
-    return max(0, psutil.virtual_memory().available - int(config.node.min_free_memory_gb * 2**30))
-
-
-async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run one peer until it has drained (``Node.request_drain``) or is cancelled."""
-    from mesh.api import serve_api
-
-    data_dir = config.data_path
-    identity = load_or_create(data_dir)
-    gpus = await trio.to_thread.run_sync(hardware.gpus)
-    flops = await trio.to_thread.run_sync(hardware.measure_flops, config.node.benchmark_seconds)
-    m = config.membership
-    profile = PeerProfile(
-        version=VERSION, name=config.node.name, incarnation=int(time.time() * 1000),
-        accept_public_jobs=config.node.accept_public_jobs,
-        min_free_memory_gb=config.node.min_free_memory_gb,
-        layer_memory_bytes=layer_memory(config),
-        features_supported=("gossip-v1", "election-v1", *await trio.to_thread.run_sync(hardware.bf16_features)),
-    )
-    core = PeerCore(identity, profile, m, trio.current_time())
-    store = await trio.to_thread.run_sync(Store, data_dir / "store", identity)
-    async with Transport.open(identity, config.network.listen, mdns=config.network.mdns,
-                              loopback_only=config.network.loopback_only,
-                              gossip_heartbeat=m.heartbeat_interval) as transport:
-        node = Node(config, identity, core, transport, gpus, flops, store)
-        transport.set_validator(NODES_TOPIC, node.accept_gossip)
-        transport.set_validator(PLANS_TOPIC, node.plans.accept_gossip)
-        node.shard_server.register(transport)
-        transport.handle(ACTIVATIONS_PROTOCOL, node.stages.on_stream,
-                         max_concurrent=2 * config.inference.max_sessions + 16)
+    async def run(self, *, api: ApiStarter | None = None,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Every task of the peer in one nursery, until it has drained (``request_drain``) or is cancelled.
+        ``api``: how to start the HTTP API (``mesh.app.api.serve_api``) when ``config.api.listen`` is set."""
+        t, inf = self.transport, self.config.inference
+        t.set_validator(NODES_TOPIC, self.accept_gossip)
+        t.set_validator(PLANS_TOPIC, self.plans.accept_gossip)
+        self.shard_server.register(t)
+        t.handle(ACTIVATIONS_PROTOCOL, self.stages.on_stream, max_concurrent=2 * inf.max_sessions + 16)
         async with trio.open_nursery() as nursery:
-            await nursery.start(node.transfers)
-            await nursery.start(node.stages.keep)
-            if config.api.listen:
-                node.api_url = await nursery.start(serve_api, node, config.api.listen)
-            addrs = transport.addrs()
-            atomic_write(data_dir / NODE_FILE, json.dumps(
-                {"node_id": node.node_id, "addrs": addrs, "api": node.api_url, "pid": os.getpid()}
-            ).encode())
-            log.info("peer %s listening on %s, api %s", node.node_id, " ".join(addrs), node.api_url or "off",
-                     extra={"event": "started", "node_id": node.node_id, "api": node.api_url})
-            for task in (node.receive, node.heartbeats, node.ticks, node.dialer, node.reaper, node.lifecycle,
-                         node.plans.receive, node.plans.coordinate):
+            await nursery.start(self.library.run)
+            await nursery.start(self.stages.keep)
+            if api is not None and self.config.api.listen:
+                self.api_url = await nursery.start(api, self, self.config.api.listen)
+            log.info("peer %s listening on %s, api %s", self.node_id, " ".join(t.addrs()), self.api_url or "off",
+                     extra={"event": "started", "node_id": self.node_id, "api": self.api_url})
+            for task in (self.receive, self.heartbeats, self.ticks, self.dialer, self.reaper, self.lifecycle,
+                         self.plans.receive, self.plans.coordinate):
                 nursery.start_soon(task)
-            if config.network.mdns:
-                nursery.start_soon(node.mdns_dialer)
-            task_status.started(node)
-            await node.finished.wait()
+            if self.config.network.mdns:
+                nursery.start_soon(self.mdns_dialer)
+            task_status.started()
+            await self.finished.wait()
             nursery.cancel_scope.cancel()
-    log.info("peer %s stopped", identity.node_id, extra={"event": "stopped", "node_id": identity.node_id})
-
-

@@ -23,14 +23,14 @@ from mesh.errors import MeshError, NotFoundError, PeerError
 from mesh.wire import NodeStatus
 
 if TYPE_CHECKING:
-    from mesh.node import Node
+    from mesh.app.node import Node
 
 log = logging.getLogger(__name__)
 
 
 def error_response(err: MeshError) -> JSONResponse:
     """``{"error": {"code", "message", "type", "param"}}``: meshnode's stable code, in OpenAI's shape."""
-    from inference.openai import openai_error
+    from mesh.app.openai import openai_error
 
     log.warning("api error %s: %s", err.code, err, extra={"event": "api_error", "code": err.code})
     return JSONResponse({"error": openai_error(err)}, status_code=err.http_status)
@@ -101,7 +101,7 @@ def build_app(node: Node) -> Starlette:
         for key in ("revision", "source"):
             if body.get(key) is not None and not isinstance(body[key], str):
                 raise PeerError(f"{key!r} must be a string", code="INVALID_PARAMETER")
-        transfer = node.start_fetch(body["model"], body.get("revision"), body.get("source"))
+        transfer = node.library.start_fetch(body["model"], body.get("revision"), body.get("source"))
         return JSONResponse({"transfer": transfer.snapshot()}, status_code=202)
 
     async def transfers(request: Request) -> JSONResponse:
@@ -168,7 +168,7 @@ def build_app(node: Node) -> Starlette:
         return JSONResponse({"error": {"code": "INTERNAL", "message": "internal error", "type": "server_error",
                                        "param": None}}, status_code=500)
 
-    from inference.openai import Api
+    from mesh.app.openai import Api
 
     routes = [
         *Api(node).routes(),

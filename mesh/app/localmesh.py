@@ -15,9 +15,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mesh.cli import api_get
+from mesh.app.client import api_get
+from mesh.app.node import NODE_FILE
 from mesh.errors import MeshError
-from mesh.node import NODE_FILE
 
 T = TypeVar("T")
 PR_SET_PDEATHSIG = 1  # prctl(2)
@@ -103,7 +103,7 @@ class LocalMesh:
         data_dir = self.base_dir / name
         data_dir.mkdir(parents=True, exist_ok=True)
         (data_dir / NODE_FILE).unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "mesh.cli", "start", "--data-dir", str(data_dir), "--name", name,
+        cmd = [sys.executable, "-m", "mesh.app.cli", "start", "--data-dir", str(data_dir), "--name", name,
                "--log-json"]
         if self.config_file:
             cmd += ["--config", self.config_file]

@@ -31,7 +31,7 @@ from inference.tokenizer import chat_ids, stop_ids, text_ids
 from mesh.errors import MeshError, PeerError
 
 if TYPE_CHECKING:
-    from mesh.node import Node
+    from mesh.app.node import Node
 
 MAX_NEW_TOKENS = 4096
 MAX_STOP = 4

