@@ -1,7 +1,7 @@
 """The sans-IO heart of a peer: membership, failure detection, election and its own lifecycle.
 
 ``PeerCore`` turns bytes and time into decisions and never touches a socket or a clock. The trio/libp2p
-driver (``mesh.node``) and the deterministic simulator (``mesh.sim``) both drive this same class:
+driver (``mesh.app.node``) and the deterministic simulator (``mesh.sim``) both drive this same class:
 
 - ``heartbeat(now, ...)`` → signed bytes to publish on the nodes topic;
 - ``receive(data, now)``  → events; raises a ``PeerError`` (with its code) for anything it rejects;

@@ -400,10 +400,6 @@ class Node:
         lead = self.core.leadership
         return {"node_id": lead.coordinator, "term": lead.term}
 
-
-def _count_tasks(task: trio.lowlevel.Task) -> int:
-    return 1 + sum(_count_tasks(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
-
     # ---- running ---------------------------------------------------------------------------------
 
     async def run(self, *, api: ApiStarter | None = None,
@@ -430,3 +426,7 @@ def _count_tasks(task: trio.lowlevel.Task) -> int:
             task_status.started()
             await self.finished.wait()
             nursery.cancel_scope.cancel()
+
+
+def _count_tasks(task: trio.lowlevel.Task) -> int:
+    return 1 + sum(_count_tasks(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
