@@ -1,0 +1,142 @@
+"""Whole peers in one process on the memory transport and a virtual clock: plan following, serving, failover
+(a middle stage killed mid-generation, the coordinator killed), a join and a drain, in seconds. The oracle is
+the unsplit model: the mesh's tokens equal transformers' greedy tokens with the same weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+import trio.testing
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from coordinator.service import planner_layers
+from inference.driver import Request
+from mesh.app.inproc import InProcessMesh
+from mesh.config import Config, InferenceConfig
+from mesh.wire import NodeStatus
+
+PROMPT = (3, 17, 42, 7, 99, 5)
+MODEL = "llama"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
+    """A tiny random Llama saved as a folder, and its greedy tokens (transformers, unsplit, own KV cache)."""
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, tie_word_embeddings=True, initializer_range=0.5, max_position_embeddings=512)).eval()
+    folder = tmp_path_factory.mktemp("tiny") / "llama"
+    model.save_pretrained(folder)
+    ids, cache, out = torch.tensor([PROMPT]), DynamicCache(config=model.config), []
+    with torch.no_grad():
+        for _ in range(48):
+            out.append(int(model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax()))
+            ids = torch.tensor([[out[-1]]])
+    return folder, out
+
+
+def config() -> Config:
+    c = Config()
+    return dataclasses.replace(
+        c, coordinator=dataclasses.replace(c.coordinator, hop_ms=0.05),
+        inference=InferenceConfig(recovery_timeout=20.0, step_timeout=10.0, compute_dtype="float32"))
+
+
+async def three_peers(mesh: InProcessMesh, folder: Path, holders: tuple[str, ...] = ("a",)) -> list:
+    """a, b, c each offering 60% of the model's memory (no peer runs it alone, any two can), ``holders``
+    with the model installed; converged, the model asked to be served and ready on 3 stages."""
+    for name in holders:
+        mesh.store(name).add(str(folder), model_id=MODEL)
+    manifest = mesh.store(holders[0]).manifest(MODEL)[0]
+    offer = int(0.6 * sum(x.bytes for x in planner_layers(manifest, 2048, "float32")))
+    peers = [await mesh.start(name, layer_memory=offer) for name in "abc"]
+    await mesh.wait(mesh.agreed, timeout=30, what="one coordinator")
+    await peers[2].node.request_serve(MODEL)
+    await mesh.wait(lambda: all(p.node.driver.route(MODEL) and len(p.node.driver.route(MODEL).hops) == 3
+                                for p in peers), timeout=60, what="3 ready stages")
+    return peers
+
+
+async def generate(node, n: int, on_token=None) -> list[int]:  # type: ignore[no-untyped-def]
+    out = []
+    async for tok in node.driver.generate(Request(MODEL, PROMPT, n)):
+        out.append(tok.id)
+        if on_token is not None:
+            on_token(len(out))
+    return out
+
+
+async def test_three_peers_serve_the_unsplit_tokens(tmp_path: Path, tiny: tuple[Path, list[int]],
+                                                    autojump_clock: trio.testing.MockClock) -> None:
+    folder, want = tiny
+    async with InProcessMesh(tmp_path, config()) as mesh:
+        a, _, c = await three_peers(mesh, folder)
+        assert await generate(c.node, 24) == want[:24]
+        assert await generate(a.node, 24) == want[:24]  # a driver whose first stage is in-process
+        # c held nothing: it fetched its stage's shards from a, SHA256-checked.
+        assert {s.model for s in c.node.stages.loaded.values()} == {MODEL}
+
+
+async def test_a_middle_stage_killed_mid_generation_changes_no_token(
+        tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
+    folder, want = tiny
+    async with InProcessMesh(tmp_path, config()) as mesh:
+        peers = await three_peers(mesh, folder, holders=("a", "b", "c"))
+        route = peers[0].node.driver.route(MODEL)
+        victim = next(p for p in peers if p.node_id == route.hops[1].node)
+        driver = next(p for p in peers if p.node_id == route.hops[-1].node)  # tokens come to it from itself
+        got = await generate(driver.node, 40, lambda k: mesh.kill(victim.name) if k == 10 else None)
+        assert got == want[:40]
+        assert driver.node.driver.failovers >= 1
+        assert victim.node_id not in {h.node for h in driver.node.driver.route(MODEL).hops}
+
+
+async def test_the_coordinator_killed_the_survivors_plan_and_serve(
+        tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
+    folder, want = tiny
+    async with InProcessMesh(tmp_path, config()) as mesh:
+        peers = await three_peers(mesh, folder, holders=("a", "b", "c"))
+        lead = next(p for p in peers if p.node_id == p.node.core.leadership.coordinator)
+        term = lead.node.core.leadership.term
+        mesh.kill(lead.name)
+        rest = [p for p in peers if p is not lead]
+        await mesh.wait(mesh.agreed, timeout=30, what="a new coordinator")
+        assert rest[0].node.core.leadership.term > term
+        await mesh.wait(lambda: all((r := p.node.driver.route(MODEL)) and lead.node_id not in r.nodes
+                                    for p in rest), timeout=60, what="a plan without the old coordinator")
+        assert await generate(rest[0].node, 24) == want[:24]
+
+
+async def test_a_joining_peer_is_admitted_and_can_drive(
+        tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
+    folder, want = tiny
+    async with InProcessMesh(tmp_path, config()) as mesh:
+        peers = await three_peers(mesh, folder)
+        d = await mesh.start("d")
+        await mesh.wait(mesh.agreed, timeout=30, what="d to join")
+        assert all(p.node.core.membership.get(d.node_id) is not None for p in peers)
+        await mesh.wait(lambda: d.node.driver.route(MODEL), timeout=30, what="d to learn the plan")
+        assert await generate(d.node, 16) == want[:16]
+
+
+async def test_a_drained_stage_peer_leaves_the_plan_and_generation_goes_on(
+        tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
+    folder, want = tiny
+    async with InProcessMesh(tmp_path, config()) as mesh:
+        peers = await three_peers(mesh, folder, holders=("a", "b", "c"))
+        route = peers[0].node.driver.route(MODEL)
+        leaving = next(p for p in peers if p.node_id == route.hops[-1].node)
+        stay = [p for p in peers if p is not leaving]
+        leaving.node.request_drain()
+        await mesh.wait(leaving.node.finished.is_set, timeout=30, what="the drain to finish")
+        for p in stay:
+            m = p.node.core.membership.get(leaving.node_id)
+            assert m is not None and m.status == NodeStatus.OFFLINE
+        await mesh.wait(lambda: all((r := p.node.driver.route(MODEL)) and leaving.node_id not in r.nodes
+                                    for p in stay), timeout=60, what="a plan without the drained peer")
+        assert await generate(stay[0].node, 24) == want[:24]
