@@ -72,7 +72,7 @@ Reject = Callable[[PeerError, str], None]
 class PlanService:
     def __init__(self, config: Config, view: MeshView, gossip: Gossip, signer: Signer, library: Library, *,
                  reject: Reject, on_plan: Callable[[], None], now: Clock, offload: Offload) -> None:
-        self.config, self.view, self.gossip, self.signer, self.library = config, view, gossip, signer, library
+        self.config, self.mesh, self.gossip, self.signer, self.library = config, view, gossip, signer, library
         self._reject, self._on_plan, self.now, self.offload = reject, on_plan, now, offload
         co = config.coordinator
         self.book = PlanBook()
@@ -91,7 +91,7 @@ class PlanService:
 
     def accept_gossip(self, msg: GossipMessage) -> bool:
         """Topic validator: forged, malformed or oversize plans are neither delivered nor relayed."""
-        return msg.sender == self.view.node_id or self._open(msg) is not None
+        return msg.sender == self.mesh.node_id or self._open(msg) is not None
 
     def _open(self, msg: GossipMessage) -> Plan | None:
         """The verified plan, or None after logging why it was refused."""
@@ -107,13 +107,13 @@ class PlanService:
     async def receive(self) -> None:
         async with self.gossip.subscribe(PLANS_TOPIC) as messages:
             async for msg in messages:
-                if msg.sender == self.view.node_id or (plan := self._open(msg)) is None:
+                if msg.sender == self.mesh.node_id or (plan := self._open(msg)) is None:
                     continue
-                self._judge(plan, self.book.offer(Held(plan, msg.data), self.view.leadership), msg.sender)
+                self._judge(plan, self.book.offer(Held(plan, msg.data), self.mesh.leadership), msg.sender)
 
     def _judge(self, plan: Plan, verdict: Verdict, sender: str) -> None:
         where = {"model": plan.model_id, "term": plan.term, "epoch": plan.epoch, "coordinator": plan.coordinator,
-                 "node_id": self.view.node_id}
+                 "node_id": self.mesh.node_id}
         if verdict.accepted:
             self._on_plan()
             stages = ", ".join(f"{a.node_id[-6:]}[{a.start},{a.end})" for a in plan.assignments)
@@ -127,7 +127,7 @@ class PlanService:
                             extra={"event": "plan_ignored", "code": verdict.code, "peer": sender, **where})
 
     def on_leadership_changed(self) -> None:
-        for plan, verdict in self.book.retry(self.view.leadership):
+        for plan, verdict in self.book.retry(self.mesh.leadership):
             self._judge(plan, verdict, plan.coordinator)
         self._wake.set()
 
@@ -137,7 +137,7 @@ class PlanService:
     # ---- coordinating ------------------------------------------------------------------------------
 
     def is_coordinator(self) -> bool:
-        view = self.view
+        view = self.mesh
         return view.leadership.coordinator == view.node_id and view.status in (NodeStatus.READY, NodeStatus.DEGRADED)
 
     async def coordinate(self) -> None:
@@ -159,7 +159,7 @@ class PlanService:
         """What to keep a plan for: the configured or requested models, and every model the mesh has a
         plan for (a new coordinator takes over its predecessor's plans)."""
         specs = list(self.models)
-        for m in sorted(self.view.membership.members(), key=lambda m: m.node_id):
+        for m in sorted(self.mesh.membership.members(), key=lambda m: m.node_id):
             if m.status == NodeStatus.OFFLINE:
                 continue
             for spec in m.info.serve_models:  # peers that asked the mesh to serve a model
@@ -180,7 +180,7 @@ class PlanService:
                 self._latest[model] = (revision, self.now())
                 current = held.plan if held is not None and held.plan.revision == revision else None
                 workers = self.workers(model, revision)
-                term = self.view.leadership.term
+                term = self.mesh.leadership.term
                 decision = await self.offload(self.controller.decide, model, layers, workers, current,
                                                          term)
                 if current is not None and current.compute_dtype != compute and decision is None:
@@ -204,22 +204,22 @@ class PlanService:
         self.errors[model] = {**err.to_dict(), "at": time.time()}
         if self._throttle.allow(("plan", model, err.code, str(err)), self.now()) is not None:
             log.error("cannot plan %s: %s %s", model, err.code, err,
-                      extra={"event": "plan_failed", "code": err.code, "model": model, "node_id": self.view.node_id})
+                      extra={"event": "plan_failed", "code": err.code, "model": model, "node_id": self.mesh.node_id})
 
     async def _issue(self, model: str, revision: str, layers: Sequence[Layer], d: Decision, *,
                      request_id: str = "", compute: str = "float32") -> Plan:
-        lead = self.view.leadership
+        lead = self.mesh.leadership
         if not self.is_coordinator():
             raise NotCoordinator(f"this peer is not the coordinator (term {lead.term}: {lead.coordinator})")
         plan = make_plan(layers, d.peers, d.split, model=model, revision=revision, term=lead.term,
-                         epoch=self.book.next_epoch(model), coordinator=self.view.node_id, request_id=request_id,
+                         epoch=self.book.next_epoch(model), coordinator=self.mesh.node_id, request_id=request_id,
                          reason=d.reason, reassigned=d.reassigned, issued_at=time.time(), nodes=self._summaries(),
                          compute_dtype=compute)
         envelope = seal_plan(plan, self.signer)
         verdict = self.book.offer(Held(plan, envelope), lead)
         assert verdict.accepted, verdict
         self.errors.pop(model, None)
-        self._judge(plan, verdict, self.view.node_id)
+        self._judge(plan, verdict, self.mesh.node_id)
         await self._publish(envelope)
         return plan
 
@@ -228,9 +228,9 @@ class PlanService:
             await self.gossip.publish(PLANS_TOPIC, envelope)
 
     async def _republish(self) -> None:
-        term = self.view.leadership.term
+        term = self.mesh.leadership.term
         for held in list(self.book.current.values()):
-            if held.plan.coordinator == self.view.node_id and held.plan.term == term:
+            if held.plan.coordinator == self.mesh.node_id and held.plan.term == term:
                 await self._publish(held.envelope)
 
     # ---- inputs ------------------------------------------------------------------------------------
@@ -254,7 +254,7 @@ class PlanService:
         if wanted != "auto":
             return wanted
         return formats.plan_compute(manifest.formats,
-                                    [m.info.features_supported for m in self.view.membership.live()])
+                                    [m.info.features_supported for m in self.mesh.membership.live()])
 
     def workers(self, model: str, revision: str) -> list[Worker]:
         entry = str(ModelRef(model, revision))
@@ -263,12 +263,12 @@ class PlanService:
         return [Worker(m.node_id, m.info.compute_flops, m.info.layer_memory_bytes, m.status,
                        m.info.accept_public_jobs and not (gpu_only and not m.info.hardware.gpus),
                        entry in m.info.installed_models, hop)
-                for m in self.view.membership.members()]
+                for m in self.mesh.membership.members()]
 
     def _summaries(self) -> dict[str, NodeSummary]:
         hop_ms = self.config.coordinator.hop_ms
         out = {}
-        for m in self.view.membership.members():
+        for m in self.mesh.membership.members():
             a = m.arrivals
             reliability = a.count / (a.count + a.missed) if a.count else 1.0
             out[m.node_id] = NodeSummary(m.node_id, m.info.compute_flops, m.info.layer_memory_bytes,
@@ -278,12 +278,12 @@ class PlanService:
     # ---- API ---------------------------------------------------------------------------------------
 
     def view(self, model: str | None = None) -> dict[str, Any]:
-        lead = self.view.leadership
+        lead = self.mesh.leadership
         plans = {m: h for m, h in self.book.current.items() if model is None or m == model}
         if model is not None and not plans and model not in self.errors:
             raise NotFoundError(f"no plan for {model!r} on this peer", code="NO_PLAN")
         return {
-            "coordinator": lead.coordinator, "term": lead.term, "self": self.view.node_id,
+            "coordinator": lead.coordinator, "term": lead.term, "self": self.mesh.node_id,
             "models": self.models,
             "plans": [h.plan.view() | {"envelope": h.envelope.hex()} for h in plans.values()],
             "errors": {m: e for m, e in self.errors.items() if model is None or m == model},
@@ -292,7 +292,7 @@ class PlanService:
     async def request_plan(self, spec: str) -> dict[str, Any]:
         """Keep a plan for ``spec`` from now on and plan it at once (coordinator only)."""
         if not self.is_coordinator():
-            lead = self.view.leadership
+            lead = self.mesh.leadership
             raise NotCoordinator(f"ask the coordinator: {lead.coordinator} (term {lead.term})")
         model = ModelRef.of(spec).model
         try:
