@@ -82,7 +82,8 @@ async def test_three_peers_serve_the_unsplit_tokens(tmp_path: Path, tiny: tuple[
         assert {s.model for s in c.node.stages.loaded.values()} == {MODEL}
         # The views the API serves, built from the same services.
         plan = a.node.plans.view(MODEL)["plans"][0]
-        assert len(plan["model_split_plan"]["splits"]) == 3 and plan["coordinator"] == a.node.core.leadership.coordinator
+        assert len(plan["model_split_plan"]["splits"]) == 3
+        assert plan["coordinator"] == a.node.core.leadership.coordinator
         row = c.node.serving(MODEL)["models"][0]
         assert row["ready"] and [s["ready"] for s in row["stages"]] == [True] * 3
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from inference.frames import FrameError
-from mesh.app.openai import MAX_NEW_TOKENS, MAX_STOP, TextStream, parse_params
 from inference.protocol import MAX_ROUTE, Hop, Route, route_of
 from inference.sampling import Sampling
+from mesh.app.openai import MAX_NEW_TOKENS, MAX_STOP, TextStream, parse_params
 from mesh.errors import PeerError
 
 # ---- routes ---------------------------------------------------------------------------------------
