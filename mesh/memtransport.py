@@ -38,7 +38,9 @@ from mesh.transport import (
     Stream,
     StreamClosedError,
     is_loopback_addr,
+    owned,
     peer_id_of,
+    serve_stream,
 )
 
 log = logging.getLogger(__name__)
@@ -163,13 +165,8 @@ class MemoryTransport:
         mine = _RawStream(a, b, self._streams[peer])
         theirs = _RawStream(b, a, remote._streams[self.node_id])
         remote._nursery.start_soon(remote._serve, handler, protocol, Stream(theirs, self.node_id, handler.timeout))  # type: ignore[arg-type]
-        stream = Stream(mine, peer, timeout)  # type: ignore[arg-type]
-        try:
+        async with owned(Stream(mine, peer, timeout)) as stream:  # type: ignore[arg-type]
             yield stream
-        except BaseException:
-            await stream.reset()
-            raise
-        await stream.close()
 
     def handle(self, protocol: str, handler: Callable[[Stream], Awaitable[None]], *,
                max_concurrent: int = 16, timeout: float = STREAM_TIMEOUT) -> None:
@@ -177,19 +174,7 @@ class MemoryTransport:
 
     async def _serve(self, handler: _Handler, protocol: str, stream: Stream) -> None:
         async with handler.limiter:
-            try:
-                await handler.run(stream)
-            except PeerError as err:
-                log.info("%s from %s failed: %s %s", protocol, stream.peer, err.code, err,
-                         extra={"event": "stream_failed", "code": err.code, "peer": stream.peer})
-                await stream.reset()
-                return
-            except Exception:  # a bug in one handler must not take the peer down
-                log.exception("%s handler failed for a stream from %s", protocol, stream.peer,
-                              extra={"event": "stream_failed", "code": "INTERNAL", "peer": stream.peer})
-                await stream.reset()
-                return
-        await stream.close()
+            await serve_stream(protocol, handler.run, stream)
 
     async def ping(self, peer: NodeId, *, timeout: float = 2.0) -> float:
         start = trio.current_time()

@@ -186,6 +186,36 @@ class Stream:
                 pass
 
 
+@asynccontextmanager
+async def owned(stream: Stream) -> AsyncIterator[Stream]:
+    """``stream`` for the block: closed when it ends, reset when it raises (or is cancelled)."""
+    try:
+        yield stream
+    except BaseException:
+        await stream.reset()
+        raise
+    await stream.close()
+
+
+async def serve_stream(protocol: str, handler: Callable[[Stream], Awaitable[None]], stream: Stream) -> None:
+    """The boundary of one inbound stream: a PeerError resets it and is logged with its code; any other
+    exception is logged as INTERNAL and resets it (a bug in one handler must not take the connection, or the
+    peer, down); a handler that returns closes it."""
+    try:
+        await handler(stream)
+    except PeerError as err:
+        log.info("%s from %s failed: %s %s", protocol, stream.peer, err.code, err,
+                 extra={"event": "stream_failed", "code": err.code, "peer": stream.peer})
+        await stream.reset()
+        return
+    except Exception:
+        log.exception("%s handler failed for a stream from %s", protocol, stream.peer,
+                      extra={"event": "stream_failed", "code": "INTERNAL", "peer": stream.peer})
+        await stream.reset()
+        return
+    await stream.close()
+
+
 def _fix_inbound_connection_leak(swarm: Swarm) -> None:
     """libp2p 0.8.1: ``Swarm._do_handle_inbound_connection`` keeps each inbound connection's handler
     (a task, and a slot of the inbound limiter) until the whole swarm stops (``manager.wait_finished``),
@@ -464,13 +494,8 @@ class Transport:
                 raw = await self._new_stream(peer, protocol)
         except trio.TooSlowError:
             raise PeerTimeoutError(f"opening {protocol} to {peer} took longer than {timeout}s") from None
-        stream = Stream(raw, peer, timeout)
-        try:
+        async with owned(Stream(raw, peer, timeout)) as stream:
             yield stream
-        except BaseException:
-            await stream.reset()
-            raise
-        await stream.close()
 
     async def _new_stream(self, peer: NodeId, protocol: str) -> INetStream:
         for attempt in (1, 2):
@@ -508,19 +533,7 @@ class Transport:
             peer = NodeId(raw.muxed_conn.peer_id.to_base58())
             stream = Stream(raw, peer, timeout)
             async with limiter:
-                try:
-                    await handler(stream)
-                except PeerError as err:
-                    log.info("%s from %s failed: %s %s", protocol, peer, err.code, err,
-                             extra={"event": "stream_failed", "code": err.code, "peer": peer})
-                    await stream.reset()
-                    return
-                except Exception:  # a bug in one handler must not take the connection (or peer) down
-                    log.exception("%s handler failed for a stream from %s", protocol, peer,
-                                  extra={"event": "stream_failed", "code": "INTERNAL", "peer": peer})
-                    await stream.reset()
-                    return
-            await stream.close()
+                await serve_stream(protocol, handler, stream)
 
         self._host.set_stream_handler(TProtocol(protocol), on_stream)
 

@@ -62,6 +62,12 @@ async def three_peers(mesh: InProcessMesh, folder: Path, holders: tuple[str, ...
     return peers
 
 
+def on_stage(peers: list, k: int):  # type: ignore[no-untyped-def]
+    """The peer that runs stage ``k`` of the current route."""
+    route = peers[0].node.driver.route(MODEL)
+    return next(p for p in peers if p.node_id == route.hops[k].node)
+
+
 async def generate(node, n: int, on_token=None) -> list[int]:  # type: ignore[no-untyped-def]
     out = []
     async for tok in node.driver.generate(Request(MODEL, PROMPT, n)):
@@ -93,9 +99,7 @@ async def test_a_middle_stage_killed_mid_generation_changes_no_token(
     folder, want = tiny
     async with InProcessMesh(tmp_path, config()) as mesh:
         peers = await three_peers(mesh, folder, holders=("a", "b", "c"))
-        route = peers[0].node.driver.route(MODEL)
-        victim = next(p for p in peers if p.node_id == route.hops[1].node)
-        driver = next(p for p in peers if p.node_id == route.hops[-1].node)  # tokens come to it from itself
+        victim, driver = on_stage(peers, 1), on_stage(peers, -1)  # the driver's tokens come from itself
         got = await generate(driver.node, 40, lambda k: mesh.kill(victim.name) if k == 10 else None)
         assert got == want[:40]
         assert driver.node.driver.failovers >= 1
@@ -135,8 +139,7 @@ async def test_a_drained_stage_peer_leaves_the_plan_and_generation_goes_on(
     folder, want = tiny
     async with InProcessMesh(tmp_path, config()) as mesh:
         peers = await three_peers(mesh, folder, holders=("a", "b", "c"))
-        route = peers[0].node.driver.route(MODEL)
-        leaving = next(p for p in peers if p.node_id == route.hops[-1].node)
+        leaving = on_stage(peers, -1)
         stay = [p for p in peers if p is not leaving]
         leaving.node.request_drain()
         await mesh.wait(leaving.node.finished.is_set, timeout=30, what="the drain to finish")
