@@ -302,7 +302,9 @@ class PlanBook:
         if plan.coordinator != leadership.coordinator:
             return Verdict(False, "NOT_COORDINATOR")
         cur = self.current.get(plan.model_id)
-        if cur is not None and cur.plan.version >= plan.version:
+        # Two peers alone at start may each elect themselves in the same term and plan; once they follow one
+        # coordinator, its plan replaces the other's whatever the epochs (else both keep their own forever).
+        if cur is not None and cur.plan.coordinator == plan.coordinator and cur.plan.version >= plan.version:
             return Verdict(False, "DUPLICATE" if cur.plan.version == plan.version else "STALE_EPOCH")
         self.current[plan.model_id] = held
         self.max_epoch[plan.model_id] = max(self.max_epoch.get(plan.model_id, 0), plan.epoch)

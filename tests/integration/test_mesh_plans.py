@@ -4,7 +4,6 @@ covers every layer within 10 s."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from pathlib import Path
@@ -12,18 +11,15 @@ from typing import Any
 
 import pytest
 import torch
-import trio
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from coordinator.plans import PLAN, encode_plan, open_plan, seal_plan
+from coordinator.plans import open_plan
 from coordinator.service import planner_layers
 from mesh.app.cli import main as cli
 from mesh.app.client import api_get
 from mesh.app.localmesh import LocalMesh, PeerProcess, agreed, wait_for
 from mesh.errors import MeshError
 from mesh.identity import Identity
-from mesh.transport import Transport
-from mesh.wire import PLANS_TOPIC, seal
 from storage.store import Store
 
 pytestmark = pytest.mark.integration
@@ -152,51 +148,3 @@ def flip(data: bytes, at: int) -> bytes:
     out = bytearray(data)
     out[at] ^= 0xFF
     return bytes(out)
-
-
-async def test_forged_and_rogue_plans_change_nothing(tmp_path: Path) -> None:
-    folder = model_folder(tmp_path / "tiny")
-    assert cli(["models", "--data-dir", str(tmp_path / "mesh" / "peer-a"), "add", str(folder), "--id", "tiny"]) == 0
-    mesh = LocalMesh(tmp_path / "mesh", CONFIG, extra_args=("--benchmark-seconds", "0.05", "--plan-model", "tiny"))
-    try:
-        a, b = await trio.to_thread.run_sync(mesh.start_chain, 2)
-        peers = [a, b]
-        plan = await trio.to_thread.run_sync(lambda: wait_for(lambda: agreed_plan(peers), 30, what="a plan"))
-        real = open_plan(bytes.fromhex(plan["envelope"]))
-        mallory = Identity.generate()
-        rogue = dataclasses.replace(real, coordinator=mallory.node_id, epoch=real.epoch + 5)
-        attacks = {
-            "PLAN_SIGNER_MISMATCH": seal(PLAN, encode_plan(dataclasses.replace(real, epoch=real.epoch + 5)), mallory),
-            "MALFORMED_MESSAGE": seal(PLAN, b"\xa1\x01\x02", mallory),
-            # A byte inside the signature flipped (the envelope ends with the 64-byte signature). Overwriting the
-            # last byte with 0 was a no-op in ~1 run in 16: an ed25519 signature's last byte is S's most
-            # significant one, and S < 2^253, so that byte is 0x00 about one time in sixteen.
-            "BAD_SIGNATURE": flip(bytes.fromhex(plan["envelope"]), -20),
-        }
-        ignored = {"NOT_COORDINATOR": seal_plan(rogue, mallory),
-                   "PENDING": seal_plan(dataclasses.replace(rogue, term=real.term + 50), mallory)}
-
-        def codes(event: str) -> set[str]:
-            return {r["code"] for p in peers for r in p.log_records() if r.get("event") == event}
-
-        async with Transport.open(mallory, ["/ip4/127.0.0.1/tcp/0"]) as t:
-            await t.connect(a.addrs[0])
-            async with t.subscribe(PLANS_TOPIC):
-                await trio.sleep(2.5)  # let gossipsub graft us into a's mesh
-                for _ in range(12):  # repeat: the first messages may race the subscription exchange
-                    for data in [*attacks.values(), *ignored.values()]:
-                        await t.publish(PLANS_TOPIC, data)
-                    await trio.sleep(0.5)
-                    if set(attacks) <= codes("rejected") and "NOT_COORDINATOR" in codes("plan_ignored"):
-                        break
-        assert set(attacks) <= codes("rejected"), codes("rejected")
-        assert "NOT_COORDINATOR" in codes("plan_ignored"), codes("plan_ignored")
-        # Nothing changed: both peers hold the coordinator's plan, and no forged one was accepted.
-        await trio.sleep(1.0)
-        now = await trio.to_thread.run_sync(lambda: wait_for(lambda: agreed_plan(peers), 10, what="the plan"))
-        assert now["envelope"] == plan["envelope"], (plan, now)
-        accepted = {r["coordinator"] for p in peers for r in p.log_records() if r.get("event") == "plan_accepted"}
-        assert accepted == {real.coordinator}
-        assert all(p.get("/api/health")["status"] == "ok" for p in peers)
-    finally:
-        await trio.to_thread.run_sync(mesh.close)

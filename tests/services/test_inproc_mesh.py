@@ -13,11 +13,13 @@ import trio
 import trio.testing
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from coordinator.plans import PLAN, encode_plan, seal_plan
 from coordinator.service import planner_layers
 from inference.driver import Request
 from mesh.app.inproc import InProcessMesh
 from mesh.config import Config, InferenceConfig
-from mesh.wire import NodeStatus
+from mesh.identity import Identity
+from mesh.wire import PLANS_TOPIC, NodeStatus, seal
 
 PROMPT = (3, 17, 42, 7, 99, 5)
 MODEL = "llama"
@@ -60,6 +62,13 @@ async def three_peers(mesh: InProcessMesh, folder: Path, holders: tuple[str, ...
     await mesh.wait(lambda: all(p.node.driver.route(MODEL) and len(p.node.driver.route(MODEL).hops) == 3
                                 for p in peers), timeout=60, what="3 ready stages")
     return peers
+
+
+def flip(data: bytes, at: int) -> bytes:
+    """``data`` with every bit of the byte at ``at`` inverted: always a different message."""
+    out = bytearray(data)
+    out[at] ^= 0xFF
+    return bytes(out)
 
 
 def on_stage(peers: list, k: int):  # type: ignore[no-untyped-def]
@@ -149,3 +158,50 @@ async def test_a_drained_stage_peer_leaves_the_plan_and_generation_goes_on(
         await mesh.wait(lambda: all((r := p.node.driver.route(MODEL)) and leaving.node_id not in r.nodes
                                     for p in stay), timeout=60, what="a plan without the drained peer")
         assert await generate(stay[0].node, 24) == want[:24]
+
+
+async def test_forged_and_rogue_plans_change_nothing(
+        tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A stranger on the network publishes forged, malformed and rogue plans: each forgery is refused with its
+    code in the topic validator (never delivered or relayed), a validly signed plan from a peer that is not
+    the coordinator is ignored, and every peer keeps the coordinator's plan."""
+    folder, _ = tiny
+    c = config()
+    async with InProcessMesh(tmp_path, dataclasses.replace(c, coordinator=dataclasses.replace(
+            c.coordinator, models=(MODEL,)))) as mesh:
+        mesh.store("a").add(str(folder), model_id=MODEL)
+        a, b = await mesh.start("a"), await mesh.start("b")
+        def settled() -> bool:  # one coordinator, and both peers hold its plan
+            held = [p.node.plans.book.current.get(MODEL) for p in (a, b)]
+            return (mesh.agreed() and None not in held and held[0].envelope == held[1].envelope
+                    and held[0].plan.coordinator == a.node.core.leadership.coordinator)
+
+        await mesh.wait(settled, timeout=30, what="one coordinator's plan on both peers")
+        held = a.node.plans.book.current[MODEL]
+        real = held.plan
+        mallory = Identity.generate()
+        rogue = dataclasses.replace(real, coordinator=mallory.node_id, epoch=real.epoch + 5)
+        attacks = {
+            "PLAN_SIGNER_MISMATCH": seal(PLAN, encode_plan(dataclasses.replace(real, epoch=real.epoch + 5)), mallory),
+            "MALFORMED_MESSAGE": seal(PLAN, b"\xa1\x01\x02", mallory),
+            "BAD_SIGNATURE": flip(held.envelope, -20),  # a byte inside the signature
+        }
+        ignored = [seal_plan(rogue, mallory), seal_plan(dataclasses.replace(rogue, term=real.term + 50), mallory)]
+        caplog.clear()
+        async with mesh.network.open(mallory) as t:
+            await t.connect(a.node.transport.addrs()[0])  # b hears mallory only if a relays it
+            for data in [*attacks.values(), *ignored]:
+                await t.publish(PLANS_TOPIC, data)
+            await trio.sleep(2.0)
+
+        def codes(event: str) -> list[str]:
+            return [getattr(r, "code", "") for r in caplog.records if getattr(r, "event", "") == event]
+
+        assert sorted(codes("rejected")) == sorted(attacks)  # each once: at a, and never relayed on to b
+        assert "NOT_COORDINATOR" in codes("plan_ignored")
+        await mesh.wait(settled, timeout=10, what="both peers to hold one plan")  # (a newer epoch may be on its way)
+        assert a.node.plans.book.current[MODEL].plan.coordinator == real.coordinator
+        accepted = {getattr(r, "coordinator", None) for r in caplog.records
+                    if getattr(r, "event", "") == "plan_accepted"}
+        assert accepted <= {real.coordinator}

@@ -124,6 +124,19 @@ def test_only_the_current_terms_coordinator_and_newer_epochs_count() -> None:
     assert book.offer(held(plan_of(new, term=2, epoch=1, model="other"), new), lead2).accepted
 
 
+def test_the_followed_coordinators_plan_replaces_another_coordinators_of_the_same_term() -> None:
+    """Two peers that were alone at start each elected themselves in term 1 and planned epoch 1; once both
+    follow ``a``, a's plan replaces b's own (seen in the in-process mesh: each kept its own plan)."""
+    a, b = Identity.generate(), Identity.generate()
+    book = PlanBook()
+    assert book.offer(held(plan_of(b, term=1, epoch=1), b), Leadership(1, NodeId(b.node_id))).accepted
+    follow_a = Leadership(1, NodeId(a.node_id))
+    v = book.offer(held(plan_of(a, term=1, epoch=1), a), follow_a)
+    assert v.accepted and book.current["m"].plan.coordinator == a.node_id
+    assert book.offer(held(plan_of(b, term=1, epoch=2), b), follow_a).code == "NOT_COORDINATOR"
+    assert book.offer(held(plan_of(a, term=1, epoch=1), a), follow_a).code == "DUPLICATE"
+
+
 def test_a_plan_that_outruns_its_coordinators_claim_is_kept_until_the_claim_arrives() -> None:
     old, new = Identity.generate(), Identity.generate()
     book = PlanBook()
