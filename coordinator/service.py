@@ -70,9 +70,9 @@ Reject = Callable[[PeerError, str], None]
 
 
 class PlanService:
-    def __init__(self, config: Config, view: MeshView, gossip: Gossip, signer: Signer, library: Library, *,
+    def __init__(self, config: Config, mesh: MeshView, gossip: Gossip, signer: Signer, library: Library, *,
                  reject: Reject, on_plan: Callable[[], None], now: Clock, offload: Offload) -> None:
-        self.config, self.mesh, self.gossip, self.signer, self.library = config, view, gossip, signer, library
+        self.config, self.mesh, self.gossip, self.signer, self.library = config, mesh, gossip, signer, library
         self._reject, self._on_plan, self.now, self.offload = reject, on_plan, now, offload
         co = config.coordinator
         self.book = PlanBook()

@@ -105,10 +105,10 @@ class LocalStages(Protocol):
 
 
 class Driver:
-    def __init__(self, config: InferenceConfig, offline_after: float, view: MeshView, plans: PlanBook,
+    def __init__(self, config: InferenceConfig, offline_after: float, mesh: MeshView, plans: PlanBook,
                  library: Library, streams: Streams, local: LocalStages, *, requested: Callable[[], list[str]],
                  offload: Offload) -> None:
-        self.config, self.offline_after, self.view, self.plans = config, offline_after, view, plans
+        self.config, self.offline_after, self.mesh, self.plans = config, offline_after, mesh, plans
         self.library, self.streams, self.local, self.requested, self.offload = (library, streams, local, requested,
                                                                                 offload)
         self._results: dict[str, _Results] = {}
@@ -120,9 +120,9 @@ class Driver:
     # ---- routes -----------------------------------------------------------------------------------
 
     def _stage_ready(self, node_id: NodeId, key: str) -> bool:
-        if node_id == self.view.node_id:
+        if node_id == self.mesh.node_id:
             return key in self.local.ready()
-        m = self.view.membership.get(node_id)
+        m = self.mesh.membership.get(node_id)
         return m is not None and m.status in (NodeStatus.READY, NodeStatus.DEGRADED) and key in m.info.stages
 
     def status(self, spec: str) -> dict[str, Any]:
@@ -166,9 +166,9 @@ class Driver:
             if newer is not None and newer.hops != route.hops:
                 return True
         for h in route.hops:
-            if h.node == self.view.node_id:
+            if h.node == self.mesh.node_id:
                 continue
-            m = self.view.membership.get(h.node)
+            m = self.mesh.membership.get(h.node)
             if m is None or m.status == NodeStatus.OFFLINE:
                 return True
         return False
@@ -251,12 +251,12 @@ class Driver:
                     log.error("generation on %s epoch %s refused: %s %s; no other route can cure it",
                               route.model, route.epoch, err.code, err,
                               extra={"event": "generation_refused", "code": err.code, "model": route.model,
-                                     "node_id": self.view.node_id, "peer": err.node})
+                                     "node_id": self.mesh.node_id, "peer": err.node})
                     raise GenerationFailed(f"{err.code}: {err}") from None
                 log.warning("generation on %s epoch %s failed after %d tokens: %s %s; failing over", route.model,
                             route.epoch, len(produced), err.code, err,
                             extra={"event": "failover", "code": err.code, "model": route.model,
-                                   "node_id": self.view.node_id, "peer": err.node})
+                                   "node_id": self.mesh.node_id, "peer": err.node})
                 if len(failures) > MAX_FAILOVERS:
                     raise GenerationFailed(f"gave up after {len(failures)} failed routes: {'; '.join(failures)}") \
                         from None
@@ -280,7 +280,7 @@ class Driver:
             if trio.current_time() >= deadline:
                 raise GenerationFailed(f"no working route for {spec} within {timeout}s after a failure "
                                        f"({'; '.join(failures)}); peers left: "
-                                       f"{len(self.view.membership.members())}")
+                                       f"{len(self.mesh.membership.members())}")
             await trio.sleep(0.1)
 
     async def _attempt(self, route: Route, req: Request, produced: list[int], *, replayed: bool
@@ -291,7 +291,7 @@ class Driver:
         it costs about one pass of the slowest stage per token, not a round trip each). A prefill of N tokens
         does not compute bit-identically to N single steps in bf16 or int8, so only the same steps rebuild
         the same KV caches, and the next token is the one the uninterrupted run would have produced."""
-        me = self.view.node_id
+        me = self.mesh.node_id
         session = new_session_id(me)
         send_results, results = trio.open_memory_channel[Frame](RESULT_QUEUE)
         self._results[session] = _Results(route, send_results)
@@ -359,18 +359,18 @@ class Driver:
                     if got != want:  # a kernel that is not deterministic here: say so, keep the user's text
                         log.error("replay step %d gave token %r, the generation had %d", k, got, want,
                                   extra={"event": "replay_diverged", "model": route.model,
-                                         "node_id": self.view.node_id})
+                                         "node_id": self.mesh.node_id})
             except RouteFailed as err:
                 failed.append(err)
                 nursery.cancel_scope.cancel()
         if failed:
             raise failed[0]
         log.info("replayed %d steps on epoch %s in %.3fs", len(frames), route.epoch, time.perf_counter() - t0,
-                 extra={"event": "replayed", "model": route.model, "node_id": self.view.node_id})
+                 extra={"event": "replayed", "model": route.model, "node_id": self.mesh.node_id})
 
     async def _upstream(self, stack: contextlib.AsyncExitStack, route: Route) -> Callable[[Frame], Awaitable[None]]:
         first = route.hops[0].node
-        if first == self.view.node_id:
+        if first == self.mesh.node_id:
             holder: list[trio.MemorySendChannel[Frame]] = []
 
             async def local(frame: Frame) -> None:

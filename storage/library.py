@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 
 class Library:
-    def __init__(self, store: Store, fetcher: Fetcher, view: MeshView, offload: Offload) -> None:
-        self.store, self.fetcher, self.view, self.offload = store, fetcher, view, offload
+    def __init__(self, store: Store, fetcher: Fetcher, mesh: MeshView, offload: Offload) -> None:
+        self.store, self.fetcher, self.mesh, self.offload = store, fetcher, mesh, offload
         self._manifests: dict[tuple[str, str], tuple[Manifest, bytes]] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -44,8 +44,8 @@ class Library:
     def holders(self, model: str, revision: str | None) -> list[NodeId]:
         """Live peers that advertise ``model`` (at ``revision``, if given), least loaded first."""
         found, ref = [], ModelRef(model, revision)
-        for m in self.view.membership.members():
-            if m.node_id == self.view.node_id or m.status == NodeStatus.OFFLINE:
+        for m in self.mesh.membership.members():
+            if m.node_id == self.mesh.node_id or m.status == NodeStatus.OFFLINE:
                 continue
             if any(ref.matches(entry) for entry in m.info.installed_models):
                 found.append(m)
@@ -118,7 +118,7 @@ class Library:
             t.state = "done"
             log.info("fetched %d files (%d bytes) of %s@%s for a stage", len(todo), t.done_bytes,
                      manifest.model_id, manifest.revision,
-                     extra={"event": "stage_fetched", "model": manifest.model_id, "node_id": self.view.node_id})
+                     extra={"event": "stage_fetched", "model": manifest.model_id, "node_id": self.mesh.node_id})
         return folder, paths
 
     # ---- fetches started by users -------------------------------------------------------------------
