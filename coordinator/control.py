@@ -95,7 +95,7 @@ def _best(layers: Sequence[Layer], peers: Sequence[Peer]) -> tuple[list[Peer], S
             continue
         held = {q.node_id: q.holds for q in order}
         key = (split.bottleneck_s,
-               -sum(1 for s in split.stages for i in range(s.start, s.end) if layers[i].index in held[s.node_id]),
+               -sum(1 for s in split.stages for i in range(s.start, s.end) if layers[i].index in held[s.node]),
                len(split.stages))
         if best is None or key < best:
             best, chosen = key, (order, split)
@@ -136,7 +136,7 @@ class Controller:
             return Decision(split, tuple(usable), "initial")
 
         alive = {w.node_id: w for w in workers if w.alive}
-        lost = [a.node_id for a in current.assignments if a.node_id not in alive]
+        lost = [a.node for a in current.assignments if a.node not in alive]
         if lost:
             self._considered[model] = usable_ids
             return self.cover(layers, workers, current.split(layers), lost)
@@ -144,7 +144,7 @@ class Controller:
         if current.term != term:
             peers = {q.node_id: q for q in usable}
             for a in current.assignments:
-                peers.setdefault(a.node_id, alive[a.node_id].peer(layers))
+                peers.setdefault(a.node, alive[a.node].peer(layers))
             return Decision(current.split(layers), tuple(peers.values()), "term")
 
         if not usable_ids <= self._considered.get(model, frozenset()):
@@ -163,7 +163,7 @@ class Controller:
         degraded or refusing jobs (``fixed``); new work goes only to usable peers. The reason is
         ``reason``, or "replan" when the threshold forced a full replan."""
         gone = set(failed)
-        in_plan = {s.node_id for s in current.stages}
+        in_plan = {s.node for s in current.stages}
         by_id = {w.node_id: w for w in workers}
         fixed = {w.node_id for w in workers if w.node_id in in_plan and w.alive and not w.usable} - gone
         order = best_order(layers, [w.peer(layers) for w in workers if w.usable and w.node_id not in gone])

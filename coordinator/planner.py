@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mesh.errors import PeerError
+from mesh.ids import Span, check_spans
 
 #: Above this many (peer × layer × range length) steps the tie-breaking dynamic program is skipped.
 TIE_BREAK_BUDGET = 300_000
@@ -52,13 +53,17 @@ class Peer:
 
 
 @dataclass(frozen=True, slots=True)
-class Stage:
-    node_id: str
-    start: int  # position in the layer list, half-open [start, end)
-    end: int
+class Stage(Span):
+    """A ``Span`` of layer *positions* (in the layer list, half-open) with what it costs its node."""
+
     flops: float
     bytes: int
     time_s: float  # compute + hop, per token
+
+    @property
+    def node_id(self) -> str:
+        """The same as ``node`` (the name before stages were spans; kept while callers move to ``node``)."""
+        return self.node
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +123,10 @@ def _stages(layers: Sequence[Layer], p: _Prefix, peers: Sequence[Peer],
 
 
 def split_of(layers: Sequence[Layer], stages: Sequence[tuple[Peer, int, int]]) -> Split:
-    """The Split of given ``(peer, start, end)`` stages (positions in ``layers``, half-open)."""
+    """The Split of given ``(peer, start, end)`` stages (positions in ``layers``, half-open): INVALID_PLAN_INPUT
+    unless they cover every layer once, contiguously from 0, no peer twice (``check_spans``)."""
+    check_spans([Span(q.node_id, s, e) for q, s, e in stages], len(layers), code="INVALID_PLAN_INPUT",
+                what="stages")
     peers = [q for q, _, _ in stages]
     return _stages(layers, _Prefix.of(layers), peers, [(i, s, e) for i, (_, s, e) in enumerate(stages)])
 
@@ -274,11 +282,11 @@ def brute_force(layers: Sequence[Layer], peers: Sequence[Peer]) -> float:
 def fallback_for(stage: Stage, split: Split, peers: Sequence[Peer]) -> str | None:
     """Who takes ``stage`` if its peer drops: the fastest peer outside the plan that can hold it, else a
     peer of the plan with that much memory to spare; None if nobody can."""
-    used = {s.node_id: s.bytes for s in split.stages}
+    used = {s.node: s.bytes for s in split.stages}
     free = [q for q in peers if q.node_id not in used and q.flops > 0 and q.memory_bytes >= stage.bytes]
     if free:
         return min(free, key=lambda q: (stage_time(stage.flops, q), q.node_id)).node_id
-    spare = [q for q in peers if q.node_id in used and q.node_id != stage.node_id
+    spare = [q for q in peers if q.node_id in used and q.node_id != stage.node
              and q.memory_bytes - used[q.node_id] >= stage.bytes]
     return min(spare, key=lambda q: (stage_time(stage.flops, q), q.node_id)).node_id if spare else None
 
@@ -346,9 +354,9 @@ def reassign(layers: Sequence[Layer], peers: Sequence[Peer], current: Split, fai
     alive = {q.node_id: q for q in peers if q.node_id not in gone}
     p = _Prefix.of(layers)
     stages = list(current.stages)
-    if not any(s.node_id in gone for s in stages):
+    if not any(s.node in gone for s in stages):
         return Reassignment(current, (), False)
-    parts = [(s.node_id, s.start, s.end) for s in stages]
+    parts = [(s.node, s.start, s.end) for s in stages]
     reassigned: list[str] = []
     patched = True
     i = 0
@@ -396,6 +404,6 @@ def reassign(layers: Sequence[Layer], peers: Sequence[Peer], current: Split, fai
     if split is not None and (fresh is None or split.bottleneck_s <= fresh.bottleneck_s):
         return Reassignment(split, tuple(dict.fromkeys(reassigned)), False)
     assert fresh is not None
-    kept = {(s.node_id, s.start, s.end) for s in current.stages}
-    moved = tuple(s.node_id for s in fresh.stages if (s.node_id, s.start, s.end) not in kept)
+    kept = {s.span for s in current.stages}
+    moved = tuple(s.node for s in fresh.stages if s.span not in kept)
     return Reassignment(fresh, moved, True)

@@ -32,6 +32,7 @@ from coordinator import planner
 from coordinator.election import Leadership
 from mesh.errors import DecodeError, PeerError
 from mesh.identity import Identity, node_id_for_key
+from mesh.ids import Span, check_spans
 from mesh.wire import MAX_GOSSIP_MESSAGE, open_envelope, seal, versioned
 from storage.formats import COMPUTE_DTYPES
 
@@ -59,14 +60,18 @@ class NodeSummary:
 
 
 @dataclass(frozen=True, slots=True)
-class Assignment:
-    node_id: str
-    start: int  # layer indices, half-open [start, end)
-    end: int
+class Assignment(Span):
+    """A ``Span`` of layer *indices* (half-open) in a plan, with its costs and the peer that takes it over."""
+
     memory_bytes: int
     flops: float  # per token
     time_s: float  # compute + hop, per token
     fallback: str | None = None
+
+    @property
+    def node_id(self) -> str:
+        """The same as ``node`` (the name before assignments were spans; kept while callers move to ``node``)."""
+        return self.node
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +100,13 @@ class Plan:
     def version(self) -> tuple[int, int]:
         return (self.term, self.epoch)
 
+    def spans(self) -> tuple[Span, ...]:
+        """The assignments as plain spans (node and layer indices): equal to a route's hops for this plan."""
+        return tuple(a.span for a in self.assignments)
+
     def stages(self) -> tuple[tuple[str, int, int], ...]:
-        return tuple((a.node_id, a.start, a.end) for a in self.assignments)
+        """``(node, start, end)`` tuples: the older shape of ``spans()``, kept while callers move to it."""
+        return tuple((a.node, a.start, a.end) for a in self.assignments)
 
     def split(self, layers: Sequence[planner.Layer]) -> planner.Split:
         """The plan as a planner Split over ``layers`` (positions, not indices)."""
@@ -106,13 +116,13 @@ class Plan:
             if a.start not in pos or (a.end - 1) not in pos:
                 raise PeerError(f"layer range [{a.start}, {a.end}) is outside the model's layers",
                                 code="INVALID_PLAN_INPUT")
-            stages.append(planner.Stage(a.node_id, pos[a.start], pos[a.end - 1] + 1, a.flops, a.memory_bytes,
+            stages.append(planner.Stage(a.node, pos[a.start], pos[a.end - 1] + 1, a.flops, a.memory_bytes,
                                         a.time_s))
         return planner.Split(tuple(stages), max((s.time_s for s in stages), default=0.0))
 
     def view(self, tokens: int = 1) -> dict[str, Any]:
         """The seeds' plan shape (what ``/api/plan`` and ``meshnode plan`` print)."""
-        splits = [{"layer_range": [a.start, a.end], "assigned_node": a.node_id,
+        splits = [{"layer_range": [a.start, a.end], "assigned_node": a.node,
                    "memory_requirement_mb": round(a.memory_bytes / 2**20, 3), "compute_requirement": a.flops,
                    "stage_time_s": a.time_s} for a in self.assignments]
         return {
@@ -152,17 +162,17 @@ def make_plan(layers: Sequence[planner.Layer], peers: Sequence[planner.Peer], sp
     by_id = {q.node_id: q for q in peers}
     nodes = nodes or {}
     assignments = tuple(
-        Assignment(s.node_id, layers[s.start].index, layers[s.end - 1].index + 1, s.bytes, s.flops, s.time_s,
+        Assignment(s.node, layers[s.start].index, layers[s.end - 1].index + 1, s.bytes, s.flops, s.time_s,
                    planner.fallback_for(s, split, peers))
         for s in split.stages)
     summaries = tuple(
-        nodes.get(s.node_id, NodeSummary(s.node_id, by_id[s.node_id].flops, by_id[s.node_id].memory_bytes,
-                                         latency_ms=by_id[s.node_id].link_s * 1000))
+        nodes.get(s.node, NodeSummary(s.node, by_id[s.node].flops, by_id[s.node].memory_bytes,
+                                      latency_ms=by_id[s.node].link_s * 1000))
         for s in split.stages)
     return Plan(
         model_id=model, revision=revision, term=term, epoch=epoch, coordinator=coordinator,
         total_layers=len(layers), assignments=assignments, nodes=summaries, bottleneck_s=split.bottleneck_s,
-        communication_overhead_s=sum(by_id[s.node_id].link_s for s in split.stages[:-1]),
+        communication_overhead_s=sum(by_id[s.node].link_s for s in split.stages[:-1]),
         request_id=request_id, reason=reason, reassigned=tuple(reassigned), issued_at=issued_at,
         compute_dtype=compute_dtype,
     )
@@ -175,7 +185,7 @@ def encode_plan(p: Plan) -> bytes:
     return cbor2.dumps({
         "version": PLAN_VERSION, "model_id": p.model_id, "revision": p.revision, "term": p.term, "epoch": p.epoch,
         "coordinator": p.coordinator, "total_layers": p.total_layers,
-        "assignments": [[a.node_id, a.start, a.end, a.memory_bytes, a.flops, a.time_s, a.fallback]
+        "assignments": [[a.node, a.start, a.end, a.memory_bytes, a.flops, a.time_s, a.fallback]
                         for a in p.assignments],
         "nodes": [[n.node_id, n.flops, n.memory_bytes, n.load, n.latency_ms, n.reliability] for n in p.nodes],
         "bottleneck_s": p.bottleneck_s, "communication_overhead_s": p.communication_overhead_s,
@@ -233,17 +243,7 @@ def decode_plan(payload: bytes) -> Plan:
     assignments = r.array("assignments", _row("tiiiffo", Assignment), limit=MAX_STAGES, required=True)
     nodes = r.array("nodes", _row("tfifff", NodeSummary), limit=MAX_STAGES, required=True)
     total = r.integer("total_layers")
-    if not assignments:
-        raise DecodeError("plan.assignments: a plan has at least one stage")
-    pos = 0
-    for i, a in enumerate(assignments):
-        if a.start != pos or a.end <= a.start:
-            raise DecodeError(f"plan.assignments[{i}]: ranges must be contiguous and non-empty from layer 0")
-        pos = a.end
-    if pos != total:
-        raise DecodeError(f"plan.assignments cover {pos} layers, the plan says {total}")
-    if len({a.node_id for a in assignments}) != len(assignments):
-        raise DecodeError("plan.assignments: a peer appears twice")
+    check_spans(assignments, total, error=DecodeError, what="plan.assignments")
     term, epoch = r.integer("term"), r.integer("epoch")
     if term < 1 or epoch < 1:
         raise DecodeError("plan.term and plan.epoch start at 1")

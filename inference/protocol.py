@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from inference.frames import MAX_HEADER, Frame, FrameError, decode, decode_header, encode
-from mesh.ids import NodeId
+from mesh.ids import NodeId, Span, check_spans
 from mesh.transport import Stream
 from storage.formats import COMPUTE_DTYPES
 
@@ -52,11 +52,9 @@ def error_frame(session: str, step: int, code: str, message: str, node: str) -> 
                  {"code": code, "message": message[:500], "node": node})
 
 
-@dataclass(frozen=True, slots=True)
-class Hop:
-    node: NodeId
-    start: int  # shard range [start, end) of the model
-    end: int
+#: One stage of a route: a node and its shard range [start, end) of the model (``mesh.ids.Span`` itself, so
+#: a route's hops compare equal to its plan's ``Plan.spans()``).
+Hop = Span
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +64,7 @@ class Route:
     model: str
     revision: str
     epoch: tuple[int, int]  # (term, epoch) of the plan
-    hops: tuple[Hop, ...]
+    hops: tuple[Span, ...]
     compute: str = "float32"  # the plan's compute dtype: every stage runs in it, activations travel in it
 
     def to_wire(self) -> dict[str, Any]:
@@ -75,7 +73,7 @@ class Route:
 
     @property
     def nodes(self) -> tuple[NodeId, ...]:
-        return tuple(h.node for h in self.hops)
+        return tuple(NodeId(h.node) for h in self.hops)
 
 
 def route_of(extra: dict[str, Any]) -> Route:
@@ -87,17 +85,13 @@ def route_of(extra: dict[str, Any]) -> Route:
         raise FrameError("step 0 must carry the plan's [term, epoch]")
     if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_ROUTE:
         raise FrameError(f"route: expected 1 to {MAX_ROUTE} stages")
-    hops, at = [], 0
+    hops = []
     for i, row in enumerate(raw):
         if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and row[0]
                 and type(row[1]) is int and type(row[2]) is int):
             raise FrameError(f"route[{i}]: expected [node, start, end]")
-        if row[1] != at or row[2] <= row[1]:
-            raise FrameError(f"route[{i}]: range [{row[1]}, {row[2]}) does not continue at {at}")
-        at = row[2]
-        hops.append(Hop(NodeId(row[0]), row[1], row[2]))
-    if len({h.node for h in hops}) != len(hops):
-        raise FrameError("route: a node appears twice")
+        hops.append(Span(row[0], row[1], row[2]))
+    check_spans(hops, error=FrameError, what="route")
     compute = extra.get("compute", "float32")
     if compute not in COMPUTE_DTYPES:
         raise FrameError(f"route: compute dtype {compute!r} is not one of {', '.join(COMPUTE_DTYPES)}",

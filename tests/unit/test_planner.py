@@ -21,7 +21,10 @@ from coordinator.planner import (
     plan_split,
     reassign,
     split_by_memory,
+    split_of,
 )
+from mesh.errors import PeerError
+from mesh.ids import Span
 
 layers_st = st.lists(st.tuples(st.floats(1.0, 100.0), st.integers(1, 50)), min_size=1, max_size=8).map(
     lambda xs: [Layer(i, f, b) for i, (f, b) in enumerate(xs)])
@@ -35,12 +38,12 @@ def check_valid(layers: list[Layer], peers: list[Peer], split: Split) -> None:
     by_id = {p.node_id: p for p in peers}
     pos = 0
     order = [p.node_id for p in peers]
-    used = [s.node_id for s in split.stages]
+    used = [s.node for s in split.stages]
     assert len(set(used)) == len(used), "a peer has two ranges"
     assert [u for u in order if u in used] == used, "stages are not in pipeline order"
     for s in split.stages:
         assert s.start == pos and s.end > s.start, "ranges are not contiguous"
-        assert s.bytes == sum(x.bytes for x in layers[s.start:s.end]) <= by_id[s.node_id].memory_bytes
+        assert s.bytes == sum(x.bytes for x in layers[s.start:s.end]) <= by_id[s.node].memory_bytes
         pos = s.end
     assert pos == len(layers), "not every layer is assigned"
     assert split.bottleneck_s == max(s.time_s for s in split.stages)
@@ -75,7 +78,7 @@ def test_held_layers_win_ties_without_costing_bottleneck(layers: list[Layer], pe
 
     def kept(split: Split) -> int:
         return sum(len(h & set(range(s.start, s.end))) for s in split.stages
-                   for p, h in zip(peers, held, strict=True) if p.node_id == s.node_id)
+                   for p, h in zip(peers, held, strict=True) if p.node_id == s.node)
 
     assert kept(tied) >= kept(plain)
 
@@ -84,7 +87,7 @@ def test_slow_peers_are_left_out_when_they_would_not_help() -> None:
     layers = [Layer(i, 10.0, 1) for i in range(8)]
     peers = [Peer("fast", 100.0, 100), Peer("slow", 1.0, 100), Peer("fast2", 100.0, 100)]
     split = plan_split(layers, peers)
-    assert [s.node_id for s in split.stages] == ["fast", "fast2"]
+    assert [s.node for s in split.stages] == ["fast", "fast2"]
     assert split.bottleneck_s == pytest.approx(0.4)
 
 
@@ -166,12 +169,12 @@ def four_peer_plan() -> tuple[list[Layer], list[Peer], Split]:
 def test_losing_one_peer_moves_only_its_range() -> None:
     layers, peers, split = four_peer_plan()
     lost = split.stages[1]
-    out = reassign(layers, peers, split, {lost.node_id})
+    out = reassign(layers, peers, split, {lost.node})
     assert not out.replanned and out.reassigned == ("spare",)
     by_id = {q.node_id: q for q in peers}
-    check_valid(layers, [by_id[s.node_id] for s in out.split.stages], out.split)
-    before = {(s.node_id, s.start, s.end) for s in split.stages if s.node_id != lost.node_id}
-    after = {(s.node_id, s.start, s.end) for s in out.split.stages}
+    check_valid(layers, [by_id[s.node] for s in out.split.stages], out.split)
+    before = {(s.node, s.start, s.end) for s in split.stages if s.node != lost.node}
+    after = {(s.node, s.start, s.end) for s in out.split.stages}
     assert before <= after and ("spare", lost.start, lost.end) in after
     assert out.split.bottleneck_s == pytest.approx(split.bottleneck_s)
 
@@ -179,16 +182,16 @@ def test_losing_one_peer_moves_only_its_range() -> None:
 def test_without_a_spare_a_neighbour_extends_unless_the_threshold_forces_a_replan() -> None:
     layers, peers, split = four_peer_plan()
     big = [Peer(q.node_id, q.flops, 10_000) for q in peers[:4]]  # room to absorb a neighbour's range
-    lost = split.stages[3].node_id
+    lost = split.stages[3].node
     # Absorbing doubles a stage: +100% > 25% → a full replan over the three survivors.
     out = reassign(layers, big, split, {lost})
-    assert out.replanned and {s.node_id for s in out.split.stages} <= {"p0", "p1", "p2"}
+    assert out.replanned and {s.node for s in out.split.stages} <= {"p0", "p1", "p2"}
     assert sum(s.end - s.start for s in out.split.stages) == 16
     # With a 150% threshold the patch stands: p2 extends over the lost range, the others keep theirs.
     out = reassign(layers, big, split, {lost}, threshold=1.5)
     assert not out.replanned and out.reassigned == ("p2",)
-    assert [(s.node_id, s.start, s.end) for s in out.split.stages] == [
-        *[(s.node_id, s.start, s.end) for s in split.stages[:2]], ("p2", split.stages[2].start, 16)]
+    assert [(s.node, s.start, s.end) for s in out.split.stages] == [
+        *[(s.node, s.start, s.end) for s in split.stages[:2]], ("p2", split.stages[2].start, 16)]
 
 
 def test_reassignment_that_cannot_fit_names_the_shortfall() -> None:
@@ -205,19 +208,19 @@ def test_reassignment_always_covers_every_layer_once(layers: list[Layer], peers:
         split = plan_split(layers, peers)
     except PlanInfeasible:
         return
-    used = [s.node_id for s in split.stages]
+    used = [s.node for s in split.stages]
     failed = set(data.draw(st.lists(st.sampled_from(used), min_size=1, unique=True)))
     try:
         out = reassign(layers, peers, split, failed)
     except PlanInfeasible:
         return  # what survives cannot hold the model: an error, never a partial plan
     by_id = {q.node_id: q for q in peers}
-    assert not failed & {s.node_id for s in out.split.stages}
-    check_valid(layers, [by_id[s.node_id] for s in out.split.stages], out.split)
+    assert not failed & {s.node for s in out.split.stages}
+    check_valid(layers, [by_id[s.node] for s in out.split.stages], out.split)
     if not out.replanned:  # a patch keeps every surviving assignment (possibly extended)
         for s in split.stages:
-            if s.node_id not in failed:
-                (t,) = [t for t in out.split.stages if t.node_id == s.node_id]
+            if s.node not in failed:
+                (t,) = [t for t in out.split.stages if t.node == s.node]
                 assert t.start <= s.start and t.end >= s.end
 
 
@@ -227,27 +230,27 @@ def test_a_patch_stands_when_a_full_replan_does_not_fit_in_order() -> None:
     layers = [Layer(i, 1.0, b) for i, b in enumerate([3, 5, 5, 5, 4])]
     peers = [Peer("p0", 1.0, 4), Peer("p1", 2.0, 10), Peer("p2", 2.0, 9), Peer("p3", 1.0, 12)]
     split = plan_split(layers, peers)
-    assert [s.node_id for s in split.stages] == ["p0", "p1", "p2"]
+    assert [s.node for s in split.stages] == ["p0", "p1", "p2"]
     with pytest.raises(PlanInfeasible):
         plan_split(layers, [q for q in peers if q.node_id != "p1"])
     out = reassign(layers, peers, split, {"p1"}, threshold=0.0)
     assert not out.replanned and out.reassigned == ("p3",)
-    assert [(s.node_id, s.start, s.end) for s in out.split.stages] == [("p0", 0, 1), ("p3", 1, 3), ("p2", 3, 5)]
+    assert [(s.node, s.start, s.end) for s in out.split.stages] == [("p0", 0, 1), ("p3", 1, 3), ("p2", 3, 5)]
 
 
 def test_fixed_survivors_keep_their_range_but_take_no_more() -> None:
     layers, peers, split = four_peer_plan()
     big = [Peer(q.node_id, q.flops, 10_000) for q in peers]
-    lost, last = split.stages[1], split.stages[3].node_id
-    neighbours = {split.stages[0].node_id, split.stages[2].node_id}
+    lost, last = split.stages[1], split.stages[3].node
+    neighbours = {split.stages[0].node, split.stages[2].node}
     # Neighbours that may not grow: the free spare takes the lost range, the rest stays as it was.
-    out = reassign(layers, big, split, {lost.node_id}, fixed=neighbours)
+    out = reassign(layers, big, split, {lost.node}, fixed=neighbours)
     assert not out.replanned and out.reassigned == ("spare",)
-    assert {(s.node_id, s.start, s.end) for s in out.split.stages} == (
-        {(s.node_id, s.start, s.end) for s in split.stages if s is not lost} | {("spare", lost.start, lost.end)})
+    assert {(s.node, s.start, s.end) for s in out.split.stages} == (
+        {(s.node, s.start, s.end) for s in split.stages if s is not lost} | {("spare", lost.start, lost.end)})
     # The spare may not take work either: no patch, and the replan uses only the peer free to work.
-    out = reassign(layers, big, split, {lost.node_id}, fixed=neighbours | {"spare"})
-    assert out.replanned and [s.node_id for s in out.split.stages] == [last]
+    out = reassign(layers, big, split, {lost.node}, fixed=neighbours | {"spare"})
+    assert out.replanned and [s.node for s in out.split.stages] == [last]
 
 
 def test_degenerate_inputs_end_quickly_with_an_answer() -> None:
@@ -258,3 +261,18 @@ def test_degenerate_inputs_end_quickly_with_an_answer() -> None:
     # A peer with a vanishing score whose memory is needed: infeasible, never an infinite stage time.
     with pytest.raises(PlanInfeasible):
         plan_split([Layer(0, 1.0, 10), Layer(1, 1.0, 10)], [Peer("a", 1.0, 10), Peer("b", 1e-320, 10)])
+
+
+def test_stages_are_spans_and_split_of_takes_only_a_pipeline() -> None:
+    layers = [Layer(i, 1.0, 1) for i in range(4)]
+    a, b = Peer("a", 1.0, 10), Peer("b", 2.0, 10)
+    split = split_of(layers, [(a, 0, 1), (b, 1, 4)])
+    assert [s.span for s in split.stages] == [Span("a", 0, 1), Span("b", 1, 4)]
+    assert all(isinstance(s, Span) and s.node_id == s.node for s in split.stages)
+    assert split.bottleneck_s == 1.5
+    for bad, message in [([(a, 0, 1), (b, 2, 4)], "gap"), ([(a, 0, 2), (b, 1, 4)], "overlaps"),
+                         ([(a, 1, 4)], "start at layer 0"), ([(a, 0, 1), (b, 1, 3)], "cover 3 layers, not 4"),
+                         ([(a, 0, 2), (a, 2, 4)], "appears twice"), ([(a, 0, 0), (b, 0, 4)], "empty"), ([], "least")]:
+        with pytest.raises(PeerError, match=message) as err:
+            split_of(layers, bad)
+        assert err.value.code == "INVALID_PLAN_INPUT"

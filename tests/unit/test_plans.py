@@ -27,9 +27,10 @@ from coordinator.plans import (
     open_plan,
     seal_plan,
 )
+from inference.protocol import Hop, Route, route_of
 from mesh.errors import PeerError
 from mesh.identity import Identity
-from mesh.ids import NodeId
+from mesh.ids import NodeId, Span
 from mesh.wire import NodeStatus, seal
 
 S = NodeStatus
@@ -52,6 +53,20 @@ def held(plan: Plan, identity: Identity) -> Held:
 
 
 # ---- wire ----------------------------------------------------------------------------------------
+
+
+def test_assignments_are_spans_and_a_plan_s_spans_are_its_route() -> None:
+    plan = plan_of(Identity.generate())
+    a = plan.assignments[0]
+    assert isinstance(a, Span) and a.node_id == a.node and a.span == Span(a.node, a.start, a.end)
+    assert plan.spans() == tuple(Span(*t) for t in plan.stages())
+    assert all(type(s) is Span for s in plan.spans())
+    route = Route(plan.model_id, plan.revision, plan.version,
+                  tuple(Hop(x.node, x.start, x.end) for x in plan.assignments), plan.compute_dtype)
+    assert route.hops == plan.spans() == route_of(route.to_wire()).hops
+    assert plan.split(LAYERS).stages[0].span == a.span  # layer indices are positions here
+
+
 
 
 def test_a_plan_survives_the_wire_and_forgeries_do_not() -> None:
@@ -185,16 +200,16 @@ def test_losing_a_peer_moves_only_its_range_and_bumps_the_epoch() -> None:
     assert run_plan(ctl, book, ident, ws) is None
     # One peer misses beats (degraded): it keeps its range, nothing moves.
     victim = first.assignments[1]
-    ws = [Worker(w.node_id, w.flops, w.memory_bytes, S.DEGRADED if w.node_id == victim.node_id else w.status)
+    ws = [Worker(w.node_id, w.flops, w.memory_bytes, S.DEGRADED if w.node_id == victim.node else w.status)
           for w in ws]
     assert run_plan(ctl, book, ident, ws) is None
     # It goes offline: its range goes to the spare, every other range stays.
-    ws = [Worker(w.node_id, w.flops, w.memory_bytes, S.OFFLINE if w.node_id == victim.node_id else S.READY)
+    ws = [Worker(w.node_id, w.flops, w.memory_bytes, S.OFFLINE if w.node_id == victim.node else S.READY)
           for w in ws]
     second = run_plan(ctl, book, ident, ws)
     assert second is not None and second.epoch == 2 and second.reason == "reassign"
     assert second.reassigned == ("spare",)
-    before = {(a.node_id, a.start, a.end) for a in first.assignments if a.node_id != victim.node_id}
+    before = {(a.node, a.start, a.end) for a in first.assignments if a.node != victim.node}
     assert before | {("spare", victim.start, victim.end)} == set(second.stages())
     assert covers_every_layer_once(second)
 
@@ -205,11 +220,11 @@ def test_a_draining_peer_is_replaced_and_a_growing_bottleneck_forces_a_replan() 
     first = run_plan(ctl, book, ident, ws)
     assert first is not None and len(first.assignments) == 4
     # No spare: a neighbour would double its stage (+100% > 25%) → a full replan over the three left.
-    gone = first.assignments[3].node_id
+    gone = first.assignments[3].node
     ws = [Worker(w.node_id, w.flops, w.memory_bytes, S.DRAINING if w.node_id == gone else S.READY) for w in ws]
     second = run_plan(ctl, book, ident, ws)
     assert second is not None and second.reason == "replan" and second.epoch == 2
-    assert gone not in {a.node_id for a in second.assignments} and len(second.assignments) == 3
+    assert gone not in {a.node for a in second.assignments} and len(second.assignments) == 3
     assert covers_every_layer_once(second)
 
 
@@ -264,7 +279,7 @@ def test_many_simulated_peers_dropping_keeps_every_layer_covered_by_live_peers(n
         return
     assert plan is not None
     for _ in range(3):  # peers of the plan drop, one round at a time
-        in_plan = [a.node_id for a in plan.assignments]
+        in_plan = [a.node for a in plan.assignments]
         dead = set(rng.sample(in_plan, rng.randint(1, max(1, len(in_plan) // 2))))
         ws = [Worker(w.node_id, w.flops, w.memory_bytes, S.OFFLINE if w.node_id in dead else w.status) for w in ws]
         try:
@@ -273,12 +288,12 @@ def test_many_simulated_peers_dropping_keeps_every_layer_covered_by_live_peers(n
             return  # the survivors cannot hold the model: an error, the old plan is kept
         assert nxt is not None and nxt.epoch == plan.epoch + 1
         alive = {w.node_id: w for w in ws if w.status != S.OFFLINE}
-        assert covers_every_layer_once(nxt) and all(a.node_id in alive for a in nxt.assignments)
-        assert all(a.memory_bytes <= alive[a.node_id].memory_bytes for a in nxt.assignments)
+        assert covers_every_layer_once(nxt) and all(a.node in alive for a in nxt.assignments)
+        assert all(a.memory_bytes <= alive[a.node].memory_bytes for a in nxt.assignments)
         if nxt.reason == "reassign":  # a patch keeps every surviving range (possibly extended)
             for a in plan.assignments:
-                if a.node_id not in dead:
-                    (b,) = [b for b in nxt.assignments if b.node_id == a.node_id]
+                if a.node not in dead:
+                    (b,) = [b for b in nxt.assignments if b.node == a.node]
                     assert b.start <= a.start and b.end >= a.end
         plan = nxt
 
@@ -321,7 +336,7 @@ def test_survivors_that_may_not_take_work_keep_their_range_and_get_no_more() -> 
     ws = workers(3, memory=10_000)
     first = run_plan(ctl, book, ident, ws)
     assert first is not None and len(first.assignments) == 3
-    a, b, c = (x.node_id for x in first.assignments)
+    a, b, c = (x.node for x in first.assignments)
     spare = Worker("spare", 1e10, 10_000, S.READY)
     # a dies; b missed beats (degraded) and c stopped accepting jobs: the spare takes a's range.
     ws = [Worker(a, 1e10, 10_000, S.OFFLINE), Worker(b, 1e10, 10_000, S.DEGRADED),

@@ -65,6 +65,13 @@ def test_bad_routes_are_bad_frames(changes: dict[str, Any]) -> None:
     assert isinstance(err.value, PeerError) and err.value.code == "BAD_FRAME"
 
 
+def test_bad_ranges_say_why() -> None:
+    for route, reason in [([["a", 0, 3], ["b", 4, 7]], r"route\[1\]: range \[4, 7\) leaves a gap after layer 3"),
+                          ([["a", 0, 3], ["a", 3, 7]], r"route\[1\]: node 'a' appears twice")]:
+        with pytest.raises(FrameError, match=reason):
+            route_of(step0(route=route))
+
+
 def test_route_of_an_empty_header() -> None:
     with pytest.raises(FrameError) as err:
         route_of({})
