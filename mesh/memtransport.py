@@ -41,7 +41,7 @@ from mesh.transport import (
     Stream,
     StreamClosedError,
     is_loopback_addr,
-    owned,
+    opened,
     peer_id_of,
     serve_stream,
 )
@@ -178,12 +178,7 @@ class MemoryTransport:
                           ) -> AsyncIterator[Stream]:
         """As ``Transport.open_stream``: dials the peer first if needed; closed on exit, reset on error;
         PeerTimeoutError when the peer does not answer within ``timeout``."""
-        try:
-            with trio.fail_after(timeout):
-                raw = await self._new_stream(peer, protocol)
-        except trio.TooSlowError:
-            raise PeerTimeoutError(f"opening {protocol} to {peer} took longer than {timeout}s") from None
-        async with owned(Stream(raw, peer, timeout)) as stream:  # type: ignore[arg-type]
+        async with opened(lambda: self._new_stream(peer, protocol), peer, protocol, timeout) as stream:
             yield stream
 
     async def _new_stream(self, peer: NodeId, protocol: str) -> _RawStream:

@@ -197,6 +197,20 @@ async def owned(stream: Stream) -> AsyncIterator[Stream]:
     await stream.close()
 
 
+@asynccontextmanager
+async def opened(new: Callable[[], Awaitable[Any]], peer: NodeId, protocol: str, timeout: float
+                 ) -> AsyncIterator[Stream]:
+    """A stream from ``new()`` (a raw stream with read/write/close/reset) for the block, as ``owned``;
+    PeerTimeoutError when it is not open within ``timeout``."""
+    try:
+        with trio.fail_after(timeout):
+            raw = await new()
+    except trio.TooSlowError:
+        raise PeerTimeoutError(f"opening {protocol} to {peer} took longer than {timeout}s") from None
+    async with owned(Stream(raw, peer, timeout)) as stream:
+        yield stream
+
+
 async def serve_stream(protocol: str, handler: Callable[[Stream], Awaitable[None]], stream: Stream) -> None:
     """The boundary of one inbound stream: a PeerError resets it and is logged with its code; any other
     exception is logged as INTERNAL and resets it (a bug in one handler must not take the connection, or the
@@ -489,12 +503,7 @@ class Transport:
                           ) -> AsyncIterator[Stream]:
         """A new stream to ``peer`` (dialing it first if needed), closed on exit, reset on error.
         PeerTimeoutError when the peer does not answer within ``timeout``."""
-        try:
-            with trio.fail_after(timeout):
-                raw = await self._new_stream(peer, protocol)
-        except trio.TooSlowError:
-            raise PeerTimeoutError(f"opening {protocol} to {peer} took longer than {timeout}s") from None
-        async with owned(Stream(raw, peer, timeout)) as stream:
+        async with opened(lambda: self._new_stream(peer, protocol), peer, protocol, timeout) as stream:
             yield stream
 
     async def _new_stream(self, peer: NodeId, protocol: str) -> INetStream:
