@@ -60,11 +60,6 @@ class Stage(Span):
     bytes: int
     time_s: float  # compute + hop, per token
 
-    @property
-    def node_id(self) -> str:
-        """The same as ``node`` (the name before stages were spans; kept while callers move to ``node``)."""
-        return self.node
-
 
 @dataclass(frozen=True, slots=True)
 class Split:

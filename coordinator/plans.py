@@ -68,11 +68,6 @@ class Assignment(Span):
     time_s: float  # compute + hop, per token
     fallback: str | None = None
 
-    @property
-    def node_id(self) -> str:
-        """The same as ``node`` (the name before assignments were spans; kept while callers move to ``node``)."""
-        return self.node
-
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -103,10 +98,6 @@ class Plan:
     def spans(self) -> tuple[Span, ...]:
         """The assignments as plain spans (node and layer indices): equal to a route's hops for this plan."""
         return tuple(a.span for a in self.assignments)
-
-    def stages(self) -> tuple[tuple[str, int, int], ...]:
-        """``(node, start, end)`` tuples: the older shape of ``spans()``, kept while callers move to it."""
-        return tuple((a.node, a.start, a.end) for a in self.assignments)
 
     def split(self, layers: Sequence[planner.Layer]) -> planner.Split:
         """The plan as a planner Split over ``layers`` (positions, not indices)."""

@@ -28,7 +28,7 @@ from coordinator.planner import Layer
 from coordinator.plans import Held, NodeSummary, Plan, PlanBook, Verdict, make_plan, open_plan, seal_plan
 from mesh.config import Config
 from mesh.errors import MeshError, NotFoundError, PeerError
-from mesh.ids import ModelRef, keep_ref
+from mesh.ids import ModelRef, Span, check_spans, keep_ref
 from mesh.logs import Throttle
 from mesh.ports import Clock, Gossip, Library, MeshView, Offload, Signer
 from mesh.transport import GossipMessage
@@ -116,7 +116,7 @@ class PlanService:
                  "node_id": self.mesh.node_id}
         if verdict.accepted:
             self._on_plan()
-            stages = ", ".join(f"{a.node_id[-6:]}[{a.start},{a.end})" for a in plan.assignments)
+            stages = ", ".join(f"{a.node[-6:]}[{a.start},{a.end})" for a in plan.assignments)
             log.info("plan for %s: term %d epoch %d (%s) %s", plan.model_id, plan.term, plan.epoch,
                      plan.reason or "-", stages, extra={"event": "plan_accepted", "reason": plan.reason, **where})
         elif verdict.code in ("STALE_TERM", "NOT_COORDINATOR", "STALE_EPOCH"):
@@ -337,10 +337,10 @@ class PlanService:
         decision = await self.offload(functools.partial(
             self.controller.cover, layers, workers, current, gone, reason="request"))
         published = None
-        asked = tuple((n, layers[s].index, layers[e - 1].index + 1) for n, s, e in stages)
+        asked = tuple(Span(n, layers[s].index, layers[e - 1].index + 1) for n, s, e in stages)
         if held is not None and self.is_coordinator():
             async with self._lock:  # still the current plan once the loop lets go?
-                if self.book.current.get(model) is held and held.plan.stages() == asked:
+                if self.book.current.get(model) is held and held.plan.spans() == asked:
                     published = await self._issue(model, revision, layers, decision, request_id=request_id,
                                                   compute=compute)
         plan = published or make_plan(layers, decision.peers, decision.split, model=model, revision=revision,
@@ -353,12 +353,12 @@ class PlanService:
                 "term": plan.term, "epoch": plan.epoch}
 
 
-def parse_splits(raw: Any, layers: Sequence[Layer]) -> list[tuple[str, int, int]]:
-    """The seeds' splits → ``(node, start position, end position)``, contiguous over every layer."""
+def parse_splits(raw: Any, layers: Sequence[Layer]) -> list[Span]:
+    """The seeds' splits (layer indices) → spans of layer *positions*, contiguous over every layer."""
     if not isinstance(raw, list) or not raw:
         raise PeerError("current_splits: expected a non-empty list", code="INVALID_PLAN_INPUT")
     pos = {layer.index: i for i, layer in enumerate(layers)}
-    out, at = [], 0
+    out = []
     for i, row in enumerate(raw):
         node = row.get("assigned_node") if isinstance(row, dict) else None
         rng = row.get("layer_range") if isinstance(row, dict) else None
@@ -367,13 +367,9 @@ def parse_splits(raw: Any, layers: Sequence[Layer]) -> list[tuple[str, int, int]
             raise PeerError(f"current_splits[{i}]: need assigned_node and layer_range [start, end)",
                             code="INVALID_PLAN_INPUT")
         start, end = rng
-        if start not in pos or (end - 1) not in pos or end <= start or pos[start] != at:
-            raise PeerError(f"current_splits[{i}]: layer_range {rng} does not continue the ranges before it",
+        if start not in pos or (end - 1) not in pos:
+            raise PeerError(f"current_splits[{i}]: layer_range {rng} is outside the model's layers",
                             code="INVALID_PLAN_INPUT")
-        at = pos[end - 1] + 1
-        out.append((node, pos[start], at))
-    if at != len(layers):
-        raise PeerError(f"current_splits cover {at} of {len(layers)} layers", code="INVALID_PLAN_INPUT")
-    if len({n for n, _, _ in out}) != len(out):
-        raise PeerError("current_splits: a peer appears twice", code="INVALID_PLAN_INPUT")
+        out.append(Span(node, pos[start], pos[end - 1] + 1))
+    check_spans(out, len(layers), code="INVALID_PLAN_INPUT", what="current_splits")
     return out

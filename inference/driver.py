@@ -31,13 +31,13 @@ import trio
 from coordinator.plans import PlanBook
 from inference import protocol
 from inference.frames import MAX_TOKENS, Frame
-from inference.protocol import ACTIVATIONS_PROTOCOL, Hop, Route
+from inference.protocol import ACTIVATIONS_PROTOCOL, Route
 from inference.sampling import Sampling
-from inference.sessions import new_session_id, stage_key
+from inference.sessions import new_session_id
 from inference.tokenizer import load_tokenizer
 from mesh.config import InferenceConfig
 from mesh.errors import NotFoundError, PeerError
-from mesh.ids import ModelRef, NodeId
+from mesh.ids import ModelRef, NodeId, Span, StageKey
 from mesh.ports import Library, MeshView, Offload, Streams
 from mesh.transport import Stream
 from mesh.wire import NodeStatus
@@ -119,6 +119,10 @@ class Driver:
 
     # ---- routes -----------------------------------------------------------------------------------
 
+    @staticmethod
+    def _key(model: str, revision: str, span: Span, compute: str) -> str:
+        return str(StageKey.make(model, revision, span.start, span.end, compute))
+
     def _stage_ready(self, node_id: NodeId, key: str) -> bool:
         if node_id == self.mesh.node_id:
             return key in self.local.ready()
@@ -132,9 +136,8 @@ class Driver:
         if held is None or (revision is not None and held.plan.revision != revision):
             raise NotFoundError(f"no plan for {spec} in this mesh (POST /api/model to serve it)", code="NO_PLAN")
         plan = held.plan
-        stages = [{"node_id": a.node_id, "layers": [a.start, a.end],
-                   "ready": self._stage_ready(a.node_id, stage_key(model, plan.revision, a.start, a.end,
-                                                                   plan.compute_dtype))}
+        stages = [{"node_id": a.node, "layers": [a.start, a.end],
+                   "ready": self._stage_ready(a.node, self._key(model, plan.revision, a, plan.compute_dtype))}
                   for a in plan.assignments]
         return {"model": model, "revision": plan.revision, "term": plan.term, "epoch": plan.epoch,
                 "compute_dtype": plan.compute_dtype,
@@ -147,9 +150,8 @@ class Driver:
         if held is None or (revision is not None and held.plan.revision != revision):
             return None
         plan = held.plan
-        hops = tuple(Hop(a.node_id, a.start, a.end) for a in plan.assignments)
-        if not all(self._stage_ready(h.node, stage_key(model, plan.revision, h.start, h.end, plan.compute_dtype))
-                   for h in hops):
+        hops = plan.spans()
+        if not all(self._stage_ready(h.node, self._key(model, plan.revision, h, plan.compute_dtype)) for h in hops):
             return None
         return Route(model, plan.revision, (plan.term, plan.epoch), hops, plan.compute_dtype)
 
@@ -161,7 +163,7 @@ class Driver:
         """A stage peer of ``route`` is offline, or the plan moved on and its new route is ready (a route
         that still works is kept while the new plan's stages load)."""
         held = self.plans.current.get(route.model)
-        if held is None or tuple(held.plan.stages()) != tuple((h.node, h.start, h.end) for h in route.hops):
+        if held is None or held.plan.spans() != route.hops:
             newer = self.route(route.model)
             if newer is not None and newer.hops != route.hops:
                 return True

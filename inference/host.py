@@ -36,11 +36,11 @@ from inference import protocol
 from inference.frames import DTYPE_NAMES, Frame, FrameError, expect
 from inference.protocol import ACTIVATIONS_PROTOCOL, Route, error_frame, route_of
 from inference.sampling import Sampling, sample
-from inference.sessions import SessionTable, stage_key
+from inference.sessions import SessionTable
 from inference.stage import Stage, dtype_of, verified_loader
 from mesh.config import InferenceConfig
 from mesh.errors import LocalError, MeshError, PeerError
-from mesh.ids import NodeId
+from mesh.ids import NodeId, StageKey
 from mesh.logs import Throttle
 from mesh.ports import Clock, Library, Offload, Streams
 from mesh.transport import Stream, StreamClosedError
@@ -74,7 +74,7 @@ class Loaded:
 
     @property
     def key(self) -> str:
-        return stage_key(self.model, self.revision, self.start, self.end, self.compute)
+        return str(StageKey.make(self.model, self.revision, self.start, self.end, self.compute))
 
 
 def fits(stages: list[Stage]) -> Callable[[dict[str, Any]], None]:
@@ -163,7 +163,7 @@ class StageHost:
         me = self.node_id
         wanted: dict[str, tuple[str, int, int, str]] = {}
         for model, held in list(self.plans.current.items()):
-            mine = next((a for a in held.plan.assignments if a.node_id == me), None)
+            mine = next((a for a in held.plan.assignments if a.node == me), None)
             if mine is not None:
                 wanted[model] = (held.plan.revision, mine.start, mine.end, held.plan.compute_dtype)
         for model in [m for m in self.loaded if m not in wanted]:
@@ -171,7 +171,7 @@ class StageHost:
             log.info("stage %s freed: no plan names this peer for it", gone.key,
                      extra={"event": "stage_freed", "model": model, "node_id": me})
         for model, (revision, start, end, compute) in wanted.items():
-            key = stage_key(model, revision, start, end, compute)
+            key = str(StageKey.make(model, revision, start, end, compute))
             current = self.loaded.get(model)
             if current is not None and current.key == key:
                 continue
@@ -305,7 +305,8 @@ class StageHost:
         if sender != expected:
             raise PeerError(f"stage {index} takes frames from {expected}, not {sender}", code="NOT_IN_ROUTE")
         loaded = self.loaded.get(route.model)
-        if loaded is None or loaded.key != stage_key(route.model, route.revision, hop.start, hop.end, route.compute):
+        if loaded is None or loaded.key != str(StageKey.make(route.model, route.revision, hop.start, hop.end,
+                                                             route.compute)):
             have = loaded.key if loaded is not None else "nothing"
             raise StageNotReady(f"this peer has {have} loaded, not {route.model}@{route.revision} "
                                 f"[{hop.start}, {hop.end}) in {route.compute}")

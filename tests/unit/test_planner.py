@@ -268,7 +268,7 @@ def test_stages_are_spans_and_split_of_takes_only_a_pipeline() -> None:
     a, b = Peer("a", 1.0, 10), Peer("b", 2.0, 10)
     split = split_of(layers, [(a, 0, 1), (b, 1, 4)])
     assert [s.span for s in split.stages] == [Span("a", 0, 1), Span("b", 1, 4)]
-    assert all(isinstance(s, Span) and s.node_id == s.node for s in split.stages)
+    assert all(isinstance(s, Span) and s.span == Span(s.node, s.start, s.end) for s in split.stages)
     assert split.bottleneck_s == 1.5
     for bad, message in [([(a, 0, 1), (b, 2, 4)], "gap"), ([(a, 0, 2), (b, 1, 4)], "overlaps"),
                          ([(a, 1, 4)], "start at layer 0"), ([(a, 0, 1), (b, 1, 3)], "cover 3 layers, not 4"),

@@ -58,8 +58,8 @@ def held(plan: Plan, identity: Identity) -> Held:
 def test_assignments_are_spans_and_a_plan_s_spans_are_its_route() -> None:
     plan = plan_of(Identity.generate())
     a = plan.assignments[0]
-    assert isinstance(a, Span) and a.node_id == a.node and a.span == Span(a.node, a.start, a.end)
-    assert plan.spans() == tuple(Span(*t) for t in plan.stages())
+    assert isinstance(a, Span) and a.span == Span(a.node, a.start, a.end) and type(a.span) is Span
+    assert plan.spans() == tuple(Span(a.node, a.start, a.end) for a in plan.assignments)
     assert all(type(s) is Span for s in plan.spans())
     route = Route(plan.model_id, plan.revision, plan.version,
                   tuple(Hop(x.node, x.start, x.end) for x in plan.assignments), plan.compute_dtype)
@@ -209,8 +209,8 @@ def test_losing_a_peer_moves_only_its_range_and_bumps_the_epoch() -> None:
     second = run_plan(ctl, book, ident, ws)
     assert second is not None and second.epoch == 2 and second.reason == "reassign"
     assert second.reassigned == ("spare",)
-    before = {(a.node, a.start, a.end) for a in first.assignments if a.node != victim.node}
-    assert before | {("spare", victim.start, victim.end)} == set(second.stages())
+    before = {a.span for a in first.assignments if a.node != victim.node}
+    assert before | {Span("spare", victim.start, victim.end)} == set(second.spans())
     assert covers_every_layer_once(second)
 
 
@@ -236,7 +236,7 @@ def test_a_new_term_reissues_the_same_assignments_and_joins_improve_only_past_th
     assert first is not None
     ctl = Controller()  # the new coordinator's controller, with the old plan in its book
     again = run_plan(ctl, book, new, ws, term=2)
-    assert again is not None and again.reason == "term" and again.stages() == first.stages()
+    assert again is not None and again.reason == "term" and again.spans() == first.spans()
     assert (again.term, again.epoch) == (2, 2)
     # Two peers 4x faster join: the fresh plan more than halves the bottleneck → adopted.
     ws += workers(2, flops=4e10, prefix="fast")
@@ -343,7 +343,7 @@ def test_survivors_that_may_not_take_work_keep_their_range_and_get_no_more() -> 
           Worker(c, 1e10, 10_000, S.READY, accepts_jobs=False), spare]
     nxt = run_plan(ctl, book, ident, ws)
     assert nxt is not None and nxt.reassigned == ("spare",)
-    assert set(nxt.stages()) == {("spare", 0, first.assignments[0].end), *first.stages()[1:]}
+    assert set(nxt.spans()) == {Span("spare", 0, first.assignments[0].end), *first.spans()[1:]}
     # A peer reporting a vanishing FLOP/s score is never given work.
     assert not Worker("zero", 1e-300, 10_000, S.READY).usable
 
@@ -355,3 +355,23 @@ def test_one_plan_per_model_id() -> None:
     for spec in ("tiny@r1", "other", "tiny@r2", "tiny"):
         specs = keep_ref(specs, spec)
     assert specs == ["other", "tiny"]
+
+
+def test_seed_splits_become_spans_of_layer_positions_or_a_clear_error() -> None:
+    from coordinator.service import parse_splits
+
+    layers = [Layer(i, 1.0, 10) for i in (2, 3, 4, 5)]  # indices need not start at 0: positions do
+    got = parse_splits([{"layer_range": [2, 4], "assigned_node": "a"}, {"layer_range": [4, 6], "assigned_node": "b"}],
+                       layers)
+    assert got == [Span("a", 0, 2), Span("b", 2, 4)]
+    for raw, message in [(5, "non-empty list"), ([], "non-empty list"),
+                         ([{"layer_range": [2, 6]}], "need assigned_node"),
+                         ([{"layer_range": [2, 9], "assigned_node": "a"}], "outside the model's layers"),
+                         ([{"layer_range": [2, 4], "assigned_node": "a"}], "cover 2 layers, not 4"),
+                         ([{"layer_range": [2, 4], "assigned_node": "a"}, {"layer_range": [5, 6], "assigned_node": "b"}],
+                          "gap"),
+                         ([{"layer_range": [2, 4], "assigned_node": "a"}, {"layer_range": [4, 6], "assigned_node": "a"}],
+                          "appears twice")]:
+        with pytest.raises(PeerError, match=message) as err:
+            parse_splits(raw, layers)
+        assert err.value.code == "INVALID_PLAN_INPUT"
