@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh.errors import PeerError
-from mesh.ids import ModelRef, NodeId
+from mesh.ids import NodeId
 
 
 class SessionError(PeerError):
@@ -80,11 +80,6 @@ class SessionTable:
         for sid in old:
             del self._sessions[sid]
         return old
-
-
-def stage_key(model: str, revision: str, start: int, end: int, compute: str = "float32") -> str:
-    """How a ready stage is named in gossip (``NodeInfo.stages``): ``model@revision:start:end:dtype``."""
-    return f"{ModelRef(model, revision)}:{start}:{end}:{compute}"
 
 
 def new_session_id(node: NodeId) -> str:
