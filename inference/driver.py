@@ -32,6 +32,7 @@ from coordinator.plans import PlanBook
 from inference import protocol
 from inference.frames import MAX_TOKENS, Frame
 from inference.protocol import ACTIVATIONS_PROTOCOL, Route
+from inference.results import Results
 from inference.sampling import Sampling
 from inference.sessions import new_session_id
 from inference.tokenizer import load_tokenizer
@@ -39,7 +40,6 @@ from mesh.config import InferenceConfig
 from mesh.errors import NotFoundError, PeerError
 from mesh.ids import ModelRef, NodeId, Span, StageKey
 from mesh.ports import Library, MeshView, Offload, Streams
-from mesh.transport import Stream
 from mesh.wire import NodeStatus
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,6 @@ MAX_FAILOVERS = 8
 #: Refusals no other route can cure (the request or the pipeline is wrong, not a peer): fail at once.
 PERMANENT = frozenset({"BAD_DTYPE", "BAD_SHAPE", "BAD_VALUES", "BAD_FRAME", "CONTEXT_TOO_LONG", "INVALID_PARAMETER",
                        "UNSUPPORTED_QUANTIZATION", "SHARD_FORMAT_MISMATCH"})
-RESULT_QUEUE = 8  # results waiting for the driver per session (back-pressure on the last stage)
 
 
 class ModelNotServed(PeerError):
@@ -90,12 +89,6 @@ class Token:
     logits: torch.Tensor | None = None
 
 
-@dataclass
-class _Results:
-    route: Route
-    channel: trio.MemorySendChannel[Frame]
-
-
 class LocalStages(Protocol):
     """The stages on this peer, as a driver sees them (``StageHost``)."""
 
@@ -106,12 +99,12 @@ class LocalStages(Protocol):
 
 class Driver:
     def __init__(self, config: InferenceConfig, offline_after: float, mesh: MeshView, plans: PlanBook,
-                 library: Library, streams: Streams, local: LocalStages, *, requested: Callable[[], list[str]],
-                 offload: Offload) -> None:
+                 library: Library, streams: Streams, local: LocalStages, results: Results, *,
+                 requested: Callable[[], list[str]], offload: Offload) -> None:
         self.config, self.offline_after, self.mesh, self.plans = config, offline_after, mesh, plans
         self.library, self.streams, self.local, self.requested, self.offload = (library, streams, local, requested,
                                                                                 offload)
-        self._results: dict[str, _Results] = {}
+        self.results = results  # where the last stage's answers to our sessions arrive
         self._tokenizers: dict[tuple[str, str], Any] = {}
         self._tokenizer_lock = trio.Lock()
         self.failovers = 0
@@ -184,41 +177,6 @@ class Driver:
             raise ModelNotServed(f"{spec} is not ready: its stages are still being planned or loaded "
                                     "(GET /api/model shows which)")
         raise NotFoundError(f"the mesh does not serve {spec} (POST /api/model to serve it)", code="UNKNOWN_MODEL")
-
-    # ---- results from the last stage --------------------------------------------------------------
-
-    def _entry(self, frame: Frame, sender: NodeId) -> _Results:
-        entry = self._results.get(frame.session)
-        if entry is None:
-            raise PeerError(f"no generation {frame.session} is waiting here", code="UNKNOWN_SESSION")
-        allowed = entry.route.nodes if frame.kind == "error" else entry.route.nodes[-1:]
-        if sender not in allowed:
-            raise PeerError(f"{sender} may not send {frame.kind} frames for {frame.session}", code="NOT_IN_ROUTE")
-        return entry
-
-    async def deliver(self, frame: Frame, sender: NodeId) -> None:
-        """A result or error for a session of this driver (from a stage on this peer)."""
-        try:
-            entry = self._entry(frame, sender)
-            await entry.channel.send(frame)
-        except (PeerError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the generation is over (or failed over): nothing waits for this frame any more
-
-    async def accept_results(self, stream: Stream, first: Frame) -> None:
-        """An inbound stream of results (or an error) from a stage of one of our sessions."""
-        entry = self._entry(first, stream.peer)
-        frame = first
-        idle = self.config.session_idle_timeout
-        while frame.kind in ("result", "error"):
-            if frame.session != first.session:
-                raise PeerError("results for another session on this stream", code="UNKNOWN_SESSION")
-            try:
-                await entry.channel.send(frame)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            if frame.kind == "error":
-                return
-            frame = await protocol.receive(stream, timeout=idle)
 
     # ---- generating -------------------------------------------------------------------------------
 
@@ -295,10 +253,8 @@ class Driver:
         the same KV caches, and the next token is the one the uninterrupted run would have produced."""
         me = self.mesh.node_id
         session = new_session_id(me)
-        send_results, results = trio.open_memory_channel[Frame](RESULT_QUEUE)
-        self._results[session] = _Results(route, send_results)
         step_timeout = self.config.step_timeout
-        try:
+        with self.results.waiting(session, route) as results:
             async with contextlib.AsyncExitStack() as stack:
                 send = await self._upstream(stack, route)
                 first = {**route.to_wire(), "driver": me, "sampling": req.sampling.to_wire()}
@@ -333,10 +289,6 @@ class Driver:
                     position += 1
                 with contextlib.suppress(RouteFailed):
                     await send(Frame("end", session, step + 1, position))  # free every stage's cache now
-        finally:
-            del self._results[session]
-            send_results.close()
-            results.close()
 
     async def _replay(self, send: Callable[[Frame], Awaitable[None]], frames: list[Frame],
                       results: trio.MemoryReceiveChannel[Frame], route: Route, produced: list[int],

@@ -35,6 +35,7 @@ from coordinator.plans import PlanBook
 from inference import protocol
 from inference.frames import DTYPE_NAMES, Frame, FrameError, expect
 from inference.protocol import ACTIVATIONS_PROTOCOL, Route, error_frame, route_of
+from inference.results import Results
 from inference.sampling import Sampling, sample
 from inference.sessions import SessionTable
 from inference.stage import Stage, dtype_of, verified_loader
@@ -122,18 +123,12 @@ class Upstream:
         raise StreamClosedError(f"no frame from the driver for {timeout}s")
 
 
-#: Where results and error frames for a driver on this peer go (the root routes them to its ``Driver``).
-Deliver = Callable[[Frame, NodeId], Awaitable[None]]
-#: An inbound stream whose first frame is a result or an error: the driver's (``Driver.accept_results``).
-AcceptResults = Callable[[Stream, Frame], Awaitable[None]]
-
-
 class StageHost:
     def __init__(self, config: InferenceConfig, node_id: NodeId, plans: PlanBook, library: Library,
-                 streams: Streams, *, deliver: Deliver, accept_results: AcceptResults, now: Clock,
+                 streams: Streams, results: Results, *, now: Clock,
                  offload: Offload) -> None:
         self.node_id, self.plans, self.library, self.streams = node_id, plans, library, streams
-        self._deliver, self._accept_results, self.now, self.offload = deliver, accept_results, now, offload
+        self.results, self.now, self.offload = results, now, offload  # results: for drivers on this peer
         inf = config
         self.max_sessions, self.idle_timeout = inf.max_sessions, inf.session_idle_timeout
         self.loaded: dict[str, Loaded] = {}  # model -> its stage here
@@ -235,7 +230,7 @@ class StageHost:
                 first = await protocol.receive(stream, timeout=FIRST_FRAME_TIMEOUT,
                                                admit=fits([s.stage for s in self.loaded.values()]))
                 if first.kind in ("result", "error"):
-                    await self._accept_results(stream, first)
+                    await self.results.accept(stream, first)
                     return
             except PeerError as err:
                 await self._refuse(stream, "", 0, err)
@@ -362,7 +357,7 @@ class StageHost:
         timeout to learn that a stage refused it."""
         if peer == self.node_id:
             async def local(frame: Frame) -> None:
-                await self._deliver(frame, self.node_id)
+                await self.results.deliver(frame, self.node_id)
             return local
         holder: list[Stream] = []
 
@@ -408,7 +403,7 @@ class StageHost:
         """Best effort: an error frame to the driver on its own stream (never raises)."""
         try:
             if driver == self.node_id:
-                await self._deliver(frame, self.node_id)
+                await self.results.deliver(frame, self.node_id)
                 return
             with trio.move_on_after(2.0):
                 async with self.streams.open_stream(driver, ACTIVATIONS_PROTOCOL, timeout=2.0) as s:

@@ -17,6 +17,7 @@ gossipsub drops for a slow consumer, each drop logged (``gossip_dropped``).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import secrets
@@ -263,9 +264,10 @@ class MemoryTransport:
         self._seen[msg_id] = None
         if len(self._seen) > SEEN_LIMIT:
             self._seen.popitem(last=False)
+        delivered = dataclasses.replace(msg, forwarder=None)  # as py-libp2p: a subscription is not told
         for send in self._subscribers.get(topic, ()):
             try:
-                send.send_nowait(msg)
+                send.send_nowait(delivered)
             except trio.WouldBlock:
                 log.warning("gossip subscriber of %s is %d messages behind: message dropped", topic,
                             SUBSCRIBER_QUEUE, extra={"event": "gossip_dropped", "node_id": self.node_id})

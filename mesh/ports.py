@@ -42,6 +42,12 @@ async def threads(fn: Callable[..., T], /, *args: Any) -> T:
     return await trio.to_thread.run_sync(fn, *args)
 
 
+async def abandoning(fn: Callable[..., T], /, *args: Any) -> T:
+    """A worker thread that a cancel leaves behind (its result is dropped): for a read whose caller keeps
+    its last answer rather than wait, such as the heartbeat's look at the model store."""
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+
+
 async def inline(fn: Callable[..., T], /, *args: Any) -> T:
     await trio.lowlevel.checkpoint()
     return fn(*args)

@@ -84,7 +84,9 @@ class PeerUnreachableError(PeerError):
 @dataclass(frozen=True, slots=True)
 class GossipMessage:
     sender: NodeId  # the original publisher (gossipsub keeps it across relays)
-    forwarder: NodeId
+    #: The connected peer that relayed it here: validators are told; a subscription is not (py-libp2p's
+    #: subscription queue keeps only the message), so there it is None, in both transports.
+    forwarder: NodeId | None
     data: bytes
 
 
@@ -584,12 +586,11 @@ class Transport:
 
         async def messages() -> AsyncIterator[GossipMessage]:
             async for msg in sub:
-                yield _gossip_message(ID(msg.from_id), msg)
+                yield _gossip_message(None, msg)
 
         yield messages()
 
 
-def _gossip_message(forwarder: ID, msg: rpc_pb2.Message) -> GossipMessage:
-    return GossipMessage(
-        sender=NodeId(ID(msg.from_id).to_base58()), forwarder=NodeId(forwarder.to_base58()), data=msg.data
-    )
+def _gossip_message(forwarder: ID | None, msg: rpc_pb2.Message) -> GossipMessage:
+    return GossipMessage(sender=NodeId(ID(msg.from_id).to_base58()),
+                         forwarder=NodeId(forwarder.to_base58()) if forwarder is not None else None, data=msg.data)

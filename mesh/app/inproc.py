@@ -100,7 +100,7 @@ class InProcessMesh:
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             with trio.CancelScope() as scope:
                 async with self.network.open(identity) as transport:
-                    node = Node(cfg, identity, core, transport, (), flops, store, offload=inline)
+                    node = Node(cfg, identity, core, transport, (), flops, store, offload=inline, reads=inline)
                     started.append(Peer(name, node, scope))
                     await node.run(task_status=task_status)
 

@@ -33,6 +33,7 @@ from coordinator.service import PlanService
 from inference.driver import Driver
 from inference.host import StageHost
 from inference.protocol import ACTIVATIONS_PROTOCOL
+from inference.results import Results
 from mesh import hardware
 from mesh.config import Config
 from mesh.errors import MeshError, NotFoundError, PeerError
@@ -41,7 +42,7 @@ from mesh.ids import ModelRef, NodeId, keep_ref
 from mesh.logs import Throttle
 from mesh.membership import Forgotten, Member, StatusChanged
 from mesh.peer import LeaderChanged, PeerCore, PeerEvent
-from mesh.ports import Network, Offload, threads
+from mesh.ports import Network, Offload, abandoning, threads
 from mesh.transport import GossipMessage, is_loopback_addr, peer_id_of
 from mesh.wire import NODES_TOPIC, PLANS_TOPIC, GpuInfo, NodeStatus, open_signed
 from storage.library import Library
@@ -63,6 +64,7 @@ class Node:
     def __init__(
         self, config: Config, identity: Identity, core: PeerCore, transport: Network,
         gpus: tuple[GpuInfo, ...], flops: float, store: Store, *, offload: Offload = threads,
+        reads: Offload = abandoning,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -83,17 +85,16 @@ class Node:
                                download=RateLimit(st.download_limit_mb_s * 1e6))
         self._installed: tuple[str, ...] = ()
         self._serve: list[str] = list(config.inference.serve)  # models this peer asks the mesh to serve
-        self.offload = offload
+        self.offload, self.reads = offload, reads
         # The services, each from the narrow parts it uses; the callbacks are the only paths between them.
         self.library = Library(store, self.fetcher, core, offload)
         self.plans = PlanService(config, core, transport, identity, self.library, reject=self._reject,
                                  on_plan=lambda: self.stages.wake.set(), now=self.now, offload=offload)
+        self.results = Results(config.inference.session_idle_timeout)  # one table: host writes, driver reads
         self.stages = StageHost(config.inference, self.node_id, self.plans.book, self.library, transport,
-                                deliver=lambda frame, sender: self.driver.deliver(frame, sender),
-                                accept_results=lambda stream, first: self.driver.accept_results(stream, first),
-                                now=self.now, offload=offload)
+                                self.results, now=self.now, offload=offload)
         self.driver = Driver(config.inference, config.membership.offline_after, core, self.plans.book, self.library,
-                             transport, self.stages, requested=self.serve_requests, offload=offload)
+                             transport, self.stages, self.results, requested=self.serve_requests, offload=offload)
 
     @property
     def node_id(self) -> NodeId:
@@ -151,10 +152,7 @@ class Node:
         # last list rather than delay the heartbeat.
         with trio.move_on_after(0.2):
             try:
-                if self.offload is threads:  # a worker thread that a slow read may leave behind
-                    found = await trio.to_thread.run_sync(self.store.installed, abandon_on_cancel=True)
-                else:
-                    found = await self.offload(self.store.installed)
+                found = await self.reads(self.store.installed)
                 self._installed = tuple(found)
             except (MeshError, OSError) as err:  # a broken registry.json must not stop the heartbeats
                 code = getattr(err, "code", "STORE_IO")

@@ -361,17 +361,17 @@ def test_seed_splits_become_spans_of_layer_positions_or_a_clear_error() -> None:
     from coordinator.service import parse_splits
 
     layers = [Layer(i, 1.0, 10) for i in (2, 3, 4, 5)]  # indices need not start at 0: positions do
-    got = parse_splits([{"layer_range": [2, 4], "assigned_node": "a"}, {"layer_range": [4, 6], "assigned_node": "b"}],
-                       layers)
-    assert got == [Span("a", 0, 2), Span("b", 2, 4)]
+
+    def split(node: str, start: int, end: int) -> dict:
+        return {"layer_range": [start, end], "assigned_node": node}
+
+    assert parse_splits([split("a", 2, 4), split("b", 4, 6)], layers) == [Span("a", 0, 2), Span("b", 2, 4)]
     for raw, message in [(5, "non-empty list"), ([], "non-empty list"),
                          ([{"layer_range": [2, 6]}], "need assigned_node"),
-                         ([{"layer_range": [2, 9], "assigned_node": "a"}], "outside the model's layers"),
-                         ([{"layer_range": [2, 4], "assigned_node": "a"}], "cover 2 layers, not 4"),
-                         ([{"layer_range": [2, 4], "assigned_node": "a"}, {"layer_range": [5, 6], "assigned_node": "b"}],
-                          "gap"),
-                         ([{"layer_range": [2, 4], "assigned_node": "a"}, {"layer_range": [4, 6], "assigned_node": "a"}],
-                          "appears twice")]:
+                         ([split("a", 2, 9)], "outside the model's layers"),
+                         ([split("a", 2, 4)], "cover 2 layers, not 4"),
+                         ([split("a", 2, 4), split("b", 5, 6)], "gap"),
+                         ([split("a", 2, 4), split("a", 4, 6)], "appears twice")]:
         with pytest.raises(PeerError, match=message) as err:
             parse_splits(raw, layers)
         assert err.value.code == "INVALID_PLAN_INPUT"
