@@ -23,6 +23,9 @@ class NodeConfig:
     accept_public_jobs: bool = True  # whether the coordinator may give this peer work
     min_free_memory_gb: float = 0.25  # below this the peer reports itself degraded
     benchmark_seconds: float = 0.3  # length of the start-up matmul benchmark (the compute score)
+    # The compute score to advertise, GFLOP/s, instead of measuring one (0: measure). Pins a peer's share of
+    # the layers where a benchmark is noisy (a busy machine, tests that need a given split).
+    compute_gflops: float = 0.0
     drain_seconds: float = 2.0  # how long a draining peer keeps announcing itself before going offline
     # Memory this peer offers for model layers (weights + KV cache), MiB; 0: what is available at start
     # less min_free_memory_gb.
@@ -114,6 +117,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("node.accept_public_jobs", "--accept-public-jobs", "let the coordinator give this peer work"),
     Option("node.min_free_memory_gb", "--min-free-memory-gb", "report degraded below this free memory"),
     Option("node.benchmark_seconds", "--benchmark-seconds", "length of the start-up compute benchmark"),
+    Option("node.compute_gflops", "--compute-gflops", "advertise this compute score (GFLOP/s) instead of measuring"),
     Option("node.drain_seconds", "--drain-seconds", "seconds announced as draining before going offline"),
     Option("node.max_layer_memory_mb", "--max-layer-memory-mb",
            "MiB offered for model layers (0: available memory at start)"),
@@ -254,8 +258,8 @@ def validate(config: Config) -> None:
     if co.hop_ms < 0 or co.context_tokens < 1 or co.reassign_threshold < 0 or co.republish_interval <= 0:
         raise ValueError("coordinator: hop_ms and reassign_threshold must not be negative, context_tokens and "
                          "republish_interval must be positive")
-    if config.node.max_layer_memory_mb < 0:
-        raise ValueError("node.max_layer_memory_mb must not be negative (0: available memory)")
+    if config.node.max_layer_memory_mb < 0 or config.node.compute_gflops < 0:
+        raise ValueError("node.max_layer_memory_mb and node.compute_gflops must not be negative (0: measured)")
     inf = config.inference
     if inf.max_sessions < 1 or min(inf.session_idle_timeout, inf.step_timeout, inf.recovery_timeout) <= 0:
         raise ValueError("inference: max_sessions must be at least 1 and its timeouts positive")

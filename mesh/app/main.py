@@ -37,7 +37,11 @@ async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_
     data_dir = config.data_path
     identity = load_or_create(data_dir)
     gpus = await trio.to_thread.run_sync(hardware.gpus)
-    flops = await trio.to_thread.run_sync(hardware.measure_flops, config.node.benchmark_seconds)
+    if config.node.compute_gflops > 0:
+        flops = config.node.compute_gflops * 1e9
+        log.info("compute score %.2f GFLOP/s as configured (not measured)", config.node.compute_gflops)
+    else:
+        flops = await trio.to_thread.run_sync(hardware.measure_flops, config.node.benchmark_seconds)
     m = config.membership
     profile = PeerProfile(
         version=VERSION, name=config.node.name, incarnation=int(time.time() * 1000),

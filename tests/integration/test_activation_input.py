@@ -87,7 +87,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     model = tiny_llama()
     model.save_pretrained(root / "tiny")
     assert cli(["models", "--data-dir", str(root / "mesh" / "a"), "add", str(root / "tiny"), "--id", "tiny"]) == 0
-    mesh = LocalMesh(root / "mesh", CONFIG, extra_args=("--benchmark-seconds", "0.05"))
+    mesh = LocalMesh(root / "mesh", CONFIG, extra_args=("--compute-gflops", "50"))
     try:
         peer = mesh.start_peer("a", args=("--serve", "tiny"))  # `meshnode start --serve ID`
         wait_for(lambda: agreed([peer]), 15, what="the peer to lead its own mesh")

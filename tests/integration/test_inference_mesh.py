@@ -170,8 +170,9 @@ def test_tiny_llama_and_gpt2_through_three_then_two_stages_with_kill_9_mid_gener
         needs[name] = sum(x.bytes for x in planner_layers(manifest, 2048))
     need = max(needs.values())
     big = max(needs, key=lambda n: needs[n])  # the model no single peer can hold
-    # Each peer offers 60% of what the bigger model needs: no peer runs it alone, any two can.
-    offer = ("--max-layer-memory-mb", f"{0.6 * need / 2**20:.6f}", "--hop-ms", "0.05", "--benchmark-seconds", "0.05",
+    # Each peer offers 60% of what the bigger model needs: no peer runs it alone, any two can; all three claim
+    # one compute score, so a noisy benchmark never decides how many stages the plan has.
+    offer = ("--max-layer-memory-mb", f"{0.6 * need / 2**20:.6f}", "--hop-ms", "0.05", "--compute-gflops", "50",
              "--recovery-timeout", "10")
     with LocalMesh(tmp_path / "mesh", config_file=CONFIG, extra_args=offer) as mesh:
         a = mesh.start_peer("a")
@@ -282,7 +283,7 @@ def test_smollm2_chat_streams_the_single_process_text_and_survives_kill_9(
     import shutil
 
     shutil.copytree(smollm2_store.root, tmp_path / "peer-a" / "store")  # a has it; b and c fetch from a
-    with LocalMesh(tmp_path, config_file=CONFIG, extra_args=("--benchmark-seconds", "0.05")) as mesh:
+    with LocalMesh(tmp_path, config_file=CONFIG, extra_args=("--compute-gflops", "50")) as mesh:
         # Served once all three agree, so the first plan already spans them (a model requested while peers
         # are still joining is planned on the first ones; a join improves it only past --reassign-threshold).
         peers = mesh.start_chain(3)  # peer-a, peer-b, peer-c

@@ -33,17 +33,18 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     f = tmp_path / "c.toml"
     f.write_text('[node]\nname = "from-file"\n[network]\nmdns = true\nbootstrap = ["/ip4/127.0.0.1/tcp/1/p2p/x"]\n')
     args = make_parser().parse_args(["start", "--config", str(f), "--no-mdns", "--name", "from-flag",
-                                     "--heartbeat-interval", "0.5", "--suspect-after", "0.8"])
+                                     "--heartbeat-interval", "0.5", "--suspect-after", "0.8",
+                                     "--compute-gflops", "12.5"])
     c = cfg.build(args)
     assert c.node.name == "from-flag" and c.network.mdns is False
     assert c.network.bootstrap == ("/ip4/127.0.0.1/tcp/1/p2p/x",)
-    assert c.membership.heartbeat_interval == 0.5
+    assert c.membership.heartbeat_interval == 0.5 and c.node.compute_gflops == 12.5
 
 
 @pytest.mark.parametrize(
     "text",
     ['[node]\nnmae = "typo"\n', '[nodes]\nname = "x"\n', "[node]\nrequire_gpu = 3\n", "not toml [",
-     "[membership]\nsuspect_after = 5.0\n"],
+     "[membership]\nsuspect_after = 5.0\n", "[node]\ncompute_gflops = -1.0\n"],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str) -> None:
     f = tmp_path / "c.toml"
