@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from mesh.app.cli import main
 from mesh.app.client import api_get
 from mesh.app.localmesh import LocalMesh, PeerProcess, agreed, wait_for
 from mesh.churn import run_process
@@ -113,18 +114,30 @@ def test_frozen_peer_goes_offline_requests_time_out_and_it_comes_back(tmp_path: 
         assert resumed <= 5.0 and restarted <= 5.0
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_stop_then_immediate_restart_on_the_same_port_rejoins(tmp_path: Path, sig: signal.Signals) -> None:
-    with LocalMesh(tmp_path, CONFIG, extra_args=ARGS) as mesh:
+@pytest.mark.parametrize("stop", ["SIGINT", "drain"])
+def test_stop_then_immediate_restart_on_the_same_port_rejoins(tmp_path: Path, stop: str) -> None:
+    """Ctrl-C, or `meshnode drain` (draining, then offline, then a clean exit), then a restart on the same key
+    and port that rejoins at once; SIGTERM stops the restarted peer cleanly too."""
+    with LocalMesh(tmp_path, CONFIG, extra_args=(*ARGS, "--drain-seconds", "3")) as mesh:
         a, b = mesh.start_chain(2)
         wait_for(lambda: agreed([a, b]), timeout=15, what="2 peers agree")
         port = port_of(b)
-        b.signal(sig)
+        if stop == "drain":
+            assert main(["drain", "--api", b.api]) == 0
+            wait_for(lambda: status_of(a, b.node_id) == "draining", timeout=3, interval=0.05,
+                     what="A to see B draining")
+            wait_for(lambda: status_of(a, b.node_id) == "offline", timeout=8, what="A to see B offline")
+        else:
+            b.signal(signal.SIGINT)
         assert b.proc.wait(timeout=15) == 0
+        events = [r.get("event") for r in b.log_records()]
+        assert "draining" in events and "stopped" in events
         b2 = mesh.start_peer("peer-b", bootstrap=a.addrs[:1], args=("--listen", f"/ip4/127.0.0.1/tcp/{port}"))
         assert port_of(b2) == port and b2.node_id == b.node_id
         wait_for(lambda: agreed([a, b2]), timeout=10, what="restarted B to rejoin")
         assert b2.get("/api/runtime")["connections"] == 1
+        b2.signal(signal.SIGTERM)
+        assert b2.proc.wait(timeout=15) == 0
 
 
 def heartbeat_stats(peers: list[PeerProcess]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -132,8 +145,10 @@ def heartbeat_stats(peers: list[PeerProcess]) -> dict[tuple[str, str], dict[str,
     return {(o.name, row["name"]): row["heartbeats"] for o in peers for row in o.get("/api/nodes")["nodes"]}
 
 
-def test_heartbeats_keep_their_interval_for_a_minute(tmp_path: Path) -> None:
-    soak_s = 60  # a stretched heartbeat (libp2p's adaptive gossip reached 60 s) shows as missing beats
+def test_heartbeats_keep_their_interval_through_a_soak(tmp_path: Path) -> None:
+    # A stretched heartbeat (libp2p's adaptive gossip reached 60 s) shows as missing or off-pace beats: every
+    # one of the 30 gaps per sender and observer is checked, so a soak of 30 s catches it as one of 60 did.
+    soak_s = 30
     with LocalMesh(tmp_path, CONFIG, extra_args=ARGS) as mesh:
         peers = mesh.start_chain(3)
         wait_for(lambda: agreed(peers), timeout=15, what="3 peers agree")

@@ -1,4 +1,5 @@
-"""Three real `meshnode start` processes on 127.0.0.1 with a chained bootstrap (B knows A, C knows B)."""
+"""Three real `meshnode start` processes on 127.0.0.1 with a chained bootstrap (B knows A, C knows B). A drain
+(the CLI, then a clean exit) is in test_long_running's restart test; in process, tests/services."""
 
 from __future__ import annotations
 
@@ -36,22 +37,3 @@ def test_chain_of_three_converges_then_survives_kill_of_the_coordinator(tmp_path
         assert new_coordinator != coordinator and new_term > term
         health = survivors[0].get("/api/node-health?node_id=" + victim.node_id)
         assert health["status"] == "offline" and not health["is_healthy"] and health["issues"]
-
-
-def test_drain_moves_a_peer_to_draining_then_offline_and_it_exits(tmp_path: Path) -> None:
-    with LocalMesh(tmp_path, CONFIG, extra_args=("--benchmark-seconds", "0.05", "--drain-seconds", "3")) as mesh:
-        a, b = mesh.start_chain(2)
-        wait_for(lambda: agreed([a, b]), timeout=15, what="2 peers to agree")
-        from mesh.app.cli import main
-
-        assert main(["drain", "--api", b.api]) == 0
-        wait_for(lambda: ("draining" in str(a.try_get("/api/node-health?node_id=" + b.node_id))), timeout=3,
-                 what="A to see B draining")
-        wait_for(lambda: (a.get("/api/node-health?node_id=" + b.node_id)["status"] == "offline"), timeout=8,
-                 what="A to see B offline")
-        assert b.proc.wait(timeout=5) == 0
-        events = [r.get("event") for r in b.log_records()]
-        assert "draining" in events and "stopped" in events
-        # SIGTERM does the same: a clean exit with status 0.
-        a.signal(signal.SIGTERM)
-        assert a.proc.wait(timeout=10) == 0
