@@ -115,6 +115,31 @@ async def test_a_middle_stage_killed_mid_generation_changes_no_token(
         assert victim.node_id not in {h.node for h in driver.node.driver.route(MODEL).hops}
 
 
+async def test_a_frozen_middle_stage_is_routed_around_and_rejoins_when_thawed(
+        tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
+    """As SIGSTOP: the peer's connections stay up but nothing arrives. The generation neither hangs nor
+    changes a token; the others mark the peer offline; thawed, it is ready again for everyone."""
+    folder, want = tiny
+    async with InProcessMesh(tmp_path, config()) as mesh:
+        peers = await three_peers(mesh, folder, holders=("a", "b", "c"))
+        victim, driver = on_stage(peers, 1), on_stage(peers, -1)
+        others = [p for p in peers if p is not victim]
+        started = trio.current_time()
+        got = await generate(driver.node, 40, lambda k: mesh.network.freeze(victim.node_id) if k == 10 else None)
+        assert got == want[:40]
+        assert trio.current_time() - started < config().inference.recovery_timeout
+        assert driver.node.driver.failovers >= 1
+        assert victim.node_id not in driver.node.driver.route(MODEL).nodes
+        for p in others:
+            m = p.node.core.membership.get(victim.node_id)
+            assert m is not None and m.status == NodeStatus.OFFLINE
+        mesh.network.thaw(victim.node_id)
+        await mesh.wait(mesh.agreed, timeout=30, what="the thawed peer ready again for everyone")
+        # (its return may bring a better plan, whose stages load first)
+        await mesh.wait(lambda: driver.node.driver.route(MODEL), timeout=30, what="a ready route")
+        assert await generate(driver.node, 16) == want[:16]
+
+
 async def test_the_coordinator_killed_the_survivors_plan_and_serve(
         tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
     folder, want = tiny
