@@ -240,7 +240,7 @@ class Driver:
             if trio.current_time() >= deadline:
                 raise GenerationFailed(f"no working route for {spec} within {timeout}s after a failure "
                                        f"({'; '.join(failures)}); peers left: "
-                                       f"{len(self.mesh.membership.members())}")
+                                       f"{len(self.mesh.membership.live())}")
             await trio.sleep(0.1)
 
     async def _attempt(self, route: Route, req: Request, produced: list[int], *, replayed: bool
