@@ -22,7 +22,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/meshnode demo --config configs/local-3.toml
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
