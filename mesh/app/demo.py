@@ -92,9 +92,9 @@ def main(cfg: Config, config_path: str | None) -> int:
             return 2
         print(f"  done in {time.monotonic() - t0:.1f}s\n", flush=True)
         with LocalMesh(base, config_path or str(DEFAULT_CONFIG)) as mesh:
-            print(f"starting {count} peers on 127.0.0.1 (each bootstraps from the previous one)...", flush=True)
+            print(f"starting {count} peers on 127.0.0.1 (the first, then the others through it)...", flush=True)
             t0 = time.monotonic()
-            peers = mesh.start_chain(count)
+            peers = mesh.start_star(count)
             wait_for(lambda: agreed(peers), timeout=60, what="the mesh to converge")
             print(f"converged in {time.monotonic() - t0:.1f}s\n", flush=True)
             print(format_status(peers[-1].get("/api/nodes")), flush=True)

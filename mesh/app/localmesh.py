@@ -100,6 +100,11 @@ class LocalMesh:
 
     def start_peer(self, name: str, bootstrap: list[str] = (), *, timeout: float = 60.0,
                    args: tuple[str, ...] = ()) -> PeerProcess:
+        """Start one peer and return once it listens (its node file names this process)."""
+        return self.wait_started(self.launch(name, bootstrap, args=args), timeout)
+
+    def launch(self, name: str, bootstrap: list[str] = (), *, args: tuple[str, ...] = ()) -> PeerProcess:
+        """Start one peer's process and return at once (``wait_started`` waits until it listens)."""
         data_dir = self.base_dir / name
         data_dir.mkdir(parents=True, exist_ok=True)
         (data_dir / NODE_FILE).unlink(missing_ok=True)
@@ -117,27 +122,39 @@ class LocalMesh:
         log.close()
         peer = PeerProcess(name, data_dir, proc)
         self.peers.append(peer)
+        return peer
+
+    @staticmethod
+    def wait_started(peer: PeerProcess, timeout: float = 60.0) -> PeerProcess:
+        """``peer`` once it listens, with its node id, API and addresses filled in; RuntimeError if it exits."""
 
         def started() -> dict[str, Any] | None:
             if not peer.alive():
-                raise RuntimeError(f"peer {name} exited with {proc.returncode}; see {peer.log_path}")
+                raise RuntimeError(f"peer {peer.name} exited with {peer.proc.returncode}; see {peer.log_path}")
             try:
-                info = json.loads((data_dir / NODE_FILE).read_text())
+                info = json.loads((peer.data_dir / NODE_FILE).read_text())
             except (OSError, ValueError):
                 return None
-            return info if info.get("pid") == proc.pid else None
+            return info if info.get("pid") == peer.proc.pid else None
 
-        info = wait_for(started, timeout, what=f"peer {name} to start")
+        info = wait_for(started, timeout, what=f"peer {peer.name} to start")
         peer.node_id, peer.api, peer.addrs = info["node_id"], info["api"], info["addrs"]
         return peer
 
     def start_chain(self, count: int, prefix: str = "peer") -> list[PeerProcess]:
-        """Start ``count`` peers where each bootstraps from the previous one only."""
+        """Start ``count`` peers where each bootstraps from the previous one only (one after another)."""
         started: list[PeerProcess] = []
         for i in range(count):
             bootstrap = started[-1].addrs[:1] if started else []
             started.append(self.start_peer(f"{prefix}-{chr(ord('a') + i)}", bootstrap))
         return started
+
+    def start_star(self, count: int, prefix: str = "peer", *, args: tuple[str, ...] = ()) -> list[PeerProcess]:
+        """Start ``count`` peers: the first, then all the others at once, each bootstrapping from the first
+        (they find each other through it)."""
+        first = self.start_peer(f"{prefix}-a", args=args)
+        rest = [self.launch(f"{prefix}-{chr(ord('a') + i)}", first.addrs[:1], args=args) for i in range(1, count)]
+        return [first, *(self.wait_started(p) for p in rest)]
 
     def close(self, timeout: float = 10.0, *, drain: bool = False) -> None:
         """Stop every peer: at once by default (SIGTERM, then SIGINT, which a peer takes as "stop now": no

@@ -15,7 +15,7 @@ CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "local-3.toml")
 
 def main(base: str) -> None:
     with LocalMesh(Path(base), CONFIG, extra_args=("--mdns", "--benchmark-seconds", "0.05")) as mesh:
-        peers = [mesh.start_peer(f"mdns-{i}") for i in range(3)]  # nobody knows anybody
+        peers = [mesh.wait_started(p) for p in [mesh.launch(f"mdns-{i}") for i in range(3)]]  # nobody knows anybody
         t0 = time.monotonic()
         try:
             coordinator, _ = wait_for(lambda: agreed(peers), timeout=25, what="mDNS discovery")

@@ -141,8 +141,7 @@ def test_tiny_llama_fp32_and_int8_streams_survive_kill_9_of_the_middle_stage_the
              "--compute-gflops", "50", "--recovery-timeout", "10")
     with LocalMesh(tmp_path / "mesh", config_file=CONFIG, extra_args=offer) as mesh:
         a = mesh.start_peer("a")
-        b = mesh.start_peer("b", a.addrs[:1])
-        c = mesh.start_peer("c", b.addrs[:1])
+        b, c = (mesh.wait_started(p) for p in [mesh.launch(n, a.addrs[:1]) for n in "bc"])
         peers = [a, b, c]
         wait_for(lambda: agreed(peers), 30, what="one coordinator")
         for name in models:  # asked on c, which holds neither model
@@ -196,7 +195,7 @@ def test_smollm2_chat_streams_the_single_process_text_and_survives_kill_9(
     with LocalMesh(tmp_path, config_file=CONFIG, extra_args=("--compute-gflops", "50")) as mesh:
         # Served once all three agree, so the first plan already spans them (a model requested while peers
         # are still joining is planned on the first ones; a join improves it only past --reassign-threshold).
-        peers = mesh.start_chain(3)  # peer-a, peer-b, peer-c
+        peers = mesh.start_star(3)  # peer-a, then peer-b and peer-c at once
         wait_for(lambda: agreed(peers), 30, what="one coordinator")
         serve(peers[0], SMOLLM2)
         question = "What is the capital of France?"

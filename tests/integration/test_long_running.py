@@ -69,7 +69,7 @@ def test_three_hundred_inbound_connections_leave_tasks_and_memory_flat(tmp_path:
 
 def test_frozen_peer_goes_offline_requests_time_out_and_it_comes_back(tmp_path: Path) -> None:
     with LocalMesh(tmp_path, CONFIG, extra_args=ARGS) as mesh:
-        a, b, c = mesh.start_chain(3)
+        a, b, c = mesh.start_star(3)
         wait_for(lambda: agreed([a, b, c]), timeout=15, what="3 peers agree")
 
         # SIGSTOP: the others mark it offline within the membership timeout.
@@ -150,7 +150,7 @@ def test_heartbeats_keep_their_interval_through_a_soak(tmp_path: Path) -> None:
     # one of the 30 gaps per sender and observer is checked, so a soak of 30 s catches it as one of 60 did.
     soak_s = 30
     with LocalMesh(tmp_path, CONFIG, extra_args=ARGS) as mesh:
-        peers = mesh.start_chain(3)
+        peers = mesh.start_star(3)
         wait_for(lambda: agreed(peers), timeout=15, what="3 peers agree")
         time.sleep(3)  # the window starts once delivery paths settled (relayed first, then direct)
         before = heartbeat_stats(peers)

@@ -60,8 +60,9 @@ def test_pull_survives_kill_of_a_holder_and_serves_files_safely(tmp_path: Path) 
 
     with LocalMesh(tmp_path / "mesh", config_file=CONFIG) as mesh:
         a = mesh.start_peer("a", args=("--upload-limit", "1.0"))
-        b = mesh.start_peer("b", a.addrs[:1], args=("--upload-limit", "1.0"))
-        c = mesh.start_peer("c", b.addrs[:1])
+        b = mesh.launch("b", a.addrs[:1], args=("--upload-limit", "1.0"))
+        c = mesh.wait_started(mesh.launch("c", a.addrs[:1]))
+        mesh.wait_started(b)
         wait_for(lambda: holders_seen(c, {a.node_id, b.node_id}, entry), 30, what="C to see both holders")
 
         pull = subprocess.Popen([sys.executable, "-m", "mesh.app.cli", "models", "pull", "tiny", "--api", c.api],
