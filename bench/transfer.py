@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import os
 import socket
 import statistics
@@ -178,6 +179,8 @@ def main() -> None:
 
         smollm2 = None
         try:
+            from transformers import AutoModelForCausalLM
+
             from mesh.identity import Identity
             from storage.store import Store
 
@@ -185,9 +188,25 @@ def main() -> None:
             start = time.perf_counter()
             store.add(next(iter(PACKAGED)))
             print(f"SmolLM2 GGUF converted and split in {time.perf_counter() - start:.1f} s")
-            smollm2 = next((work / "smol" / "sources").glob("*/*"))
+            # The same model as a Hugging Face folder (transformers' own GGUF load, saved), for its metadata.
+            package, name = PACKAGED[next(iter(PACKAGED))]
+            gguf = Path(importlib.util.find_spec(package).submodule_search_locations[0]) / name
+            import torch
+
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            from safetensors.torch import save_file
+
+            folder = work / "smol-folder"  # (save_pretrained refuses a model loaded from GGUF)
+            folder.mkdir()
+            model.config.save_pretrained(folder)
+            state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+            if model.config.tie_word_embeddings:
+                state.pop("lm_head.weight", None)  # as a saved tied model: the embedding only
+            save_file(state, str(folder / "model.safetensors"))
+            del model, state
+            smollm2 = work / "smol-folder"
         except Exception as exc:  # the packaged model is optional for this bench
-            print(f"SmolLM2 not measured: {exc}")
+            print(f"SmolLM2 not measured: {type(exc).__name__}: {exc}")
         for name, (layers, seconds) in metadata_times(work, smollm2).items():
             print(f"metadata {name}: {layers} layers in {seconds * 1000:.1f} ms (median of 5, headers only)")
 
