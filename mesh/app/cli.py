@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -254,6 +255,8 @@ def make_parser() -> argparse.ArgumentParser:
     lst.add_argument("--json", action="store_true")
     show = msub.add_parser("show", help="one model: versions, files, shards and checksums")
     show.add_argument("id")
+    for store_command in (add, lst, show):  # also after the subcommand: `models add SOURCE --data-dir D`
+        store_command.add_argument("--data-dir", default=argparse.SUPPRESS, help="the peer's data directory")
     pl = msub.add_parser("pull", help="have the running peer fetch a model from the peers that hold it")
     pl.add_argument("model")
     pl.add_argument("--revision", help="a version the holders advertise (default: theirs)")
@@ -293,12 +296,18 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return code
     except MeshError as err:
         print(f"meshnode: error {err.code}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `meshnode models list --json | head`: the reader left; end quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

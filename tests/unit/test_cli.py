@@ -45,3 +45,36 @@ def test_generate_local_needs_a_model(tmp_path, capsys: pytest.CaptureFixture[st
     assert "INVALID_PARAMETER" in capsys.readouterr().err
     assert main(["generate", "--local", "--data-dir", str(tmp_path), "--model", "nope", "hi"]) == 2
     assert "MODEL_NOT_AVAILABLE" in capsys.readouterr().err
+
+
+def test_store_options_stand_before_or_after_the_subcommand(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from tiny_models import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "src")
+    before, after = tmp_path / "before", tmp_path / "after"
+    assert main(["models", "--data-dir", str(before), "add", str(tmp_path / "src"), "--id", "t"]) == 0
+    assert main(["models", "add", str(tmp_path / "src"), "--id", "t", "--data-dir", str(after)]) == 0
+    capsys.readouterr()
+    for where in (before, after):
+        assert main(["models", "list", "--json", "--data-dir", str(where)]) == 0
+        assert [m["id"] for m in json.loads(capsys.readouterr().out)] == ["t"]
+        assert main(["models", "show", "t", "--data-dir", str(where)]) == 0
+        assert json.loads(capsys.readouterr().out)["id"] == "t"
+    assert main(["models", "show", "t", "--data-dir", str(tmp_path / "empty")]) == 2  # the option is honoured
+    assert not (tmp_path / "src" / "store").exists()
+
+
+def test_output_to_a_closed_pipe_ends_quietly(tmp_path) -> None:
+    """`meshnode models list --json | head -c 1`: the reader is gone before the first write."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "mesh.app.cli", "models", "list", "--json", "--data-dir",
+                             str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # long before the child has imported what it needs to print
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 128 + signal.SIGPIPE, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
