@@ -13,17 +13,21 @@ from mesh.identity import Identity
 from storage.store import Store
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(1)
-    return LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, tie_word_embeddings=True, initializer_range=0.5, max_position_embeddings=512))
+def tiny_llama(seed: int = 1, **config: object) -> LlamaForCausalLM:
+    """A 4-block random Llama (GQA, tied head), ``config`` overriding any of its settings. The wide
+    initializer keeps greedy text from collapsing onto one token, so equality tests keep their teeth."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 128, "tie_word_embeddings": True, "initializer_range": 0.5,
+        "max_position_embeddings": 512, **config}))
 
 
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(2)
-    return GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=128, n_positions=512,
-                                      initializer_range=0.5, bos_token_id=1, eos_token_id=2))
+def tiny_gpt2(seed: int = 2, **config: object) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**{
+        "n_embd": 64, "n_layer": 4, "n_head": 4, "vocab_size": 128, "n_positions": 512, "initializer_range": 0.5,
+        "bos_token_id": 1, "eos_token_id": 2, **config}))
 
 
 def reference(model: torch.nn.Module, prompt: Sequence[int], new: int) -> list[int]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import cbor2
 import pytest
+import tiny_models
 import torch
 import trio
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -44,22 +45,7 @@ _LEN = struct.Struct(">I")
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(7)
-    return LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=VOCAB, tie_word_embeddings=True, initializer_range=0.5,
-        max_position_embeddings=MAX_POSITIONS)).eval()
-
-
-def greedy(model: LlamaForCausalLM, prompt: list[int], new: int) -> list[int]:
-    """Greedy tokens of the unsplit model with its own KV cache."""
-    ids, cache, out = torch.tensor([prompt]), DynamicCache(config=model.config), []
-    with torch.no_grad():
-        for _ in range(new):
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
-            out.append(int(logits.argmax(-1)))
-            ids = torch.tensor([[out[-1]]])
-    return out
+    return tiny_models.tiny_llama(7, vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS).eval()
 
 
 @dataclass
@@ -101,7 +87,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         assert stage["node_id"] == peer.node_id
         start, end = stage["layers"]
         assert (start, end) == (0, 7)  # embedding, 4 blocks, norm, head
-        yield Served(peer, "tiny", info["revision"], info["epoch"], start, end, greedy(model, PROMPT, 4))
+        yield Served(peer, "tiny", info["revision"], info["epoch"], start, end, tiny_models.reference(model, PROMPT, 4))
     finally:
         mesh.close()
 

@@ -15,10 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 import trio
 import trio.testing
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama
 
 from coordinator.plans import open_plan
 from coordinator.service import planner_layers
@@ -33,11 +32,9 @@ CONTEXT = 2048
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama (6 blocks) saved as a folder."""
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny") / "llama"
-    LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=256, tie_word_embeddings=True)).save_pretrained(folder)
+    tiny_llama(0, num_hidden_layers=6, vocab_size=256, initializer_range=0.02,
+               max_position_embeddings=2048).save_pretrained(folder)
     return folder
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama
 
 from inference.stage import ShardFormatMismatch, Stage
 from mesh.errors import MeshError
@@ -29,12 +29,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(3)
     folder = tmp_path_factory.mktemp("tiny") / "src"
-    LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, tie_word_embeddings=True, initializer_range=0.5, max_position_embeddings=256,
-    )).save_pretrained(folder)
+    tiny_llama(3, max_position_embeddings=256).save_pretrained(folder)
     return folder
 
 

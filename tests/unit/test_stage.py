@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_gpt2, tiny_llama
+from transformers import DynamicCache, GPT2LMHeadModel, LlamaForCausalLM
 
 from inference.stage import PositionMismatch, Stage
 from mesh.identity import Identity
@@ -23,16 +24,11 @@ NEW = 16
 
 
 def llama(tied: bool) -> LlamaForCausalLM:
-    torch.manual_seed(1)
-    return LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, tie_word_embeddings=tied, initializer_range=0.5, max_position_embeddings=256))
+    return tiny_llama(tie_word_embeddings=tied, max_position_embeddings=256)
 
 
 def gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(2)
-    return GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=128, n_positions=256,
-                                      initializer_range=0.5, bos_token_id=1, eos_token_id=2))
+    return tiny_gpt2(n_positions=256)
 
 
 def installed(model: torch.nn.Module, tmp_path: Path) -> tuple[Store, Manifest]:
