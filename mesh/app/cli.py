@@ -133,10 +133,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not models:
         print("no models installed (meshnode models add SOURCE)")
     for m in models:
-        for rev, v in m["versions"].items():
-            default = " (default)" if rev == m["default_version"] else ""
+        for v in m["versions"]:
+            default = " (default)" if v["version"] == m["default_version"] else ""
             layers = f"{v['layers']} layers  {v['weights']}" if "layers" in v else v.get("error") or ""
-            print(f"{m['id']}  {rev}{default}  {v['status']}  {_size(v['size'])}  {layers}")
+            print(f"{m['id']}  {v['version']}{default}  {v['status']}  {_size(v['size_bytes'])}  {layers}")
     return 0
 
 

@@ -20,6 +20,7 @@ Tasks (all children of one nursery, none fire-and-forget):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -54,6 +55,7 @@ VERSION = "0.1.0"
 #: Dials in flight at once: a large mesh learned in one gossip round must not open hundreds of sockets.
 MAX_CONCURRENT_DIALS = 8
 NODE_FILE = "node.json"  # addresses of the running peer, for scripts and tests
+USAGE_SAVE_INTERVAL = 5.0  # seconds between saves of the request counts (a kill -9 loses at most these)
 
 
 #: Starts the HTTP API of a node in a nursery (``nursery.start(api, node, listen)``) and reports its URL.
@@ -196,6 +198,15 @@ class Node:
                     self._log_events(self.core.receive(msg.data, self.now()))
                 except PeerError as err:
                     self._reject(err, msg.sender)
+
+    async def keep_usage(self) -> None:
+        """Request counts (the model ranking) to disk every few seconds, when they changed."""
+        while True:
+            await trio.sleep(USAGE_SAVE_INTERVAL)
+            try:
+                await self.offload(self.store.save_usage)
+            except OSError as err:  # a full disk must not stop the peer; the counts stay in memory
+                log.warning("cannot save usage counts: %s", err, extra={"event": "usage_unsaved", "code": "STORE_IO"})
 
     async def ticks(self) -> None:
         while True:
@@ -417,12 +428,14 @@ class Node:
             log.info("peer %s listening on %s, api %s", self.node_id, " ".join(t.addrs()), self.api_url or "off",
                      extra={"event": "started", "node_id": self.node_id, "api": self.api_url})
             for task in (self.receive, self.heartbeats, self.ticks, self.dialer, self.reaper, self.lifecycle,
-                         self.plans.receive, self.plans.coordinate):
+                         self.plans.receive, self.plans.coordinate, self.keep_usage):
                 nursery.start_soon(task)
             if self.config.network.mdns:
                 nursery.start_soon(self.mdns_dialer)
             task_status.started()
             await self.finished.wait()
+            with contextlib.suppress(OSError):
+                self.store.save_usage()  # the last counts of a clean stop (a kill -9 loses a few seconds')
             nursery.cancel_scope.cancel()
 
 

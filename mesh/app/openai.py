@@ -211,6 +211,7 @@ class Api:
         final ("done", Outcome). Errors before the first event are raised here, not in the stream."""
         p = parse_params(body, default_max)
         route = self.node.driver.require(p.model)
+        self.node.store.count(route.model, "generation")  # the model ranking counts generation requests
         prompt, tok, stops = await self._prompt(body, chat, route)
         if body.get("ignore_eos") is True:
             stops = frozenset()

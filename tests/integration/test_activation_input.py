@@ -440,7 +440,7 @@ def test_openai_errors_and_a_corrupted_shard_that_never_becomes_ready(served: Se
                                  num_key_value_heads=2, vocab_size=VOCAB)).save_pretrained(tmp_path / "broken")
     data_dir = served.peer.data_dir
     assert cli(["models", "--data-dir", str(data_dir), "add", str(tmp_path / "broken"), "--id", "broken"]) == 0
-    (version,) = api_get(api, "/api/models/broken")["versions"].values()
+    (version,) = api_get(api, "/api/models/broken")["versions"]
     sha = version["shards"][1]["checksum_sha256"]
     (victim,) = (data_dir / "store").rglob(f"{sha}.safetensors")
     raw = bytearray(victim.read_bytes())

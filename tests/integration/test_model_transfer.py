@@ -93,10 +93,11 @@ def test_pull_survives_kill_of_a_holder_and_serves_files_safely(tmp_path: Path) 
 
         # HTTP: the model as C now has it.
         model = c.get("/api/models/tiny")
-        version = model["versions"][made.revision]
-        assert model["default_version"] == made.revision and version["status"] == "ready"
-        assert {f["name"]: f["checksum_sha256"] for f in version["files"]} == {f.path: f.sha256 for f in made.files}
-        assert [m["id"] for m in c.get("/api/models")["models"]] == ["tiny"]
+        (version,) = model["versions"]
+        assert model["default_version"] == version["version"] == made.revision and version["status"] == "ready"
+        assert {f["path"]: f["checksum_sha256"] for f in version["files"]} == (
+            {f.path: f.sha256 for f in made.files} | {s.name + ".safetensors": s.sha256 for s in made.shards})
+        assert [m["id"] for m in c.get("/api/models")] == ["tiny"]
         base = f"/storage/models/tiny/{made.revision}"
         config = (folder / "config.json").read_bytes()
         status, _, body = raw_get(c.api, f"{base}/config.json")
@@ -123,6 +124,7 @@ def test_pull_survives_kill_of_a_holder_and_serves_files_safely(tmp_path: Path) 
         listed.symlink_to(outside)
         status, _, body = raw_get(c.api, f"{base}/generation_config.json")
         assert status == 404 and b"not for the mesh" not in body
-        ranking = c.get("/api/model-usage/ranking")["ranking"]
-        assert ranking[0]["model"] == "tiny" and ranking[0]["by_kind"]["download"] >= 3
+        ranking = c.get("/api/model-usage/ranking")
+        assert ranking[0]["model_id"] == "tiny" and ranking[0]["rank"] == 1 and ranking[0]["by_kind"]["download"] >= 3
+        assert ranking[0]["request_count"] == 0  # downloads are not generation requests
         assert c.get("/api/health")["status"] == "ok"  # and the peer is fine after all of it

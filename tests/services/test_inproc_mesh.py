@@ -20,6 +20,7 @@ from mesh.app.inproc import InProcessMesh
 from mesh.config import Config, InferenceConfig
 from mesh.identity import Identity
 from mesh.wire import PLANS_TOPIC, NodeStatus, seal
+from storage.store import Store
 
 PROMPT = (3, 17, 42, 7, 99, 5)
 MODEL = "llama"
@@ -101,6 +102,29 @@ async def test_three_peers_serve_the_unsplit_tokens(tmp_path: Path, tiny: tuple[
         assert plan["coordinator"] == a.node.core.leadership.coordinator
         row = c.node.serving(MODEL)["models"][0]
         assert row["ready"] and [s["ready"] for s in row["stages"]] == [True] * 3
+
+
+async def test_generation_requests_on_any_endpoint_count_in_the_model_ranking(
+        tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
+    import httpx
+
+    from mesh.app.api import build_app
+
+    folder, _ = tiny
+    async with InProcessMesh(tmp_path, config()) as mesh:
+        *_, c = await three_peers(mesh, folder)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(c.node)),
+                                     base_url="http://peer") as http:
+            body = {"model": MODEL, "prompt": list(PROMPT), "max_tokens": 4, "ignore_eos": True}
+            for path in ("/v1/completions", "/api/request", "/v1/completions"):
+                r = await http.post(path, json=body)
+                assert r.status_code == 200, r.text
+            assert (await http.post("/v1/completions", json={**body, "model": "nope"})).status_code == 404
+            ranking = (await http.get("/api/model-usage/ranking")).json()
+        assert [(r["model_id"], r["request_count"], r["rank"]) for r in ranking] == [(MODEL, 3, 1)]
+        c.node.store.save_usage()
+        reopened = Store(c.node.store.root, Identity.generate())
+        assert reopened.ranking()[0]["request_count"] == 3  # a restarted peer keeps the count
 
 
 async def test_a_middle_stage_killed_mid_generation_changes_no_token(

@@ -33,9 +33,9 @@ def test_add_a_local_folder_then_list_show_and_verify(tmp_path: Path) -> None:
     assert manifest.model_id == "tiny" and manifest.revision.startswith("local-")
     assert store.verify("tiny").revision == manifest.revision
     (row,) = store.describe()
-    version = row["versions"][manifest.revision]
-    assert row["default_version"] == manifest.revision and version["status"] == "ready"
-    assert version["layers"] == 2 + 3 and {f["name"] for f in version["files"]} >= {"config.json"}
+    (version,) = row["versions"]
+    assert row["default_version"] == version["version"] == manifest.revision and version["status"] == "ready"
+    assert version["layers"] == 2 + 3 and {f["path"] for f in version["files"]} >= {"config.json"}
     # Adding again is idempotent (same shards, same hashes).
     assert [s.sha256 for s in store.add(str(tmp_path / "tiny")).shards] == [s.sha256 for s in manifest.shards]
     # A damaged shard is found by verify.
@@ -91,10 +91,10 @@ def test_cli_adds_the_packaged_smollm2_gguf_compact_and_once(tmp_path: Path, cap
     assert "Q8_0 -> int8 (requantized" in out and "Q4_1 -> int4 (exact)" in out
     assert main(["models", "--data-dir", data, "list", "--json"]) == 0
     (model,) = json.loads(capsys.readouterr().out)
-    version = model["versions"][model["default_version"]]
+    (version,) = [v for v in model["versions"] if v["version"] == model["default_version"]]
     assert model["id"] == "smollm2-135m-instruct" and version["family"] == "llama"
     assert version["weights"] == "int4+int8" and version["compute_dtype"] == "bfloat16"
-    assert {"config.json", "tokenizer.json", "chat_template.jinja"} <= {f["name"] for f in version["files"]}
+    assert {"config.json", "tokenizer.json", "chat_template.jinja"} <= {f["path"] for f in version["files"]}
     assert {s["format"] for s in version["shards"]} == {"int4", "int8", "float32"}  # blocks, embedding, norm
     total = sum(f.stat().st_size for f in (tmp_path / "data").rglob("*") if f.is_file())
     assert total <= 1.5 * smollm2_gguf().stat().st_size, total
@@ -106,3 +106,43 @@ def test_cli_adds_the_packaged_smollm2_gguf_compact_and_once(tmp_path: Path, cap
     assert main(["models", "--data-dir", data, "list"]) == 0
     assert "int4+int8" in capsys.readouterr().out
     assert main(["models", "--data-dir", data, "show", "nope"]) == 2
+
+
+#: The seeds' GET /api/models entry (model-distribution-v2.md), keys and value types, version by version.
+SEED_MODEL = {"id": str, "name": str, "versions": list, "default_version": str, "task": str, "languages": list}
+SEED_VERSION = {"version": str, "size_bytes": int, "files": list, "checksum_sha256": str, "updated_at": str}
+
+
+def test_the_model_list_has_the_seeds_shape(tmp_path: Path) -> None:
+    import hashlib
+    import re
+
+    store = Store(tmp_path / "store", ALICE)
+    manifest = store.add(str(tiny_folder(tmp_path / "tiny")))
+    (row,) = store.describe()
+    assert {k: type(row[k]) for k in SEED_MODEL} == SEED_MODEL
+    (version,) = row["versions"]
+    assert {k: type(version[k]) for k in SEED_VERSION} == SEED_VERSION
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", version["updated_at"])
+    assert version["checksum_sha256"] == hashlib.sha256(store.manifest("tiny")[1]).hexdigest()
+    served = {f["path"] for f in version["files"]}
+    assert served == {f.path for f in manifest.files} | {s.name + ".safetensors" for s in manifest.shards}
+    for f in version["files"]:  # every listed file is what the download endpoint serves, of that size
+        assert set(f) >= {"path", "size_bytes"}
+        assert store.download_path("tiny", manifest.revision, f["path"]).stat().st_size == f["size_bytes"]
+    assert version["size_bytes"] == manifest.size
+
+
+def test_the_ranking_counts_generation_requests_and_survives_a_restart(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store", ALICE)
+    for model, kind, n in (("a", "generation", 2), ("b", "generation", 5), ("a", "download", 9), ("c", "shard", 1)):
+        for _ in range(n):
+            store.count(model, kind)
+    want = [{"model_id": "b", "request_count": 5, "rank": 1, "by_kind": {"generation": 5}},
+            {"model_id": "a", "request_count": 2, "rank": 2, "by_kind": {"download": 9, "generation": 2}},
+            {"model_id": "c", "request_count": 0, "rank": 3, "by_kind": {"shard": 1}}]
+    assert store.ranking() == want
+    store.save_usage()
+    assert Store(tmp_path / "store", ALICE).ranking() == want  # a restarted peer keeps its counts
+    (tmp_path / "store" / "usage.json").write_text("{not json")
+    assert Store(tmp_path / "store", ALICE).ranking() == []  # a broken file costs the counts, not the store
