@@ -327,10 +327,20 @@ class Api:
 
     async def serve_model(self, request: Request) -> JSONResponse:
         body = await _body(request)
-        spec = body.get("model_id", body.get("model"))
+        selection = body.get("model_selection")  # the seeds' ModelSelectionPayload
+        if selection is not None:
+            if not isinstance(selection, dict):
+                raise _invalid("model_selection must be an object with a model_id", "model_selection")
+            spec = selection.get("model_id")
+        else:
+            spec = body.get("model_id", body.get("model"))
         if not isinstance(spec, str) or not spec:
-            raise _invalid("model_id is required", "model_id")
-        return JSONResponse(await self.node.request_serve(spec), status_code=202)
+            raise _invalid("model_id (or model_selection.model_id) is required", "model_id")
+        answer = await self.node.request_serve(spec)
+        if selection is not None:  # echoed, not acted on: training is not what this mesh does
+            answer["model_selection"] = {k: v for k in ("model_id", "model_name", "selected_at", "selection_reason")
+                                         if isinstance(v := selection.get(k), str)}
+        return JSONResponse(answer, status_code=202)
 
     async def serving(self, request: Request) -> JSONResponse:
         return JSONResponse(self.node.serving(request.query_params.get("model")))

@@ -127,6 +127,34 @@ async def test_generation_requests_on_any_endpoint_count_in_the_model_ranking(
         assert reopened.ranking()[0]["request_count"] == 3  # a restarted peer keeps the count
 
 
+async def test_the_seeds_model_selection_payload_serves_its_model(
+        tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
+    import httpx
+
+    from mesh.app.api import build_app
+
+    folder, want = tiny
+    seed = {"device_id": "unique-device-identifier", "timestamp": "2024-01-01T00:00:00Z",
+            "model_selection": {"model_id": MODEL, "model_name": "BERT Base", "selected_at": "2024-01-01T00:00:00Z",
+                                "selection_reason": "User selected from desktop interface"},
+            "training_config": {"learning_rate": 0.00002, "batch_size": 32, "epochs": 100,
+                                "enable_distributed": True}}
+    async with InProcessMesh(tmp_path, config()) as mesh:
+        mesh.store("a").add(str(folder), model_id=MODEL)
+        peers = [await mesh.start(name) for name in "abc"]
+        await mesh.wait(mesh.agreed, timeout=30, what="one coordinator")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(peers[2].node)),
+                                     base_url="http://peer") as http:
+            r = await http.post("/api/model", json=seed)
+            assert r.status_code == 202, r.text
+            assert MODEL in r.json()["requested"] and r.json()["model_selection"] == seed["model_selection"]
+            for bad in ({**seed, "model_selection": "llama"}, {**seed, "model_selection": {"model_name": "x"}}):
+                r = await http.post("/api/model", json=bad)
+                assert r.status_code == 400 and r.json()["error"]["code"] == "INVALID_PARAMETER", r.text
+        await mesh.wait(lambda: peers[2].node.driver.route(MODEL), timeout=60, what="the selected model served")
+        assert await generate(peers[2].node, 8) == want[:8]
+
+
 async def test_a_middle_stage_killed_mid_generation_changes_no_token(
         tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
     folder, want = tiny
