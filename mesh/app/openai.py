@@ -29,6 +29,7 @@ from inference.protocol import Route as MeshRoute
 from inference.sampling import Sampling
 from inference.tokenizer import chat_ids, stop_ids, text_ids
 from mesh.errors import MeshError, PeerError
+from mesh.ids import ModelRef
 
 if TYPE_CHECKING:
     from mesh.app.node import Node
@@ -316,14 +317,68 @@ class Api:
                              "usage": _usage(out), "meshnode": _details(out)})
 
     async def request(self, request: Request) -> JSONResponse:
-        """``POST /api/request``: one generation, answered with meshnode's details."""
+        """``POST /api/request``: one generation, answered with meshnode's details; or, for the seeds'
+        InferenceRequestPayload (``model_id`` and ``input_data``), the seeds' InferenceRequestResponse."""
         body = await _body(request)
+        if "input_data" in body:
+            return await self._seed_request(body)
         body.setdefault("temperature", 0.0)  # meshnode's own endpoint defaults to greedy
         p, events = await self.run(body, chat="messages" in body, default_max=64)
         out = await _last(events)
         return JSONResponse({"request_id": body.get("request_id") or secrets.token_hex(8), "model": p.model,
                              "text": out.text, "finish_reason": out.finish_reason, "usage": _usage(out)}
                             | _details(out))
+
+    async def _seed_request(self, body: dict[str, Any]) -> JSONResponse:
+        """The seeds' InferenceRequestPayload ``{"device_id", "timestamp", "model_id", "input_data": {"text",
+        "max_length"}}`` (``max_length``: new tokens, greedy). The answer is the seeds' InferenceRequestResponse
+        (``success``, ``message``, ``request_id``, ``selected_nodes``, ``model_split_plan``,
+        ``estimated_total_time``, ``fallback_nodes``) plus ``output: {text, token_ids}`` and meshnode's details;
+        a failure is ``success: false`` with the message and the stable ``code``, at the error's HTTP status."""
+        request_id = body.get("request_id") if isinstance(body.get("request_id"), str) else secrets.token_hex(8)
+        try:
+            data = body["input_data"]
+            if not isinstance(data, dict) or not isinstance(data.get("text"), str) or not data["text"]:
+                raise _invalid("input_data.text (the prompt) is required", "input_data")
+            model = body.get("model_id")
+            if not isinstance(model, str) or not model:
+                raise _invalid("model_id is required", "model_id")
+            new = data.get("max_length", 64)
+            p, events = await self.run({"model": model, "prompt": data["text"], "max_tokens": new,
+                                        "temperature": 0.0}, chat=False, default_max=64)
+            out = await _last(events)
+        except MeshError as err:
+            return JSONResponse({"success": False, "message": str(err), "code": err.code, "request_id": request_id},
+                                status_code=err.http_status)
+        answer: dict[str, Any] = {"success": True, "message": "Inference request processed successfully",
+                                  "request_id": request_id, "selected_nodes": [], "model_split_plan": None,
+                                  "estimated_total_time": None, "fallback_nodes": []}
+        held = self.node.plans.book.current.get(ModelRef.of(p.model).model)
+        if held is not None:
+            plan = held.plan.view(tokens=len(out.token_ids))
+            answer |= {k: plan[k] for k in ("model_split_plan", "estimated_total_time", "fallback_nodes")}
+            answer["selected_nodes"] = [self._seed_node(n) for n in plan["selected_nodes"]]
+        answer["output"] = {"text": out.text, "token_ids": out.token_ids}
+        return JSONResponse(answer | {"model": p.model, "finish_reason": out.finish_reason, "usage": _usage(out),
+                                      "meshnode": _details(out)})
+
+    def _seed_node(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A plan's selected node in the seeds' shape: its API endpoint and hardware from its heartbeat."""
+        node_id = row["node_id"]
+        member = self.node.core.membership.get(node_id)
+        info = member.info if member is not None else None
+        hw = info.hardware if info is not None else None
+        gpu = hw.gpus[0] if hw is not None and hw.gpus else None
+        return row | {
+            "endpoint": (info.api.removeprefix("http://") if info is not None else ""),
+            "capabilities": row["capabilities"] | {
+                "max_memory_gb": hw.memory_gb if hw is not None else 0.0,
+                "gpu_type": gpu.name if gpu is not None else None,
+                "gpu_memory_gb": gpu.memory_gb if gpu is not None else 0.0,
+                "cpu_cores": hw.cpu_cores if hw is not None else 0,
+                "network_bandwidth_mbps": None,  # not measured
+                "supported_models": [ModelRef.of(m).model for m in info.installed_models] if info else []},
+            "latency": row["latency_ms"]}
 
     async def serve_model(self, request: Request) -> JSONResponse:
         body = await _body(request)

@@ -155,6 +155,73 @@ async def test_the_seeds_model_selection_payload_serves_its_model(
         assert await generate(peers[2].node, 8) == want[:8]
 
 
+#: The seeds' InferenceRequestResponse (workers-api.md): keys at each level.
+SEED_RESPONSE = {"success", "message", "request_id", "selected_nodes", "model_split_plan", "estimated_total_time",
+                 "fallback_nodes"}
+SEED_NODE = {"node_id", "endpoint", "capabilities", "current_load", "latency", "reliability"}
+SEED_CAPABILITIES = {"max_memory_gb", "gpu_type", "gpu_memory_gb", "cpu_cores", "network_bandwidth_mbps",
+                     "supported_models"}
+SEED_SPLIT = {"layer_range", "assigned_node", "memory_requirement_mb", "compute_requirement"}
+
+
+def with_tokenizer(folder: Path) -> object:
+    """A word-level tokenizer over the tiny model's 128 ids, saved beside its weights (text in, text out)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "Hello", ",", "world", "!", *(f"w{i}" for i in range(121))]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+async def test_the_seeds_inference_request_gets_the_seeds_response_and_the_unsplit_tokens(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    import httpx
+    from tiny_models import reference, tiny_llama
+
+    from mesh.app.api import build_app
+
+    model = tiny_llama(5)
+    folder = tmp_path / "src"
+    model.save_pretrained(folder)
+    tok = with_tokenizer(folder)
+    seed = {"device_id": "unique-device-identifier", "timestamp": "2024-01-01T00:00:00Z",
+            "model_id": MODEL, "input_data": {"text": "Hello, world!", "max_length": 100}}
+    ids = tok(seed["input_data"]["text"])["input_ids"]
+    want = reference(model, ids, 100)
+    async with InProcessMesh(tmp_path / "mesh", config()) as mesh:
+        peers = await three_peers(mesh, folder)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(peers[2].node)),
+                                     base_url="http://peer") as http:
+            r = await http.post("/api/request", json=seed)
+            assert r.status_code == 200, r.text
+            got = r.json()
+            r = await http.post("/api/request", json={**seed, "model_id": "nope"})
+            assert r.status_code == 404 and r.json()["success"] is False and r.json()["code"] == "UNKNOWN_MODEL"
+            assert r.json()["message"]
+            r = await http.post("/api/request", json={**seed, "input_data": {"max_length": 3}})
+            assert r.status_code == 400 and r.json()["code"] == "INVALID_PARAMETER" and not r.json()["success"]
+    assert SEED_RESPONSE <= set(got) and got["success"] is True and got["request_id"]
+    tokens = got["output"]["token_ids"]
+    assert 0 < len(tokens) <= 100 and tokens == want[:len(tokens)]  # max_length is new tokens; greedy, exact
+    assert len(tokens) == 100 or want[len(tokens)] == tok.eos_token_id  # or it stopped at the end of text
+    assert got["output"]["text"] == tok.decode(tokens)
+    nodes = got["selected_nodes"]
+    assert {n["node_id"] for n in nodes} == {p.node_id for p in peers}  # no peer holds it alone: all three
+    for n in nodes:
+        assert SEED_NODE <= set(n) and SEED_CAPABILITIES <= set(n["capabilities"])
+        assert n["endpoint"] == "" and n["capabilities"]["cpu_cores"] >= 1  # (in process: no HTTP endpoint)
+    assert n["capabilities"]["supported_models"] in ([], [MODEL])
+    plan = got["model_split_plan"]
+    assert plan["total_layers"] == sum(e - s for s, e in (x["layer_range"] for x in plan["splits"]))
+    assert all(SEED_SPLIT <= set(x) for x in plan["splits"]) and {"communication_overhead",
+                                                                   "estimated_inference_time"} <= set(plan)
+    assert got["estimated_total_time"] > 0 and isinstance(got["fallback_nodes"], list)
+
+
 async def test_a_middle_stage_killed_mid_generation_changes_no_token(
         tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
     folder, want = tiny
