@@ -24,6 +24,7 @@ from mesh.wire import NodeStatus
 
 if TYPE_CHECKING:
     from mesh.app.node import Node
+    from storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def build_app(node: Node) -> Starlette:
         return JSONResponse(t.snapshot())
 
     async def storage_file(request: Request) -> FileResponse:
-        model_id, version, name = _storage_parts(request)
+        model_id, version, name = await trio.to_thread.run_sync(_storage_parts, request, node.store)
         path = await trio.to_thread.run_sync(node.store.download_path, model_id, version, name)
         node.store.count(model_id, "download")
         return FileResponse(path, filename=name)
@@ -200,17 +201,26 @@ def build_app(node: Node) -> Starlette:
 _ENCODED = re.compile(r"%(2e|2f|5c|00)", re.IGNORECASE)
 
 
-def _storage_parts(request: Request) -> tuple[str, str, str]:
-    """``/storage/models/{model id, may contain /}/{version}/{file}`` → its three parts. Anything that
-    could step outside the store is refused before a file is looked up: ``..`` or ``.`` segments, empty
-    segments (an absolute path), backslashes, NUL, and percent-encoded dots, slashes or backslashes."""
+def _storage_parts(request: Request, store: Store) -> tuple[str, str, str]:
+    """``/storage/models/{model id, may contain /}/{version}/{file}`` → its three parts, matched against the
+    installed models and versions (never split by position: ``org/name`` stays one id). Anything that could
+    step outside the store is refused before a file is looked up: ``..`` or ``.`` segments, empty segments
+    (an absolute path), backslashes, NUL, percent-encoded dots, slashes or backslashes, and a ``%`` left
+    after decoding (a double encoding). A path that names no installed version is 404, never 5xx."""
     raw = request.scope.get("raw_path", b"").decode("latin-1")
     if _ENCODED.search(raw):
         raise PeerError("encoded dots, slashes or NUL are not allowed in storage paths", code="INVALID_PATH")
-    parts = request.path_params["rest"].split("/")
-    if len(parts) < 3 or any(p in ("", ".", "..") or "\\" in p or "\x00" in p for p in parts):
+    rest = request.path_params["rest"]
+    parts = rest.split("/")
+    if len(parts) < 3 or any(p in ("", ".", "..") or "\\" in p or "\x00" in p or "%" in p for p in parts):
         raise PeerError("a storage path is /storage/models/{model}/{version}/{file}", code="INVALID_PATH")
-    return "/".join(parts[:-2]), parts[-2], parts[-1]
+    store.registry.refresh()
+    for model_id, entry in store.registry.models.items():
+        for version in entry.versions:
+            prefix = f"{model_id}/{version}/"
+            if rest.startswith(prefix) and "/" not in rest[len(prefix):]:
+                return model_id, version, rest[len(prefix):]
+    raise NotFoundError(f"no installed model version matches {rest[:200]!r}", code="FILE_NOT_FOUND")
 
 
 async def serve_api(

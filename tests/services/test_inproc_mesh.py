@@ -222,6 +222,30 @@ async def test_the_seeds_inference_request_gets_the_seeds_response_and_the_unspl
     assert got["estimated_total_time"] > 0 and isinstance(got["fallback_nodes"], list)
 
 
+async def test_storage_paths_match_installed_ids_with_slashes_and_hostile_ones_never_answer_5xx(
+        tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
+    import httpx
+
+    from mesh.app.api import build_app
+
+    folder, _ = tiny
+    async with InProcessMesh(tmp_path, config()) as mesh:
+        made = mesh.store("a").add(str(folder), model_id="org/tiny")
+        a = await mesh.start("a")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(a.node)),
+                                     base_url="http://peer") as http:
+            base = f"/storage/models/org/tiny/{made.revision}"
+            r = await http.get(f"{base}/config.json")
+            assert r.status_code == 200 and r.content == (folder / "config.json").read_bytes()
+            for path, status in ((f"{base}/..%252f..%252fregistry.json", 400), (f"{base}/%252e%252e", 400),
+                                 (f"/storage/models/org/{made.revision}/config.json", 404),
+                                 (f"/storage/models/tiny/{made.revision}/config.json", 404),
+                                 (f"{base}/nope.json", 404), ("/storage/models/org/tiny/v0/config.json", 404),
+                                 (f"{base}/sub/config.json", 404)):
+                r = await http.get(path)
+                assert r.status_code == status and r.json()["error"]["code"], (path, r.status_code, r.text)
+
+
 async def test_a_middle_stage_killed_mid_generation_changes_no_token(
         tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
     folder, want = tiny
