@@ -348,6 +348,13 @@ class Node:
         out = dataclasses.asdict(info) if info is not None else {"node_id": self.node_id}
         out["status"] = self.core.status.value
         out["uptime_s"] = round(time.time() - self.started_wall, 3)
+        # Whether the coordinator may give this peer work, and if not why (never silently ignored).
+        why = []
+        if self.config.membership.require_gpu and not self.gpus:
+            why.append("require_gpu is set and this peer has no GPU: it gets no layers and cannot coordinate")
+        if not self.config.node.accept_public_jobs:
+            why.append("accept_public_jobs is off: the coordinator gives this peer no layers")
+        out["eligible"], out["reason"] = not why, "; ".join(why) or None
         return out
 
     def nodes(self) -> dict[str, Any]:

@@ -246,6 +246,21 @@ async def test_storage_paths_match_installed_ids_with_slashes_and_hostile_ones_n
                 assert r.status_code == status and r.json()["error"]["code"], (path, r.status_code, r.text)
 
 
+async def test_a_peer_that_may_get_no_work_says_why(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    c = config()
+    gpu_only = dataclasses.replace(c, membership=dataclasses.replace(c.membership, require_gpu=True))
+    async with InProcessMesh(tmp_path / "gpu", gpu_only) as mesh:
+        info = (await mesh.start("a")).node.node_info()
+        assert info["eligible"] is False and "require_gpu" in info["reason"] and "no GPU" in info["reason"]
+    private = dataclasses.replace(c, node=dataclasses.replace(c.node, accept_public_jobs=False))
+    async with InProcessMesh(tmp_path / "private", private) as mesh:
+        info = (await mesh.start("a")).node.node_info()
+        assert info["eligible"] is False and "accept_public_jobs" in info["reason"]
+    async with InProcessMesh(tmp_path / "open", c) as mesh:
+        info = (await mesh.start("a")).node.node_info()
+        assert info["eligible"] is True and info["reason"] is None
+
+
 async def test_a_middle_stage_killed_mid_generation_changes_no_token(
         tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
     folder, want = tiny
