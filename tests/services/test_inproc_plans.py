@@ -136,8 +136,12 @@ async def test_three_peers_agree_on_a_signed_plan_and_recover_from_kill_9(
 
             # What-if reassignment on a follower: computed, not published (only the coordinator publishes).
             lost = next(s["assigned_node"] for s in splits if s["assigned_node"] != coordinator_id)
+            # The seeds' NodeReassignmentPayload, exactly: its splits carry only the seeds' four keys.
+            seed_splits = [{k: s[k] for k in ("layer_range", "assigned_node", "memory_requirement_mb",
+                                              "compute_requirement")} for s in splits]
             answer = await post(http[follower.node_id], "/api/reassign-node",
-                                {"failed_nodes": [lost], "current_splits": splits, "request_id": "r-1"})
+                                {"device_id": "unique-device-identifier", "timestamp": "2024-01-01T00:00:00Z",
+                                 "failed_nodes": [lost], "current_splits": seed_splits, "request_id": "r-1"})
             assert answer["request_id"] == "r-1" and answer["published"] is False
             assert lost not in {s["assigned_node"] for s in answer["new_splits"]} and answer["reassigned_nodes"]
             assert answer["new_splits"][-1]["layer_range"][1] == total
