@@ -109,6 +109,7 @@ class PeerCore:
         serve_models: tuple[str, ...] = (),
         stages: tuple[str, ...] = (),
         api: str = "",
+        training: Mapping[str, str | int | float | bool] | None = None,
     ) -> tuple[bytes, list[PeerEvent]]:
         """Build, sign and record this peer's next heartbeat; returns the bytes to publish."""
         events: list[PeerEvent] = []
@@ -137,6 +138,7 @@ class PeerCore:
             api=api,
             term=lead.term,
             coordinator=lead.coordinator,
+            training=dict(training or {}),
         )
         self._last_info = info
         # Our own entry; its status events duplicate the ones _set_status already returned.

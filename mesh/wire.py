@@ -94,6 +94,9 @@ class NodeInfo:
     api: str = ""  # host:port of the local HTTP API, informational
     term: int = 0  # the election term this peer follows
     coordinator: NodeId | None = None  # whom it follows; == node_id means it claims the term
+    # What the device's own app reported of a training run (the seeds' training_status): is_running,
+    # current_epoch, total_epochs, accuracy, loss, samples_processed. Empty when nothing was reported.
+    training: Mapping[str, str | int | float | bool] = field(default_factory=dict)
 
     @property
     def claims_coordinator(self) -> bool:
@@ -327,6 +330,7 @@ def encode_node_info(info: NodeInfo) -> bytes:
             "api": info.api,
             "term": info.term,
             "coordinator": info.coordinator,
+            "training": dict(info.training),
         }
     )
 
@@ -370,6 +374,7 @@ def decode_node_info(payload: bytes) -> NodeInfo:
         api=r.text("api", ""),
         term=r.integer("term", 0),
         coordinator=None if coordinator is None else NodeId(coordinator),
+        training=_scalar_map(r.raw("training", {}), "node_info.training"),
     )
 
 

@@ -148,6 +148,10 @@ def build_app(node: Node) -> Starlette:
         return JSONResponse(await node.plans.reassign_request(
             failed, body.get("current_splits"), body.get("request_id") or "", body.get("model")))
 
+    async def training_data(request: Request) -> JSONResponse:
+        body = await json_body(request, '{"training_status": {...}, "node_id": ...}')  # TrainingStatusPayload
+        return JSONResponse(node.report_training(body))
+
     async def drain(request: Request) -> JSONResponse:
         node.request_drain()
         return JSONResponse({"status": NodeStatus.DRAINING.value, "node_id": node.node_id}, status_code=202)
@@ -181,6 +185,7 @@ def build_app(node: Node) -> Starlette:
         Route("/api/ping", ping),
         Route("/api/runtime", runtime),
         Route("/api/drain", drain, methods=["POST"]),
+        Route("/api/training-data", training_data, methods=["POST"]),
         Route("/api/plan", plan),
         Route("/api/plan", request_plan, methods=["POST"]),
         Route("/api/reassign-node", reassign_node, methods=["POST"]),

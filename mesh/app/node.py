@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -55,6 +56,10 @@ VERSION = "0.1.0"
 #: Dials in flight at once: a large mesh learned in one gossip round must not open hundreds of sockets.
 MAX_CONCURRENT_DIALS = 8
 NODE_FILE = "node.json"  # addresses of the running peer, for scripts and tests
+#: The seeds' TrainingStatusPayload fields and their types (numbers: finite and not negative).
+TRAINING_FIELDS = {"is_running": bool, "current_epoch": int, "total_epochs": int, "accuracy": float, "loss": float,
+                   "samples_processed": int}
+TRAINING_KINDS = {bool: "true or false", int: "a whole number >= 0", float: "a finite number >= 0"}
 USAGE_SAVE_INTERVAL = 5.0  # seconds between saves of the request counts (a kill -9 loses at most these)
 
 
@@ -86,6 +91,7 @@ class Node:
         self.fetcher = Fetcher(transport, store, parallel=st.parallel_downloads, retries=st.retries,
                                download=RateLimit(st.download_limit_mb_s * 1e6))
         self._installed: tuple[str, ...] = ()
+        self.training: dict[str, str | int | float | bool] = {}  # the device app's last training report
         self._serve: list[str] = list(config.inference.serve)  # models this peer asks the mesh to serve
         self.offload, self.reads = offload, reads
         # The services, each from the narrow parts it uses; the callbacks are the only paths between them.
@@ -169,6 +175,7 @@ class Node:
             serve_models=tuple(self._serve),
             stages=self.stages.ready(),
             api=self.api_url,
+            training=self.training,
         )
         self._log_events(events)
         # A publish must never hold up the next heartbeat, whatever a peer's socket does.
@@ -391,7 +398,37 @@ class Node:
             "last_seen": round(self.wall(m.last_seen), 3),
             "current_load": m.info.hardware.load,
             "issues": issues,
+            "training": dict(m.info.training),
         }
+
+    def report_training(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /api/training-data`` (the seeds' TrainingStatusPayload): the device app's training status,
+        kept and gossiped with every heartbeat from now on. Each known field is type- and range-checked
+        (INVALID_PARAMETER otherwise, and nothing is kept); unknown fields are ignored and named."""
+        status = body.get("training_status")
+        if not isinstance(status, dict):
+            raise PeerError("training_status (an object) is required", code="MISSING_PARAMETER")
+        claimed = body.get("node_id")  # the app's own identifier, or this peer's id; another peer's is refused
+        if claimed is not None and not isinstance(claimed, str):
+            raise PeerError("node_id must be text or null", code="INVALID_PARAMETER")
+        if claimed and claimed.startswith("12D3KooW") and claimed != self.node_id:
+            raise PeerError(f"node_id {claimed[:64]!r} is another peer, not this one ({self.node_id})",
+                            code="INVALID_PARAMETER")
+        taken: dict[str, str | int | float | bool] = {}
+        for key, kind in TRAINING_FIELDS.items():
+            if key not in status or status[key] is None:
+                continue
+            value = status[key]
+            ok = (type(value) is bool if kind is bool else
+                  type(value) is int and 0 <= value < 2**53 if kind is int else
+                  type(value) in (int, float) and math.isfinite(value) and value >= 0)
+            if not ok:
+                raise PeerError(f"training_status.{key} must be {TRAINING_KINDS[kind]}", code="INVALID_PARAMETER")
+            taken[key] = value
+        self.training = taken
+        return {"success": True, "message": "training status kept; gossiped with every heartbeat",
+                "node_id": self.node_id, "taken": sorted(taken), "ignored": sorted(set(status) - set(TRAINING_FIELDS)),
+                "training_status": taken}
 
     async def ping(self, node_id: str, timeout: float) -> dict[str, Any]:
         """Round trip to a member over a fresh stream; PEER_TIMEOUT when it does not answer in time."""

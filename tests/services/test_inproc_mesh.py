@@ -261,6 +261,40 @@ async def test_a_peer_that_may_get_no_work_says_why(tmp_path: Path, autojump_clo
         assert info["eligible"] is True and info["reason"] is None
 
 
+async def test_the_seeds_training_status_is_kept_gossiped_and_shown_by_every_peer(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    import httpx
+
+    from mesh.app.api import build_app
+
+    seed = {"device_id": "unique-device-identifier", "timestamp": "2024-01-01T00:00:00Z",
+            "training_status": {"is_running": True, "current_epoch": 45, "total_epochs": 100, "accuracy": 0.85,
+                                "loss": 0.25, "samples_processed": 1000000},
+            "node_id": "node-identifier-if-available"}
+    async with InProcessMesh(tmp_path, config()) as mesh:
+        a, b = await mesh.start("a"), await mesh.start("b")
+        await mesh.wait(mesh.agreed, timeout=30, what="two peers")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(a.node)),
+                                     base_url="http://peer") as http:
+            r = await http.post("/api/training-data", json=seed)
+            assert r.status_code == 200 and r.json()["success"] is True, r.text
+            assert r.json()["taken"] == sorted(seed["training_status"]) and r.json()["ignored"] == []
+            for bad in ({**seed, "training_status": {**seed["training_status"], "loss": -1}},
+                        {**seed, "training_status": {"current_epoch": "45"}}, {**seed, "training_status": 5},
+                        {**seed, "node_id": b.node_id}):
+                r = await http.post("/api/training-data", json=bad)
+                assert r.status_code == 400 and r.json()["error"]["code"] in ("INVALID_PARAMETER",
+                                                                              "MISSING_PARAMETER"), r.text
+        assert a.node.training == seed["training_status"]  # a refused report changed nothing
+
+        def seen_by_b() -> bool:
+            row = next(n for n in b.node.nodes()["nodes"] if n["node_id"] == a.node_id)
+            return row["training"] == seed["training_status"]
+
+        await mesh.wait(seen_by_b, timeout=5, what="b to see a's training status in /api/nodes")
+        assert b.node.node_health(a.node_id)["training"] == seed["training_status"]
+
+
 async def test_a_middle_stage_killed_mid_generation_changes_no_token(
         tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
     folder, want = tiny

@@ -38,6 +38,7 @@ def info(**kw: object) -> NodeInfo:
         compute_flops=1.5e11,
         installed_models=("smollm2-135m-instruct",),
         advanced_features={"kv_cache": True, "max_batch": 4},
+        training={"is_running": True, "current_epoch": 45, "loss": 0.25},
         addrs=("/ip4/127.0.0.1/tcp/4001/p2p/" + ME.node_id,),
         term=3,
         coordinator=ME.node_id,
@@ -119,6 +120,8 @@ def test_unsigned_and_wrongly_signed_are_refused() -> None:
         ("installed_models", ["m"] * 1000),
         ("hardware", {"gpus": []}),
         ("advanced_features", {"k": [1]}),
+        ("training", {"loss": {"nested": 1}}),
+        ("training", ["is_running"]),
         ("node_id", "x" * 1000),
     ],
 )
