@@ -44,6 +44,10 @@ def build_app(node: Node) -> Starlette:
     async def node_info(request: Request) -> JSONResponse:
         return JSONResponse(node.node_info())
 
+    async def report_node_info(request: Request) -> JSONResponse:
+        body = await json_body(request, '{"device_info": {...}} or {"node_info": {...}}')  # the seeds' payloads
+        return JSONResponse(node.report_device(body))
+
     async def nodes(request: Request) -> JSONResponse:
         return JSONResponse(node.nodes())
 
@@ -179,6 +183,7 @@ def build_app(node: Node) -> Starlette:
         *Api(node).routes(),
         Route("/api/health", health),
         Route("/api/node-info", node_info),
+        Route("/api/node-info", report_node_info, methods=["POST"]),
         Route("/api/nodes", nodes),
         Route("/api/node-health", node_health),
         Route("/api/coordinator", coordinator),

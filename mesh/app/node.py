@@ -46,7 +46,7 @@ from mesh.membership import Forgotten, Member, StatusChanged
 from mesh.peer import LeaderChanged, PeerCore, PeerEvent
 from mesh.ports import Network, Offload, abandoning, threads
 from mesh.transport import GossipMessage, is_loopback_addr, peer_id_of
-from mesh.wire import NODES_TOPIC, PLANS_TOPIC, GpuInfo, NodeStatus, open_signed
+from mesh.wire import NODES_TOPIC, PLANS_TOPIC, Battery, GpuInfo, NodeStatus, open_signed
 from storage.library import Library
 from storage.store import Store
 from storage.transfer import Fetcher, RateLimit, Server
@@ -92,6 +92,8 @@ class Node:
                                download=RateLimit(st.download_limit_mb_s * 1e6))
         self._installed: tuple[str, ...] = ()
         self.training: dict[str, str | int | float | bool] = {}  # the device app's last training report
+        self.reported_gpu: GpuInfo | None = None  # what the device app reported where the peer measures none
+        self.reported_battery: Battery | None = None
         self._serve: list[str] = list(config.inference.serve)  # models this peer asks the mesh to serve
         self.offload, self.reads = offload, reads
         # The services, each from the narrow parts it uses; the callbacks are the only paths between them.
@@ -166,9 +168,14 @@ class Node:
                 code = getattr(err, "code", "STORE_IO")
                 if self._reject_throttle.allow(("store", code), self.now()) is not None:
                     log.error("cannot read the model store: %s", err, extra={"event": "store_unreadable", "code": code})
+        hw = hardware.snapshot(self.gpus)
+        if not hw.gpus and self.reported_gpu is not None:  # the peer's own measurements win where both exist
+            hw = dataclasses.replace(hw, gpus=(self.reported_gpu,))
+        if hw.battery is None and self.reported_battery is not None:
+            hw = dataclasses.replace(hw, battery=self.reported_battery)
         data, events = self.core.heartbeat(
             self.now(),
-            hardware=hardware.snapshot(self.gpus),
+            hardware=hw,
             compute_flops=self.flops,
             addrs=tuple(self.transport.addrs()),
             installed_models=self._installed,
@@ -400,6 +407,60 @@ class Node:
             "issues": issues,
             "training": dict(m.info.training),
         }
+
+    def report_device(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /api/node-info``: the device's own app reports telemetry to its local peer, as the seeds'
+        DeviceInfoPayload (``device_info``: gpu_type, gpu_usage %, gpu_memory_total/used GB, cpu_cores,
+        total_memory_gb, battery_level %, is_charging) or NodeInfo payload (``node_info.capabilities``:
+        gpu_type, gpu_memory_gb, ...). The peer gossips a reported GPU or battery only where it measures
+        none itself; what it measures (cores, memory, load) is never overridden. The answer names the
+        fields taken and those the peer measures itself. INVALID_PARAMETER (nothing kept) for a bad value."""
+        def number(d: dict[str, Any], key: str, top: float) -> float | None:
+            v = d.get(key)
+            if v is None:
+                return None
+            if type(v) not in (int, float) or not math.isfinite(v) or not 0 <= v <= top:
+                raise PeerError(f"{key} must be a number in [0, {top:g}]", code="INVALID_PARAMETER")
+            return float(v)
+
+        def text(d: dict[str, Any], key: str) -> str | None:
+            v = d.get(key)
+            if v is not None and (not isinstance(v, str) or len(v) > 128):
+                raise PeerError(f"{key} must be text of at most 128 characters", code="INVALID_PARAMETER")
+            return v or None
+
+        if isinstance(body.get("device_info"), dict):
+            d, source = body["device_info"], "device_info"
+            gpu_memory, used = number(d, "gpu_memory_total", 1e5), number(d, "gpu_memory_used", 1e5)
+            usage = number(d, "gpu_usage", 100.0)
+            level, charging = number(d, "battery_level", 100.0), d.get("is_charging")
+            if charging is not None and type(charging) is not bool:
+                raise PeerError("is_charging must be true or false", code="INVALID_PARAMETER")
+        elif isinstance(body.get("node_info"), dict) and isinstance(body["node_info"].get("capabilities", {}), dict):
+            d, source = body["node_info"].get("capabilities", {}), "node_info.capabilities"
+            gpu_memory, used, usage, level, charging = number(d, "gpu_memory_gb", 1e5), None, None, None, None
+        else:
+            raise PeerError("device_info or node_info (an object) is required", code="MISSING_PARAMETER")
+        gpu_type = text(d, "gpu_type")
+        taken, measured = [], []
+        if gpu_type is not None:
+            if self.gpus:
+                measured.append("gpu")
+            else:
+                fraction = (used / gpu_memory if used is not None and gpu_memory else
+                            usage / 100 if usage is not None else 0.0)
+                self.reported_gpu = GpuInfo(gpu_type, gpu_memory or 0.0, min(1.0, fraction))
+                taken.append("gpu")
+        if level is not None:
+            own = hardware.snapshot(()).battery
+            if own is not None:
+                measured.append("battery")
+            else:
+                self.reported_battery = Battery(level, bool(charging))
+                taken.append("battery")
+        measured += [k for k in ("cpu_cores", "total_memory_gb", "max_memory_gb", "current_load") if k in d]
+        return {"success": True, "message": "device telemetry merged into this peer's heartbeat",
+                "node_id": self.node_id, "source": source, "taken": taken, "measured_here": sorted(measured)}
 
     def report_training(self, body: dict[str, Any]) -> dict[str, Any]:
         """``POST /api/training-data`` (the seeds' TrainingStatusPayload): the device app's training status,

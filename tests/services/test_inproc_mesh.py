@@ -295,6 +295,56 @@ async def test_the_seeds_training_status_is_kept_gossiped_and_shown_by_every_pee
         assert b.node.node_health(a.node_id)["training"] == seed["training_status"]
 
 
+async def test_the_seeds_device_info_is_merged_into_the_heartbeat_where_the_peer_measures_nothing(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    import httpx
+
+    from mesh import hardware
+    from mesh.app.api import build_app
+
+    device = {"device_id": "unique-device-identifier", "timestamp": "2024-01-01T00:00:00Z",
+              "device_info": {"gpu_type": "NVIDIA RTX 3080", "gpu_usage": 75.5, "gpu_memory_total": 10.0,
+                              "gpu_memory_used": 6.5, "cpu_cores": 8, "total_memory_gb": 16.0, "battery_level": 85.0,
+                              "is_charging": True},
+              "metadata": {"platform": "windows", "app_version": "0.1.0", "node_id": None,
+                           "capabilities": {"os": "windows", "arch": "x86_64", "family": "windows"}}}
+    node_info = {"device_id": "unique-device-identifier", "timestamp": "2024-01-01T00:00:00Z",
+                 "node_info": {"node_id": "node-unique-id", "endpoint": "ip:port",
+                               "capabilities": {"max_memory_gb": 16.0, "gpu_type": "NVIDIA RTX 3080",
+                                                "gpu_memory_gb": 10.0, "cpu_cores": 8, "network_bandwidth_mbps": 1000,
+                                                "supported_models": ["bert-base", "gpt-2"]},
+                               "current_load": 0.75, "latency": 50, "reliability": 0.95}}
+    own_battery = hardware.snapshot(()).battery is not None
+    async with InProcessMesh(tmp_path, config()) as mesh:
+        a, b = await mesh.start("a"), await mesh.start("b")
+        await mesh.wait(mesh.agreed, timeout=30, what="two peers")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(a.node)),
+                                     base_url="http://peer") as http:
+            for bad in ({**device, "device_info": {**device["device_info"], "gpu_usage": 250}},
+                        {**device, "device_info": {**device["device_info"], "is_charging": "yes"}},
+                        {"device_id": "x"}):
+                r = await http.post("/api/node-info", json=bad)
+                assert r.status_code == 400 and r.json()["error"]["code"] in ("INVALID_PARAMETER",
+                                                                              "MISSING_PARAMETER"), r.text
+            assert a.node.reported_gpu is None  # a refused report kept nothing
+            r = await http.post("/api/node-info", json=device)
+            answer = r.json()
+            assert r.status_code == 200 and answer["success"] is True, r.text
+            assert "gpu" in answer["taken"] and {"cpu_cores", "total_memory_gb"} <= set(answer["measured_here"])
+            assert ("battery" in answer["measured_here"]) == own_battery != ("battery" in answer["taken"])
+            r = await http.post("/api/node-info", json=node_info)  # the seeds' other shape
+            assert r.status_code == 200 and r.json()["taken"] == ["gpu"], r.text
+            assert (await http.get("/api/node-info")).status_code == 200
+
+        def row_at_b() -> dict:
+            return next(n for n in b.node.nodes()["nodes"] if n["node_id"] == a.node_id)
+
+        await mesh.wait(lambda: row_at_b()["hardware"]["gpus"], timeout=5, what="b to see a's reported GPU")
+        (gpu,) = row_at_b()["hardware"]["gpus"]
+        assert gpu["name"] == "NVIDIA RTX 3080" and gpu["memory_gb"] == 10.0
+        assert row_at_b()["hardware"]["cpu_cores"] == hardware.snapshot(()).cpu_cores  # measured, not reported
+
+
 async def test_a_middle_stage_killed_mid_generation_changes_no_token(
         tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
     folder, want = tiny
