@@ -110,6 +110,7 @@ class PeerCore:
         stages: tuple[str, ...] = (),
         api: str = "",
         training: Mapping[str, str | int | float | bool] | None = None,
+        device: Mapping[str, str | int | float | bool] | None = None,
     ) -> tuple[bytes, list[PeerEvent]]:
         """Build, sign and record this peer's next heartbeat; returns the bytes to publish."""
         events: list[PeerEvent] = []
@@ -139,6 +140,7 @@ class PeerCore:
             term=lead.term,
             coordinator=lead.coordinator,
             training=dict(training or {}),
+            device=dict(device or {}),
         )
         self._last_info = info
         # Our own entry; its status events duplicate the ones _set_status already returned.

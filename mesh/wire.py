@@ -97,6 +97,9 @@ class NodeInfo:
     # What the device's own app reported of a training run (the seeds' training_status): is_running,
     # current_epoch, total_epochs, accuracy, loss, samples_processed. Empty when nothing was reported.
     training: Mapping[str, str | int | float | bool] = field(default_factory=dict)
+    # What the device's own app reported about itself (the seeds' DeviceInfoPayload metadata): platform,
+    # app_version, os, arch, family. Empty when nothing was reported.
+    device: Mapping[str, str | int | float | bool] = field(default_factory=dict)
 
     @property
     def claims_coordinator(self) -> bool:
@@ -331,6 +334,7 @@ def encode_node_info(info: NodeInfo) -> bytes:
             "term": info.term,
             "coordinator": info.coordinator,
             "training": dict(info.training),
+            "device": dict(info.device),
         }
     )
 
@@ -375,6 +379,7 @@ def decode_node_info(payload: bytes) -> NodeInfo:
         term=r.integer("term", 0),
         coordinator=None if coordinator is None else NodeId(coordinator),
         training=_scalar_map(r.raw("training", {}), "node_info.training"),
+        device=_scalar_map(r.raw("device", {}), "node_info.device"),
     )
 
 

@@ -94,6 +94,7 @@ class Node:
         self.training: dict[str, str | int | float | bool] = {}  # the device app's last training report
         self.reported_gpu: GpuInfo | None = None  # what the device app reported where the peer measures none
         self.reported_battery: Battery | None = None
+        self.device: dict[str, str | int | float | bool] = {}  # the app's metadata: platform, os, arch, ...
         self._serve: list[str] = list(config.inference.serve)  # models this peer asks the mesh to serve
         self.offload, self.reads = offload, reads
         # The services, each from the narrow parts it uses; the callbacks are the only paths between them.
@@ -183,6 +184,7 @@ class Node:
             stages=self.stages.ready(),
             api=self.api_url,
             training=self.training,
+            device=self.device,
         )
         self._log_events(events)
         # A publish must never hold up the next heartbeat, whatever a peer's socket does.
@@ -442,6 +444,16 @@ class Node:
         else:
             raise PeerError("device_info or node_info (an object) is required", code="MISSING_PARAMETER")
         gpu_type = text(d, "gpu_type")
+        meta = body.get("metadata")
+        device: dict[str, str | int | float | bool] = {}
+        if meta is not None:
+            if not isinstance(meta, dict) or not isinstance(meta.get("capabilities", {}) or {}, dict):
+                raise PeerError("metadata must be an object (capabilities: an object)", code="INVALID_PARAMETER")
+            for where, key in (("platform", "platform"), ("app_version", "app_version"), ("os", "os"),
+                               ("arch", "arch"), ("family", "family")):
+                source_map = meta if where in ("platform", "app_version") else (meta.get("capabilities") or {})
+                if (value := text(source_map, where)) is not None:
+                    device[key] = value
         taken, measured = [], []
         if gpu_type is not None:
             if self.gpus:
@@ -458,6 +470,9 @@ class Node:
             else:
                 self.reported_battery = Battery(level, bool(charging))
                 taken.append("battery")
+        if device:
+            self.device = device
+            taken += [f"metadata.{k}" for k in sorted(device)]
         measured += [k for k in ("cpu_cores", "total_memory_gb", "max_memory_gb", "current_load") if k in d]
         return {"success": True, "message": "device telemetry merged into this peer's heartbeat",
                 "node_id": self.node_id, "source": source, "taken": taken, "measured_here": sorted(measured)}

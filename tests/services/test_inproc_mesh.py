@@ -322,15 +322,18 @@ async def test_the_seeds_device_info_is_merged_into_the_heartbeat_where_the_peer
                                      base_url="http://peer") as http:
             for bad in ({**device, "device_info": {**device["device_info"], "gpu_usage": 250}},
                         {**device, "device_info": {**device["device_info"], "is_charging": "yes"}},
-                        {"device_id": "x"}):
+                        {**device, "metadata": {"capabilities": "windows"}},
+                        {**device, "metadata": {**device["metadata"], "platform": "x" * 500}}, {"device_id": "x"}):
                 r = await http.post("/api/node-info", json=bad)
                 assert r.status_code == 400 and r.json()["error"]["code"] in ("INVALID_PARAMETER",
                                                                               "MISSING_PARAMETER"), r.text
-            assert a.node.reported_gpu is None  # a refused report kept nothing
+            assert a.node.reported_gpu is None and a.node.device == {}  # a refused report kept nothing
             r = await http.post("/api/node-info", json=device)
             answer = r.json()
             assert r.status_code == 200 and answer["success"] is True, r.text
             assert "gpu" in answer["taken"] and {"cpu_cores", "total_memory_gb"} <= set(answer["measured_here"])
+            assert {"metadata.platform", "metadata.app_version", "metadata.os", "metadata.arch",
+                    "metadata.family"} <= set(answer["taken"])
             assert ("battery" in answer["measured_here"]) == own_battery != ("battery" in answer["taken"])
             r = await http.post("/api/node-info", json=node_info)  # the seeds' other shape
             assert r.status_code == 200 and r.json()["taken"] == ["gpu"], r.text
@@ -343,6 +346,8 @@ async def test_the_seeds_device_info_is_merged_into_the_heartbeat_where_the_peer
         (gpu,) = row_at_b()["hardware"]["gpus"]
         assert gpu["name"] == "NVIDIA RTX 3080" and gpu["memory_gb"] == 10.0
         assert row_at_b()["hardware"]["cpu_cores"] == hardware.snapshot(()).cpu_cores  # measured, not reported
+        assert row_at_b()["device"] == {"platform": "windows", "app_version": "0.1.0", "os": "windows",
+                                        "arch": "x86_64", "family": "windows"}
 
 
 async def test_a_middle_stage_killed_mid_generation_changes_no_token(

@@ -39,6 +39,7 @@ def info(**kw: object) -> NodeInfo:
         installed_models=("smollm2-135m-instruct",),
         advanced_features={"kv_cache": True, "max_batch": 4},
         training={"is_running": True, "current_epoch": 45, "loss": 0.25},
+        device={"platform": "windows", "arch": "x86_64"},
         addrs=("/ip4/127.0.0.1/tcp/4001/p2p/" + ME.node_id,),
         term=3,
         coordinator=ME.node_id,
@@ -122,6 +123,7 @@ def test_unsigned_and_wrongly_signed_are_refused() -> None:
         ("advanced_features", {"k": [1]}),
         ("training", {"loss": {"nested": 1}}),
         ("training", ["is_running"]),
+        ("device", {"os": None}),
         ("node_id", "x" * 1000),
     ],
 )
