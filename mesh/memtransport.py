@@ -20,7 +20,6 @@ import collections
 import dataclasses
 import itertools
 import logging
-import secrets
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -28,7 +27,6 @@ from dataclasses import dataclass, field
 
 import trio
 
-from mesh.errors import PeerError
 from mesh.identity import Identity
 from mesh.ids import NodeId
 from mesh.transport import (
@@ -37,13 +35,14 @@ from mesh.transport import (
     STREAM_TIMEOUT,
     DialError,
     GossipMessage,
-    PeerTimeoutError,
     PeerUnreachableError,
     Stream,
     StreamClosedError,
+    answer_ping,
     is_loopback_addr,
     opened,
     peer_id_of,
+    ping_over,
     serve_stream,
 )
 
@@ -137,7 +136,7 @@ class MemoryTransport:
         self._subscribers: dict[str, list[trio.MemorySendChannel[GossipMessage]]] = collections.defaultdict(list)
         self._seen: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
         self._discovered_send, self.discovered = trio.open_memory_channel[str](0)
-        self.handle(PING_PROTOCOL, _answer_ping, timeout=2.0)
+        self.handle(PING_PROTOCOL, answer_ping, timeout=2.0)
 
     # ---- addresses and connections -------------------------------------------------------------------
 
@@ -215,18 +214,7 @@ class MemoryTransport:
 
     async def ping(self, peer: NodeId, *, timeout: float = 2.0) -> float:
         """Round-trip time over a fresh ping stream: 0.0 on a virtual clock (a hop costs no time)."""
-        payload = secrets.token_bytes(16)
-        start = trio.current_time()
-        try:
-            with trio.fail_after(timeout):
-                async with self.open_stream(peer, PING_PROTOCOL, timeout=timeout) as stream:
-                    await stream.send_frame(payload)
-                    echo = await stream.receive_frame(len(payload))
-        except trio.TooSlowError:
-            raise PeerTimeoutError(f"no ping reply from {peer} within {timeout}s") from None
-        if echo != payload:
-            raise PeerError(f"{peer} answered the ping with other bytes", code="BAD_PING_REPLY")
-        return trio.current_time() - start
+        return await ping_over(self, peer, timeout)
 
     # ---- gossip --------------------------------------------------------------------------------------
 
@@ -272,10 +260,6 @@ class MemoryTransport:
                 log.warning("gossip subscriber of %s is %d messages behind: message dropped", topic,
                             SUBSCRIBER_QUEUE, extra={"event": "gossip_dropped", "node_id": self.node_id})
         return True
-
-
-async def _answer_ping(stream: Stream) -> None:
-    await stream.send_frame(await stream.receive_frame(64))
 
 
 class MemoryNetwork:

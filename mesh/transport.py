@@ -232,6 +232,28 @@ async def serve_stream(protocol: str, handler: Callable[[Stream], Awaitable[None
     await stream.close()
 
 
+async def ping_over(streams: Any, peer: NodeId, timeout: float) -> float:
+    """Round-trip time over a fresh ping stream of ``streams`` (either transport): PEER_TIMEOUT when the
+    whole exchange takes longer than ``timeout``, BAD_PING_REPLY for other bytes."""
+    payload = secrets.token_bytes(16)
+    start = trio.current_time()
+    try:
+        with trio.fail_after(timeout):  # one deadline for the whole exchange, not one per step
+            async with streams.open_stream(peer, PING_PROTOCOL, timeout=timeout) as stream:
+                await stream.send_frame(payload)
+                echo = await stream.receive_frame(len(payload))
+    except trio.TooSlowError:
+        raise PeerTimeoutError(f"no ping reply from {peer} within {timeout}s") from None
+    if echo != payload:
+        raise PeerError(f"{peer} answered the ping with other bytes", code="BAD_PING_REPLY")
+    return trio.current_time() - start
+
+
+async def answer_ping(stream: Stream) -> None:
+    """The ``/meshnode/ping/1`` handler: echo one small frame."""
+    await stream.send_frame(await stream.receive_frame(64))
+
+
 def _fix_inbound_connection_leak(swarm: Swarm) -> None:
     """libp2p 0.8.1: ``Swarm._do_handle_inbound_connection`` keeps each inbound connection's handler
     (a task, and a slot of the inbound limiter) until the whole swarm stops (``manager.wait_finished``),
@@ -400,7 +422,7 @@ class Transport:
         body_error: Exception | None = None
         async with host.run(listen_addrs=listen_addrs):
             transport = cls(host, pubsub, identity, loopback_only)
-            transport.handle(PING_PROTOCOL, transport._answer_ping, timeout=2.0)
+            transport.handle(PING_PROTOCOL, answer_ping, timeout=2.0)
             host.get_network().register_notifee(_Notifee(transport._on_connection))
             handler = transport._on_mdns_peer
             if mdns:
@@ -550,22 +572,7 @@ class Transport:
 
     async def ping(self, peer: NodeId, *, timeout: float = 2.0) -> float:
         """Round-trip time in seconds over a fresh ``/meshnode/ping/1`` stream."""
-        payload = secrets.token_bytes(16)
-        start = trio.current_time()
-        try:
-            with trio.fail_after(timeout):  # one deadline for the whole exchange, not one per step
-                async with self.open_stream(peer, PING_PROTOCOL, timeout=timeout) as stream:
-                    await stream.send_frame(payload)
-                    echo = await stream.receive_frame(len(payload))
-        except trio.TooSlowError:
-            raise PeerTimeoutError(f"no ping reply from {peer} within {timeout}s") from None
-        if echo != payload:
-            raise PeerError(f"{peer} answered the ping with other bytes", code="BAD_PING_REPLY")
-        return trio.current_time() - start
-
-    @staticmethod
-    async def _answer_ping(stream: Stream) -> None:
-        await stream.send_frame(await stream.receive_frame(64))
+        return await ping_over(self, peer, timeout)
 
     # ---- gossip ----------------------------------------------------------------------------------
 
