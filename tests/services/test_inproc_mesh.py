@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import trio
@@ -16,6 +17,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from coordinator.plans import PLAN, encode_plan, seal_plan
 from coordinator.service import planner_layers
 from inference.driver import Request
+from mesh.app.api import build_app
 from mesh.app.inproc import InProcessMesh
 from mesh.config import Config, InferenceConfig
 from mesh.identity import Identity
@@ -65,6 +67,11 @@ async def three_peers(mesh: InProcessMesh, folder: Path, holders: tuple[str, ...
     return peers
 
 
+def api_client(node) -> httpx.AsyncClient:  # type: ignore[no-untyped-def]
+    """A client of the peer's real HTTP app, in process (no socket)."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(node)), base_url="http://peer")
+
+
 def flip(data: bytes, at: int) -> bytes:
     """``data`` with every bit of the byte at ``at`` inverted: always a different message."""
     out = bytearray(data)
@@ -106,15 +113,10 @@ async def test_three_peers_serve_the_unsplit_tokens(tmp_path: Path, tiny: tuple[
 
 async def test_generation_requests_on_any_endpoint_count_in_the_model_ranking(
         tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
-    import httpx
-
-    from mesh.app.api import build_app
-
     folder, _ = tiny
     async with InProcessMesh(tmp_path, config()) as mesh:
         *_, c = await three_peers(mesh, folder)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(c.node)),
-                                     base_url="http://peer") as http:
+        async with api_client(c.node) as http:
             body = {"model": MODEL, "prompt": list(PROMPT), "max_tokens": 4, "ignore_eos": True}
             for path in ("/v1/completions", "/api/request", "/v1/completions"):
                 r = await http.post(path, json=body)
@@ -129,10 +131,6 @@ async def test_generation_requests_on_any_endpoint_count_in_the_model_ranking(
 
 async def test_the_seeds_model_selection_payload_serves_its_model(
         tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
-    import httpx
-
-    from mesh.app.api import build_app
-
     folder, want = tiny
     seed = {"device_id": "unique-device-identifier", "timestamp": "2024-01-01T00:00:00Z",
             "model_selection": {"model_id": MODEL, "model_name": "BERT Base", "selected_at": "2024-01-01T00:00:00Z",
@@ -143,8 +141,7 @@ async def test_the_seeds_model_selection_payload_serves_its_model(
         mesh.store("a").add(str(folder), model_id=MODEL)
         peers = [await mesh.start(name) for name in "abc"]
         await mesh.wait(mesh.agreed, timeout=30, what="one coordinator")
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(peers[2].node)),
-                                     base_url="http://peer") as http:
+        async with api_client(peers[2].node) as http:
             r = await http.post("/api/model", json=seed)
             assert r.status_code == 202, r.text
             assert MODEL in r.json()["requested"] and r.json()["model_selection"] == seed["model_selection"]
@@ -179,10 +176,8 @@ def with_tokenizer(folder: Path) -> object:
 
 async def test_the_seeds_inference_request_gets_the_seeds_response_and_the_unsplit_tokens(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
-    import httpx
     from tiny_models import reference, tiny_llama
 
-    from mesh.app.api import build_app
 
     model = tiny_llama(5)
     folder = tmp_path / "src"
@@ -194,8 +189,7 @@ async def test_the_seeds_inference_request_gets_the_seeds_response_and_the_unspl
     want = reference(model, ids, 100)
     async with InProcessMesh(tmp_path / "mesh", config()) as mesh:
         peers = await three_peers(mesh, folder)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(peers[2].node)),
-                                     base_url="http://peer") as http:
+        async with api_client(peers[2].node) as http:
             r = await http.post("/api/request", json=seed)
             assert r.status_code == 200, r.text
             got = r.json()
@@ -224,16 +218,11 @@ async def test_the_seeds_inference_request_gets_the_seeds_response_and_the_unspl
 
 async def test_storage_paths_match_installed_ids_with_slashes_and_hostile_ones_never_answer_5xx(
         tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
-    import httpx
-
-    from mesh.app.api import build_app
-
     folder, _ = tiny
     async with InProcessMesh(tmp_path, config()) as mesh:
         made = mesh.store("a").add(str(folder), model_id="org/tiny")
         a = await mesh.start("a")
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(a.node)),
-                                     base_url="http://peer") as http:
+        async with api_client(a.node) as http:
             base = f"/storage/models/org/tiny/{made.revision}"
             r = await http.get(f"{base}/config.json")
             assert r.status_code == 200 and r.content == (folder / "config.json").read_bytes()
@@ -263,10 +252,6 @@ async def test_a_peer_that_may_get_no_work_says_why(tmp_path: Path, autojump_clo
 
 async def test_the_seeds_training_status_is_kept_gossiped_and_shown_by_every_peer(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
-    import httpx
-
-    from mesh.app.api import build_app
-
     seed = {"device_id": "unique-device-identifier", "timestamp": "2024-01-01T00:00:00Z",
             "training_status": {"is_running": True, "current_epoch": 45, "total_epochs": 100, "accuracy": 0.85,
                                 "loss": 0.25, "samples_processed": 1000000},
@@ -274,8 +259,7 @@ async def test_the_seeds_training_status_is_kept_gossiped_and_shown_by_every_pee
     async with InProcessMesh(tmp_path, config()) as mesh:
         a, b = await mesh.start("a"), await mesh.start("b")
         await mesh.wait(mesh.agreed, timeout=30, what="two peers")
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(a.node)),
-                                     base_url="http://peer") as http:
+        async with api_client(a.node) as http:
             r = await http.post("/api/training-data", json=seed)
             assert r.status_code == 200 and r.json()["success"] is True, r.text
             assert r.json()["taken"] == sorted(seed["training_status"]) and r.json()["ignored"] == []
@@ -297,10 +281,7 @@ async def test_the_seeds_training_status_is_kept_gossiped_and_shown_by_every_pee
 
 async def test_the_seeds_device_info_is_merged_into_the_heartbeat_where_the_peer_measures_nothing(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
-    import httpx
-
     from mesh import hardware
-    from mesh.app.api import build_app
 
     device = {"device_id": "unique-device-identifier", "timestamp": "2024-01-01T00:00:00Z",
               "device_info": {"gpu_type": "NVIDIA RTX 3080", "gpu_usage": 75.5, "gpu_memory_total": 10.0,
@@ -318,8 +299,7 @@ async def test_the_seeds_device_info_is_merged_into_the_heartbeat_where_the_peer
     async with InProcessMesh(tmp_path, config()) as mesh:
         a, b = await mesh.start("a"), await mesh.start("b")
         await mesh.wait(mesh.agreed, timeout=30, what="two peers")
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(a.node)),
-                                     base_url="http://peer") as http:
+        async with api_client(a.node) as http:
             for bad in ({**device, "device_info": {**device["device_info"], "gpu_usage": 250}},
                         {**device, "device_info": {**device["device_info"], "is_charging": "yes"}},
                         {**device, "metadata": {"capabilities": "windows"}},
