@@ -274,10 +274,7 @@ class Store:
     def ranking(self) -> list[dict[str, Any]]:
         """The seeds' ranking: ``[{"model_id", "request_count", "rank"}]``, most requested first, where
         ``request_count`` counts generation requests for the model; ``by_kind`` (extra) every kind counted."""
-        by_model: dict[str, dict[str, int]] = {}
-        for (mid, kind), n in self.usage.items():
-            by_model.setdefault(mid, {})[kind] = n
-        rows = sorted(((kinds.get("generation", 0), mid, kinds) for mid, kinds in by_model.items()),
+        rows = sorted(((kinds.get("generation", 0), mid, kinds) for mid, kinds in _by_model(self.usage).items()),
                       key=lambda r: (-r[0], r[1]))
         return [{"model_id": mid, "request_count": n, "rank": i + 1, "by_kind": dict(sorted(kinds.items()))}
                 for i, (n, mid, kinds) in enumerate(rows)]
@@ -299,10 +296,7 @@ class Store:
         now = dict(self.usage)
         if now == self._usage_saved:
             return
-        by_model: dict[str, dict[str, int]] = {}
-        for (mid, kind), n in sorted(now.items()):
-            by_model.setdefault(mid, {})[kind] = n
-        atomic_write(self.root / USAGE_FILE, json.dumps(by_model, indent=1).encode())
+        atomic_write(self.root / USAGE_FILE, json.dumps(_by_model(now), indent=1, sort_keys=True).encode())
         self._usage_saved = now
 
     def describe(self) -> list[dict[str, Any]]:
@@ -342,6 +336,14 @@ class Store:
                         "default_version": entry.default_version, "task": entry.task, "languages": [],
                         "status": default.status if default else "not_installed"})
         return out
+
+
+def _by_model(counts: dict[tuple[str, str], int]) -> dict[str, dict[str, int]]:
+    """``{(model, kind): n}`` → ``{model: {kind: n}}`` (the ranking's rows and ``usage.json``)."""
+    out: dict[str, dict[str, int]] = {}
+    for (mid, kind), n in counts.items():
+        out.setdefault(mid, {})[kind] = n
+    return out
 
 
 def _iso(t: float) -> str | None:

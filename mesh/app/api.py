@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -125,8 +126,11 @@ def build_app(node: Node) -> Starlette:
         return JSONResponse(t.snapshot())
 
     async def storage_file(request: Request) -> FileResponse:
-        model_id, version, name = await trio.to_thread.run_sync(_storage_parts, request, node.store)
-        path = await trio.to_thread.run_sync(node.store.download_path, model_id, version, name)
+        def locate() -> tuple[str, str, Path]:  # one worker thread for both lookups
+            model_id, version, name = _storage_parts(request, node.store)
+            return model_id, name, node.store.download_path(model_id, version, name)
+
+        model_id, name, path = await trio.to_thread.run_sync(locate)
         node.store.count(model_id, "download")
         return FileResponse(path, filename=name)
 

@@ -449,11 +449,9 @@ class Node:
         if meta is not None:
             if not isinstance(meta, dict) or not isinstance(meta.get("capabilities", {}) or {}, dict):
                 raise PeerError("metadata must be an object (capabilities: an object)", code="INVALID_PARAMETER")
-            for where, key in (("platform", "platform"), ("app_version", "app_version"), ("os", "os"),
-                               ("arch", "arch"), ("family", "family")):
-                source_map = meta if where in ("platform", "app_version") else (meta.get("capabilities") or {})
-                if (value := text(source_map, where)) is not None:
-                    device[key] = value
+            for where, keys in ((meta, ("platform", "app_version")),
+                                (meta.get("capabilities") or {}, ("os", "arch", "family"))):
+                device |= {k: v for k in keys if (v := text(where, k)) is not None}
         taken, measured = [], []
         if gpu_type is not None:
             if self.gpus:
