@@ -52,10 +52,6 @@ def error_frame(session: str, step: int, code: str, message: str, node: str) -> 
                  {"code": code, "message": message[:500], "node": node})
 
 
-#: One stage of a route: a node and its shard range [start, end) of the model (``mesh.ids.Span`` itself, so
-#: a route's hops compare equal to its plan's ``Plan.spans()``).
-Hop = Span
-
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -64,7 +60,7 @@ class Route:
     model: str
     revision: str
     epoch: tuple[int, int]  # (term, epoch) of the plan
-    hops: tuple[Span, ...]
+    hops: tuple[Span, ...]  # node and shard range [start, end) per stage: equal to its plan's Plan.spans()
     compute: str = "float32"  # the plan's compute dtype: every stage runs in it, activations travel in it
 
     def to_wire(self) -> dict[str, Any]:

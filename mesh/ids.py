@@ -53,7 +53,7 @@ def keep_ref(specs: list[str], spec: str) -> list[str]:
 @dataclass(frozen=True, slots=True)
 class Span:
     """Layers ``[start, end)`` of a model, assigned to ``node``: one stage of a pipeline. The plan's
-    ``Assignment``, the planner's ``Stage`` (both add costs) and the route's ``Hop`` (this type) are spans;
+    ``Assignment``, the planner's ``Stage`` (both add costs) and a route's hops (this type) are spans;
     ``check_spans`` is the one check that a sequence of them is a pipeline."""
 
     node: str
@@ -65,7 +65,7 @@ class Span:
 
     @property
     def span(self) -> Span:
-        """Only the node and range (a plain ``Span``, comparable across Assignment, Stage and Hop)."""
+        """Only the node and range (a plain ``Span``, comparable across Assignment, Stage and a route's hops)."""
         return self if type(self) is Span else Span(self.node, self.start, self.end)
 
 

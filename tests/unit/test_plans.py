@@ -27,7 +27,7 @@ from coordinator.plans import (
     open_plan,
     seal_plan,
 )
-from inference.protocol import Hop, Route, route_of
+from inference.protocol import Route, route_of
 from mesh.errors import PeerError
 from mesh.identity import Identity
 from mesh.ids import NodeId, Span
@@ -62,7 +62,7 @@ def test_assignments_are_spans_and_a_plan_s_spans_are_its_route() -> None:
     assert plan.spans() == tuple(Span(a.node, a.start, a.end) for a in plan.assignments)
     assert all(type(s) is Span for s in plan.spans())
     route = Route(plan.model_id, plan.revision, plan.version,
-                  tuple(Hop(x.node, x.start, x.end) for x in plan.assignments), plan.compute_dtype)
+                  plan.spans(), plan.compute_dtype)
     assert route.hops == plan.spans() == route_of(route.to_wire()).hops
     assert plan.split(LAYERS).stages[0].span == a.span  # layer indices are positions here
 

@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 
 from inference.frames import FrameError
-from inference.protocol import MAX_ROUTE, Hop, Route, route_of
+from inference.protocol import MAX_ROUTE, Route, route_of
 from inference.sampling import Sampling
 from mesh.app.openai import MAX_NEW_TOKENS, MAX_STOP, TextStream, parse_params
 from mesh.errors import PeerError
+from mesh.ids import Span
 
 # ---- routes ---------------------------------------------------------------------------------------
 
@@ -25,7 +26,7 @@ def step0(**changes: Any) -> dict[str, Any]:
 
 def test_a_valid_route() -> None:
     r = route_of(step0())
-    assert r == Route("tiny", "r1", (2, 5), (Hop("a", 0, 3), Hop("b", 3, 5), Hop("c", 5, 7)))
+    assert r == Route("tiny", "r1", (2, 5), (Span("a", 0, 3), Span("b", 3, 5), Span("c", 5, 7)))
     assert r.nodes == ("a", "b", "c")
     assert route_of(r.to_wire()) == r
     assert r.to_wire() == {"model": "tiny", "revision": "r1", "epoch": [2, 5],
@@ -36,9 +37,9 @@ def test_a_valid_route() -> None:
         route_of(step0(compute="float16"))
     assert err.value.code == "BAD_DTYPE"
     one = route_of(step0(route=[["solo", 0, 1]], epoch=[0, 0]))
-    assert one.hops == (Hop("solo", 0, 1),) and one.epoch == (0, 0)
+    assert one.hops == (Span("solo", 0, 1),) and one.epoch == (0, 0)
     many = route_of(step0(route=[[f"n{i}", i, i + 1] for i in range(MAX_ROUTE)]))
-    assert len(many.hops) == MAX_ROUTE and many.hops[-1] == Hop(f"n{MAX_ROUTE - 1}", MAX_ROUTE - 1, MAX_ROUTE)
+    assert len(many.hops) == MAX_ROUTE and many.hops[-1] == Span(f"n{MAX_ROUTE - 1}", MAX_ROUTE - 1, MAX_ROUTE)
 
 
 @pytest.mark.parametrize("changes", [
