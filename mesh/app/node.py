@@ -415,8 +415,10 @@ class Node:
         DeviceInfoPayload (``device_info``: gpu_type, gpu_usage %, gpu_memory_total/used GB, cpu_cores,
         total_memory_gb, battery_level %, is_charging) or NodeInfo payload (``node_info.capabilities``:
         gpu_type, gpu_memory_gb, ...). The peer gossips a reported GPU or battery only where it measures
-        none itself; what it measures (cores, memory, load) is never overridden. The answer names the
-        fields taken and those the peer measures itself. INVALID_PARAMETER (nothing kept) for a bad value."""
+        none itself; what it measures (cores, memory, load, the models its store holds) is never overridden.
+        A reported ``network_bandwidth_mbps`` (which no peer measures) is gossiped in NodeInfo.device with the
+        metadata. The answer names the fields taken and those the peer measures itself. INVALID_PARAMETER
+        (nothing kept) for a bad value."""
         def number(d: dict[str, Any], key: str, top: float) -> float | None:
             v = d.get(key)
             if v is None:
@@ -441,11 +443,17 @@ class Node:
         elif isinstance(body.get("node_info"), dict) and isinstance(body["node_info"].get("capabilities", {}), dict):
             d, source = body["node_info"].get("capabilities", {}), "node_info.capabilities"
             gpu_memory, used, usage, level, charging = number(d, "gpu_memory_gb", 1e5), None, None, None, None
+            if "supported_models" in d and not (isinstance(d["supported_models"], list) and all(
+                    isinstance(m, str) for m in d["supported_models"])):
+                raise PeerError("supported_models must be a list of model ids", code="INVALID_PARAMETER")
         else:
             raise PeerError("device_info or node_info (an object) is required", code="MISSING_PARAMETER")
         gpu_type = text(d, "gpu_type")
+        bandwidth = number(d, "network_bandwidth_mbps", 1e7)  # the peer does not measure its link's capacity
         meta = body.get("metadata")
         device: dict[str, str | int | float | bool] = {}
+        if bandwidth is not None:
+            device["network_bandwidth_mbps"] = bandwidth
         if meta is not None:
             if not isinstance(meta, dict) or not isinstance(meta.get("capabilities", {}) or {}, dict):
                 raise PeerError("metadata must be an object (capabilities: an object)", code="INVALID_PARAMETER")
@@ -468,10 +476,12 @@ class Node:
             else:
                 self.reported_battery = Battery(level, bool(charging))
                 taken.append("battery")
-        if device:
-            self.device = device
-            taken += [f"metadata.{k}" for k in sorted(device)]
-        measured += [k for k in ("cpu_cores", "total_memory_gb", "max_memory_gb", "current_load") if k in d]
+        if device:  # merged: the two payloads report different fields (metadata, link bandwidth)
+            self.device = self.device | device
+            taken += [k if k == "network_bandwidth_mbps" else f"metadata.{k}" for k in sorted(device)]
+        # Measured here: cores, memory and load; the models are what this peer's own store holds.
+        measured += [k for k in ("cpu_cores", "total_memory_gb", "max_memory_gb", "current_load",
+                                 "supported_models") if k in d]
         return {"success": True, "message": "device telemetry merged into this peer's heartbeat",
                 "node_id": self.node_id, "source": source, "taken": taken, "measured_here": sorted(measured)}
 

@@ -376,7 +376,7 @@ class Api:
                 "gpu_type": gpu.name if gpu is not None else None,
                 "gpu_memory_gb": gpu.memory_gb if gpu is not None else 0.0,
                 "cpu_cores": hw.cpu_cores if hw is not None else 0,
-                "network_bandwidth_mbps": None,  # not measured
+                "network_bandwidth_mbps": (info.device.get("network_bandwidth_mbps") if info else None),  # reported
                 "supported_models": [ModelRef.of(m).model for m in info.installed_models] if info else []},
             "latency": row["latency_ms"]}
 

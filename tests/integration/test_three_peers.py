@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+from seed_payloads import DEVICE_INFO, NODE_INFO, TRAINING_STATUS
 
+from mesh.app.client import api_get
 from mesh.app.localmesh import LocalMesh, agreed, wait_for
 
 pytestmark = pytest.mark.integration
@@ -24,6 +26,23 @@ def test_chain_of_three_converges_then_survives_kill_of_the_coordinator(tmp_path
         # Peer exchange: C only knew B, yet it is directly connected to A as well.
         c = peers[2]
         assert c.get("/api/node-health?node_id=" + peers[0].node_id)["is_healthy"] is True
+
+        # The seeds' device reports, made to A by its own app, reach C (two hops of real gossip).
+        a = peers[0]
+        answers = [api_get(a.api, path, method="POST", body=body) for path, body in (
+            ("/api/training-data", TRAINING_STATUS), ("/api/node-info", DEVICE_INFO), ("/api/node-info", NODE_INFO))]
+        assert all(answer["success"] for answer in answers)
+
+        def row_of_a_at_c() -> dict | None:
+            row = next((n for n in c.get("/api/nodes")["nodes"] if n["node_id"] == a.node_id), None)
+            return row if row and row["training"] and "network_bandwidth_mbps" in row["device"] else None
+
+        row = wait_for(row_of_a_at_c, timeout=10, what="C to see what A's app reported")
+        assert row["training"] == TRAINING_STATUS["training_status"]
+        assert row["device"]["platform"] == "windows" and row["device"]["network_bandwidth_mbps"] == 1000
+        if "gpu" in answers[1]["taken"]:  # A measures no GPU of its own: the reported one is gossiped
+            assert [g["name"] for g in row["hardware"]["gpus"]] == ["NVIDIA RTX 3080"]
+        assert c.get("/api/node-health?node_id=" + a.node_id)["training"] == TRAINING_STATUS["training_status"]
 
         victim = next(p for p in peers if p.node_id == coordinator)
         survivors = [p for p in peers if p is not victim]

@@ -12,6 +12,7 @@ import pytest
 import torch
 import trio
 import trio.testing
+from seed_payloads import DEVICE_INFO, NODE_INFO, TRAINING_STATUS
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from coordinator.plans import PLAN, encode_plan, seal_plan
@@ -252,10 +253,7 @@ async def test_a_peer_that_may_get_no_work_says_why(tmp_path: Path, autojump_clo
 
 async def test_the_seeds_training_status_is_kept_gossiped_and_shown_by_every_peer(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
-    seed = {"device_id": "unique-device-identifier", "timestamp": "2024-01-01T00:00:00Z",
-            "training_status": {"is_running": True, "current_epoch": 45, "total_epochs": 100, "accuracy": 0.85,
-                                "loss": 0.25, "samples_processed": 1000000},
-            "node_id": "node-identifier-if-available"}
+    seed = TRAINING_STATUS
     async with InProcessMesh(tmp_path, config()) as mesh:
         a, b = await mesh.start("a"), await mesh.start("b")
         await mesh.wait(mesh.agreed, timeout=30, what="two peers")
@@ -283,18 +281,7 @@ async def test_the_seeds_device_info_is_merged_into_the_heartbeat_where_the_peer
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     from mesh import hardware
 
-    device = {"device_id": "unique-device-identifier", "timestamp": "2024-01-01T00:00:00Z",
-              "device_info": {"gpu_type": "NVIDIA RTX 3080", "gpu_usage": 75.5, "gpu_memory_total": 10.0,
-                              "gpu_memory_used": 6.5, "cpu_cores": 8, "total_memory_gb": 16.0, "battery_level": 85.0,
-                              "is_charging": True},
-              "metadata": {"platform": "windows", "app_version": "0.1.0", "node_id": None,
-                           "capabilities": {"os": "windows", "arch": "x86_64", "family": "windows"}}}
-    node_info = {"device_id": "unique-device-identifier", "timestamp": "2024-01-01T00:00:00Z",
-                 "node_info": {"node_id": "node-unique-id", "endpoint": "ip:port",
-                               "capabilities": {"max_memory_gb": 16.0, "gpu_type": "NVIDIA RTX 3080",
-                                                "gpu_memory_gb": 10.0, "cpu_cores": 8, "network_bandwidth_mbps": 1000,
-                                                "supported_models": ["bert-base", "gpt-2"]},
-                               "current_load": 0.75, "latency": 50, "reliability": 0.95}}
+    device, node_info = DEVICE_INFO, NODE_INFO
     own_battery = hardware.snapshot(()).battery is not None
     async with InProcessMesh(tmp_path, config()) as mesh:
         a, b = await mesh.start("a"), await mesh.start("b")
@@ -315,8 +302,13 @@ async def test_the_seeds_device_info_is_merged_into_the_heartbeat_where_the_peer
             assert {"metadata.platform", "metadata.app_version", "metadata.os", "metadata.arch",
                     "metadata.family"} <= set(answer["taken"])
             assert ("battery" in answer["measured_here"]) == own_battery != ("battery" in answer["taken"])
+            for bad in ({"node_info": {"capabilities": {"network_bandwidth_mbps": -5}}},
+                        {"node_info": {"capabilities": {"supported_models": "gpt-2"}}}):
+                r = await http.post("/api/node-info", json=bad)
+                assert r.status_code == 400 and r.json()["error"]["code"] == "INVALID_PARAMETER", r.text
             r = await http.post("/api/node-info", json=node_info)  # the seeds' other shape
-            assert r.status_code == 200 and r.json()["taken"] == ["gpu"], r.text
+            assert r.status_code == 200 and r.json()["taken"] == ["gpu", "network_bandwidth_mbps"], r.text
+            assert "supported_models" in r.json()["measured_here"]  # its own store says what it holds
             assert (await http.get("/api/node-info")).status_code == 200
 
         def row_at_b() -> dict:
@@ -326,8 +318,10 @@ async def test_the_seeds_device_info_is_merged_into_the_heartbeat_where_the_peer
         (gpu,) = row_at_b()["hardware"]["gpus"]
         assert gpu["name"] == "NVIDIA RTX 3080" and gpu["memory_gb"] == 10.0
         assert row_at_b()["hardware"]["cpu_cores"] == hardware.snapshot(()).cpu_cores  # measured, not reported
+        await mesh.wait(lambda: "network_bandwidth_mbps" in row_at_b()["device"], timeout=5,
+                        what="b to see a's reported link bandwidth")
         assert row_at_b()["device"] == {"platform": "windows", "app_version": "0.1.0", "os": "windows",
-                                        "arch": "x86_64", "family": "windows"}
+                                        "arch": "x86_64", "family": "windows", "network_bandwidth_mbps": 1000.0}
 
 
 async def test_a_middle_stage_killed_mid_generation_changes_no_token(
