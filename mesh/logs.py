@@ -48,6 +48,8 @@ def setup(level: str = "info", as_json: bool = False) -> None:
     lib.propagate = True
     lib.handlers[:] = []
     lib.setLevel(logging.WARNING if level.lower() != "debug" else logging.INFO)
+    for chatty in ("httpx", "httpx2", "httpcore"):  # one INFO line per HTTP request (huggingface_hub's client)
+        logging.getLogger(chatty).setLevel(logging.WARNING if level.lower() != "debug" else logging.DEBUG)
 
 
 class Throttle:

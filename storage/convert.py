@@ -70,10 +70,11 @@ def stored(name: str, shape: tuple[int, ...], fmt: str) -> list[TensorInfo]:
     return [info(name, FLOAT_DTYPES[fmt], shape)]
 
 
-def convert(tensors: list[SourceTensor], weights: str, arch: Architecture, shard_dir: Path
+def convert(tensors: list[SourceTensor], weights: str, arch: Architecture, shard_dir: Path,
+            written_one: Callable[[int, int], None] = lambda done, total: None,
             ) -> tuple[ModelMetadata, list[tuple[int, str]]]:
     """Write every layer's shard in the chosen format, one source tensor at a time; (metadata of the
-    stored tensors, (size, sha256) per layer)."""
+    stored tensors, (size, sha256) per layer). ``written_one(done, total)`` after each shard."""
     if weights in QUANTIZED and arch.family == "gpt2":
         raise LocalError("GPT-2 weights can be stored as float32, bfloat16 or float16, not quantized",
                          code="UNSUPPORTED_QUANTIZATION")
@@ -102,8 +103,10 @@ def convert(tensors: list[SourceTensor], weights: str, arch: Architecture, shard
             pending.update(out)
         return tensor_bytes(pending.pop(name))
 
-    written = [write_produced_shard(layer.name, [infos[n] for n in layer.tensors], produce, shard_dir)
-               for layer in meta.layers]
+    written = []
+    for layer in meta.layers:
+        written.append(write_produced_shard(layer.name, [infos[n] for n in layer.tensors], produce, shard_dir))
+        written_one(len(written), len(meta.layers))
     return meta, written
 
 

@@ -21,6 +21,7 @@ import os
 import shutil
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,9 @@ HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja"
 
 
 USAGE_FILE = "usage.json"  # request counts per model and kind (the ranking), across restarts
+#: ``progress(step, done, total, unit)`` of ``Store.add``: "download" (from the hub, in bytes "B"), "reading" (the
+#: source) and "shards" (layers written, in "shards"); ``total`` is None while unknown.
+AddProgress = Callable[[str, int, int | None, str], None]
 
 
 class SourceError(LocalError):
@@ -65,12 +69,14 @@ class Store:
     # ---- adding ----------------------------------------------------------------------------------
 
     def add(self, source: str, *, revision: str | None = None, model_id: str | None = None,
-            weights: str = "auto") -> Manifest:
+            weights: str = "auto", progress: AddProgress | None = None) -> Manifest:
         """Add a model to the store in weight format ``weights`` (``storage.formats.WEIGHTS``; ``auto`` keeps
-        what the source ships). Adding a version that is already ready is a no-op."""
+        what the source ships). Adding a version that is already ready is a no-op. ``progress`` is told of
+        each step (no third-party progress bar is drawn)."""
         if weights not in WEIGHTS:
             raise LocalError(f"--weights must be one of {', '.join(WEIGHTS)}, not {weights!r}", code="INVALID_WEIGHTS")
-        kind, path, default_id, resolved = self._resolve(source, revision)
+        report = progress or (lambda step, done, total, unit: None)
+        kind, path, default_id, resolved = self._resolve(source, revision, report)
         if weights != "auto" and revision is None:
             resolved = f"{resolved}-{weights}"  # another format of the same source is another version
         model_id = model_id or default_id
@@ -81,7 +87,7 @@ class Store:
             self.registry.set_status(model_id, resolved, "verifying", source=source)
             tmp = self.root / "tmp" / f"add-{safe_name(model_id)}-{safe_name(resolved)}-{os.getpid()}"
             try:
-                manifest = self._write(kind, path, tmp, model_id, resolved, weights)
+                manifest = self._write(kind, path, tmp, model_id, resolved, weights, report)
             except MeshError as err:
                 self.registry.set_status(model_id, resolved, "error", error=f"{err.code}: {err}")
                 raise
@@ -102,10 +108,15 @@ class Store:
         except MeshError:
             return None
 
-    def _write(self, kind: str, path: Path, tmp: Path, model_id: str, revision: str, weights: str) -> Manifest:
+    def _write(self, kind: str, path: Path, tmp: Path, model_id: str, revision: str, weights: str,
+               report: AddProgress) -> Manifest:
         """Shards, model files and the signed manifest of one model version (its registry entry aside)."""
         shard_dir = self.registry.shard_dir
         notes: list[str] = []
+        report("reading", 0, None, "")
+
+        def shard_written(done: int, total: int) -> None:
+            report("shards", done, total, "shards")
         if kind == "gguf":
             from storage.gguf import open_gguf
 
@@ -113,16 +124,19 @@ class Store:
             tmp.mkdir(parents=True, exist_ok=True)
             src.write_model_files(tmp)
             folder, tensors, notes = tmp, src.tensors, list(src.notes)
-            meta, written = convert(tensors, weights, architecture(src.config), shard_dir)
+            meta, written = convert(tensors, weights, architecture(src.config), shard_dir, shard_written)
         else:
             folder = path
             tensors = [] if weights == "auto" else folder_tensors(folder)
             if all(choose(t, weights) == t.auto for t in tensors):  # nothing to convert: copy byte ranges
                 meta = layers_of(folder)
-                written = [write_shard(folder, layer.name, [meta.tensors[n] for n in layer.tensors], shard_dir)
-                           for layer in meta.layers]
+                written = []
+                for layer in meta.layers:
+                    written.append(write_shard(folder, layer.name, [meta.tensors[n] for n in layer.tensors],
+                                               shard_dir))
+                    shard_written(len(written), len(meta.layers))
             else:
-                meta, written = convert(tensors, weights, architecture(_config(folder)), shard_dir)
+                meta, written = convert(tensors, weights, architecture(_config(folder)), shard_dir, shard_written)
         if weights != "auto":
             notes.append(f"converted to {weights} on request")
         manifest = manifest_of(folder, meta, written, model_id=model_id, revision=revision,
@@ -135,7 +149,7 @@ class Store:
         atomic_write(target / MANIFEST_FILE, seal_manifest(manifest, self.identity))
         return manifest
 
-    def _resolve(self, source: str, revision: str | None) -> tuple[str, Path, str, str]:
+    def _resolve(self, source: str, revision: str | None, report: AddProgress) -> tuple[str, Path, str, str]:
         """(kind "gguf" or "folder", path, default model id, revision)."""
         if source in PACKAGED:
             package, name = PACKAGED[source]
@@ -156,18 +170,37 @@ class Store:
             return "folder", path, path.name, revision or "local-" + sha256_file(path / "config.json")[1][:12]
         if path.exists() or source.startswith((".", "/", "~")):
             raise SourceError(f"{source}: not a model folder, a GGUF file or a packaged model")
-        folder, repo_id, rev = self._from_hub(source, revision)
+        folder, repo_id, rev = self._from_hub(source, revision, report)
         return "folder", folder, repo_id, rev
 
-    def _from_hub(self, repo_id: str, revision: str | None) -> tuple[Path, str, str]:
+    def _from_hub(self, repo_id: str, revision: str | None, report: AddProgress) -> tuple[Path, str, str]:
         from huggingface_hub import constants, snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        from tqdm.auto import tqdm
 
-        # Read the offline switch and cache location now, not when huggingface_hub was imported.
+        bytes_bar: list[Any] = []
+
+        class Reported(tqdm):  # type: ignore[misc]  # huggingface_hub's bars, never drawn
+            """The first bar counted in bytes (huggingface_hub's "Downloading bytes", over all files) is told to
+            ``report`` as the "download" step; its other bars (files fetched, bytes reconstructed) are dropped."""
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                kwargs.pop("name", None)
+                super().__init__(*args, **kwargs | {"disable": True})
+                if kwargs.get("unit") == "B" and not bytes_bar:
+                    bytes_bar.append(self)
+
+            def update(self, n: float | None = 1) -> bool | None:
+                self.n += n or 0
+                if bytes_bar and self is bytes_bar[0]:
+                    report("download", int(self.n), int(self.total) if self.total else None, "B")
+                return None
+
+        # Read the offline switch, cache location and endpoint (a mirror) now, not when huggingface_hub was imported.
         offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
         try:
             folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
-                                            cache_dir=os.environ.get("HF_HUB_CACHE"), local_files_only=offline))
+                                            cache_dir=os.environ.get("HF_HUB_CACHE"), local_files_only=offline,
+                                            endpoint=os.environ.get("HF_ENDPOINT"), tqdm_class=Reported))
         except LocalEntryNotFoundError as exc:
             raise SourceError(f"{repo_id} is not in the Hugging Face cache and the hub is not reachable "
                               f"(HF_HUB_OFFLINE or no network): {exc}") from None

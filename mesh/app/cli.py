@@ -16,7 +16,7 @@ import trio
 
 from mesh import config as config_mod
 from mesh import logs
-from mesh.app.client import api_get, format_status, pull, stream_events
+from mesh.app.client import add_progress, api_get, format_status, pull, stream_events
 from mesh.errors import MeshError, NotFoundError
 from storage.formats import WEIGHTS
 
@@ -114,7 +114,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     store = _store(args)
     if args.models_command == "add":
         logs.setup("info", False)
-        manifest = store.add(args.source, revision=args.revision, model_id=args.id, weights=args.weights)
+        with add_progress(quiet=args.quiet) as report:
+            manifest = store.add(args.source, revision=args.revision, model_id=args.id, weights=args.weights,
+                                 progress=report)
         print(f"{manifest.model_id} ({manifest.revision}): ready, {len(manifest.shards)} shards, "
               f"{manifest.total_layers} layers, {_size(manifest.size)}, weights {'+'.join(manifest.formats)}")
         for note in manifest.notes:
@@ -251,6 +253,7 @@ def make_parser() -> argparse.ArgumentParser:
     add.add_argument("--weights", choices=WEIGHTS, default="auto",
                      help="weight format of the shards: auto keeps what the source ships (bf16 stays bf16, a GGUF "
                           "stays int4/int8); float32|bfloat16|float16|int8|int4 convert")
+    add.add_argument("--quiet", action="store_true", help="no progress bar")
     lst = msub.add_parser("list", help="installed models with sizes, layers and status")
     lst.add_argument("--json", action="store_true")
     show = msub.add_parser("show", help="one model: versions, files, shards and checksums")

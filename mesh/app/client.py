@@ -3,10 +3,12 @@ benchmarks and the tests use these (plain ``urllib``: no event loop, no peer in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from mesh.errors import MeshError
@@ -86,6 +88,42 @@ def pull(api: str, model: str, revision: str | None, source: str | None, *, quie
         err = t["error"] or {}
         raise MeshError(err.get("message", "transfer failed"), code=err.get("code", "TRANSFER_FAILED"))
     return t
+
+
+@contextlib.contextmanager
+def add_progress(*, quiet: bool = False) -> Iterator[Callable[[str, int, int | None, str], None]]:
+    """The ``progress`` of ``Store.add``, drawn with rich on stderr: one line per step (a hub download in
+    bytes with its speed, then the shards written). Third-party bars (huggingface_hub's tqdm) are never drawn."""
+    from rich.console import Console
+    from rich.filesize import decimal
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    labels = {"download": "downloading from the hub", "reading": "reading the source", "shards": "writing shards"}
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"),
+                   TimeElapsedColumn(), console=Console(stderr=True), disable=quiet)
+    tasks: dict[str, Any] = {}
+    try:
+        def report(step: str, done: int, total: int | None, unit: str) -> None:
+            if not tasks:
+                bar.start()  # drawn from the first step on: a no-op add draws nothing
+            if step not in tasks:
+                for earlier in tasks.values():  # one step at a time: the one before has finished
+                    finished = next(t for t in bar.tasks if t.id == earlier)
+                    bar.update(earlier, total=finished.completed or 1, completed=finished.completed or 1)
+                tasks[step] = bar.add_task(labels.get(step, step), total=total, amount="")
+            bar.update(tasks[step], completed=done, total=total)
+            task = next(t for t in bar.tasks if t.id == tasks[step])
+            if unit == "B":
+                speed = f" {decimal(int(task.speed))}/s" if task.speed else ""
+                amount = f"{decimal(done)}" + (f"/{decimal(total)}" if total else "") + speed
+            else:
+                amount = f"{done}/{total} {unit}" if total else ""
+            bar.update(tasks[step], amount=amount)
+
+        yield report
+    finally:
+        if tasks:
+            bar.stop()
 
 
 def stream_events(addr: str, path: str, body: dict[str, Any], *, timeout: float = 120.0) -> Any:

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import json
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -76,6 +80,81 @@ def test_the_hub_source_uses_the_hf_cache_offline(tmp_path: Path, monkeypatch: p
     manifest = store.add("org/tiny")
     assert (manifest.model_id, manifest.revision) == ("org/tiny", commit)
     assert store.verify("org/tiny").total_layers == 5
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A Hugging Face hub on 127.0.0.1 serving one repo, ``org/tiny``, the way huggingface_hub asks for it
+    (revision info, the file tree, HEAD and GET of each file); HF_ENDPOINT points at it. Its requests are kept."""
+    files = {p.name: p.read_bytes() for p in tiny_folder(tmp_path / "hub-src").iterdir()}
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def answer(self, body: bytes, headers: dict[str, str], send: bool = True) -> None:
+            self.send_response(200)
+            for k, v in (headers | {"Content-Length": str(len(body))}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if send:
+                self.wfile.write(body)
+
+        def do_HEAD(self, send: bool = False) -> None:
+            name = self.path.rpartition("/")[2]
+            if f"/org/tiny/resolve/{commit}/" not in self.path or name not in files:
+                self.send_error(404)
+                return
+            etag = hashlib.sha256(files[name]).hexdigest()
+            self.answer(files[name], {"ETag": f'"{etag}"', "X-Repo-Commit": commit}, send)
+
+        def do_GET(self) -> None:
+            if self.path.startswith("/api/models/org/tiny/tree/"):
+                tree = [{"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                        for n, b in files.items()]
+                self.answer(json.dumps(tree).encode(), {"Content-Type": "application/json"})
+            elif self.path.startswith("/api/models/org/tiny/revision/"):
+                info = {"id": "org/tiny", "sha": commit, "siblings": [{"rfilename": n} for n in files]}
+                self.answer(json.dumps(info).encode(), {"Content-Type": "application/json"})
+            else:
+                self.do_HEAD(send=True)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # online, to this hub only (read at import, too)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    try:
+        yield commit
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+def test_a_hub_download_shows_the_projects_own_progress_and_no_tqdm(
+        tmp_path: Path, hub: str, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    steps: list[tuple[str, int, int | None, str]] = []
+    manifest = Store(tmp_path / "store", ALICE).add("org/tiny", progress=lambda *step: steps.append(step))
+    assert (manifest.model_id, manifest.revision) == ("org/tiny", hub)
+    size = sum(f.stat().st_size for f in (tmp_path / "hub-src").iterdir() if f.suffix in (".json", ".safetensors"))
+    downloads = [s for s in steps if s[0] == "download"]
+    assert downloads[-1] == ("download", size, size, "B"), downloads  # every byte of config + weights counted
+    n = len(manifest.shards)
+    assert [s for s in steps if s[0] != "download"] == [("reading", 0, None, "")] + [
+        ("shards", k, n, "shards") for k in range(1, n + 1)]
+    capfd.readouterr()
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cli-cache"))
+    assert main(["models", "add", "org/tiny", "--data-dir", str(tmp_path / "cli")]) == 0  # a fresh store and cache
+    err = capfd.readouterr().err
+    assert "downloading from the hub" in err and "writing shards" in err and f"{n}/{n} shards" in err, err
+    assert "it/s" not in err and "Fetching" not in err and "%|" not in err, err  # tqdm's marks
+    assert "HTTP Request" not in err  # nor a log line per request
 
 
 def test_cli_adds_the_packaged_smollm2_gguf_compact_and_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]
