@@ -49,10 +49,17 @@ def served(peers: list[PeerProcess], model: str, stages: int | None = None, excl
 
 
 def serve(peer: PeerProcess, model: str) -> dict[str, Any]:
-    """POST /api/model, retried until the peer has heard (by gossip) of a peer that holds the model."""
+    """POST /api/model with the seeds' ModelSelectionPayload, retried until the peer has heard (by gossip) of a
+    peer that holds the model."""
+    selection = {"device_id": "unique-device-identifier", "timestamp": "2024-01-01T00:00:00Z",
+                 "model_selection": {"model_id": model, "model_name": model, "selected_at": "2024-01-01T00:00:00Z",
+                                     "selection_reason": "User selected from desktop interface"},
+                 "training_config": {"learning_rate": 0.00002, "batch_size": 32, "epochs": 100,
+                                     "enable_distributed": True}}
+
     def ask() -> dict[str, Any] | None:
         try:
-            return api_get(peer.api, "/api/model", method="POST", body={"model_id": model})
+            return api_get(peer.api, "/api/model", method="POST", body=selection)
         except MeshError as err:
             if err.code != "UNKNOWN_MODEL":
                 raise
@@ -223,9 +230,17 @@ def test_smollm2_chat_streams_the_single_process_text_and_survives_kill_9(
         assert mesh_json["timings"]["ttft_ms"] > 0
 
         from inference.local import LocalModel
-        from inference.tokenizer import chat_ids
+        from inference.tokenizer import chat_ids, text_ids
 
         reference_model = LocalModel(Store(tmp_path / "peer-a" / "store", Identity.generate()), SMOLLM2)
+        # The seeds' InferenceRequestPayload at a peer that is no stage's driver: the plain-completion tokens.
+        seed = {"device_id": "unique-device-identifier", "timestamp": "2024-01-01T00:00:00Z", "model_id": SMOLLM2,
+                "input_data": {"text": "Hello, world!", "max_length": 16}}
+        answer = request(peers[1], seed)
+        hello = reference_model.generate(text_ids(reference_model.tokenizer, "Hello, world!"), 16)
+        assert answer["success"] is True and answer["output"]["token_ids"] == hello.token_ids, answer
+        assert [n["node_id"] for n in answer["selected_nodes"]] == [h["node_id"] for h in entry["meshnode"]["stages"]]
+        assert answer["model_split_plan"]["total_layers"] == 33 and len(answer["model_split_plan"]["splits"]) == 3
         story = chat_ids(reference_model.tokenizer, [{"role": "user",
                                                       "content": "Write a short story about a lighthouse keeper."}])
         want_story = reference_model.generate(story, 48, stop=False).token_ids
