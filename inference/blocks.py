@@ -1,7 +1,7 @@
 """The Llama family's decoder blocks run directly: the same weights and the same arithmetic as transformers'
-``LlamaDecoderLayer`` (llama, mistral and qwen2 without sliding windows), without its per-layer Python
-machinery (module wrappers, deprecation shims, mask construction per step), which cost more than the int8
-matmuls themselves on a decode step of SmolLM2 here.
+``LlamaDecoderLayer`` (llama, mistral and qwen2 without sliding windows: ``Family.runs_directly``), without
+its per-layer Python machinery (module wrappers, deprecation shims, mask construction per step), which cost
+more than the int8 matmuls themselves on a decode step of SmolLM2 here.
 
 One block, for hidden states h [B, T, H], heads n, kv heads m, head size D, intermediate size I:
 
@@ -22,14 +22,12 @@ on fp32 copies (``inference.stage``) and fused quantized matmuls.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from inference.qlinear import fused
-from storage.metadata import LLAMA_TYPES
 
 
 class KVCache:
@@ -64,16 +62,6 @@ class _Block:
     w_in: torch.Tensor
     eps_post: float
     w_post: torch.Tensor
-
-
-def runs_directly(cfg: Any) -> bool:
-    """Whether a Llama-family config has only what ``Blocks`` implements (no sliding-window attention)."""
-    if getattr(cfg, "model_type", None) not in LLAMA_TYPES:
-        return False
-    if getattr(cfg, "sliding_window", None) is not None and (cfg.model_type == "mistral"
-                                                            or getattr(cfg, "use_sliding_window", False)):
-        return False
-    return all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or ()))
 
 
 class Blocks:

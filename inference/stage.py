@@ -8,20 +8,23 @@ A model's layers are its manifest's shards in pipeline order: ``embedding``, ``b
     later stages: hidden states [B, T, H]    → hidden states, or the last position's logits [B, 1, V] on the
                   stage with the head
 
-How it stays exactly equal to the unsplit model (see docs/ARCHITECTURE.md, Inference):
+How it stays exactly equal to the unsplit model (see docs/ARCHITECTURE.md, Inference): the family's adapter
+(``storage.families``) says what differs per family; this module holds no family branch.
 
-- the decoder blocks are the family's own base model (``AutoModel.from_config``: LlamaModel,
-  MistralModel, Qwen2Model, GPT2Model) built on the meta device with only this stage's blocks, their
-  tensors loaded with ``assign=True``; its embedding and final norm are taken out (the stage runs them
-  itself when it owns those shards), so its blocks are indexed locally from 0 and a per-session cache of
-  this stage alone reports the right past length (``inference.blocks.KVCache`` for the Llama family, whose
-  blocks ``inference.blocks`` runs; ``DynamicCache`` for the others);
-- ``_attn_implementation`` is set to ``sdpa`` (a bare config has none, which runs without a causal mask);
-  stages in bf16/fp16 use ``meshnode_sdpa``: the same function on query, keys and values upcast to fp32
-  (torch's CPU flash attention in bf16 measured 3-5x slower than in fp32 here: 190 vs 60 µs per decode step
-  of SmolLM2 at 133 positions, 1.36 vs 0.28 ms at 1,000), its output cast back;
-- Llama-family rotary embeddings are rebuilt on the CPU (their buffers are not in the weights);
-- GPT-2 adds its learned position embeddings on the first stage only; later stages add zero.
+- the decoder blocks are the family's own base model (``AutoModel.from_config``) built on the meta device with
+  only this stage's blocks, each keeping its own layer type (sliding or full attention), their tensors
+  loaded with ``assign=True``; its embedding and final norm are taken out (the stage runs them itself when it
+  owns those shards: the norm is the family's own module), so its blocks are indexed locally from 0 and a
+  per-session cache of this stage alone reports the right past length (``inference.blocks.KVCache`` where
+  ``inference.blocks`` runs the blocks; else transformers' ``DynamicCache`` built from the stage's config,
+  which keeps only the window of sliding-window layers);
+- attention is sdpa (a bare config has none, which runs without a causal mask), or the family's eager
+  attention where transformers says sdpa cannot run it (Gemma 2's soft-capping); stages in bf16/fp16 use
+  ``meshnode_sdpa``: the same function on query, keys and values upcast to fp32 (torch's CPU flash attention
+  in bf16 measured 3-5x slower than in fp32 here: 190 vs 60 µs per decode step of SmolLM2 at 133 positions,
+  1.36 vs 0.28 ms at 1,000), its output cast back;
+- the first stage embeds (and scales, for Gemma; adds positions, for GPT-2); no later stage does;
+- the last stage's logits pass the family's post-processing (Gemma 2's soft-capping).
 
 Positions are explicit: every call says which positions its tokens occupy, and a stage checks them
 against its cache (a replayed or lost step is an error, never silent garbage).
@@ -39,13 +42,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from inference.blocks import Blocks, KVCache, runs_directly
+from inference.blocks import Blocks, KVCache
 from inference.frames import DTYPES
-from inference.qlinear import QuantEmbedding, aligned, linear
+from inference.qlinear import aligned, linear
 from mesh.errors import LocalError, PeerError
+from storage.families import family_of
 from storage.formats import COMPUTE_DTYPES, MIN, QUANTIZED, SCALE, FormatError, shard_format, weight_formats
 from storage.manifest import Shard
-from storage.metadata import GPT2_TYPES, LLAMA_TYPES
 from storage.quantize import SAFETENSORS_DTYPES
 from storage.shards import shard_path, verify_file
 
@@ -60,17 +63,6 @@ class PositionMismatch(PeerError):
     """A step's positions do not continue this stage's cache for the session."""
 
     code = "POSITION_MISMATCH"
-
-
-class _ZeroPositions(nn.Module):
-    """Stands in for GPT-2's ``wpe`` on stages after the first (they must not add positions again)."""
-
-    def __init__(self, hidden: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.hidden, self.dtype = hidden, dtype
-
-    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        return torch.zeros((*position_ids.shape, self.hidden), dtype=self.dtype)  # no upcast of bf16 stages
 
 
 #: Attention for stages computing in bf16/fp16 (registered with transformers below).
@@ -102,25 +94,16 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(LOW_PRECISION_SDPA, sdpa_mask)  # the same masks as sdpa
 
 
-def stage_config(config: dict[str, Any], blocks: int, dtype: torch.dtype) -> PretrainedConfig:
-    model_type = config.get("model_type")
-    if model_type not in LLAMA_TYPES | GPT2_TYPES:
-        raise LocalError(f"model_type {model_type!r} cannot be run as a pipeline stage",
-                         code="UNSUPPORTED_ARCHITECTURE")
-    from transformers import AutoConfig
+def stage_config(config: dict[str, Any], numbers: list[int], dtype: torch.dtype) -> PretrainedConfig:
+    """The config of a stage running blocks ``numbers`` of the model (UNSUPPORTED_ARCHITECTURE for a family
+    no adapter knows)."""
+    family = family_of(config)
+    from transformers import AutoConfig, AutoModel
 
     cfg = AutoConfig.for_model(**config)
-    if model_type in GPT2_TYPES:
-        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
-            raise LocalError("GPT-2 models that scale attention by the layer index are not supported",
-                             code="UNSUPPORTED_ARCHITECTURE")
-        cfg.n_layer = blocks
-    else:
-        cfg.num_hidden_layers = blocks
-        if getattr(cfg, "layer_types", None) is not None:
-            cfg.layer_types = cfg.layer_types[:blocks]  # trimmed in step with the blocks (all full attention)
+    family.stage_config(cfg, numbers)
     _register_attention()
-    cfg._attn_implementation = "sdpa" if dtype == torch.float32 else LOW_PRECISION_SDPA
+    cfg._attn_implementation = family.attention(AutoModel._model_mapping[type(cfg)], LOW_PRECISION_SDPA, dtype)
     cfg.dtype = dtype
     cfg.use_cache = True
     return cfg
@@ -141,12 +124,13 @@ class Stage:
             raise LocalError(f"stage [{start}, {end}) is outside the model's {len(shards)} layers",
                              code="INVALID_STAGE")
         self.start, self.end = start, end
-        self.family = "gpt2" if config.get("model_type") in GPT2_TYPES else "llama"
+        self.family = family_of(config)
         own = list(shards[start:end])
         self.first = own[0].kind == "embedding"
         self.last = own[-1].kind == "head"
         blocks = [s for s in own if s.kind == "block"]
-        self.cfg = stage_config(config, max(1, len(blocks)), dtype)
+        numbers = [int(s.name.split(".")[1]) for s in blocks]
+        self.cfg = stage_config(config, numbers or [0], dtype)
         self.dtype = dtype
         by_name = {s.name: s for s in shards}
         needed = list(own)
@@ -157,17 +141,20 @@ class Stage:
             tensors |= {k: aligned(v) for k, v in _checked(s, load(s)).items()}
         tensors = {_plain(k): v for k, v in tensors.items()}
         self.formats = weight_formats(_specs(tensors))
-        if self.family == "gpt2" and set(self.formats.values()) & set(QUANTIZED):
-            raise LocalError("GPT-2 stages run float weights only", code="UNSUPPORTED_QUANTIZATION")
-        self.hidden = self.cfg.n_embd if self.family == "gpt2" else self.cfg.hidden_size
+        if not self.family.quantized_weights and set(self.formats.values()) & set(QUANTIZED):
+            raise LocalError(f"{config.get('model_type')} stages run float weights only",
+                             code="UNSUPPORTED_QUANTIZATION")
+        self.hidden = self.cfg.hidden_size  # (GPT-2's n_embd by its alias)
         with torch.no_grad():
-            self.embed = self._embedding(tensors) if self.first else None
-            self.body = self._body(tensors, [int(s.name.split(".")[1]) for s in blocks]) if blocks else None
-            self.norm = self._norm(tensors) if any(s.kind == "norm" for s in own) else None
+            self.embed = self.family.embedding(tensors, self.formats, self.cfg) if self.first else None
+            self.body, norm = self._body(tensors, numbers)
+            self.body = self.body if blocks else None
+            self.norm = self._norm(norm, tensors) if any(s.kind == "norm" for s in own) else None
             self.head = self._head(tensors) if self.last else None
-        # Llama-family blocks run through inference.blocks (the same arithmetic, far fewer framework calls);
-        # other families and sliding-window configs through the transformers module itself.
-        self.blocks = Blocks(self.body) if self.body is not None and runs_directly(self.cfg) else None
+        # Llama blocks run through inference.blocks (the same arithmetic, far fewer framework calls); other
+        # families and sliding-window configs through the transformers modules themselves.
+        direct = self.body is not None and self.family.runs_directly(self.cfg)
+        self.blocks = Blocks(self.body) if direct else None
         del tensors
         release_memory()  # the shards' float copies and the int4 repacking are freed: give the pages back
 
@@ -176,22 +163,14 @@ class Stage:
     def _float(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.dtype) if t.is_floating_point() else t
 
-    def _embedding(self, t: dict[str, torch.Tensor]) -> nn.Module:
-        if self.family == "gpt2":
-            return nn.ModuleDict({"wte": nn.Embedding.from_pretrained(self._float(t["wte.weight"]), freeze=True),
-                                  "wpe": nn.Embedding.from_pretrained(self._float(t["wpe.weight"]), freeze=True)})
-        name = "embed_tokens.weight"
-        fmt = self.formats[name]
-        if fmt in QUANTIZED:
-            return QuantEmbedding(fmt, t[name], t[name + SCALE], t.get(name + MIN), self.dtype)
-        return nn.Embedding.from_pretrained(self._float(t[name]), freeze=True, padding_idx=self.cfg.pad_token_id)
-
-    def _body(self, t: dict[str, torch.Tensor], numbers: list[int]) -> nn.Module:
+    def _body(self, t: dict[str, torch.Tensor], numbers: list[int]) -> tuple[nn.Module, nn.Module | None]:
+        """The family's base model with this stage's blocks loaded (renumbered from 0), and its final norm
+        module (not loaded)."""
         from transformers import AutoModel
 
         with torch.device("meta"):
             body = AutoModel.from_config(self.cfg, dtype=self.dtype)
-        prefix = "h" if self.family == "gpt2" else "layers"
+        prefix = self.family.blocks_attr
         local, fmt_of = {}, {}
         for k, v in t.items():
             m = re.match(rf"{prefix}\.(\d+)\.(.*)", k)
@@ -199,18 +178,11 @@ class Stage:
                 name = f"{numbers.index(int(m.group(1)))}.{m.group(2)}"  # renumbered from 0 on this stage
                 local[name] = v
                 fmt_of[name] = self.formats.get(k)
-        if self.family == "gpt2":
-            body.wte = None
-            body.wpe = _ZeroPositions(self.cfg.n_embd, self.dtype)
-            body.ln_f = nn.Identity()
-            block_module = body.h
-        else:
-            body.embed_tokens = None
-            body.norm = nn.Identity()
-            body.rotary_emb = type(body.rotary_emb)(config=self.cfg)  # real buffers, on the CPU
-            block_module = body.layers
+        norm, block_module = self.family.strip(body, self.cfg)
+        if not numbers:
+            return body, norm
+        local = self.family.load_blocks(block_module, local, fmt_of, self.dtype)
         # Quantized matrices: their nn.Linear is replaced by the kernel's module (shapes checked there).
-        replaced = set()
         for name in [k for k in local if fmt_of[k] in QUANTIZED]:
             path = name.removesuffix(".weight")
             parent, _, attr = path.rpartition(".")
@@ -223,12 +195,12 @@ class Stage:
                 raise ShardFormatMismatch(f"{prefix}.{name}: stored as [{new.out_features}, {new.in_features}], "
                                           f"the model needs [{old.out_features}, {old.in_features}]")
             setattr(block_module.get_submodule(parent) if parent else block_module, attr, new)
-            replaced.add(path)
             for suffix in (".weight", ".weight" + SCALE, ".weight" + MIN, ".bias"):
                 local.pop(path + suffix, None)
         local = {k: self._float(v) for k, v in local.items()}
         missing, unexpected = block_module.load_state_dict(local, strict=False, assign=True)
-        missing = [k for k in missing if k.rpartition(".")[0] not in replaced]
+        state = block_module.state_dict(keep_vars=True)
+        missing = [k for k in missing if state[k].is_meta]  # (not those of modules installed already)
         if missing:
             raise LocalError(f"stage weights lack {prefix}.{missing[0]}", code="SHARD_INCOMPLETE")
         if unexpected:
@@ -239,23 +211,20 @@ class Stage:
         for name, param in list(body.named_parameters()):
             if param.is_meta:
                 raise LocalError(f"stage weight {name} was not loaded", code="SHARD_INCOMPLETE")
-        return body.eval()
+        return body.eval(), norm
 
-    def _norm(self, t: dict[str, torch.Tensor]) -> nn.Module:
-        if self.family == "gpt2":
-            norm = nn.LayerNorm(self.cfg.n_embd, eps=self.cfg.layer_norm_epsilon, dtype=self.dtype)
-            norm.load_state_dict({"weight": self._float(t["ln_f.weight"]), "bias": self._float(t["ln_f.bias"])})
-            return norm.eval()
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-        norm = LlamaRMSNorm(self.cfg.hidden_size, eps=self.cfg.rms_norm_eps)
-        norm.load_state_dict({"weight": self._float(t["norm.weight"])}, assign=True)
+    def _norm(self, norm: nn.Module | None, t: dict[str, torch.Tensor]) -> nn.Module:
+        """The family's own final norm module (Gemma's is 1 + w), loaded from the norm shard."""
+        if norm is None:
+            raise LocalError("this family's base model has no final norm", code="UNSUPPORTED_ARCHITECTURE")
+        norm.load_state_dict({k: self._float(v) for k, v in self.family.norm_state(t).items()}, assign=True)
+        for name, buf in norm.named_buffers():
+            if buf.is_meta:
+                raise LocalError(f"final norm buffer {name} was not initialised", code="SHARD_INCOMPLETE")
         return norm.eval()
 
     def _head(self, t: dict[str, torch.Tensor]) -> nn.Module:
-        name = "lm_head.weight"
-        if name not in t:
-            name = "wte.weight" if self.family == "gpt2" else "embed_tokens.weight"
+        name = next(n for n in self.family.head_names() if n in t)  # lm_head, else the tied embedding
         return linear(self.formats.get(name, "float32"), t, name, t.get("lm_head.bias"), self.dtype).eval()
 
     # ---- running ------------------------------------------------------------------------------------
@@ -280,19 +249,15 @@ class Stage:
                                        f"holds {past}")
         h = x
         if self.embed is not None:
-            if self.family == "gpt2":
-                h = self.embed["wte"](x) + self.embed["wpe"](positions)
-            else:
-                h = self.embed(x)
+            h = self.embed(x, positions)
         if self.blocks is not None:
             h = self.blocks(h, positions, cache)
         elif self.body is not None:
-            h = self.body(inputs_embeds=h, position_ids=positions, past_key_values=cache,
-                          use_cache=True).last_hidden_state
+            h = self.family.run(self.body, h, positions, cache)
         if self.norm is not None:
             h = self.norm(h)
-        if self.head is not None:
-            h = self.head(h[:, -1:])  # only the last position's logits are ever used: a prefill skips the rest
+        if self.head is not None:  # only the last position's logits are ever used: a prefill skips the rest
+            h = self.family.logits(self.cfg, self.head(h[:, -1:]))
         return h
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mesh.errors import LocalError
+from storage.families import Family, by_name
 from storage.formats import DTYPE_BYTES, FLOAT_DTYPES, FLOAT_FORMATS, GROUP, MIN, QUANTIZED, SCALE
 from storage.metadata import Architecture, ModelMetadata, TensorInfo, group_layers, read_model_tensors
 from storage.quantize import SAFETENSORS_DTYPES, TORCH_DTYPES, encode_weight, tensor_bytes
@@ -34,24 +35,20 @@ class SourceTensor:
     exact: bool = True  # False when ``auto`` requantizes (Q8_0 -> int8 per channel, K-quants)
 
 
-#: Matrices ``--weights int4`` keeps in int8, as llama.cpp's 4-bit mixes do: the token embedding and the head
-#: (measured on SmolLM2: an int4 embedding/head raised perplexity from 26.6 to 29.7; llama.cpp's Q4_1 file
-#: keeps its embedding Q8_0).
-EIGHT_BIT = frozenset({"model.embed_tokens.weight", "lm_head.weight"})
-
-
-def choose(st: SourceTensor, weights: str) -> str:
+def choose(st: SourceTensor, weights: str, family: Family) -> str:
     """The format ``--weights`` gives one tensor: ``auto`` keeps the source's; a float format applies to
-    every tensor; int8/int4 apply to weight matrices (int4 needs K % 32 == 0 and N % 16 == 0, the CPU
-    kernel's layout, else int8; the embedding and head stay int8), vectors keep their float dtype."""
+    every tensor; int8/int4 apply to the weight matrices the family can run quantized (int4 needs K % 32 == 0
+    and N % 16 == 0, the CPU kernel's layout, else int8; the family's ``eight_bit`` matrices, the embedding
+    and head, stay int8: measured on SmolLM2, an int4 embedding/head raised perplexity from 26.6 to 29.7, and
+    llama.cpp's Q4_1 file keeps its embedding Q8_0); vectors keep their float dtype."""
     if weights == "auto":
         return st.auto
     if weights in FLOAT_DTYPES:
         return weights
-    if not (len(st.shape) == 2 and st.name.endswith("weight")):
+    if not (len(st.shape) == 2 and st.name.endswith("weight") and family.quantizable(st.name)):
         return FLOAT_FORMATS.get(st.source_dtype, "float32")
     n, k = st.shape
-    if weights == "int4" and (k % GROUP or n % 16 or st.name in EIGHT_BIT):
+    if weights == "int4" and (k % GROUP or n % 16 or st.name in family.eight_bit):
         return "int8"
     return weights
 
@@ -75,10 +72,11 @@ def convert(tensors: list[SourceTensor], weights: str, arch: Architecture, shard
             ) -> tuple[ModelMetadata, list[tuple[int, str]]]:
     """Write every layer's shard in the chosen format, one source tensor at a time; (metadata of the
     stored tensors, (size, sha256) per layer). ``written_one(done, total)`` after each shard."""
-    if weights in QUANTIZED and arch.family == "gpt2":
-        raise LocalError("GPT-2 weights can be stored as float32, bfloat16 or float16, not quantized",
+    family = by_name(arch.family)
+    if weights in QUANTIZED and not family.quantized_weights:
+        raise LocalError(f"{arch.model_type} weights can be stored as float32, bfloat16 or float16, not quantized",
                          code="UNSUPPORTED_QUANTIZATION")
-    chosen = {st.name: (st, choose(st, weights)) for st in tensors}
+    chosen = {st.name: (st, choose(st, weights, family)) for st in tensors}
     infos: dict[str, TensorInfo] = {}
     source_of: dict[str, str] = {}
     for st, fmt in chosen.values():

@@ -28,7 +28,6 @@ import functools
 import json
 import math
 import os
-import re
 import struct
 from collections import Counter
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from gguf.quants import Q4_K, dequantize
 
 from mesh.errors import LocalError
 from storage.convert import SourceTensor
+from storage.families import BY_GGUF_ARCH, BY_MODEL_TYPE
 from storage.formats import FLOAT_DTYPES, GROUP, MIN, QUANTIZED, SCALE
 from storage.quantize import TORCH_DTYPES, pack_int4, quantize_int4, quantize_int8_
 
@@ -52,17 +52,8 @@ CHUNK = 1 << 23  # elements converted at a time (32 MiB as float32)
 FLOAT_TYPES = {Q.F32: "float32", Q.F16: "float16", Q.BF16: "bfloat16"}
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)  # types whose 4-bit values are kept as they are
 SUPPORTED = (*FLOAT_TYPES, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K)
-#: transformers model types we convert (the Llama family of ``storage.metadata``), and their model class.
-CAUSAL_LM = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-#: GGUF architectures (``general.architecture``) whose files map onto those. Mistral files say "llama".
-ARCHITECTURES = ("llama", "qwen2")
-#: GGUF tensor names -> transformers names (Llama family). Tensors transformers itself skips are ignored.
-GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-               "attn_output": "self_attn.o_proj",
-               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-IGNORED = ("rope_freqs.weight",)  # llama 3's rope factors: transformers derives them from the config
+#: GGUF architectures whose tensors are 3-D (all experts in one tensor): not read yet.
+UNREAD_ARCHITECTURES = ("qwen2moe", "qwen3moe")
 
 # GGUF metadata value types: id -> struct format of a scalar (8 = string, 9 = array)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -194,19 +185,6 @@ def read_header(path: Path) -> GgufHeader:
     return GgufHeader(version, metadata, tensors, data_start, size)
 
 
-def hf_name(name: str) -> str | None:
-    """The transformers name of a Llama-family GGUF tensor ("blk.3.attn_q.weight" ->
-    "model.layers.3.self_attn.q_proj.weight"); None for a name transformers has no parameter for."""
-    base, dot, suffix = name.rpartition(".")
-    if not dot or suffix not in ("weight", "bias"):
-        return None
-    if base in GLOBAL_NAMES:
-        return f"{GLOBAL_NAMES[base]}.{suffix}"
-    if (m := re.fullmatch(r"blk\.(\d+)\.(\w+)", base)) and m[2] in BLOCK_NAMES:
-        return f"model.layers.{m[1]}.{BLOCK_NAMES[m[2]]}.{suffix}"
-    return None
-
-
 def auto_format(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> tuple[str, bool]:
     """(the format ``--weights auto`` stores a tensor in, whether that mapping is exact)."""
     if qtype in FLOAT_TYPES:
@@ -268,10 +246,11 @@ class GgufSource:
     ``SourceTensor`` per GGUF tensor, named as transformers names it), ``notes`` (the mapping, for people) and
     ``write_model_files`` (config and tokenizer). Use ``open_gguf``."""
 
-    def __init__(self, path: Path, header: GgufHeader, config: dict[str, Any],
-                 perms: dict[str, int], names: dict[str, str], ignored: list[str]) -> None:
+    def __init__(self, path: Path, header: GgufHeader, config: dict[str, Any], perms: dict[str, int],
+                 names: dict[str, str], ignored: list[str], offsets: dict[str, float]) -> None:
         self.path, self.header, self.config = path, header, config
         self._perm_heads = perms  # GGUF name -> head count of its row permutation (llama q/k)
+        self._offsets = offsets  # GGUF name -> what transformers adds on load (Gemma's norms: -1)
         self.tensors: list[SourceTensor] = []
         for t in header.tensors:
             if t.name not in names:
@@ -338,6 +317,8 @@ class GgufSource:
         if fmt not in TORCH_DTYPES:
             raise ValueError(f"{name} is a vector: only float formats apply, not {fmt}")
         w = torch.from_numpy(dequantize(self._raw_rows(fd, t, 0, 1), t.qtype).reshape(t.shape))  # [N]
+        if t.name in self._offsets:
+            w = w + self._offsets[t.name]
         if t.name in self._perm_heads:
             w = w[row_permutation(t.shape[0], self._perm_heads[t.name])]
         return {name: w.to(TORCH_DTYPES[fmt]).contiguous()}
@@ -417,8 +398,9 @@ def _config_json(key: tuple[str, int, int]) -> str:
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise malformed(path, f"transformers cannot read its metadata: {exc}") from exc
     out = {k: v for k, v in json.loads(config.to_json_string(use_diff=False)).items() if not k.startswith("_")}
-    if out.get("model_type") in CAUSAL_LM and not out.get("architectures"):
-        out["architectures"] = [CAUSAL_LM[out["model_type"]]]
+    family = BY_MODEL_TYPE.get(out.get("model_type"))
+    if family is not None and not out.get("architectures"):
+        out["architectures"] = [family.causal_lm[out["model_type"]]]
     return json.dumps(out)
 
 
@@ -440,38 +422,36 @@ def open_gguf(path: Path) -> GgufSource:
     except OSError as exc:
         raise malformed(path, str(exc)) from exc
     arch = header.metadata.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    family = BY_GGUF_ARCH.get(arch)
+    if family is None or arch in UNREAD_ARCHITECTURES:
         raise LocalError(f"{path.name}: GGUF architecture {arch!r} cannot be converted; supported: "
-                         f"{', '.join(ARCHITECTURES)} (Llama, Mistral, Qwen2, SmolLM)", code="UNSUPPORTED_ARCHITECTURE")
+                         f"{', '.join(a for a in sorted(BY_GGUF_ARCH) if a not in UNREAD_ARCHITECTURES)}"
+                         f" (not read: {', '.join(UNREAD_ARCHITECTURES)}, whose experts are 3-D tensors; "
+                         f"add those from a Hugging Face folder)", code="UNSUPPORTED_ARCHITECTURE")
     bad = [t for t in header.tensors if t.qtype not in SUPPORTED]
     if bad:
         kinds = sorted({t.qtype.name for t in bad})
         raise LocalError(f"{path.name}: GGUF type {', '.join(kinds)} cannot be converted (tensor {bad[0].name}"
                          + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
                          + f"); supported: {', '.join(t.name for t in SUPPORTED)}", code="UNSUPPORTED_QUANTIZATION")
-    names, ignored = {}, []
+    names, ignored, perms, offsets = {}, [], {}, {}
     for t in header.tensors:
-        if t.name in IGNORED:
+        if t.name in family.gguf_ignored:
             ignored.append(t.name)
-        elif (hf := hf_name(t.name)) is not None and len(t.shape) <= 2:
+        elif (hf := family.gguf_name(t.name)) is not None and len(t.shape) <= 2:
             names[t.name] = hf
+            if (heads := family.gguf_permuted_heads(arch, t.name, header.metadata)) is not None:
+                if not isinstance(heads, int) or heads <= 0 or t.shape[0] % (2 * heads):
+                    raise malformed(path, f"tensor {t.name} has {t.shape[0]} rows, not a whole number of "
+                                          f"rotary pairs for {heads} heads")
+                perms[t.name] = heads
+            if offset := family.gguf_offset(hf):
+                offsets[t.name] = offset
         else:
             raise LocalError(f"{path.name}: tensor {t.name} {list(t.shape)} has no place in a {arch} model",
                              code="UNSUPPORTED_ARCHITECTURE")
-    config = load_config(path)
-    if config.get("model_type") not in CAUSAL_LM:
+    config = load_config(path)  # (a "llama" file may read as mistral: names and fix-ups follow the file's arch)
+    if config.get("model_type") not in BY_MODEL_TYPE:
         raise LocalError(f"{path.name}: transformers reads it as {config.get('model_type')!r}, not one of "
-                         f"{', '.join(CAUSAL_LM)}", code="UNSUPPORTED_ARCHITECTURE")
-    # transformers' LlamaTensorProcessor: q/k rows un-permuted for "llama" files whose metadata gives both head
-    # counts (k by its kv head count)
-    perms: dict[str, int] = {}
-    heads, kv_heads = (header.metadata.get(f"{arch}.attention.head_count{s}") for s in ("", "_kv"))
-    if arch == "llama" and heads is not None and kv_heads is not None:
-        for t in header.tensors:
-            if ".attn_q." in t.name or ".attn_k." in t.name:
-                h = heads if ".attn_q." in t.name else kv_heads
-                if not isinstance(h, int) or h <= 0 or t.shape[0] % (2 * h):
-                    raise malformed(path, f"tensor {t.name} has {t.shape[0]} rows, not a whole number of "
-                                          f"rotary pairs for {h} heads")
-                perms[t.name] = h
-    return GgufSource(path, header, config, perms, names, ignored)
+                         f"{', '.join(sorted(BY_MODEL_TYPE))}", code="UNSUPPORTED_ARCHITECTURE")
+    return GgufSource(path, header, config, perms, names, ignored, offsets)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,10 @@ from typing import Any
 
 from mesh.errors import LocalError, PeerError
 from storage import formats
+from storage.families import Architecture, UnsupportedArchitecture, by_name, family_of
 from storage.formats import DTYPE_BYTES
+
+__all__ = ["Architecture", "UnsupportedArchitecture", "architecture", "group_layers", "layers_of"]
 
 #: The safetensors format caps its JSON header at 100 MB.
 MAX_HEADER_BYTES = 100_000_000
@@ -32,10 +34,6 @@ SINGLE_FILE = "model.safetensors"
 
 class MalformedSafetensors(PeerError):
     code = "MALFORMED_SAFETENSORS"
-
-
-class UnsupportedArchitecture(LocalError):
-    code = "UNSUPPORTED_ARCHITECTURE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,42 +128,15 @@ def read_model_tensors(folder: Path) -> dict[str, TensorInfo]:
 # ---- architectures -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Architecture:
-    family: str  # "llama" (Llama, Mistral, Qwen2, SmolLM) or "gpt2"
-    model_type: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-
-
-LLAMA_TYPES = {"llama", "mistral", "qwen2"}
-GPT2_TYPES = {"gpt2"}
-
-
 def architecture(config: dict[str, Any]) -> Architecture:
-    """What the layer grouping and FLOP counts need from a transformers ``config.json``."""
-    model_type = config.get("model_type")
+    """What the layer grouping and FLOP counts need from a transformers ``config.json`` (its family's adapter
+    reads it)."""
+    family = family_of(config)
     try:
-        if model_type in LLAMA_TYPES:
-            hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-            return Architecture(
-                "llama", model_type, hidden, int(config["num_hidden_layers"]), heads,
-                int(config.get("num_key_value_heads") or heads), int(config.get("head_dim") or hidden // heads),
-                int(config["vocab_size"]), bool(config.get("tie_word_embeddings", False)),
-            )
-        if model_type in GPT2_TYPES:
-            hidden, heads = int(config["n_embd"]), int(config["n_head"])
-            return Architecture("gpt2", model_type, hidden, int(config["n_layer"]), heads, heads, hidden // heads,
-                                int(config["vocab_size"]), bool(config.get("tie_word_embeddings", True)))
+        return family.architecture(config)
     except (KeyError, TypeError, ValueError) as exc:
-        raise UnsupportedArchitecture(f"config.json of a {model_type} model lacks or garbles {exc}") from None
-    supported = ", ".join(sorted(LLAMA_TYPES | GPT2_TYPES))
-    raise UnsupportedArchitecture(f"model_type {model_type!r} is not supported (supported: {supported})")
+        raise UnsupportedArchitecture(f"config.json of a {config.get('model_type')} model lacks or garbles "
+                                      f"{exc}") from None
 
 
 # ---- layers --------------------------------------------------------------------------------------
@@ -186,6 +157,7 @@ class Layer:
     flops_base: int = 0
     flops_per_context: int = 0
     format: str = ""  # the weight format of its matrices (storage.formats.shard_format)
+    flops_base_all: int = 0  # flops_base if every expert of a MoE block ran (= flops_base for dense layers)
 
     @property
     def bytes(self) -> int:
@@ -214,15 +186,9 @@ class ModelMetadata:
         return sum(layer.bytes for layer in self.layers)
 
 
-_PATTERNS = {
-    # (regex, kind); the block pattern's group 1 is the block number.
-    "llama": [(re.compile(r"model\.embed_tokens\."), "embedding"), (re.compile(r"model\.layers\.(\d+)\."), "block"),
-              (re.compile(r"model\.norm\."), "norm"), (re.compile(r"lm_head\."), "head")],
-    "gpt2": [(re.compile(r"(?:transformer\.)?w[tp]e\."), "embedding"), (re.compile(r"(?:transformer\.)?h\.(\d+)\."),
-                                                                         "block"),
-             (re.compile(r"(?:transformer\.)?ln_f\."), "norm"), (re.compile(r"lm_head\."), "head")],
-}
-_EMBEDDING_WEIGHT = {"llama": ("model.embed_tokens.weight",), "gpt2": ("transformer.wte.weight", "wte.weight")}
+def companions(weight: str) -> tuple[str, str]:
+    """The names of a quantized weight's scale and min tensors (they fix its logical shape)."""
+    return weight + formats.SCALE, weight + formats.MIN
 
 
 def layers_of(folder: Path) -> ModelMetadata:
@@ -237,10 +203,11 @@ def layers_of(folder: Path) -> ModelMetadata:
 
 
 def group_layers(arch: Architecture, tensors: dict[str, TensorInfo]) -> ModelMetadata:
+    family = by_name(arch.family)
     groups: dict[tuple[int, int], list[TensorInfo]] = {}  # (kind order, block number) -> tensors
     order = {"embedding": 0, "block": 1, "norm": 2, "head": 3}
     for info in tensors.values():
-        for pattern, kind in _PATTERNS[arch.family]:
+        for pattern, kind in family.patterns:
             if m := pattern.match(info.name):
                 number = int(m.group(1)) if kind == "block" else 0
                 groups.setdefault((order[kind], number), []).append(info)
@@ -252,7 +219,7 @@ def group_layers(arch: Architecture, tensors: dict[str, TensorInfo]) -> ModelMet
         raise UnsupportedArchitecture(f"config says {arch.layers} blocks, the weights hold blocks {blocks[:5]}...")
     if (0, 0) not in groups or (2, 0) not in groups:
         raise UnsupportedArchitecture("the weights lack the embedding or the final norm")
-    embedding = next((tensors[n] for n in _EMBEDDING_WEIGHT[arch.family] if n in tensors), None)
+    embedding = next((tensors[n] for n in family.embedding_weights if n in tensors), None)
     if embedding is None:
         raise UnsupportedArchitecture("no token embedding weight found")
 
@@ -276,8 +243,13 @@ def group_layers(arch: Architecture, tensors: dict[str, TensorInfo]) -> ModelMet
             by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
         name = f"block.{number}" if kind == "block" else kind
         base = per_context = kv = 0
-        if kind == "block":
-            base = 2 * formats.matmul_params(specs(infos))  # matmuls; biases/norms are noise
+        every = None
+        if kind == "block":  # matmuls (biases and norms are noise); a MoE token runs its active experts only
+            every = 2 * formats.matmul_params(specs(infos))
+            by_name_ = {t.name: t for t in infos}
+            base = round(2 * sum(
+                formats.matmul_params(specs([t, *(by_name_[c] for c in companions(t.name) if c in by_name_)]))
+                * family.active_fraction(arch, t.name) for t in infos if not formats.is_companion(t.name)))
             per_context = 4 * arch.heads * arch.head_dim  # QK^T and AV, a multiply-add each
             kv = 2 * arch.kv_heads * arch.head_dim * kv_bytes
         elif kind == "head":
@@ -286,7 +258,8 @@ def group_layers(arch: Architecture, tensors: dict[str, TensorInfo]) -> ModelMet
             base = 4 * arch.hidden
         layers.append(Layer(len(layers), name, kind, tuple(t.name for t in infos), params, by_dtype,
                             formats.loaded_bytes(specs(infos), compute), kv, flops_base=base,
-                            flops_per_context=per_context, format=layer_formats[(kind_order, number)]))
+                            flops_per_context=per_context, format=layer_formats[(kind_order, number)],
+                            flops_base_all=base if every is None else every))
     if not any(layer.kind == "head" for layer in layers):
         if not arch.tied:
             raise UnsupportedArchitecture("no lm_head weight and the config does not tie it to the embedding")

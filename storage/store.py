@@ -30,6 +30,7 @@ from mesh.fsutil import atomic_write
 from mesh.identity import Identity
 from mesh.ids import ModelRef
 from storage.convert import choose, convert, folder_tensors
+from storage.families import by_name
 from storage.formats import WEIGHTS
 from storage.manifest import Manifest, open_manifest, seal_manifest
 from storage.metadata import architecture, layers_of
@@ -128,7 +129,8 @@ class Store:
         else:
             folder = path
             tensors = [] if weights == "auto" else folder_tensors(folder)
-            if all(choose(t, weights) == t.auto for t in tensors):  # nothing to convert: copy byte ranges
+            family = by_name(architecture(_config(folder)).family)
+            if all(choose(t, weights, family) == t.auto for t in tensors):  # nothing to convert: copy byte ranges
                 meta = layers_of(folder)
                 written = []
                 for layer in meta.layers:

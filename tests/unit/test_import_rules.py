@@ -63,7 +63,8 @@ ADAPTERS = {"mesh.transport", "mesh.memtransport", "mesh.keyfile", "mesh.hardwar
             "storage.store", "storage.registry", "storage.transfer", "storage.gguf", "storage.convert",
             "storage.quantize", "storage.metadata", "storage.shards", "storage.synthetic", "inference.stage",
             "inference.blocks", "inference.qlinear", "inference.protocol", "inference.frames", "inference.sampling",
-            "inference.tokenizer", "inference.local", "inference.results"}
+            "inference.tokenizer", "inference.local", "inference.results", "storage.families",
+            *(f"storage.families.{p.stem}" for p in (ROOT / "storage" / "families").glob("[!_]*.py"))}
 SERVICES = {"coordinator.service", "inference.host", "inference.driver", "storage.library"}
 LAYERS = ("foundation", "pure core", "adapter", "service", "root")
 
