@@ -9,6 +9,8 @@ import math
 import struct
 from pathlib import Path
 
+from storage.families.llama import Llama
+
 #: Llama-3-70B's shapes: hidden, intermediate, vocab, layers, attention heads, key/value heads.
 LLAMA3_70B = {"hidden": 8192, "inter": 28672, "vocab": 128256, "layers": 80, "heads": 64, "kv_heads": 8}
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
@@ -45,7 +47,7 @@ def llama_shapes(folder: Path, *, hidden: int, inter: int, vocab: int, layers: i
                     p + "post_attention_layernorm.weight": (dtype, [hidden])}
     write_header_only(folder / "model.safetensors", tensors)
     (folder / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+        "model_type": Llama.model_types[0], "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
         "tie_word_embeddings": False}))
     return folder

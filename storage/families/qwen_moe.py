@@ -41,7 +41,7 @@ class QwenMoe(Family):
     def architecture(self, config: dict[str, Any]) -> Architecture:
         arch = super().architecture(config)
         return Architecture(**{**{f: getattr(arch, f) for f in arch.__slots__},
-                               "experts": int(config["num_experts"]),
+                               "experts": int(config.get("num_experts") or config["num_local_experts"]),
                                "active_experts": int(config["num_experts_per_tok"])})
 
     def active_fraction(self, arch: Architecture, tensor: str) -> float:

@@ -1,0 +1,173 @@
+"""Every supported family, from a tiny random model of its own transformers config: split in 2 and 3 stages
+(a cut inside a run of sliding-window layers, a stage holding only the head) it generates the unsplit
+``AutoModelForCausalLM``'s 32 greedy tokens, last logits within 1e-4, from a prompt longer than the window;
+in int8 the split equals the same shards in one stage; its metadata counts what the loaded modules hold; and
+no module outside the adapters names a model type."""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+from inference.stage import Stage
+from mesh.errors import MeshError
+from mesh.identity import Identity
+from storage.families import SUPPORTED
+from storage.manifest import Manifest
+from storage.metadata import layers_of
+from storage.store import Store
+
+ROOT = Path(__file__).resolve().parents[2]
+WINDOW = 6
+PROMPT = [[3, 17, 42, 7, 99, 5, 64, 21, 88, 12]]  # longer than the window
+NEW = 32
+COMMON = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "vocab_size": 128, "initializer_range": 0.5, "max_position_embeddings": 256,
+          "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+#: family -> its tiny config (model_type and what sets the family apart).
+CONFIGS: dict[str, dict[str, Any]] = {
+    "llama3": {"model_type": "llama", "tie_word_embeddings": False,
+               "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 16}},
+    "mistral": {"model_type": "mistral", "sliding_window": WINDOW},
+    "qwen2": {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 2},
+    "qwen3": {"model_type": "qwen3", "head_dim": 16},
+    # (a tied Gemma head collapses onto one token at the wide initializer: gemma2 unties it, gemma3 keeps it
+    # tied, so its head reads the unscaled embedding, with a narrower one)
+    "gemma2": {"model_type": "gemma2", "head_dim": 16, "sliding_window": WINDOW, "query_pre_attn_scalar": 16,
+               "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "tie_word_embeddings": False},
+    "gemma3": {"model_type": "gemma3_text", "head_dim": 16, "sliding_window": WINDOW, "sliding_window_pattern": 2,
+               "final_logit_softcapping": 30.0, "tie_word_embeddings": True, "initializer_range": 0.05},
+    "phi3": {"model_type": "phi3"},
+    "qwen2_moe": {"model_type": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 64, "mlp_only_layers": [2]},
+    "qwen3_moe": {"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "head_dim": 16, "norm_topk_prob": True},
+}
+#: Shard cuts (shards: embedding, block.0..3, norm, head): 2 stages cut inside the sliding run of qwen2 (blocks
+#: 2, 3) and between gemma's local and global layers; 3 stages with a head-only last stage; embedding alone.
+CUTS = ([4], [2], [3, 6], [1, 3])
+
+
+def tiny(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(**{**COMMON, **CONFIGS[name]})
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def reference(model: torch.nn.Module, prompt: list[list[int]], new: int) -> tuple[list[int], torch.Tensor]:
+    ids, cache, out = torch.tensor(prompt), DynamicCache(config=model.config), []
+    with torch.no_grad():
+        for _ in range(new):
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+            out.append(int(logits.argmax(-1)))
+            ids = torch.tensor([[out[-1]]])
+    return out, logits
+
+
+def stages(store: Store, manifest: Manifest, model_id: str, cuts: list[int], dtype: torch.dtype) -> list[Stage]:
+    config = json.loads((store.registry.model_dir(model_id, manifest.revision) / "config.json").read_text())
+    bounds = [0, *cuts, len(manifest.shards)]
+    return [Stage(config, manifest.shards, a, b, lambda s: load_file(store.blob(s.sha256)[0]), dtype=dtype)
+            for a, b in itertools.pairwise(bounds)]
+
+
+def run(pipeline: list[Stage], prompt: list[list[int]], new: int) -> tuple[list[int], torch.Tensor]:
+    caches = [s.new_cache() for s in pipeline]
+    ids, pos = torch.tensor(prompt), torch.arange(len(prompt[0]))[None]
+    out: list[int] = []
+    for _ in range(new):
+        h = ids
+        for stage, cache in zip(pipeline, caches, strict=True):
+            h = stage.forward(h, pos, cache)
+        out.append(int(h[:, -1].argmax(-1)))
+        ids, pos = torch.tensor([[out[-1]]]), pos[:, -1:] + 1
+    return out, h[:, -1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    return Store(tmp_path_factory.mktemp("families") / "store", Identity.generate())
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_split_stages_of_every_family_generate_the_unsplit_tokens(name: str, store: Store, tmp_path: Path) -> None:
+    model = tiny(name)
+    want, want_logits = reference(model, PROMPT, NEW)
+    assert len(set(want)) > 3, "the reference must not collapse to one token (the test would be toothless)"
+    model.save_pretrained(tmp_path / name)
+    manifest = store.add(str(tmp_path / name), model_id=name)
+    assert len(manifest.shards) == 7 and manifest.family != ""
+    for cuts in CUTS:
+        got, logits = run(stages(store, manifest, name, cuts, torch.float32), PROMPT, NEW)
+        assert got == want, (name, cuts, got, want)
+        assert torch.allclose(logits, want_logits, atol=1e-4), (name, cuts, (logits - want_logits).abs().max())
+
+    # int8 (the router of a mixture and vectors stay float): the split equals the same shards in one stage.
+    q = store.add(str(tmp_path / name), model_id=f"{name}-int8", weights="int8")
+    assert "int8" in {s.format for s in q.shards}
+    whole, _ = run(stages(store, q, f"{name}-int8", [], torch.float32), PROMPT, NEW)
+    for cuts in ([4], [3, 6]):
+        split, _ = run(stages(store, q, f"{name}-int8", cuts, torch.float32), PROMPT, NEW)
+        assert split == whole, (name, cuts)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_metadata_counts_what_each_familys_modules_hold(name: str, tmp_path: Path) -> None:
+    model = tiny(name)
+    model.save_pretrained(tmp_path)
+    meta = layers_of(tmp_path)
+    blocks = [layer for layer in meta.layers if layer.kind == "block"]
+    for i, layer in enumerate(blocks):
+        module = model.model.layers[i]
+        assert layer.params == sum(p.numel() for p in module.parameters()), (name, i)
+        assert layer.bytes == sum(p.numel() * p.element_size() for p in module.parameters())
+        # only the active experts' FLOPs count for speed (2 of 4 here), all of them for memory
+        experts = getattr(module.mlp, "experts", None)
+        inactive = sum(p.numel() for p in experts.parameters()) // 2 if experts is not None else 0
+        assert layer.flops_base_all - layer.flops_base == 2 * inactive, (name, i)
+    if "moe" in name:
+        assert meta.arch.experts == 4 and meta.arch.active_experts == 2
+        assert any(layer.flops_base < layer.flops_base_all for layer in blocks)
+
+
+def test_models_that_no_adapter_knows_are_refused_with_the_list(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    store = Store(tmp_path / "store", Identity.generate())
+    for kind, folder in (("made-up", tmp_path / "odd"), ("encoder-only", tmp_path / "bert")):
+        if kind == "made-up":
+            tiny("llama3").save_pretrained(folder)
+            config = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**config, "model_type": "wobbly"}))
+        else:
+            BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 vocab_size=64)).save_pretrained(folder)
+        with pytest.raises(MeshError) as err:
+            store.add(str(folder))
+        assert err.value.code == "UNSUPPORTED_ARCHITECTURE", kind
+        assert all(t in str(err.value) for t in SUPPORTED), str(err.value)
+    assert store.describe() == [] or all(v["status"] != "ready" for m in store.describe() for v in m["versions"])
+
+
+def test_no_module_outside_the_adapters_names_a_model_type() -> None:
+    offenders = []
+    for pkg in ("mesh", "coordinator", "storage", "inference"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            if "families" in path.parts:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and node.value in SUPPORTED:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert offenders == []
+    assert {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "qwen2_moe", "qwen3_moe",
+            "gpt2"} <= set(SUPPORTED)
