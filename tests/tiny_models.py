@@ -5,9 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    DynamicCache,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from mesh.identity import Identity
 from storage.store import Store
@@ -28,6 +37,40 @@ def tiny_gpt2(seed: int = 2, **config: object) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config(**{
         "n_embd": 64, "n_layer": 4, "n_head": 4, "vocab_size": 128, "n_positions": 512, "initializer_range": 0.5,
         "bos_token_id": 1, "eos_token_id": 2, **config}))
+
+
+#: The sliding window of the windowed families' tiny configs.
+WINDOW = 6
+COMMON = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "vocab_size": 128, "initializer_range": 0.5, "max_position_embeddings": 256,
+          "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+#: family -> its tiny config (model_type and what sets the family apart).
+CONFIGS: dict[str, dict[str, Any]] = {
+    "llama3": {"model_type": "llama", "tie_word_embeddings": False,
+               "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 16}},
+    "mistral": {"model_type": "mistral", "sliding_window": WINDOW},
+    "qwen2": {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 2},
+    "qwen3": {"model_type": "qwen3", "head_dim": 16},
+    # (a tied Gemma head collapses onto one token at the wide initializer: gemma2 unties it, gemma3 keeps it
+    # tied, so its head reads the unscaled embedding, with a narrower one)
+    "gemma2": {"model_type": "gemma2", "head_dim": 16, "sliding_window": WINDOW, "query_pre_attn_scalar": 16,
+               "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "tie_word_embeddings": False},
+    "gemma3": {"model_type": "gemma3_text", "head_dim": 16, "sliding_window": WINDOW, "sliding_window_pattern": 2,
+               "final_logit_softcapping": 30.0, "tie_word_embeddings": True, "initializer_range": 0.05},
+    "phi3": {"model_type": "phi3"},
+    "qwen2_moe": {"model_type": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 64, "mlp_only_layers": [2]},
+    "qwen3_moe": {"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "head_dim": 16, "norm_topk_prob": True},
+}
+
+def tiny(name: str, seed: int = 0, **config: Any) -> torch.nn.Module:
+    """A tiny random model of family ``name`` (a key of ``CONFIGS``): 4 blocks, 128 ids; ``config`` overrides."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(**{**COMMON, **CONFIGS[name], **config})
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def reference(model: torch.nn.Module, prompt: Sequence[int], new: int) -> list[int]:

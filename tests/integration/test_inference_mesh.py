@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tiny_models import local_reference, reference, tiny_llama
+from tiny_models import local_reference, reference, tiny, tiny_llama
 
 from coordinator.service import planner_layers
 from mesh.app.cli import main as cli
@@ -124,21 +124,22 @@ def kill_middle_stage_during(driver: PeerProcess, peers: list[PeerProcess], entr
     return s, victim, s.arrivals[seen] - killed_at
 
 
-def test_tiny_llama_fp32_and_int8_streams_survive_kill_9_of_the_middle_stage_then_run_on_the_two_survivors(
+def test_two_families_fp32_and_int8_streams_survive_kill_9_of_the_middle_stage_then_run_on_the_two_survivors(
         tmp_path: Path) -> None:
-    """A tiny fp32 Llama (oracle: transformers) and the same Llama converted to int8 (oracle: the same shards in
-    one process, in the compute dtype a plan over this machine picks) on 3 real peers, c holding neither: a
-    kill -9 of the middle stage while a stream of each runs changes no token, and both models then run on the
-    2 survivors, still exactly."""
+    """Two families served at once on 3 real peers, c holding neither: a tiny fp32 Llama (oracle: transformers)
+    and a tiny Qwen2 mixture of experts converted to int8 (oracle: the same shards in one process, in the compute
+    dtype a plan over this machine picks). A kill -9 of the middle stage while a stream of each runs changes no
+    token, and both models then run on the 2 survivors, still exactly."""
     from mesh.hardware import bf16_features
     from storage.formats import plan_compute
 
     tiny_llama().save_pretrained(tmp_path / "llama")
-    models = {"llama": [], "llama-int8": ["--weights", "int8"]}
+    tiny("qwen2_moe", max_position_embeddings=512).save_pretrained(tmp_path / "moe")
+    models = {"llama": ("llama", []), "moe-int8": ("moe", ["--weights", "int8"])}
     needs: dict[str, int] = {}
-    for name, weights in models.items():
+    for name, (folder, weights) in models.items():
         for peer in ("a", "b"):  # c holds nothing: it fetches the shards of its stages from a and b
-            assert cli(["models", "--data-dir", str(tmp_path / "mesh" / peer), "add", str(tmp_path / "llama"),
+            assert cli(["models", "--data-dir", str(tmp_path / "mesh" / peer), "add", str(tmp_path / folder),
                         *weights, "--id", name]) == 0
         manifest = Store(tmp_path / "mesh" / "a" / "store", Identity.generate()).manifest(name)[0]
         needs[name] = sum(x.bytes for x in planner_layers(manifest, 2048))
@@ -155,14 +156,17 @@ def test_tiny_llama_fp32_and_int8_streams_survive_kill_9_of_the_middle_stage_the
             assert name in serve(c, name)["requested"]
         entries = {name: wait_for(lambda n=name: served(peers, n, stages=3), 60, what=f"{name} on 3 stages")
                    for name in models}
-        # The peers gossip their real bf16 features: int8 computes in bf16 where this CPU runs it fast.
-        assert c.get("/api/model?model=llama-int8")["models"][0]["compute_dtype"] == plan_compute(
-            ["int8"], [bf16_features()])
+        # The peers gossip their real bf16 features: the compute dtype is what the model's formats (int8, and
+        # the router left in float32) call for on this CPU.
+        formats = Store(tmp_path / "mesh" / "a" / "store", Identity.generate()).manifest("moe-int8")[0].formats
+        assert "int8" in formats
+        assert c.get("/api/model?model=moe-int8")["models"][0]["compute_dtype"] == plan_compute(
+            list(formats), [bf16_features()])
         want = {"llama": reference(tiny_llama(), PROMPT, 120),
-                "llama-int8": local_reference(tmp_path / "mesh" / "a", "llama-int8", PROMPT, 300)}
+                "moe-int8": local_reference(tmp_path / "mesh" / "a", "moe-int8", PROMPT, 300)}
 
         # kill -9 the middle stage of the llama plan while a 120-token generation streams from stage 0's peer,
-        # and an int8 one from another survivor (3 stages on 3 peers: the victim is on its route too).
+        # and one of the int8 mixture from another survivor (3 stages on 3 peers: the victim is on its route too).
         entry = entries["llama"]
         driver = next(p for p in peers if p.node_id == entry["meshnode"]["stages"][0]["node_id"])
         victim_id = entry["meshnode"]["stages"][1]["node_id"]
@@ -170,17 +174,17 @@ def test_tiny_llama_fp32_and_int8_streams_survive_kill_9_of_the_middle_stage_the
         body = {"model": "llama", "prompt": PROMPT, "max_tokens": 120, "temperature": 0, "ignore_eos": True,
                 "stream": True}
         # (300 tokens: still streaming when the kill comes, however the two streams' starts fall)
-        int8 = Streamer(other, "/v1/completions", {**body, "model": "llama-int8", "max_tokens": 300})
+        int8 = Streamer(other, "/v1/completions", {**body, "model": "moe-int8", "max_tokens": 300})
         s, victim, recovery = kill_middle_stage_during(driver, peers, entry, "/v1/completions", body, 10,
                                                        also=int8)
         assert s.tokens == want["llama"], "the failover changed the generated tokens"
         assert s.final["choices"][0]["finish_reason"] == "length"
         assert s.final["meshnode"]["failovers"] >= 1 and len(s.final["meshnode"]["epochs"]) >= 2
         int8.join(120)
-        assert int8.error is None and int8.tokens == want["llama-int8"], "the failover changed the int8 tokens"
+        assert int8.error is None and int8.tokens == want["moe-int8"], "the failover changed the int8 MoE tokens"
         assert int8.final["meshnode"]["failovers"] >= 1
         print(f"kill -9 of the middle stage: next token {recovery:.2f}s later, 120 + 300 tokens identical "
-              "(fp32, int8)")
+              "(fp32 Llama, int8 Qwen2 MoE)")
 
         # Both models now run on the two survivors, still exactly.
         survivors = [p for p in peers if p is not victim]

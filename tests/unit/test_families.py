@@ -10,12 +10,12 @@ import ast
 import itertools
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from tiny_models import CONFIGS, tiny
+from transformers import DynamicCache
 
 from inference.stage import Stage
 from mesh.errors import MeshError
@@ -26,42 +26,12 @@ from storage.metadata import layers_of
 from storage.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
-WINDOW = 6
-PROMPT = [[3, 17, 42, 7, 99, 5, 64, 21, 88, 12]]  # longer than the window
+PROMPT = [[3, 17, 42, 7, 99, 5, 64, 21, 88, 12]]  # longer than the window (tiny_models.WINDOW)
 NEW = 32
-COMMON = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-          "num_key_value_heads": 2, "vocab_size": 128, "initializer_range": 0.5, "max_position_embeddings": 256,
-          "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-#: family -> its tiny config (model_type and what sets the family apart).
-CONFIGS: dict[str, dict[str, Any]] = {
-    "llama3": {"model_type": "llama", "tie_word_embeddings": False,
-               "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                   "original_max_position_embeddings": 16}},
-    "mistral": {"model_type": "mistral", "sliding_window": WINDOW},
-    "qwen2": {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 2},
-    "qwen3": {"model_type": "qwen3", "head_dim": 16},
-    # (a tied Gemma head collapses onto one token at the wide initializer: gemma2 unties it, gemma3 keeps it
-    # tied, so its head reads the unscaled embedding, with a narrower one)
-    "gemma2": {"model_type": "gemma2", "head_dim": 16, "sliding_window": WINDOW, "query_pre_attn_scalar": 16,
-               "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "tie_word_embeddings": False},
-    "gemma3": {"model_type": "gemma3_text", "head_dim": 16, "sliding_window": WINDOW, "sliding_window_pattern": 2,
-               "final_logit_softcapping": 30.0, "tie_word_embeddings": True, "initializer_range": 0.05},
-    "phi3": {"model_type": "phi3"},
-    "qwen2_moe": {"model_type": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                  "shared_expert_intermediate_size": 64, "mlp_only_layers": [2]},
-    "qwen3_moe": {"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                  "head_dim": 16, "norm_topk_prob": True},
-}
+
 #: Shard cuts (shards: embedding, block.0..3, norm, head): 2 stages cut inside the sliding run of qwen2 (blocks
 #: 2, 3) and between gemma's local and global layers; 3 stages with a head-only last stage; embedding alone.
 CUTS = ([4], [2], [3, 6], [1, 3])
-
-
-def tiny(name: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(**{**COMMON, **CONFIGS[name]})
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def reference(model: torch.nn.Module, prompt: list[list[int]], new: int) -> tuple[list[int], torch.Tensor]:
@@ -101,6 +71,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_split_stages_of_every_family_generate_the_unsplit_tokens(name: str, store: Store, tmp_path: Path) -> None:
+    """(The families' tiny configs: ``tiny_models.CONFIGS``.)"""
     model = tiny(name)
     want, want_logits = reference(model, PROMPT, NEW)
     assert len(set(want)) > 3, "the reference must not collapse to one token (the test would be toothless)"
