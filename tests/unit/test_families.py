@@ -142,3 +142,23 @@ def test_no_module_outside_the_adapters_names_a_model_type() -> None:
     assert offenders == []
     assert {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "qwen2_moe", "qwen3_moe",
             "gpt2"} <= set(SUPPORTED)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "mistral", "gemma3"])
+def test_a_stages_sliding_window_layers_keep_only_their_window(name: str, store: Store, tmp_path: Path) -> None:
+    from tiny_models import WINDOW
+
+    tiny(name).save_pretrained(tmp_path / name)
+    manifest = store.add(str(tmp_path / name), model_id=f"{name}-window")
+    pipeline = stages(store, manifest, f"{name}-window", [4], torch.float32)
+    caches = [s.new_cache() for s in pipeline]
+    h, pos = torch.tensor(PROMPT), torch.arange(len(PROMPT[0]))[None]  # 10 positions, a window of 6
+    for stage, cache in zip(pipeline, caches, strict=True):
+        h = stage.forward(h, pos, cache)
+    types = [t for s in pipeline
+             for t in getattr(s.cfg, "layer_types", None) or ["sliding_attention"] * s.cfg.num_hidden_layers]
+    kept = [layer.keys.shape[-2] for cache in caches for layer in cache.layers]
+    assert len(types) == len(kept) == 4
+    for kind, n in zip(types, kept, strict=True):
+        assert n == (WINDOW - 1 if kind == "sliding_attention" else len(PROMPT[0])), (name, types, kept)
+    assert all(cache.get_seq_length() == len(PROMPT[0]) for cache in caches)  # positions still count from 0
