@@ -155,3 +155,113 @@ def write_big_q8(path: Path, shape: Shape) -> int:
             w.write_tensor_data(pool[: hf_shape[0] * hf_shape[1] // 32])
     w.close()
     return path.stat().st_size
+
+
+# -- tiny files of the other GGUF architectures (llama.cpp's tensor names and metadata keys per arch)
+
+#: What each architecture's blocks hold besides the norm before attention, o_proj, ffn_down and the norm
+#: before the MLP: separate or fused q/k/v, separate gate and up or one fused ``ffn_up`` [2I, H], per-head
+#: q/k norms [D], and Gemma's norms after attention and after the MLP.
+FAMILY_ARCHS: dict[str, dict[str, bool]] = {
+    "qwen3": {"fused": False, "qk_norm": True, "post_norms": False},
+    "gemma2": {"fused": False, "qk_norm": False, "post_norms": True},
+    "gemma3": {"fused": False, "qk_norm": True, "post_norms": True},
+    "phi3": {"fused": True, "qk_norm": False, "post_norms": False},
+}
+
+
+def family_tensors(arch: str, s: Shape, head: bool = True) -> list[tuple[str, tuple[int, ...]]]:
+    """GGUF names and HF shapes ([N, K]) of a ``FAMILY_ARCHS`` model, in llama.cpp's order."""
+    kind = FAMILY_ARCHS[arch]
+    d, q, kv = s.head_dim, s.heads * s.head_dim, s.kv_heads * s.head_dim
+    out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (s.vocab, s.hidden))]
+    for i in range(s.layers):
+        b = f"blk.{i}"
+        out.append((f"{b}.attn_norm.weight", (s.hidden,)))
+        if kind["fused"]:
+            out.append((f"{b}.attn_qkv.weight", (q + 2 * kv, s.hidden)))
+        else:
+            out += [(f"{b}.attn_q.weight", (q, s.hidden)), (f"{b}.attn_k.weight", (kv, s.hidden)),
+                    (f"{b}.attn_v.weight", (kv, s.hidden))]
+        if kind["qk_norm"]:
+            out += [(f"{b}.attn_q_norm.weight", (d,)), (f"{b}.attn_k_norm.weight", (d,))]
+        out.append((f"{b}.attn_output.weight", (s.hidden, q)))
+        if kind["post_norms"]:
+            out.append((f"{b}.post_attention_norm.weight", (s.hidden,)))
+        out.append((f"{b}.ffn_norm.weight", (s.hidden,)))
+        if kind["fused"]:
+            out.append((f"{b}.ffn_up.weight", (2 * s.ffn, s.hidden)))
+        else:
+            out += [(f"{b}.ffn_gate.weight", (s.ffn, s.hidden)), (f"{b}.ffn_up.weight", (s.ffn, s.hidden))]
+        out.append((f"{b}.ffn_down.weight", (s.hidden, s.ffn)))
+        if kind["post_norms"]:
+            out.append((f"{b}.post_ffw_norm.weight", (s.hidden,)))
+    out.append(("output_norm.weight", (s.hidden,)))
+    if head:
+        out.append(("output.weight", (s.vocab, s.hidden)))
+    return out
+
+
+def _byte_level_tokenizer(w: GGUFWriter, vocab: int) -> None:
+    """write_llama's byte-level BPE vocabulary: 3 control tokens, single letters, then merged pairs."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Ġ"]
+    pairs = [a + b for a in "etaoinsh" for b in "etaoinsh"][: vocab - 3 - len(letters)]
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *letters, *pairs]
+    assert len(tokens) == vocab, (len(tokens), vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_token_merges([f"{p[0]} {p[1]}" for p in pairs])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(2)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+
+def write_family(path: Path, arch: str, shape: Shape, head: bool = True, sliding_window: int | None = None,
+                 types: Callable[[str, tuple[int, ...]], GGMLQuantizationType] | None = None,
+                 std: float = 0.05, embedding_std: float | None = None, output_norm: float = 1.0,
+                 seed: int = 0) -> Path:
+    """A tiny GGUF of architecture ``arch`` (a ``FAMILY_ARCHS`` key) with the metadata keys llama.cpp writes
+    for it and write_llama's tokenizer. Matrices are N(0, std^2) noise; norm vectors are stored as
+    1 + N(0, 0.1^2), as a trained model's are (Gemma files store 1 + w, so its w is near 0 too); the embedding
+    is N(0, embedding_std^2) (default: std) and the final norm is stored as output_norm + N(0, 0.1^2) (large:
+    large logits). ``types(gguf_name, hf_shape)`` chooses each tensor's type (default: F32; any type that
+    gguf-py quantizes)."""
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(path, arch)
+    w.add_name(f"tiny-{arch}")
+    w.add_block_count(shape.layers)
+    w.add_context_length(shape.context)
+    w.add_embedding_length(shape.hidden)
+    w.add_feed_forward_length(shape.ffn)
+    w.add_head_count(shape.heads)
+    w.add_head_count_kv(shape.kv_heads)
+    w.add_key_length(shape.head_dim)
+    w.add_value_length(shape.head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(shape.head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(shape.vocab)
+    if sliding_window is not None:
+        w.add_sliding_window(sliding_window)
+    if arch == "gemma2":  # what llama.cpp writes (transformers 5.24 reads neither: its defaults are these)
+        w.add_attn_logit_softcapping(50.0)
+        w.add_final_logit_softcapping(30.0)
+    _byte_level_tokenizer(w, shape.vocab)
+    for tname, hf_shape in family_tensors(arch, shape, head):
+        qtype = types(tname, hf_shape) if types else Q.F32
+        if len(hf_shape) == 1:  # a norm: about 1 (the final one: about output_norm)
+            center = output_norm if tname == "output_norm.weight" else 1.0
+            values = (center + 0.1 * rng.standard_normal(hf_shape)).astype(np.float32)
+        else:
+            sigma = embedding_std if tname == "token_embd.weight" and embedding_std is not None else std
+            values = (sigma * rng.standard_normal(hf_shape)).astype(np.float32)
+        data = values if qtype == Q.F32 else values.astype(np.float16) if qtype == Q.F16 else quantize(values, qtype)
+        w.add_tensor(tname, data, raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
