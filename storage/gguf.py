@@ -454,4 +454,12 @@ def open_gguf(path: Path) -> GgufSource:
     if config.get("model_type") not in BY_MODEL_TYPE:
         raise LocalError(f"{path.name}: transformers reads it as {config.get('model_type')!r}, not one of "
                          f"{', '.join(sorted(BY_MODEL_TYPE))}", code="UNSUPPORTED_ARCHITECTURE")
-    return GgufSource(path, header, config, perms, names, ignored, offsets)
+    # transformers 5.24 ignores some archs' key length (qwen3 keeps its default head_dim of 128): the file says it
+    key_length, fixed = header.metadata.get(f"{arch}.attention.key_length"), None
+    if isinstance(key_length, int) and key_length > 0 and config.get("head_dim") not in (None, key_length):
+        fixed = f"head_dim {key_length} from {arch}.attention.key_length (transformers read {config['head_dim']})"
+        config["head_dim"] = key_length
+    source = GgufSource(path, header, config, perms, names, ignored, offsets)
+    if fixed:
+        source.notes.append(fixed)
+    return source

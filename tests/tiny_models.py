@@ -79,7 +79,7 @@ def reference(model: torch.nn.Module, prompt: Sequence[int], new: int) -> list[i
     ids, cache, out = torch.tensor([list(prompt)]), DynamicCache(config=model.config), []
     with torch.no_grad():
         for _ in range(new):
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
             out.append(int(logits.argmax(-1)))
             ids = torch.tensor([[out[-1]]])
     return out

@@ -162,7 +162,7 @@ class Family:
 
     def run(self, body: nn.Module, h: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
         """A stage's blocks on hidden states h [B, T, H] through the family's own base model."""
-        return body(inputs_embeds=h, position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+        return body(inputs_embeds=h, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
 
     # ---- GGUF -------------------------------------------------------------------------------------
 

@@ -475,7 +475,7 @@ async def test_the_last_stage_returns_logits_when_asked_equal_to_the_unsplit_mod
     cache, ids, wants = DynamicCache(config=model.config), torch.tensor([PROMPT]), []
     with torch.no_grad():
         for _ in range(3):
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1]
             wants.append(logits)
             ids = torch.tensor([[int(logits.argmax())]])
     results = Results()

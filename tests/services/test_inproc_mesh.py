@@ -41,7 +41,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
     ids, cache, out = torch.tensor([PROMPT]), DynamicCache(config=model.config), []
     with torch.no_grad():
         for _ in range(48):
-            out.append(int(model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax()))
+            out.append(int(model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1].argmax()))
             ids = torch.tensor([[out[-1]]])
     return folder, out
 

@@ -154,3 +154,25 @@ def test_qwen2moe_is_refused_naming_the_supported_architectures(tmp_path: Path) 
     assert supported is not None, message
     assert supported[1].split(", ") == ["gemma2", "gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3"]
     assert os.listdir(tmp_path) == ["moe.gguf"]
+
+
+def test_a_qwen3_files_own_head_size_wins_over_transformers_default(tmp_path: Path) -> None:
+    """transformers 5.24 reads no ``qwen3.attention.key_length`` and keeps head_dim 128; a file with another head
+    size is imported with its own (a note says so), and its shards run split in 2 stages as in one."""
+    shape = Shape(hidden=128, heads=4, kv_heads=2, ffn=256)  # head_dim 32
+    path = write_family(tmp_path / "q3.gguf", "qwen3", shape, types=types, std=0.2)
+    source = open_gguf(path)
+    assert source.config["head_dim"] == shape.head_dim == 32
+    assert any("head_dim 32 from qwen3.attention.key_length" in note for note in source.notes), source.notes
+    store = Store(tmp_path / "store", Identity.generate())
+    manifest = store.add(str(path), model_id="q3", weights="float32")
+    config = json.loads((store.registry.model_dir("q3", manifest.revision) / "config.json").read_text())
+    assert config["head_dim"] == 32
+
+    def tokens(cuts: list[int]) -> list[int]:
+        pipeline = [Stage(config, manifest.shards, a, b, lambda s: load_file(store.blob(s.sha256)[0]))
+                    for a, b in itertools.pairwise([0, *cuts, len(manifest.shards)])]
+        return run(pipeline, PROMPT, NEW)[0]
+
+    whole = tokens([])
+    assert len(set(whole)) >= 3 and tokens([2]) == whole

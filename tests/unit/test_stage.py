@@ -70,7 +70,7 @@ def reference(model: torch.nn.Module, prompt: list[list[int]], new: int) -> tupl
     ids, cache, out = torch.tensor(prompt), DynamicCache(config=model.config), []
     with torch.no_grad():
         for _ in range(new):
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
             out.append(int(logits.argmax(-1)))
             ids = torch.tensor([[out[-1]]])
     return out, logits
@@ -170,7 +170,7 @@ def test_float32_blocks_are_transformers_bit_for_bit(make, tmp_path: Path) -> No
         for chunk in chunks:
             ids = torch.tensor([chunk])
             pos = torch.arange(start, start + len(chunk)).unsqueeze(0)
-            want = model(input_ids=ids, position_ids=pos, past_key_values=ref_cache, use_cache=True,
+            want = model(input_ids=ids, position_ids=pos, cache=ref_cache, use_cache=True,
                          logits_to_keep=1).logits  # the head on the last position only, as a stage runs it
             h = ids
             for stage, cache in zip(stages, caches, strict=True):
