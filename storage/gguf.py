@@ -20,6 +20,11 @@ types are refused (``UNSUPPORTED_QUANTIZATION``) when the file is opened, before
 names, and for ``llama`` files the same reverse permutation of the q/k rows (llama.cpp interleaves the rotary
 halves of each head). A permutation of output rows moves whole rows of blocks, so it applies to quantized rows
 as well and keeps int4 exact.
+
+A tensor the family adapter splits (``Family.gguf_parts``: MoE experts stored as one 3-D tensor [E, N, K] in HF
+order) becomes one ``SourceTensor`` per part: a view of that part's consecutive rows (the same type, its own
+offset), read and converted as any matrix is, so an expert's quantized rows are kept as they are. A quantized
+matrix the family cannot run quantized (``Family.quantizable``: the MoE router) is dequantized to float32.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from gguf.quants import Q4_K, dequantize
 
 from mesh.errors import LocalError
 from storage.convert import SourceTensor
-from storage.families import BY_GGUF_ARCH, BY_MODEL_TYPE
+from storage.families import BY_GGUF_ARCH, BY_MODEL_TYPE, Family
 from storage.formats import FLOAT_DTYPES, GROUP, MIN, QUANTIZED, SCALE
 from storage.quantize import TORCH_DTYPES, pack_int4, quantize_int4, quantize_int8_
 
@@ -52,8 +57,6 @@ CHUNK = 1 << 23  # elements converted at a time (32 MiB as float32)
 FLOAT_TYPES = {Q.F32: "float32", Q.F16: "float16", Q.BF16: "bfloat16"}
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)  # types whose 4-bit values are kept as they are
 SUPPORTED = (*FLOAT_TYPES, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K)
-#: GGUF architectures whose tensors are 3-D (all experts in one tensor): not read yet.
-UNREAD_ARCHITECTURES = ("qwen2moe", "qwen3moe")
 
 # GGUF metadata value types: id -> struct format of a scalar (8 = string, 9 = array)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -243,22 +246,27 @@ def int4_rows(raw: np.ndarray, qtype: GGMLQuantizationType) -> tuple[torch.Tenso
 
 class GgufSource:
     """A GGUF file opened for conversion: ``config`` (transformers' config.json content), ``tensors`` (one
-    ``SourceTensor`` per GGUF tensor, named as transformers names it), ``notes`` (the mapping, for people) and
-    ``write_model_files`` (config and tokenizer). Use ``open_gguf``."""
+    ``SourceTensor`` per GGUF tensor, or per part of one the adapter splits, named as transformers names it),
+    ``notes`` (the mapping, for people) and ``write_model_files`` (config and tokenizer). Use ``open_gguf``."""
 
-    def __init__(self, path: Path, header: GgufHeader, config: dict[str, Any], perms: dict[str, int],
-                 names: dict[str, str], ignored: list[str], offsets: dict[str, float]) -> None:
+    def __init__(self, path: Path, header: GgufHeader, config: dict[str, Any], family: Family,
+                 parts: list[tuple[GgufTensor, str]], perms: dict[str, int], ignored: list[str],
+                 offsets: dict[str, float]) -> None:
         self.path, self.header, self.config = path, header, config
-        self._perm_heads = perms  # GGUF name -> head count of its row permutation (llama q/k)
-        self._offsets = offsets  # GGUF name -> what transformers adds on load (Gemma's norms: -1)
+        self._perm_heads = perms  # transformers name -> head count of its row permutation (llama q/k)
+        self._offsets = offsets  # transformers name -> what transformers adds on load (Gemma's norms: -1)
         self.tensors: list[SourceTensor] = []
-        for t in header.tensors:
-            if t.name not in names:
-                continue
+        for t, name in parts:  # a tensor of the file, or a part of one (an expert's rows), and its name
             auto, exact = auto_format(t.qtype, t.shape)
-            self.tensors.append(SourceTensor(names[t.name], t.shape, t.qtype.name, auto,
-                                             functools.partial(self._read, t, names[t.name]), exact))
+            if auto in QUANTIZED and not family.quantizable(name):
+                auto, exact = "float32", True  # dequantized, as transformers does
+            self.tensors.append(SourceTensor(name, t.shape, t.qtype.name, auto,
+                                             functools.partial(self._read, t, name), exact))
+        split = Counter(t.name for t, _ in parts)
         self.notes = self._notes(ignored)
+        if stacked := {n: c for n, c in split.items() if c > 1}:
+            self.notes.append(f"{len(stacked)} stacked tensors split into {sum(stacked.values())} matrices "
+                              f"(one per expert), their rows read as stored")
 
     def _notes(self, ignored: list[str]) -> list[str]:
         def how(st: SourceTensor) -> str:
@@ -317,10 +325,10 @@ class GgufSource:
         if fmt not in TORCH_DTYPES:
             raise ValueError(f"{name} is a vector: only float formats apply, not {fmt}")
         w = torch.from_numpy(dequantize(self._raw_rows(fd, t, 0, 1), t.qtype).reshape(t.shape))  # [N]
-        if t.name in self._offsets:
-            w = w + self._offsets[t.name]
-        if t.name in self._perm_heads:
-            w = w[row_permutation(t.shape[0], self._perm_heads[t.name])]
+        if name in self._offsets:
+            w = w + self._offsets[name]
+        if name in self._perm_heads:
+            w = w[row_permutation(t.shape[0], self._perm_heads[name])]
         return {name: w.to(TORCH_DTYPES[fmt]).contiguous()}
 
     def _read_matrix(self, fd: int, t: GgufTensor, name: str, fmt: str) -> dict[str, torch.Tensor]:
@@ -340,8 +348,8 @@ class GgufSource:
             raise ValueError(f"unknown weight format {fmt!r}; known: {', '.join((*FLOAT_DTYPES, *QUANTIZED))}")
         # where GGUF row s goes: the inverse of the row permutation (identity for most tensors)
         dest = None
-        if t.name in self._perm_heads:
-            dest = torch.argsort(row_permutation(n, self._perm_heads[t.name]))
+        if name in self._perm_heads:
+            dest = torch.argsort(row_permutation(n, self._perm_heads[name]))
         convert = self._converter(t, fmt)
         step = max(1, CHUNK // k)
         for start in range(0, n, step):
@@ -413,6 +421,19 @@ def _tokenizer(key: tuple[str, int, int]) -> Any:
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
+def split_tensor(path: Path, t: GgufTensor, shapes: list[tuple[int, ...]]) -> list[GgufTensor]:
+    """A tensor's parts of HF-order ``shapes`` (``Family.gguf_parts``) as tensors of their own: equal consecutive
+    slices of its data, each of whole rows (the last dimension kept), at its own offset. One part of the
+    tensor's own shape is the tensor itself."""
+    if shapes == [t.shape]:
+        return [t]
+    size, total = t.nbytes // len(shapes), math.prod(t.shape)
+    if any(len(s) != 2 or s[-1] != t.shape[-1] or math.prod(s) * len(shapes) != total for s in shapes):
+        raise malformed(path, f"tensor {t.name} {list(t.shape)} cannot be read as {len(shapes)} parts of "
+                              f"{sorted({tuple(s) for s in shapes})}")
+    return [GgufTensor(t.name, t.qtype, tuple(s), t.offset + i * size, size) for i, s in enumerate(shapes)]
+
+
 def open_gguf(path: Path) -> GgufSource:
     """Open a GGUF file for conversion: header and metadata only. Raises LocalError MALFORMED_GGUF (truncated or
     corrupt), UNSUPPORTED_ARCHITECTURE or UNSUPPORTED_QUANTIZATION before any tensor is read."""
@@ -423,33 +444,38 @@ def open_gguf(path: Path) -> GgufSource:
         raise malformed(path, str(exc)) from exc
     arch = header.metadata.get("general.architecture")
     family = BY_GGUF_ARCH.get(arch)
-    if family is None or arch in UNREAD_ARCHITECTURES:
+    if family is None:
         raise LocalError(f"{path.name}: GGUF architecture {arch!r} cannot be converted; supported: "
-                         f"{', '.join(a for a in sorted(BY_GGUF_ARCH) if a not in UNREAD_ARCHITECTURES)}"
-                         f" (not read: {', '.join(UNREAD_ARCHITECTURES)}, whose experts are 3-D tensors; "
-                         f"add those from a Hugging Face folder)", code="UNSUPPORTED_ARCHITECTURE")
+                         f"{', '.join(sorted(BY_GGUF_ARCH))} (add other models from a Hugging Face folder)",
+                         code="UNSUPPORTED_ARCHITECTURE")
     bad = [t for t in header.tensors if t.qtype not in SUPPORTED]
     if bad:
         kinds = sorted({t.qtype.name for t in bad})
         raise LocalError(f"{path.name}: GGUF type {', '.join(kinds)} cannot be converted (tensor {bad[0].name}"
                          + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
                          + f"); supported: {', '.join(t.name for t in SUPPORTED)}", code="UNSUPPORTED_QUANTIZATION")
-    names, ignored, perms, offsets = {}, [], {}, {}
+    parts: list[tuple[GgufTensor, str]] = []  # (a tensor of the file or a part of one, its transformers name)
+    ignored: list[str] = []
+    perms: dict[str, int] = {}
+    offsets: dict[str, float] = {}
     for t in header.tensors:
         if t.name in family.gguf_ignored:
             ignored.append(t.name)
-        elif (hf := family.gguf_name(t.name)) is not None and len(t.shape) <= 2:
-            names[t.name] = hf
-            if (heads := family.gguf_permuted_heads(arch, t.name, header.metadata)) is not None:
-                if not isinstance(heads, int) or heads <= 0 or t.shape[0] % (2 * heads):
-                    raise malformed(path, f"tensor {t.name} has {t.shape[0]} rows, not a whole number of "
-                                          f"rotary pairs for {heads} heads")
-                perms[t.name] = heads
-            if offset := family.gguf_offset(hf):
-                offsets[t.name] = offset
-        else:
+            continue
+        mapped = family.gguf_parts(t.name, t.shape)
+        if not mapped:
             raise LocalError(f"{path.name}: tensor {t.name} {list(t.shape)} has no place in a {arch} model",
                              code="UNSUPPORTED_ARCHITECTURE")
+        views = split_tensor(path, t, [shape for _, shape in mapped])
+        for view, (hf, _) in zip(views, mapped, strict=True):
+            parts.append((view, hf))
+            if (heads := family.gguf_permuted_heads(arch, t.name, header.metadata)) is not None:
+                if not isinstance(heads, int) or heads <= 0 or view.shape[0] % (2 * heads):
+                    raise malformed(path, f"tensor {t.name} has {view.shape[0]} rows, not a whole number of "
+                                          f"rotary pairs for {heads} heads")
+                perms[hf] = heads
+            if offset := family.gguf_offset(hf):
+                offsets[hf] = offset
     config = load_config(path)  # (a "llama" file may read as mistral: names and fix-ups follow the file's arch)
     if config.get("model_type") not in BY_MODEL_TYPE:
         raise LocalError(f"{path.name}: transformers reads it as {config.get('model_type')!r}, not one of "
@@ -459,7 +485,7 @@ def open_gguf(path: Path) -> GgufSource:
     if isinstance(key_length, int) and key_length > 0 and config.get("head_dim") not in (None, key_length):
         fixed = f"head_dim {key_length} from {arch}.attention.key_length (transformers read {config['head_dim']})"
         config["head_dim"] = key_length
-    source = GgufSource(path, header, config, perms, names, ignored, offsets)
-    if fixed:
-        source.notes.append(fixed)
+    sized = family.gguf_config(config, {hf: view.shape for view, hf in parts})
+    source = GgufSource(path, header, config, family, parts, perms, ignored, offsets)
+    source.notes += ([fixed] if fixed else []) + sized
     return source

@@ -26,6 +26,10 @@ class Shape:
     kv_heads: int = 2
     ffn: int = 512
     context: int = 128
+    experts: int = 0  # MoE (FAMILY_ARCHS' "experts"): experts per block, experts per token, each expert's ffn
+    active_experts: int = 0
+    expert_ffn: int = 0
+    shared_ffn: int = 0  # Qwen 2 MoE's shared expert's ffn
 
     @property
     def head_dim(self) -> int:
@@ -159,14 +163,20 @@ def write_big_q8(path: Path, shape: Shape) -> int:
 
 # -- tiny files of the other GGUF architectures (llama.cpp's tensor names and metadata keys per arch)
 
-#: What each architecture's blocks hold besides the norm before attention, o_proj, ffn_down and the norm
-#: before the MLP: separate or fused q/k/v, separate gate and up or one fused ``ffn_up`` [2I, H], per-head
-#: q/k norms [D], and Gemma's norms after attention and after the MLP.
+#: What each architecture's blocks hold besides the norm before attention, o_proj and the norm before the MLP:
+#: separate or fused q/k/v, separate gate and up or one fused ``ffn_up`` [2I, H] (and ffn_down), per-head
+#: q/k norms [D], Gemma's norms after attention and after the MLP; optional: q/k/v biases ("bias"), a mixture
+#: of experts instead of the MLP ("experts": the router ``ffn_gate_inp`` [E, H] and 3-D ``ffn_{gate,up,down}_exps``
+#: [E, I, H], [E, I, H], [E, H, I] in HF order), and Qwen 2 MoE's shared expert ("shared_expert":
+#: ``ffn_{gate,up,down}_shexp`` and its gate ``ffn_gate_inp_shexp`` [H]).
 FAMILY_ARCHS: dict[str, dict[str, bool]] = {
     "qwen3": {"fused": False, "qk_norm": True, "post_norms": False},
     "gemma2": {"fused": False, "qk_norm": False, "post_norms": True},
     "gemma3": {"fused": False, "qk_norm": True, "post_norms": True},
     "phi3": {"fused": True, "qk_norm": False, "post_norms": False},
+    "qwen2moe": {"fused": False, "qk_norm": False, "post_norms": False, "bias": True, "experts": True,
+                 "shared_expert": True},
+    "qwen3moe": {"fused": False, "qk_norm": True, "post_norms": False, "experts": True},
 }
 
 
@@ -183,17 +193,28 @@ def family_tensors(arch: str, s: Shape, head: bool = True) -> list[tuple[str, tu
         else:
             out += [(f"{b}.attn_q.weight", (q, s.hidden)), (f"{b}.attn_k.weight", (kv, s.hidden)),
                     (f"{b}.attn_v.weight", (kv, s.hidden))]
+        if kind.get("bias"):
+            out += [(f"{b}.attn_q.bias", (q,)), (f"{b}.attn_k.bias", (kv,)), (f"{b}.attn_v.bias", (kv,))]
         if kind["qk_norm"]:
             out += [(f"{b}.attn_q_norm.weight", (d,)), (f"{b}.attn_k_norm.weight", (d,))]
         out.append((f"{b}.attn_output.weight", (s.hidden, q)))
         if kind["post_norms"]:
             out.append((f"{b}.post_attention_norm.weight", (s.hidden,)))
         out.append((f"{b}.ffn_norm.weight", (s.hidden,)))
-        if kind["fused"]:
-            out.append((f"{b}.ffn_up.weight", (2 * s.ffn, s.hidden)))
+        if kind.get("experts"):
+            e, i_ = s.experts, s.expert_ffn
+            out += [(f"{b}.ffn_gate_inp.weight", (e, s.hidden)), (f"{b}.ffn_gate_exps.weight", (e, i_, s.hidden)),
+                    (f"{b}.ffn_down_exps.weight", (e, s.hidden, i_)), (f"{b}.ffn_up_exps.weight", (e, i_, s.hidden))]
+            if kind.get("shared_expert"):
+                out += [(f"{b}.ffn_gate_inp_shexp.weight", (s.hidden,)),
+                        (f"{b}.ffn_gate_shexp.weight", (s.shared_ffn, s.hidden)),
+                        (f"{b}.ffn_up_shexp.weight", (s.shared_ffn, s.hidden)),
+                        (f"{b}.ffn_down_shexp.weight", (s.hidden, s.shared_ffn))]
+        elif kind["fused"]:
+            out += [(f"{b}.ffn_up.weight", (2 * s.ffn, s.hidden)), (f"{b}.ffn_down.weight", (s.hidden, s.ffn))]
         else:
-            out += [(f"{b}.ffn_gate.weight", (s.ffn, s.hidden)), (f"{b}.ffn_up.weight", (s.ffn, s.hidden))]
-        out.append((f"{b}.ffn_down.weight", (s.hidden, s.ffn)))
+            out += [(f"{b}.ffn_gate.weight", (s.ffn, s.hidden)), (f"{b}.ffn_up.weight", (s.ffn, s.hidden)),
+                    (f"{b}.ffn_down.weight", (s.hidden, s.ffn))]
         if kind["post_norms"]:
             out.append((f"{b}.post_ffw_norm.weight", (s.hidden,)))
     out.append(("output_norm.weight", (s.hidden,)))
@@ -225,7 +246,8 @@ def write_family(path: Path, arch: str, shape: Shape, head: bool = True, sliding
                  seed: int = 0) -> Path:
     """A tiny GGUF of architecture ``arch`` (a ``FAMILY_ARCHS`` key) with the metadata keys llama.cpp writes
     for it and write_llama's tokenizer. Matrices are N(0, std^2) noise; norm vectors are stored as
-    1 + N(0, 0.1^2), as a trained model's are (Gemma files store 1 + w, so its w is near 0 too); the embedding
+    1 + N(0, 0.1^2), as a trained model's are (Gemma files store 1 + w, so its w is near 0 too), other vectors
+    (biases, the shared expert's gate) as noise; the embedding
     is N(0, embedding_std^2) (default: std) and the final norm is stored as output_norm + N(0, 0.1^2) (large:
     large logits). ``types(gguf_name, hf_shape)`` chooses each tensor's type (default: F32; any type that
     gguf-py quantizes)."""
@@ -249,10 +271,16 @@ def write_family(path: Path, arch: str, shape: Shape, head: bool = True, sliding
     if arch == "gemma2":  # what llama.cpp writes (transformers 5.24 reads neither: its defaults are these)
         w.add_attn_logit_softcapping(50.0)
         w.add_final_logit_softcapping(30.0)
+    if FAMILY_ARCHS[arch].get("experts"):  # what llama.cpp writes (transformers 5.24 reads no ffn length of these)
+        w.add_expert_count(shape.experts)
+        w.add_expert_used_count(shape.active_experts)
+        w.add_expert_feed_forward_length(shape.expert_ffn)
+        if FAMILY_ARCHS[arch].get("shared_expert"):
+            w.add_expert_shared_feed_forward_length(shape.shared_ffn)
     _byte_level_tokenizer(w, shape.vocab)
     for tname, hf_shape in family_tensors(arch, shape, head):
         qtype = types(tname, hf_shape) if types else Q.F32
-        if len(hf_shape) == 1:  # a norm: about 1 (the final one: about output_norm)
+        if len(hf_shape) == 1 and "norm" in tname:  # a norm: about 1 (the final one: about output_norm)
             center = output_norm if tname == "output_norm.weight" else 1.0
             values = (center + 0.1 * rng.standard_normal(hf_shape)).astype(np.float32)
         else:

@@ -178,6 +178,19 @@ class Family:
             return f"model.layers.{m[1]}.{self.gguf_blocks[m[2]]}.{suffix}"
         return None
 
+    def gguf_parts(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]] | None:
+        """What a GGUF tensor of HF-order ``shape`` holds in the checkpoint layout: (transformers name, shape) of
+        each part, the parts being equal consecutive slices of its data, each of whole rows (a part's last
+        dimension is the tensor's: quantized blocks are never cut). The default: a vector or matrix is one part,
+        named by ``gguf_name``; None when transformers has no parameter for it, or it has more dimensions."""
+        hf = self.gguf_name(name)
+        return None if hf is None or len(shape) > 2 else [(hf, shape)]
+
+    def gguf_config(self, config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> list[str]:
+        """Set in ``config`` (transformers' config of a GGUF file) what transformers left at its defaults though
+        the file's tensors (transformers name -> shape) say it; a note for people per change."""
+        return []
+
     def gguf_permuted_heads(self, gguf_arch: str, name: str, metadata: dict[str, Any]) -> int | None:
         """Heads of the rotary row permutation llama.cpp applied to this tensor (transformers undoes it for
         ``llama`` files only), or None."""

@@ -9,7 +9,11 @@ modules hold them fused, and this adapter owns the mapping:
 Memory counts every expert; speed counts the K active ones (``active_fraction``). Quantized experts (int8,
 int4) run through ``QuantExperts``: transformers' routing loop over the int8/int4 kernels of each expert.
 A stage renumbers its blocks from 0, so which blocks are sparse (``mlp_only_layers``, ``decoder_sparse_step``,
-by global index) is rewritten to the stage's own indices."""
+by global index) is rewritten to the stage's own indices.
+
+GGUF files (llama.cpp's qwen2moe, qwen3moe) hold a block's experts as 3-D tensors ``ffn_{gate,up,down}_exps``
+[E, N, K] in HF order, expert e's N rows contiguous: ``gguf_parts`` names each expert's slice as the checkpoint
+does, so the importer reads one expert's rows as one matrix (quantized rows as they are)."""
 
 from __future__ import annotations
 
@@ -36,7 +40,20 @@ class QwenMoe(Family):
     name = "qwen_moe"
     model_types = ("qwen2_moe", "qwen3_moe")
     causal_lm: ClassVar[dict[str, str]] = {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
-    gguf_archs = ("qwen2moe", "qwen3moe")  # (their experts are 3-D tensors: storage.gguf does not read them yet)
+    gguf_archs = ("qwen2moe", "qwen3moe")
+    gguf_blocks: ClassVar[dict[str, str]] = {
+        **Family.gguf_blocks, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",  # Qwen 3 MoE
+        "ffn_gate_inp": "mlp.gate", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",  # the router; Qwen 2 MoE's
+        "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",  # shared
+        "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}  # expert, and its gate: [H] in GGUF, [1, H] here
+    #: GGUF's expert tensors, [E, N, K] in HF order (expert e's N rows contiguous) -> each expert's matrix
+    gguf_experts: ClassVar[dict[str, str]] = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj",
+                                              "ffn_down_exps": "down_proj"}
+    #: Sizes transformers 5.24 does not read from a GGUF file (``expert_feed_forward_length``,
+    #: ``expert_shared_feed_forward_length``: it keeps its defaults, 1408 and 5632 for qwen2_moe) -> the tensor
+    #: whose row count is that size
+    gguf_sizes: ClassVar[dict[str, str]] = {"moe_intermediate_size": ".mlp.experts.0.gate_proj.weight",
+                                            "shared_expert_intermediate_size": ".mlp.shared_expert.gate_proj.weight"}
 
     def architecture(self, config: dict[str, Any]) -> Architecture:
         arch = super().architecture(config)
@@ -55,6 +72,26 @@ class QwenMoe(Family):
         super().stage_config(cfg, numbers)
         cfg.decoder_sparse_step = 1
         cfg.mlp_only_layers = [i for i, is_moe in enumerate(moe) if not is_moe]
+
+    def gguf_parts(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]] | None:
+        if (m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)) and m[2] in self.gguf_experts:
+            if len(shape) != 3:
+                return None
+            return [(f"model.layers.{m[1]}.mlp.experts.{e}.{self.gguf_experts[m[2]]}.weight", shape[1:])
+                    for e in range(shape[0])]
+        parts = super().gguf_parts(name, shape)
+        if parts and len(shape) == 1 and parts[0][0].endswith(".mlp.shared_expert_gate.weight"):
+            return [(parts[0][0], (1, shape[0]))]  # an nn.Linear(H, 1), as transformers expands it
+        return parts
+
+    def gguf_config(self, config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> list[str]:
+        notes = []
+        for key, suffix in self.gguf_sizes.items():
+            rows = {shape[0] for name, shape in shapes.items() if name.endswith(suffix)}
+            if len(rows) == 1 and config.get(key) != (size := rows.pop()):
+                notes.append(f"{key} {size} from the tensors (transformers read {config.get(key)})")
+                config[key] = size
+        return notes
 
     def load_blocks(self, blocks: nn.Module, local: dict[str, torch.Tensor], formats: dict[str, str],
                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
