@@ -7,13 +7,25 @@ and its help. The CLI builds its flags from that table, so a key without a flag 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from mesh.errors import ConfigError
 from mesh.membership import MembershipConfig
+
+#: The environment variable that sets ``api.token`` (over the file, under ``--api-token``).
+TOKEN_ENV = "MESHNODE_API_TOKEN"
+#: What an API token may hold: printable ASCII without spaces, so it travels in one header unchanged.
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+
+def valid_token(token: str) -> bool:
+    return _TOKEN.fullmatch(token) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +57,9 @@ class NetworkConfig:
 @dataclass(frozen=True, slots=True)
 class ApiConfig:
     listen: str = "127.0.0.1:8470"  # "" turns the HTTP API off
+    # Every endpoint but GET /api/health then wants "Authorization: Bearer <token>". "" on a loopback bind:
+    # the API is open; "" on any other bind: the peer uses (or creates) <data_dir>/api-token.
+    token: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +149,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("membership.forget_after", "--forget-after", "seconds before an offline peer is forgotten"),
     Option("membership.require_gpu", "--require-gpu", "only peers with a GPU may coordinate or serve"),
     Option("api.listen", "--api", "host:port of the local HTTP API ('' to disable)"),
+    Option("api.token", "--api-token",
+           f"token the HTTP API asks for (Authorization: Bearer TOKEN; default ${TOKEN_ENV})"),
     Option("storage.parallel_downloads", "--parallel-downloads", "shards fetched at once from peers"),
     Option("storage.retries", "--download-retries", "rounds over every holder of a shard before giving up"),
     Option("storage.upload_limit_mb_s", "--upload-limit", "MB/s when serving shards to peers (0: unlimited)"),
@@ -227,10 +244,14 @@ def load_file(path: str | Path) -> dict[str, Any]:
     return flat
 
 
-def build(args: argparse.Namespace | None = None, file: str | Path | None = None) -> Config:
-    """Defaults, then the file (``--config`` or ``file``), then flags that were given."""
+def build(args: argparse.Namespace | None = None, file: str | Path | None = None,
+          environ: Mapping[str, str] | None = None) -> Config:
+    """Defaults, then the file (``--config`` or ``file``), then the environment (``environ``: only
+    ``MESHNODE_API_TOKEN``; the CLI passes ``os.environ``), then flags that were given."""
     path = file if file is not None else getattr(args, "config", None)
     values = load_file(path) if path else {}
+    if environ is not None and environ.get(TOKEN_ENV):
+        values["api.token"] = environ[TOKEN_ENV]
     if args is not None:
         for opt in OPTIONS:
             value = getattr(args, opt.key.replace(".", "__"), None)
@@ -267,3 +288,20 @@ def validate(config: Config) -> None:
         raise ValueError(f"inference.compute_dtype: auto, float32 or bfloat16, not {inf.compute_dtype!r}")
     if config.demo.peers < 1:
         raise ValueError("demo.peers must be at least 1")
+    if config.api.token and not valid_token(config.api.token):
+        raise ValueError("api.token: printable ASCII without spaces (it travels as Authorization: Bearer TOKEN)")
+
+
+def is_loopback_bind(listen: str) -> bool:
+    """Whether an ``api.listen`` (``host:port``, ``[v6]:port``, ``unix:PATH``) is reachable from this machine
+    only: 127.0.0.0/8, ::1, ``localhost`` or a unix socket. Any other name, and an empty host (every
+    interface), counts as reachable from elsewhere."""
+    if listen.startswith("unix:"):
+        return True
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -36,6 +36,8 @@ CODES: dict[str, Code] = _table(
     ("METHOD_NOT_ALLOWED", 405, "the endpoint does not take this HTTP method"),
     ("API_UNREACHABLE", 503, "the CLI cannot reach the peer's HTTP API"),
     ("HTTP_ERROR", 502, "the peer's API answered an HTTP error without a JSON error body"),
+    ("UNAUTHORIZED", 401, "an API request without the peer's API token (Authorization: Bearer TOKEN)"),
+    ("INSECURE_PERMISSIONS", 500, "a secret file (the API token) that group or others may read: chmod 600 it"),
     ("INTERNAL", 500, "an unexpected failure in one request or stream handler (logged; the peer goes on)"),
     # wire and membership
     ("MALFORMED_MESSAGE", 400, "bytes that are not a well-formed message (CBOR, types, fields)"),

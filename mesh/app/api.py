@@ -1,13 +1,16 @@
 """The local HTTP API (Starlette on hypercorn's trio worker, inside the peer's own nursery).
 
 Errors always answer ``{"error": {"code": ..., "message": ...}}`` with a matching status code, and are
-logged with their code; a bad request never disturbs the peer.
+logged with their code; a bad request never disturbs the peer. With ``api.token`` set, every request but
+``OPEN_ROUTES`` needs ``Authorization: Bearer <token>`` (``BearerAuth``).
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,11 +19,14 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mesh.errors import MeshError, NotFoundError, PeerError
+from mesh.logs import Throttle
 from mesh.wire import NodeStatus
 
 if TYPE_CHECKING:
@@ -36,6 +42,67 @@ def error_response(err: MeshError) -> JSONResponse:
 
     log.warning("api error %s: %s", err.code, err, extra={"event": "api_error", "code": err.code})
     return JSONResponse({"error": openai_error(err)}, status_code=err.http_status)
+
+
+#: What answers without the token: a liveness probe that tells only the node id and its status.
+OPEN_ROUTES = frozenset({("GET", "/api/health"), ("HEAD", "/api/health")})
+#: One warning per client address and reason this often: a client retrying a wrong token in a loop must not
+#: fill the log of a peer that runs for weeks.
+REFUSAL_LOG_EVERY_S = 10.0
+
+
+class BearerAuth:
+    """ASGI middleware: a request needs ``Authorization: Bearer <token>`` (compared in constant time), unless
+    it is one of ``OPEN_ROUTES``. A missing or wrong token answers 401 ``UNAUTHORIZED`` in OpenAI's error shape
+    with ``WWW-Authenticate: Bearer``, before any route runs; the token is never read from the URL and never
+    logged."""
+
+    def __init__(self, app: ASGIApp, token: str, clock: Callable[[], float] = trio.current_time) -> None:
+        self.app = app
+        self.token = token.encode()
+        self.clock = clock
+        self.throttle = Throttle(every=REFUSAL_LOG_EVERY_S)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or (scope.get("method"), scope["path"]) in OPEN_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        self._log(scope, refusal)
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})  # policy violation, before any accept
+            return
+        err = PeerError(f"{refusal}: this API wants Authorization: Bearer TOKEN (GET /api/health is open)",
+                        code="UNAUTHORIZED")
+        challenge = 'Bearer realm="meshnode"' + (', error="invalid_token"' if refusal == "wrong token" else "")
+        from mesh.app.openai import openai_error
+
+        response = JSONResponse({"error": openai_error(err)}, status_code=err.http_status,
+                                headers={"WWW-Authenticate": challenge})
+        await response(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> str | None:
+        """None when the request carries the token; otherwise why not."""
+        given = [v for k, v in scope["headers"] if k.lower() == b"authorization"]
+        if not given:
+            return "no token"
+        if len(given) > 1:
+            return "more than one Authorization header"
+        scheme, _, credential = given[0].strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return "not a Bearer token"
+        return None if hmac.compare_digest(credential.strip(), self.token) else "wrong token"
+
+    def _log(self, scope: Scope, refusal: str) -> None:
+        client = (scope.get("client") or ("?", 0))[0]
+        held = self.throttle.allow((client, refusal), self.clock())
+        if held is not None:
+            log.warning("api request refused, %s: %s %s from %s%s", refusal, scope.get("method", "WEBSOCKET"),
+                        scope["path"], client, f" ({held} more held back)" if held else "",
+                        extra={"event": "api_error", "code": "UNAUTHORIZED", "peer": client})
 
 
 def build_app(node: Node) -> Starlette:
@@ -206,8 +273,10 @@ def build_app(node: Node) -> Starlette:
         Route("/api/transfers/{transfer_id}", transfer),
         Route("/storage/models/{rest:path}", storage_file, methods=["GET", "HEAD"]),
     ]
+    token = node.config.api.token
     return Starlette(
         routes=routes,
+        middleware=[Middleware(BearerAuth, token=token)] if token else [],
         exception_handlers={MeshError: on_mesh_error, HTTPException: on_http_error, Exception: on_unexpected},
     )
 

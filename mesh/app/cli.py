@@ -16,7 +16,7 @@ import trio
 
 from mesh import config as config_mod
 from mesh import logs
-from mesh.app.client import add_progress, api_get, format_status, pull, stream_events
+from mesh.app.client import API_TOKEN_FILE, add_progress, api_get, client_token, format_status, pull, stream_events
 from mesh.errors import MeshError, NotFoundError
 from storage.formats import WEIGHTS
 
@@ -27,13 +27,14 @@ DEFAULT_API = "127.0.0.1:8470"
 # ---- start --------------------------------------------------------------------------------------
 
 
-async def _start(cfg: config_mod.Config) -> None:
+async def _start(cfg: config_mod.Config, token_file: Path | None) -> None:
     # Signals are caught from the start, so a SIGTERM during start-up still drains cleanly.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        await _serve_until_drained(cfg, signals)
+        await _serve_until_drained(cfg, signals, token_file)
 
 
-async def _serve_until_drained(cfg: config_mod.Config, signals: AsyncIterator[int]) -> None:
+async def _serve_until_drained(cfg: config_mod.Config, signals: AsyncIterator[int],
+                               token_file: Path | None = None) -> None:
     from mesh.app import main as peer_main
     from mesh.app.node import Node
 
@@ -49,6 +50,8 @@ async def _serve_until_drained(cfg: config_mod.Config, signals: AsyncIterator[in
             print(f"  bootstrap address: {addr}", flush=True)
         if peer.api_url:
             print(f"  api: {peer.api_url}", flush=True)
+            if token_file is not None:  # the user did not choose this token: say where it is
+                print(f"  api token (in {token_file}): {cfg.api.token}", flush=True)
         async for sig in signals:
             if peer.drain_requested.is_set():
                 log.warning("second signal: stopping now")
@@ -59,19 +62,27 @@ async def _serve_until_drained(cfg: config_mod.Config, signals: AsyncIterator[in
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    cfg = config_mod.build(args)
+    configured = config_mod.build(args, environ=os.environ)
     from mesh import transport  # noqa: F401  importing libp2p resets its logger: configure logging after it
+    from mesh.app import main as peer_main
 
-    logs.setup(cfg.log.level, cfg.log.json)
-    trio.run(_start, cfg)
+    logs.setup(configured.log.level, configured.log.json)
+    cfg = peer_main.with_api_token(configured)  # here, so a refused token file ends with its code, not a trace
+    token_file = cfg.data_path / API_TOKEN_FILE if cfg.api.token != configured.api.token else None
+    trio.run(_start, cfg, token_file)
     return 0
 
 
 # ---- status / drain -----------------------------------------------------------------------------
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    """The token for the peer's API: --api-token, $MESHNODE_API_TOKEN, or the peer's file in --data-dir."""
+    return client_token(args.api_token, args.data_dir, os.environ)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    nodes = api_get(args.api, "/api/nodes")
+    nodes = api_get(args.api, "/api/nodes", token=_token(args))
     if args.json:
         print(json.dumps(nodes, indent=2))
     else:
@@ -80,7 +91,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    reply = api_get(args.api, "/api/drain", method="POST")
+    reply = api_get(args.api, "/api/drain", method="POST", token=_token(args))
     print(f"peer {reply['node_id']} is {reply['status']}; it goes offline and exits once drained")
     return 0
 
@@ -107,7 +118,7 @@ def _size(n: int) -> str:
 
 def cmd_models(args: argparse.Namespace) -> int:
     if args.models_command == "pull":
-        t = pull(args.api, args.model, args.revision, args.source, quiet=args.quiet)
+        t = pull(args.api, args.model, args.revision, args.source, quiet=args.quiet, token=_token(args))
         print(f"{t['model']} ({t['revision']}): ready, {_size(t['done_bytes'])} in {t['elapsed_s']:.1f}s "
               f"({_size(t['resumed_bytes'])} resumed) from {len(t['by_source'])} source(s)")
         return 0
@@ -169,9 +180,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     at the end instead."""
     if args.local:
         return _generate_local(args)
-    model = args.model
+    model, token = args.model, _token(args)
     if not model:
-        served = api_get(args.api, "/v1/models")["data"]
+        served = api_get(args.api, "/v1/models", token=token)["data"]
         if not served:
             raise MeshError("the mesh serves no model yet (POST /api/model or `meshnode start --serve ID`)",
                             code="MODEL_NOT_AVAILABLE")
@@ -185,7 +196,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": args.prompt}]
     text, details = [], {}
-    for event in stream_events(args.api, path, body):
+    for event in stream_events(args.api, path, body, token=token):
         choice = event["choices"][0]
         piece = choice.get("text") if args.raw else choice["delta"].get("content")
         if choice.get("finish_reason") is not None:
@@ -230,6 +241,15 @@ def _generate_local(args: argparse.Namespace) -> int:
 # ---- entry point --------------------------------------------------------------------------------
 
 
+def _api_arguments(p: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
+    """--api and --api-token of a command that calls a running peer (and --data-dir, where its token file is)."""
+    p.add_argument("--api", default=DEFAULT_API, help="the peer's API address (host:port)")
+    p.add_argument("--api-token", metavar="TOKEN",
+                   help=f"the peer's API token (default: ${config_mod.TOKEN_ENV}, else DATA_DIR/{API_TOKEN_FILE})")
+    if data_dir:
+        p.add_argument("--data-dir", default="~/.meshnode", help=f"the peer's data directory (its {API_TOKEN_FILE})")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshnode", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,11 +257,11 @@ def make_parser() -> argparse.ArgumentParser:
     config_mod.add_arguments(p)
     p.set_defaults(func=cmd_start)
     p = sub.add_parser("status", help="print the mesh as this peer sees it")
-    p.add_argument("--api", default=DEFAULT_API, help="the peer's API address (host:port)")
+    _api_arguments(p)
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("drain", help="drain the local peer: draining, then offline, then exit")
-    p.add_argument("--api", default=DEFAULT_API, help="the peer's API address (host:port)")
+    _api_arguments(p)
     p.set_defaults(func=cmd_drain)
     p = sub.add_parser("models", help="install, list and show models in the local store")
     p.add_argument("--data-dir", default="~/.meshnode", help="the peer's data directory")
@@ -258,14 +278,14 @@ def make_parser() -> argparse.ArgumentParser:
     lst.add_argument("--json", action="store_true")
     show = msub.add_parser("show", help="one model: versions, files, shards and checksums")
     show.add_argument("id")
-    for store_command in (add, lst, show):  # also after the subcommand: `models add SOURCE --data-dir D`
-        store_command.add_argument("--data-dir", default=argparse.SUPPRESS, help="the peer's data directory")
     pl = msub.add_parser("pull", help="have the running peer fetch a model from the peers that hold it")
     pl.add_argument("model")
     pl.add_argument("--revision", help="a version the holders advertise (default: theirs)")
     pl.add_argument("--source", help="where to add it from if no peer can deliver it (as for `add`)")
-    pl.add_argument("--api", default=DEFAULT_API, help="the peer's API address (host:port)")
+    _api_arguments(pl, data_dir=False)
     pl.add_argument("--quiet", action="store_true", help="no progress bar")
+    for store_command in (add, lst, show, pl):  # also after the subcommand: `models add SOURCE --data-dir D`
+        store_command.add_argument("--data-dir", default=argparse.SUPPRESS, help="the peer's data directory")
     p.set_defaults(func=cmd_models)
     p = sub.add_parser("plan", help="what-if: the layer plan for given layers and nodes, as JSON (no mesh)")
     p.add_argument("--layers", required=True, help='JSON list of {"index", "flops_per_token", "bytes"}')
@@ -282,11 +302,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--seed", type=int, help="seed for sampling (same seed, same text)")
     p.add_argument("--raw", action="store_true", help="plain completion of the prompt, no chat template")
-    p.add_argument("--api", default=DEFAULT_API, help="the peer's API address (host:port)")
+    _api_arguments(p, data_dir=False)
     p.add_argument("--json", action="store_true", help='print one object at the end: {"text", "token_ids", "timings"}')
     p.add_argument("--local", action="store_true",
                    help="run the model from the local store in this process: no mesh, no running peer")
-    p.add_argument("--data-dir", default="~/.meshnode", help="with --local: the data directory holding the model")
+    p.add_argument("--data-dir", default="~/.meshnode",
+                   help=f"with --local: the one holding the model; else the peer's (its {API_TOKEN_FILE})")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
                    help="with --local: the compute dtype (default: the model's, as a plan would choose)")
     p.set_defaults(func=cmd_generate)

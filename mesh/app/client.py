@@ -8,21 +8,62 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
-from mesh.errors import MeshError
+from mesh.config import TOKEN_ENV, valid_token
+from mesh.errors import ConfigError, MeshError
+from mesh.fsutil import read_private
+
+#: The API token a peer made for itself (a non-loopback ``--api`` without ``--api-token``), in its data dir.
+API_TOKEN_FILE = "api-token"
+#: How a CLI user passes the token, named in the error of a refused request.
+TOKEN_HOW = (f"pass --api-token TOKEN, set {TOKEN_ENV}, or --data-dir DIR of the peer "
+             f"(its {API_TOKEN_FILE} file)")
+
+
+def read_token_file(data_dir: Path) -> str | None:
+    """The token in ``data_dir/api-token``, or None when there is none. A file that group or others may
+    read is refused (``INSECURE_PERMISSIONS``), as is one that holds no usable token."""
+    path = data_dir / API_TOKEN_FILE
+    try:
+        token = read_private(path).decode("ascii", errors="replace").strip()
+    except FileNotFoundError:
+        return None
+    if not valid_token(token):
+        raise ConfigError(f"{path} holds no usable token (one line of printable ASCII); delete it to get a new one")
+    return token
+
+
+def client_token(explicit: str | None, data_dir: str | Path | None, environ: Mapping[str, str]) -> str | None:
+    """The token a command sends to a peer's API: ``--api-token``, else ``$MESHNODE_API_TOKEN``, else the
+    peer's token file in ``data_dir``; None (no header) when there is none."""
+    if explicit:
+        return explicit
+    if environ.get(TOKEN_ENV):
+        return environ[TOKEN_ENV]
+    return read_token_file(Path(data_dir).expanduser()) if data_dir is not None else None
 
 
 def _api_url(addr: str) -> str:
     return addr if addr.startswith("http") else f"http://{addr}"
 
 
-def api_get(addr: str, path: str, *, method: str = "GET", timeout: float = 5.0, body: Any = None) -> Any:
-    """Call the local HTTP API; returns decoded JSON, raises MeshError with the API's code."""
+def _headers(token: str | None, *, json_body: bool) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"} if json_body else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"  # a header, never the URL: URLs end up in logs
+    return headers
+
+
+def api_get(addr: str, path: str, *, method: str = "GET", timeout: float = 5.0, body: Any = None,
+            token: str | None = None) -> Any:
+    """Call the local HTTP API (with ``token`` as ``Authorization: Bearer``); returns decoded JSON, raises
+    MeshError with the API's code."""
     data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
     req = urllib.request.Request(_api_url(addr) + path, method=method, data=data,
-                                 headers={"Content-Type": "application/json"} if body is not None else {})
+                                 headers=_headers(token, json_body=body is not None))
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
@@ -37,6 +78,9 @@ def _api_error(addr: str, exc: OSError) -> MeshError:
             err = json.loads(exc.read())["error"]
         except (ValueError, KeyError, TypeError):
             err = {"code": "HTTP_ERROR", "message": str(exc)}
+        if err["code"] == "UNAUTHORIZED":
+            return MeshError(f"the peer's API at {addr} refused the request without its token: {TOKEN_HOW}",
+                             code="UNAUTHORIZED")
         return MeshError(err["message"], code=err["code"])
     return MeshError(f"cannot reach the peer's API at {addr}: {exc}", code="API_UNREACHABLE")
 
@@ -66,19 +110,19 @@ def format_status(nodes: dict[str, Any]) -> str:
 
 
 def pull(api: str, model: str, revision: str | None, source: str | None, *, quiet: bool = False,
-         poll: float = 0.25) -> dict[str, Any]:
+         poll: float = 0.25, token: str | None = None) -> dict[str, Any]:
     """Ask the running peer at ``api`` to fetch a model from the mesh and follow its progress (a rich
     progress bar with speed and ETA); the finished transfer, or MeshError with the transfer's code."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    started = api_get(api, "/api/transfers", method="POST",
+    started = api_get(api, "/api/transfers", method="POST", token=token,
                       body={"model": model, "revision": revision, "source": source})["transfer"]
     columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())
     with Progress(*columns, disable=quiet, transient=False) as bar:
         task = bar.add_task(f"{model}", total=None)
         while True:
-            t = api_get(api, f"/api/transfers/{started['id']}")
+            t = api_get(api, f"/api/transfers/{started['id']}", token=token)
             bar.update(task, total=t["total_bytes"] or None, completed=t["done_bytes"],
                        description=f"{model} {t['files_done']}/{t['files_total']} files")
             if t["state"] != "running":
@@ -126,11 +170,12 @@ def add_progress(*, quiet: bool = False) -> Iterator[Callable[[str, int, int | N
             bar.stop()
 
 
-def stream_events(addr: str, path: str, body: dict[str, Any], *, timeout: float = 120.0) -> Any:
-    """POST ``body`` and yield each server-sent event's JSON until ``[DONE]``; an error event (or an
-    error answer) raises MeshError with its code."""
+def stream_events(addr: str, path: str, body: dict[str, Any], *, timeout: float = 120.0,
+                  token: str | None = None) -> Any:
+    """POST ``body`` (with ``token`` as ``Authorization: Bearer``) and yield each server-sent event's JSON
+    until ``[DONE]``; an error event (or an error answer) raises MeshError with its code."""
     req = urllib.request.Request(_api_url(addr) + path, method="POST", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+                                 headers=_headers(token, json_body=True))
     try:
         resp = urllib.request.urlopen(req, timeout=timeout)
     except (urllib.error.URLError, OSError) as exc:

@@ -15,8 +15,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mesh.app.client import api_get
+from mesh.app.client import api_get, read_token_file
 from mesh.app.node import NODE_FILE
+from mesh.config import TOKEN_ENV
 from mesh.errors import MeshError
 
 T = TypeVar("T")
@@ -55,8 +56,9 @@ class PeerProcess:
     data_dir: Path
     proc: subprocess.Popen[bytes]
     node_id: str = ""
-    api: str = ""
+    api: str = ""  # always a 127.0.0.1 URL, also for a peer whose API binds every interface
     addrs: list[str] = field(default_factory=list)
+    token: str | None = None  # what ``get`` sends: the token the peer made in its data dir, if any
 
     @property
     def log_path(self) -> Path:
@@ -66,7 +68,7 @@ class PeerProcess:
         return self.proc.poll() is None
 
     def get(self, path: str) -> Any:
-        return api_get(self.api, path, timeout=3.0)
+        return api_get(self.api, path, timeout=3.0, token=self.token)
 
     def try_get(self, path: str) -> Any | None:
         try:
@@ -117,6 +119,7 @@ class LocalMesh:
         cmd += [*self.extra_args, *args]
         log = open(data_dir / "peer.log", "ab")  # the child holds its own copy of the descriptor
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        env.pop(TOKEN_ENV, None)  # a token in the caller's shell is not these peers' (give --api-token in args)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 preexec_fn=partial(_die_with_parent, os.getpid()) if sys.platform == "linux" else None)
         log.close()
@@ -138,7 +141,9 @@ class LocalMesh:
             return info if info.get("pid") == peer.proc.pid else None
 
         info = wait_for(started, timeout, what=f"peer {peer.name} to start")
-        peer.node_id, peer.api, peer.addrs = info["node_id"], info["api"], info["addrs"]
+        peer.node_id, peer.addrs = info["node_id"], info["addrs"]
+        peer.api = info["api"].replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//[::1]:")
+        peer.token = read_token_file(peer.data_dir)
         return peer
 
     def start_chain(self, count: int, prefix: str = "peer") -> list[PeerProcess]:

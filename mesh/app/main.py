@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import secrets
 import time
 
 import psutil
@@ -13,8 +15,9 @@ import trio
 
 from mesh import hardware
 from mesh.app.api import serve_api
+from mesh.app.client import API_TOKEN_FILE, read_token_file
 from mesh.app.node import NODE_FILE, VERSION, Node
-from mesh.config import Config
+from mesh.config import Config, is_loopback_bind
 from mesh.fsutil import atomic_write
 from mesh.keyfile import load_or_create
 from mesh.peer import PeerCore, PeerProfile
@@ -32,8 +35,35 @@ def layer_memory(config: Config) -> int:
     return max(0, psutil.virtual_memory().available - int(config.node.min_free_memory_gb * 2**30))
 
 
+#: Bytes of randomness in a token a peer makes for its API (256 bits, URL-safe base64: 43 characters).
+API_TOKEN_BYTES = 32
+
+
+def with_api_token(config: Config) -> Config:
+    """``config`` with the token its API asks for: the configured one (``--api-token``, ``api.token``,
+    ``$MESHNODE_API_TOKEN``); else, when the API listens on more than loopback, ``<data dir>/api-token``,
+    made on first start (random, mode 0600, written atomically). A loopback API without a token stays open,
+    as does an API that is off. A token file that group or others may read is refused
+    (``INSECURE_PERMISSIONS``)."""
+    api = config.api
+    if api.token or not api.listen or is_loopback_bind(api.listen):
+        return config
+    path = config.data_path / API_TOKEN_FILE
+    token = read_token_file(config.data_path)
+    if token is None:
+        token = secrets.token_urlsafe(API_TOKEN_BYTES)
+        atomic_write(path, (token + "\n").encode(), mode=0o600)
+        log.info("api on %s without a token: made one in %s", api.listen, path,
+                 extra={"event": "api_token_created", "path": str(path)})
+    else:
+        log.info("api on %s: using the token in %s", api.listen, path, extra={"event": "api_token_read"})
+    return dataclasses.replace(config, api=dataclasses.replace(api, token=token))
+
+
 async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run one peer until it has drained (``Node.request_drain``) or is cancelled."""
+    """Run one peer until it has drained (``Node.request_drain``) or is cancelled. Its ``config`` is the
+    one given with the API token filled in (``with_api_token``)."""
+    config = with_api_token(config)
     data_dir = config.data_path
     identity = load_or_create(data_dir)
     gpus = await trio.to_thread.run_sync(hardware.gpus)
