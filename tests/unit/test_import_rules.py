@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PURE = [
     "mesh/errors.py", "mesh/ids.py", "mesh/identity.py", "mesh/wire.py", "mesh/membership.py", "mesh/peer.py",
+    "mesh/admission.py",
     "mesh/sim.py", "mesh/config.py", "coordinator/election.py", "coordinator/planner.py", "coordinator/plans.py",
     "coordinator/control.py", "storage/formats.py", "storage/manifest.py", "inference/sessions.py",
 ]
@@ -57,9 +58,11 @@ def test_only_transport_imports_libp2p() -> None:
 PACKAGES = ("mesh", "coordinator", "storage", "inference")
 FOUNDATION = {"mesh", "coordinator", "storage", "inference", "mesh.errors", "mesh.ids", "mesh.identity",
               "mesh.wire", "mesh.fsutil", "mesh.logs"}
-CORES = {"mesh.membership", "mesh.peer", "mesh.sim", "mesh.config", "coordinator.election", "coordinator.planner",
-         "coordinator.plans", "coordinator.control", "storage.formats", "storage.manifest", "inference.sessions"}
-ADAPTERS = {"mesh.transport", "mesh.memtransport", "mesh.keyfile", "mesh.hardware", "mesh.churn", "mesh.ports",
+CORES = {"mesh.membership", "mesh.admission", "mesh.peer", "mesh.sim", "mesh.config", "coordinator.election",
+         "coordinator.planner", "coordinator.plans", "coordinator.control", "storage.formats", "storage.manifest",
+         "inference.sessions"}
+ADAPTERS = {"mesh.transport", "mesh.memtransport", "mesh.keyfile", "mesh.credential", "mesh.hardware", "mesh.churn",
+            "mesh.ports",
             "storage.store", "storage.registry", "storage.transfer", "storage.gguf", "storage.convert",
             "storage.quantize", "storage.metadata", "storage.shards", "storage.synthetic", "inference.stage",
             "inference.blocks", "inference.qlinear", "inference.protocol", "inference.frames", "inference.sampling",
