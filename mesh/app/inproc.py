@@ -24,6 +24,7 @@ import trio
 
 from mesh.app.node import VERSION, Node
 from mesh.config import Config, NetworkConfig
+from mesh.credential import Membership
 from mesh.keyfile import load_or_create
 from mesh.memtransport import MemoryNetwork
 from mesh.peer import PeerCore, PeerProfile
@@ -79,7 +80,7 @@ class InProcessMesh:
         return Store(data_dir / "store", load_or_create(data_dir))
 
     async def start(self, name: str, *, flops: float = 1e10, layer_memory: int = 1 << 34,
-                    bootstrap: bool = True, **inference: Any) -> Peer:
+                    bootstrap: bool = True, membership: Membership | None = None, **inference: Any) -> Peer:
         """Start peer ``name`` and return once it runs; it bootstraps from every live peer started before it."""
         assert self._nursery is not None, "use InProcessMesh as an async context manager"
         data_dir = self.base / name
@@ -100,7 +101,8 @@ class InProcessMesh:
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             with trio.CancelScope() as scope:
                 async with self.network.open(identity) as transport:
-                    node = Node(cfg, identity, core, transport, (), flops, store, offload=inline, reads=inline)
+                    node = Node(cfg, identity, core, transport, (), flops, store, offload=inline, reads=inline,
+                                membership=membership)
                     started.append(Peer(name, node, scope))
                     await node.run(task_status=task_status)
 

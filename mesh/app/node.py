@@ -26,6 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -36,9 +37,11 @@ from inference.driver import Driver
 from inference.host import StageHost
 from inference.protocol import ACTIVATIONS_PROTOCOL
 from inference.results import Results
-from mesh import hardware
+from mesh import credential, hardware
 from mesh.config import Config
+from mesh.credential import Membership
 from mesh.errors import MeshError, NotFoundError, PeerError
+from mesh.gate import Gate
 from mesh.identity import Identity
 from mesh.ids import ModelRef, NodeId, keep_ref
 from mesh.logs import Throttle
@@ -71,7 +74,7 @@ class Node:
     def __init__(
         self, config: Config, identity: Identity, core: PeerCore, transport: Network,
         gpus: tuple[GpuInfo, ...], flops: float, store: Store, *, offload: Offload = threads,
-        reads: Offload = abandoning,
+        reads: Offload = abandoning, membership: Membership | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -106,6 +109,15 @@ class Node:
                                 self.results, now=self.now, offload=offload)
         self.driver = Driver(config.inference, config.membership.offline_after, core, self.plans.book, self.library,
                              transport, self.stages, self.results, requested=self.serve_requests, offload=offload)
+        # A closed mesh: members only, on every protocol (mesh.gate); None runs an open mesh.
+        self.gate: Gate | None = None
+        if membership is not None:
+            data_dir = Path(config.node.data_dir).expanduser()
+
+            async def save() -> None:
+                await offload(credential.save, data_dir, membership)
+
+            self.gate = Gate(membership, identity, transport, clock=self.now, save=save)
 
     @property
     def node_id(self) -> NodeId:
@@ -543,12 +555,21 @@ class Node:
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Every task of the peer in one nursery, until it has drained (``request_drain``) or is cancelled.
         ``api``: how to start the HTTP API (``mesh.app.api.serve_api``) when ``config.api.listen`` is set."""
-        t, inf = self.transport, self.config.inference
-        t.set_validator(NODES_TOPIC, self.accept_gossip)
-        t.set_validator(PLANS_TOPIC, self.plans.accept_gossip)
-        self.shard_server.register(t)
-        t.handle(ACTIVATIONS_PROTOCOL, self.stages.on_stream, max_concurrent=2 * inf.max_sessions + 16)
+        t, inf, gate = self.transport, self.config.inference, self.gate
+        if gate is None:
+            t.set_validator(NODES_TOPIC, self.accept_gossip)
+            t.set_validator(PLANS_TOPIC, self.plans.accept_gossip)
+            self.shard_server.register(t)
+            t.handle(ACTIVATIONS_PROTOCOL, self.stages.on_stream, max_concurrent=2 * inf.max_sessions + 16)
+        else:  # the same, from members only
+            t.set_validator(NODES_TOPIC, lambda m: gate.accepts(m) and self.accept_gossip(m))
+            t.set_validator(PLANS_TOPIC, lambda m: gate.accepts(m) and self.plans.accept_gossip(m))
+            self.shard_server.register(gate.guarded(t))
+            t.handle(ACTIVATIONS_PROTOCOL, gate.guard(ACTIVATIONS_PROTOCOL, self.stages.on_stream),
+                     max_concurrent=2 * inf.max_sessions + 16)
         async with trio.open_nursery() as nursery:
+            if gate is not None:
+                await nursery.start(gate.run)
             await nursery.start(self.library.run)
             await nursery.start(self.stages.keep)
             if api is not None and self.config.api.listen:

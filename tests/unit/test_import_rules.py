@@ -68,7 +68,7 @@ ADAPTERS = {"mesh.transport", "mesh.memtransport", "mesh.keyfile", "mesh.credent
             "inference.blocks", "inference.qlinear", "inference.protocol", "inference.frames", "inference.sampling",
             "inference.tokenizer", "inference.local", "inference.results", "storage.families",
             *(f"storage.families.{p.stem}" for p in (ROOT / "storage" / "families").glob("[!_]*.py"))}
-SERVICES = {"coordinator.service", "inference.host", "inference.driver", "storage.library"}
+SERVICES = {"coordinator.service", "inference.host", "inference.driver", "storage.library", "mesh.gate"}
 LAYERS = ("foundation", "pure core", "adapter", "service", "root")
 
 
