@@ -206,10 +206,11 @@ class Roster:
             raise AdmissionError("credential rooted at another founder", code="WRONG_MESH")
         if (gone := self._revoked_on(certs)) is not None:
             raise AdmissionError(f"credential of {certs[-1].member} runs through revoked {gone}", code="REVOKED")
-        member = certs[-1].member
-        known = self.certs.get(member)
-        if known is None or len(certs) < len(known):  # the shortest valid chain is kept
-            self.chains[member], self.certs[member] = list(chain), certs
+        for depth in range(1, len(certs) + 1):  # the member, and every member that admitted it on the way
+            member = certs[depth - 1].member
+            known = self.certs.get(member)
+            if known is None or depth < len(known):  # the shortest valid chain is kept
+                self.chains[member], self.certs[member] = list(chain[:depth]), certs[:depth]
         return certs[-1]
 
     def admit(self, chain: list[bytes], peer_id: str) -> Certificate:

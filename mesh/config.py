@@ -52,6 +52,8 @@ class NetworkConfig:
     peer_exchange: bool = True  # dial members learned from gossip
     loopback_only: bool = False  # dial loopback addresses only (local meshes, tests)
     dial_interval: float = 2.0  # seconds between rounds of (re)dialing bootstrap peers and members
+    open: bool = False  # an open mesh: no admission (anyone who can reach a peer takes part)
+    join: str = ""  # an invite token to join a closed mesh with (``meshnode invite``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +139,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("node.max_layer_memory_mb", "--max-layer-memory-mb",
            "MiB offered for model layers (0: available memory at start)"),
     Option("network.listen", "--listen", "multiaddr to listen on (repeatable)"),
-    Option("network.bootstrap", "--bootstrap", "full multiaddr of a peer to join through (repeatable)"),
+    Option("network.bootstrap", "--bootstrap",
+           "full multiaddr of a peer to join through, or an invite token (repeatable)"),
+    Option("network.join", "--join", "invite token of a closed mesh to join (meshnode invite prints one)"),
+    Option("network.open", "--open", "run an open mesh: no invites, anyone who reaches a peer takes part"),
     Option("network.mdns", "--mdns", "discover peers on the LAN with mDNS"),
     Option("network.peer_exchange", "--peer-exchange", "dial members learned from gossip"),
     Option("network.loopback_only", "--loopback-only", "dial loopback addresses only"),

@@ -65,6 +65,8 @@ CODES: dict[str, Code] = _table(
     ("INVITE_EXPIRED", 410, "the invite has expired: ask a member for a new one"),
     ("INVITE_USED_UP", 410, "the invite has been used as often as it allows"),
     ("INVALID_MEMBERSHIP", 500, "the data dir's membership file cannot be used"),
+    ("OPEN_MESH", 409, "this peer runs an open mesh (--open): it has no members, invites or revocations"),
+    ("MESH_MODE_MISMATCH", 409, "an open peer and a closed one meet: they refuse each other"),
     # transport
     ("DIAL_FAILED", 502, "no address of the peer could be dialed"),
     ("BAD_MULTIADDR", 400, "not a usable multiaddr"),

@@ -1,8 +1,9 @@
 """The gate of a closed mesh: which connected peers are members, checked on every protocol.
 
-When a connection comes up, each side sends its credential over ``/meshnode/admit/1`` and checks the other's
-(``Roster.admit``: a valid chain that ends with the peer id libp2p authenticated). Until a peer is admitted,
-and for good once it is refused or revoked:
+When a connection to a known member comes up, each side sends its credential over ``/meshnode/admit/1`` and
+checks the other's (``Roster.admit``: a valid chain that ends with the peer id libp2p authenticated); a peer
+this one does not know must present its credential first (a newcomer knows its issuer, a member every member
+it hears of). Until a peer is admitted, and for good once it is refused or revoked:
 
 - its streams on every protocol but admission, joining and ping are reset (``guarded``: NOT_A_MEMBER);
 - gossip it forwards, or that a non-member signed, is neither delivered nor relayed (``accepts``);
@@ -47,6 +48,11 @@ MAX_FRAME = adm.MAX_CHAIN_BYTES + 1024
 MAX_ANNOUNCE = 256 * 1024
 
 
+def refusal(error: PeerError) -> bytes:
+    """An admission or join answer that refuses, with the code."""
+    return _answer(error=error)
+
+
 def _answer(chain: list[bytes] | None = None, error: PeerError | None = None) -> bytes:
     if error is not None:
         return cbor2.dumps({"version": adm.VERSION, "error": error.code, "message": str(error)[:300]})
@@ -73,6 +79,7 @@ class Gate:
         self.admitted: set[NodeId] = set()
         self.refused: dict[NodeId, str] = {}  # peer -> the code it was refused with
         self._seen: dict[NodeId, float] = {}  # peer -> when its connection was first seen unadmitted
+        self._tried: set[NodeId] = set()  # connected peers this one has sent its credential to
         self._throttle = Throttle(every=10.0)
         self._dirty = False  # revocations heard and not saved yet
         self.wake = trio.Event()
@@ -175,6 +182,9 @@ class Gate:
                 connected = self.network.connected_peers()
                 for peer in set(self._seen) - connected:
                     del self._seen[peer]
+                self._tried &= connected
+                for peer in set(self.refused) - connected:  # bounded by the connections, not by every visitor
+                    del self.refused[peer]
                 for peer in connected:
                     if self.allows(peer):
                         self._seen.pop(peer, None)
@@ -185,7 +195,10 @@ class Gate:
                         await self.network.disconnect(peer)
                         self._seen.pop(peer, None)
                         self.admitted.discard(peer)
-                    elif first == now:
+                    elif peer not in self._tried and self.roster.is_member(peer):
+                        # a member we know (now): prove ourselves (it does the same); anyone else must present
+                        # its credential itself, so a stranger's connection costs nothing until it closes
+                        self._tried.add(peer)
                         nursery.start_soon(self._admit_quietly, peer)
                 with trio.move_on_after(0.25):
                     await self.wake.wait()
@@ -310,4 +323,17 @@ async def redeem(network: Network, invite: adm.Invite) -> list[bytes]:
         chain = _chain_or_refusal(await stream.receive_frame(MAX_FRAME))
     if adm.verify_chain(chain, invite.mesh)[-1].member != network.node_id:
         raise adm.AdmissionError("the issuer answered a credential for another peer", code="NOT_BOUND")
+    return chain
+
+
+async def become_member(network: Network, token: str) -> list[bytes]:
+    """Join with the invite ``token`` and answer admission with the credential it gave, for a member that runs
+    no ``Gate`` of its own (a tool, or a test's hostile host with a valid membership)."""
+    chain = await redeem(network, adm.parse_invite(token))
+
+    async def answer(stream: Stream) -> None:
+        await stream.receive_frame(MAX_FRAME)
+        await stream.send_frame(adm.encode_chain(chain))
+
+    network.handle(ADMIT_PROTOCOL, answer, max_concurrent=4, timeout=5.0)
     return chain

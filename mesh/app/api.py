@@ -227,6 +227,23 @@ def build_app(node: Node) -> Starlette:
         body = await json_body(request, '{"training_status": {...}, "node_id": ...}')  # TrainingStatusPayload
         return JSONResponse(node.report_training(body))
 
+    async def invite(request: Request) -> JSONResponse:
+        body = await json_body(request, '{"ttl": seconds, "uses": n}')
+        ttl, uses = body.get("ttl", 3600), body.get("uses", 1)
+        if type(ttl) not in (int, float) or type(uses) is not int:
+            raise PeerError("ttl must be a number of seconds and uses a whole number", code="INVALID_PARAMETER")
+        return JSONResponse(await node.invite(float(ttl), uses), status_code=201)
+
+    async def revoke(request: Request) -> JSONResponse:
+        body = await json_body(request, '{"node_id": "12D3KooW..."}')
+        node_id = body.get("node_id")
+        if not isinstance(node_id, str) or not node_id:
+            raise PeerError("node_id (the member to revoke) is required", code="MISSING_PARAMETER")
+        return JSONResponse(await node.revoke(node_id))
+
+    async def members(request: Request) -> JSONResponse:
+        return JSONResponse(node.members())
+
     async def drain(request: Request) -> JSONResponse:
         node.request_drain()
         return JSONResponse({"status": NodeStatus.DRAINING.value, "node_id": node.node_id}, status_code=202)
@@ -261,6 +278,9 @@ def build_app(node: Node) -> Starlette:
         Route("/api/ping", ping),
         Route("/api/runtime", runtime),
         Route("/api/drain", drain, methods=["POST"]),
+        Route("/api/invite", invite, methods=["POST"]),
+        Route("/api/revoke", revoke, methods=["POST"]),
+        Route("/api/members", members),
         Route("/api/training-data", training_data, methods=["POST"]),
         Route("/api/plan", plan),
         Route("/api/plan", request_plan, methods=["POST"]),

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,35 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(nodes, indent=2))
     else:
         print(format_status(nodes))
+    return 0
+
+
+def cmd_invite(args: argparse.Namespace) -> int:
+    reply = api_get(args.api, "/api/invite", method="POST", token=_token(args),
+                    body={"ttl": args.ttl, "uses": args.uses})
+    print(reply["token"])  # one line, to copy to the new peer: meshnode start --join TOKEN
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    reply = api_get(args.api, "/api/revoke", method="POST", token=_token(args), body={"node_id": args.node_id})
+    print(f"{reply['revoked']} revoked from {reply['mesh']}: every member refuses it once it hears this")
+    return 0
+
+
+def cmd_members(args: argparse.Namespace) -> int:
+    reply = api_get(args.api, "/api/members", token=_token(args))
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    print(f"mesh {reply['mesh']} (founder {reply['founder']})")
+    for m in reply["members"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(m["admitted_at"]))
+        by = "founder" if m["depth"] == 0 else f"admitted by {m['admitted_by']}"
+        here = "  connected" if m["connected"] else ""
+        print(f"{m['node_id']}  {when} UTC  {by}{here}")
+    for node_id in reply["revoked"]:
+        print(f"{node_id}  revoked")
     return 0
 
 
@@ -260,6 +290,19 @@ def make_parser() -> argparse.ArgumentParser:
     _api_arguments(p)
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("invite", help="print an invite token a new peer joins with (meshnode start --join TOKEN)")
+    _api_arguments(p)
+    p.add_argument("--ttl", type=float, default=3600.0, help="seconds the invite can be redeemed (default 3600)")
+    p.add_argument("--uses", type=int, default=1, help="peers that can join with it (default 1)")
+    p.set_defaults(func=cmd_invite)
+    p = sub.add_parser("revoke", help="revoke a member: every member refuses it, and whom it admitted")
+    p.add_argument("node_id", help="the member's node id (see meshnode members)")
+    _api_arguments(p)
+    p.set_defaults(func=cmd_revoke)
+    p = sub.add_parser("members", help="the members of this peer's mesh: when and by whom admitted")
+    _api_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.set_defaults(func=cmd_members)
     p = sub.add_parser("drain", help="drain the local peer: draining, then offline, then exit")
     _api_arguments(p)
     p.set_defaults(func=cmd_drain)

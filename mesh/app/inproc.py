@@ -102,7 +102,7 @@ class InProcessMesh:
             with trio.CancelScope() as scope:
                 async with self.network.open(identity) as transport:
                     node = Node(cfg, identity, core, transport, (), flops, store, offload=inline, reads=inline,
-                                membership=membership)
+                                membership=membership, wall_clock=trio.current_time)
                     started.append(Peer(name, node, scope))
                     await node.run(task_status=task_status)
 

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from mesh.app.client import api_get, read_token_file
 from mesh.app.node import NODE_FILE
 from mesh.config import TOKEN_ENV
+from mesh.credential import MEMBERSHIP_FILE
 from mesh.errors import MeshError
 
 T = TypeVar("T")
@@ -99,6 +100,23 @@ class LocalMesh:
     config_file: str | None = None
     extra_args: tuple[str, ...] = ()
     peers: list[PeerProcess] = field(default_factory=list)
+    #: An open mesh (``--open``); else closed: the first peer founds it, a later one joins with an invite
+    #: from the peer whose address it bootstraps from (a restarted one is a member already).
+    open: bool = False
+
+    def invite(self, peer: PeerProcess, *, ttl: float = 600.0, uses: int = 1) -> str:
+        """An invite token from ``peer`` (``POST /api/invite``)."""
+        return api_get(peer.api, "/api/invite", method="POST", body={"ttl": ttl, "uses": uses},
+                       token=peer.token)["token"]
+
+    def _join_args(self, data_dir: Path, bootstrap: list[str]) -> list[str]:
+        if self.open or (data_dir / MEMBERSHIP_FILE).exists():
+            return []
+        for b in bootstrap:
+            owner = next((p for p in self.peers if b in p.addrs and p.api and p.alive()), None)
+            if owner is not None:
+                return ["--join", self.invite(owner)]
+        return []
 
     def start_peer(self, name: str, bootstrap: list[str] = (), *, timeout: float = 60.0,
                    args: tuple[str, ...] = ()) -> PeerProcess:
@@ -116,7 +134,8 @@ class LocalMesh:
             cmd += ["--config", self.config_file]
         for b in bootstrap:
             cmd += ["--bootstrap", b]
-        cmd += [*self.extra_args, *args]
+        cmd += self._join_args(data_dir, list(bootstrap))
+        cmd += [*self.extra_args, *(("--open",) if self.open else ()), *args]
         log = open(data_dir / "peer.log", "ab")  # the child holds its own copy of the descriptor
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         env.pop(TOKEN_ENV, None)  # a token in the caller's shell is not these peers' (give --api-token in args)

@@ -13,15 +13,19 @@ import time
 import psutil
 import trio
 
-from mesh import hardware
+from mesh import admission as adm
+from mesh import credential, hardware
 from mesh.app.api import serve_api
 from mesh.app.client import API_TOKEN_FILE, read_token_file
 from mesh.app.node import NODE_FILE, VERSION, Node
-from mesh.config import Config, is_loopback_bind
+from mesh.config import Config, ConfigError, is_loopback_bind
+from mesh.credential import Membership
 from mesh.fsutil import atomic_write
+from mesh.gate import redeem
+from mesh.identity import Identity
 from mesh.keyfile import load_or_create
 from mesh.peer import PeerCore, PeerProfile
-from mesh.transport import Transport
+from mesh.transport import Transport, is_loopback_addr
 from storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -60,6 +64,47 @@ def with_api_token(config: Config) -> Config:
     return dataclasses.replace(config, api=dataclasses.replace(api, token=token))
 
 
+async def admission(config: Config, identity: Identity, transport: Transport) -> tuple[Membership | None, Config]:
+    """Which mesh this peer takes part in, and the config to run with (bootstrap: addresses only):
+
+    - ``--open``: an open mesh, no admission (logged as a warning);
+    - the data dir's membership, when it has one (a restart needs no token; an invite of the same mesh is
+      not used, one of another mesh is refused: WRONG_MESH);
+    - an invite (``--join TOKEN``, or a token among ``--bootstrap``): redeemed at its issuer, then saved;
+    - neither, and no bootstrap: a new mesh, founded here;
+    - neither, with bootstrap addresses only: NOT_A_MEMBER (never a second mesh founded by accident)."""
+    net, data_dir = config.network, config.data_path
+    tokens = [b for b in net.bootstrap if b.strip().startswith(adm.INVITE_PREFIX)] + ([net.join] if net.join else [])
+    addrs = tuple(b for b in net.bootstrap if not b.strip().startswith(adm.INVITE_PREFIX))
+    invite = adm.parse_invite(tokens[0]) if tokens else None
+    dial = tuple(a for a in (invite.addrs if invite else ()) if is_loopback_addr(a) or not net.loopback_only)
+    config = dataclasses.replace(config, network=dataclasses.replace(net, bootstrap=addrs + dial, join=""))
+    if net.open:
+        if invite is not None:
+            raise ConfigError("--open runs an open mesh: an invite token does not go with it")
+        log.warning("open mesh: anyone who can reach this peer takes part (no invites, no admission)",
+                    extra={"event": "open_mesh", "code": "OPEN_MESH"})
+        return None, config
+    membership = await trio.to_thread.run_sync(credential.load, data_dir, identity)
+    if membership is not None:
+        if invite is not None and invite.mesh != membership.mesh:
+            raise adm.AdmissionError(f"{data_dir} is a member of {membership.mesh}; the invite is for {invite.mesh} "
+                                     f"(use another --data-dir to join that mesh)", code="WRONG_MESH")
+        return membership, config
+    if invite is not None:
+        chain = await redeem(transport, invite)
+        membership = await trio.to_thread.run_sync(credential.joined, data_dir, chain, identity)
+        log.info("joined mesh %s through %s", membership.mesh, invite.issuer,
+                 extra={"event": "joined", "mesh": membership.mesh, "peer": invite.issuer})
+        return membership, config
+    if addrs:
+        raise adm.AdmissionError(
+            f"{data_dir} belongs to no mesh, and {addrs[0]} is an address, not an invite: ask a member for one "
+            f"(`meshnode invite` on that machine) and start with --join TOKEN (or --bootstrap TOKEN); "
+            f"--open runs an open mesh instead", code="NOT_A_MEMBER")
+    return await trio.to_thread.run_sync(credential.found, data_dir, identity, time.time()), config
+
+
 async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
     """Run one peer until it has drained (``Node.request_drain``) or is cancelled. Its ``config`` is the
     one given with the API token filled in (``with_api_token``)."""
@@ -85,9 +130,14 @@ async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_
     async with Transport.open(identity, config.network.listen, mdns=config.network.mdns,
                               loopback_only=config.network.loopback_only,
                               gossip_heartbeat=m.heartbeat_interval) as transport:
-        node = Node(config, identity, core, transport, gpus, flops, store)
+        membership, config = await admission(config, identity, transport)
+        node = Node(config, identity, core, transport, gpus, flops, store, membership=membership)
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: node.run(api=serve_api, task_status=task_status))
+            if membership is not None:  # the mesh and how to invite; never a secret
+                api = f" --api {node.api_url.removeprefix('http://')}" if node.api_url else ""
+                print(f"  mesh {membership.mesh} ({len(membership.roster.members())} members known); "
+                      f"invite a peer: meshnode invite{api}", flush=True)
             atomic_write(data_dir / NODE_FILE, json.dumps(
                 {"node_id": node.node_id, "addrs": transport.addrs(), "api": node.api_url, "pid": os.getpid()}
             ).encode())

@@ -41,7 +41,7 @@ from mesh import credential, hardware
 from mesh.config import Config
 from mesh.credential import Membership
 from mesh.errors import MeshError, NotFoundError, PeerError
-from mesh.gate import Gate
+from mesh.gate import ADMIT_PROTOCOL, Gate, refusal
 from mesh.identity import Identity
 from mesh.ids import ModelRef, NodeId, keep_ref
 from mesh.logs import Throttle
@@ -75,6 +75,7 @@ class Node:
         self, config: Config, identity: Identity, core: PeerCore, transport: Network,
         gpus: tuple[GpuInfo, ...], flops: float, store: Store, *, offload: Offload = threads,
         reads: Offload = abandoning, membership: Membership | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -117,7 +118,8 @@ class Node:
             async def save() -> None:
                 await offload(credential.save, data_dir, membership)
 
-            self.gate = Gate(membership, identity, transport, clock=self.now, save=save)
+            # certificates and invites carry wall-clock times (they outlive this process)
+            self.gate = Gate(membership, identity, transport, clock=wall_clock, save=save)
 
     @property
     def node_id(self) -> NodeId:
@@ -526,6 +528,50 @@ class Node:
                 "node_id": self.node_id, "taken": sorted(taken), "ignored": sorted(set(status) - set(TRAINING_FIELDS)),
                 "training_status": taken}
 
+    # ---- a closed mesh's members ------------------------------------------------------------------
+
+    async def _refuse_closed(self, stream: Any) -> None:
+        """An open peer asked for a credential by a closed one: they do not mix (both sides refuse)."""
+        err = PeerError("this peer runs an open mesh (--open); a closed mesh's peer cannot join it",
+                        code="MESH_MODE_MISMATCH")
+        self._reject(err, stream.peer)
+        await stream.send_frame(refusal(err))
+        await self.transport.disconnect(stream.peer)
+
+    def _closed(self) -> Gate:
+        if self.gate is None:
+            raise PeerError("this peer runs an open mesh (--open): it has no members to invite, list or revoke",
+                            code="OPEN_MESH")
+        return self.gate
+
+    async def invite(self, ttl: float, uses: int) -> dict[str, Any]:
+        """``POST /api/invite``: a token a new peer joins with (``meshnode start --join TOKEN``)."""
+        gate = self._closed()
+        addrs = tuple(a for a in self.transport.addrs()
+                      if is_loopback_addr(a) or not self.config.network.loopback_only)
+        inv = await gate.invite(ttl, uses, addrs)
+        log.info("invite issued (expires in %.0f s, %d use%s)", ttl, uses, "" if uses == 1 else "s",
+                 extra={"event": "invite_issued", "mesh": inv.mesh})
+        return {"token": inv.token(), "mesh": inv.mesh, "issuer": inv.issuer, "expires_at": inv.expires,
+                "uses": uses}
+
+    async def revoke(self, node_id: str) -> dict[str, Any]:
+        """``POST /api/revoke``: every member refuses ``node_id`` (and whom it admitted) once it hears this."""
+        rev = await self._closed().revoke(node_id)
+        if node_id in self.transport.connected_peers():
+            await self.transport.disconnect(NodeId(node_id))
+        return {"revoked": rev.revoked, "by": rev.by, "at": rev.at, "mesh": rev.mesh}
+
+    def members(self) -> dict[str, Any]:
+        """``GET /api/members``: who is a member, admitted when and by whom; whom this peer has admitted on a
+        connection; who was revoked."""
+        gate = self._closed()
+        roster = gate.roster
+        return {"mesh": roster.mesh, "founder": roster.root, "self": self.node_id,
+                "members": [{"node_id": m.node_id, "admitted_by": m.admitted_by, "admitted_at": m.admitted_at,
+                             "depth": m.depth, "connected": m.node_id in gate.admitted} for m in roster.members()],
+                "revoked": sorted(roster.revocations)}
+
     async def ping(self, node_id: str, timeout: float) -> dict[str, Any]:
         """Round trip to a member over a fresh stream; PEER_TIMEOUT when it does not answer in time."""
         rtt = await self.transport.ping(self._member(node_id).node_id, timeout=timeout)
@@ -561,6 +607,7 @@ class Node:
             t.set_validator(PLANS_TOPIC, self.plans.accept_gossip)
             self.shard_server.register(t)
             t.handle(ACTIVATIONS_PROTOCOL, self.stages.on_stream, max_concurrent=2 * inf.max_sessions + 16)
+            t.handle(ADMIT_PROTOCOL, self._refuse_closed, max_concurrent=4, timeout=5.0)
         else:  # the same, from members only
             t.set_validator(NODES_TOPIC, lambda m: gate.accepts(m) and self.accept_gossip(m))
             t.set_validator(PLANS_TOPIC, lambda m: gate.accepts(m) and self.plans.accept_gossip(m))

@@ -14,7 +14,8 @@ CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "local-3.toml")
 
 
 def main(base: str) -> None:
-    with LocalMesh(Path(base), CONFIG, extra_args=("--mdns", "--benchmark-seconds", "0.05")) as mesh:
+    # An open mesh: peers that know no address cannot redeem an invite; mDNS is what is tested here.
+    with LocalMesh(Path(base), CONFIG, extra_args=("--mdns", "--benchmark-seconds", "0.05"), open=True) as mesh:
         # One after another: started at the same instant (launch all, then wait), the three never found each
         # other within 25 s (seen once) — py-libp2p 0.8.1's mDNS; left open, see docs/ARCHITECTURE.md.
         peers = [mesh.start_peer(f"mdns-{i}") for i in range(3)]  # nobody knows anybody

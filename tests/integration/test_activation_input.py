@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from mesh.app.cli import main as cli
 from mesh.app.client import api_get
 from mesh.app.localmesh import LocalMesh, PeerProcess, agreed, wait_for
 from mesh.errors import PeerError
+from mesh.gate import become_member
 from mesh.identity import Identity
 from mesh.ids import NodeId
 from mesh.transport import Stream, Transport
@@ -57,6 +58,8 @@ class Served:
     start: int
     end: int
     want: list[int]  # the oracle's greedy tokens for PROMPT
+    invite: Callable[[], str]  # a fresh invite token from the peer: the test's hosts join as members
+
 
     def step0(self, driver: str, **changes: Any) -> dict[str, Any]:
         """The extras of a valid step 0 from ``driver`` (``changes`` override them; None removes one)."""
@@ -87,7 +90,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         assert stage["node_id"] == peer.node_id
         start, end = stage["layers"]
         assert (start, end) == (0, 7)  # embedding, 4 blocks, norm, head
-        yield Served(peer, "tiny", info["revision"], info["epoch"], start, end, tiny_models.reference(model, PROMPT, 4))
+        yield Served(peer, "tiny", info["revision"], info["epoch"], start, end, tiny_models.reference(model, PROMPT, 4),
+                     lambda: mesh.invite(peer))
     finally:
         mesh.close()
 
@@ -182,7 +186,7 @@ async def test_hostile_activation_frames_are_refused_and_the_live_session_goes_o
     expected: set[str] = set()
     async with Transport.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as t:
         t.handle(ACTIVATIONS_PROTOCOL, results.handler, timeout=120.0)
-        await t.connect(s.peer.addrs[0])
+        await become_member(t, s.invite())
         me = t.node_id
 
         async with t.open_stream(peer_id, ACTIVATIONS_PROTOCOL, timeout=10.0) as live:
@@ -366,8 +370,8 @@ async def test_a_refused_step0_is_not_reflected_to_the_driver_it_names(served: S
             Transport.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as mallory:
         t.handle(ACTIVATIONS_PROTOCOL, results.handler, timeout=120.0)
         mallory.handle(ACTIVATIONS_PROTOCOL, elsewhere.handler, timeout=120.0)
-        await t.connect(s.peer.addrs[0])
-        await mallory.connect(s.peer.addrs[0])
+        await become_member(t, s.invite())
+        await become_member(mallory, s.invite())
         async with t.open_stream(peer_id, ACTIVATIONS_PROTOCOL, timeout=10.0) as live:
             await protocol.send(live, tokens("live-2", 0, 0, PROMPT, s.step0(t.node_id)))
             _, result = await results.next("live-2", timeout=20.0)
@@ -387,7 +391,7 @@ async def test_a_refused_step0_is_not_reflected_to_the_driver_it_names(served: S
 async def test_a_tensor_the_stage_cannot_take_is_refused_before_its_payload(served: Served) -> None:
     s = served
     async with Transport.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as t:
-        await t.connect(s.peer.addrs[0])
+        await become_member(t, s.invite())
         header = base("h-big", kind="hidden", dtype="float32", shape=[1, 2, 2**20]) | s.step0(t.node_id)
         async with t.open_stream(NodeId(s.peer.node_id), ACTIVATIONS_PROTOCOL, timeout=10.0) as st:
             await st.write(message(header))  # 8 MiB announced, none sent
@@ -481,7 +485,7 @@ async def test_the_last_stage_returns_logits_when_asked_equal_to_the_unsplit_mod
     results = Results()
     async with Transport.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as t:
         t.handle(ACTIVATIONS_PROTOCOL, results.handler, timeout=120.0)
-        await t.connect(s.peer.addrs[0])
+        await become_member(t, s.invite())
         extra = s.step0(t.node_id, sampling=Sampling(logits=True).to_wire())
         async with t.open_stream(NodeId(s.peer.node_id), ACTIVATIONS_PROTOCOL, timeout=10.0) as st:
             position, ids_ = 0, PROMPT

@@ -15,6 +15,7 @@ import trio
 
 from mesh.app.localmesh import LocalMesh, PeerProcess, agreed, wait_for
 from mesh.errors import CODES
+from mesh.gate import become_member
 from mesh.identity import Identity
 from mesh.transport import Transport
 from mesh.wire import NODE_INFO, Hardware, NodeInfo, NodeStatus, encode_node_info, seal, seal_node_info
@@ -27,11 +28,13 @@ def rejected_codes(peer: PeerProcess) -> set[str]:
     return {r["code"] for r in peer.log_records() if r.get("event") == "rejected"}
 
 
-async def test_garbage_oversize_unsigned_and_forged_gossip(tmp_path: Path) -> None:
+async def test_garbage_oversize_unsigned_and_forged_gossip_from_a_member(tmp_path: Path) -> None:
+    """A closed mesh's gossip decoder is reached by members only: mallory joins with an invite, then sends."""
     mesh = LocalMesh(tmp_path, CONFIG, extra_args=("--benchmark-seconds", "0.05"))
     try:
         a, b = await trio.to_thread.run_sync(mesh.start_chain, 2)
         await trio.to_thread.run_sync(lambda: wait_for(lambda: agreed([a, b]), timeout=15, what="mesh"))
+        token = await trio.to_thread.run_sync(mesh.invite, a)
         mallory = Identity.generate()
         forged_b = NodeInfo(node_id=b.node_id, incarnation=2**40, seq=1, status=NodeStatus.READY, version="x",
                             hardware=Hardware(cpu_cores=1, memory_gb=1, memory_free_gb=1))
@@ -48,6 +51,7 @@ async def test_garbage_oversize_unsigned_and_forged_gossip(tmp_path: Path) -> No
             "INVALID_CAPABILITY_SCHEMA": [seal(NODE_INFO, cbor2.dumps(future), mallory)],
         }
         async with Transport.open(mallory, ["/ip4/127.0.0.1/tcp/0"]) as t:
+            await become_member(t, token)  # a member: the gate lets its gossip through to the decoder
             await t.connect(a.addrs[0])
             async with t.subscribe("meshnode/v1/nodes"):
                 await trio.sleep(2.5)  # let gossipsub graft us into a's mesh
