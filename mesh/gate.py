@@ -261,7 +261,10 @@ class Gate:
         return True
 
     async def revoke(self, node_id: str) -> adm.Revocation:
-        """Revoke a member (any member may): sealed, applied here, saved and published."""
+        """Revoke a member (any member may): sealed, applied here, saved and published. Revoking a peer that
+        is revoked already answers the revocation there is (idempotent)."""
+        if node_id in self.roster.revocations:
+            return adm.open_revocation(self.roster.revocations[node_id])
         if not self.roster.is_member(node_id):
             raise adm.AdmissionError(f"{node_id} is not a member of {self.roster.mesh}", code="NOT_A_MEMBER")
         data = adm.seal_revocation(adm.Revocation(self.roster.mesh, node_id, self.identity.node_id, self.clock()),

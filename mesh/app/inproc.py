@@ -22,9 +22,13 @@ from typing import Any
 
 import trio
 
+from mesh import admission as adm
+from mesh import credential
 from mesh.app.node import VERSION, Node
 from mesh.config import Config, NetworkConfig
 from mesh.credential import Membership
+from mesh.gate import redeem
+from mesh.identity import Identity
 from mesh.keyfile import load_or_create
 from mesh.memtransport import MemoryNetwork
 from mesh.peer import PeerCore, PeerProfile
@@ -79,12 +83,37 @@ class InProcessMesh:
         data_dir = self.base / name
         return Store(data_dir / "store", load_or_create(data_dir))
 
+    async def join(self, name: str, invite: adm.Invite) -> Membership:
+        """Redeem ``invite`` for peer ``name`` (its identity, on this network, before it starts) and keep it."""
+        identity = load_or_create(self.base / name)
+        async with self.network.open(identity) as transport:
+            chain = await redeem(transport, invite)
+        return credential.joined(self.base / name, chain, identity)
+
+    async def _membership(self, name: str, identity: Identity) -> Membership:
+        """A closed mesh, as ``meshnode start`` runs it: the peer's saved membership; else the first peer
+        founds the mesh and a later one joins with an invite from the first live member."""
+        data_dir = self.base / name
+        saved = credential.load(data_dir, identity)
+        if saved is not None:
+            return saved
+        issuer = next((p for p in self.live() if p.node.gate is not None), None)
+        if issuer is None:
+            return credential.found(data_dir, identity, trio.current_time())
+        assert issuer.node.gate is not None
+        invite = await issuer.node.gate.invite(600.0, 1, tuple(issuer.node.transport.addrs()))
+        return await self.join(name, invite)
+
     async def start(self, name: str, *, flops: float = 1e10, layer_memory: int = 1 << 34,
-                    bootstrap: bool = True, membership: Membership | None = None, **inference: Any) -> Peer:
-        """Start peer ``name`` and return once it runs; it bootstraps from every live peer started before it."""
+                    bootstrap: bool = True, membership: Membership | None = None, open: bool = False,
+                    **inference: Any) -> Peer:
+        """Start peer ``name`` and return once it runs; it bootstraps from every live peer started before it.
+        A closed mesh unless ``open`` (``membership`` given: that one; else as ``_membership`` says)."""
         assert self._nursery is not None, "use InProcessMesh as an async context manager"
         data_dir = self.base / name
         identity = load_or_create(data_dir)
+        if membership is None and not open:
+            membership = await self._membership(name, identity)
         addrs = tuple(a for p in self.peers.values() if not p.scope.cancel_called for a in p.node.transport.addrs())
         cfg = dataclasses.replace(
             self.config, node=dataclasses.replace(self.config.node, name=name, data_dir=str(data_dir)),

@@ -23,12 +23,14 @@ from seed_payloads import DEVICE_INFO, TRAINING_STATUS
 from starlette.routing import Route
 
 from mesh import config as config_mod
+from mesh.admission import issue
 from mesh.app.api import build_app
 from mesh.app.client import API_TOKEN_FILE, TOKEN_HOW, client_token, read_token_file
 from mesh.app.inproc import InProcessMesh
 from mesh.app.main import with_api_token
 from mesh.config import Config, InferenceConfig
 from mesh.errors import MeshError
+from mesh.identity import Identity
 
 TOKEN = "s3cret-Token_42"
 MODEL = "llama"
@@ -108,6 +110,9 @@ def good_requests(ctx: dict[str, Any]) -> dict[tuple[str, str], tuple[str, Any]]
         ("POST", "/api/request"): ("/api/request", gen),
         ("POST", "/api/model"): ("/api/model", {"model_id": m}),
         ("GET", "/api/model"): ("/api/model", None),
+        ("POST", "/api/invite"): ("/api/invite", {"ttl": 60, "uses": 1}),
+        ("POST", "/api/revoke"): ("/api/revoke", {"node_id": ctx["carol"]}),  # a member made for it
+        ("GET", "/api/members"): ("/api/members", None),
         ("POST", "/api/drain"): ("/api/drain", None),  # sent last: the peer starts draining
     }
 
@@ -169,7 +174,9 @@ async def test_every_route_but_health_needs_the_token_and_answers_with_it(
             version = models[0]["versions"][0]
             ctx = {"layers": layers, "half": layers // 2, "self": a.node_id, "other": b.node_id,
                    "transfer": r.json()["transfer"]["id"], "version": version["version"],
-                   "file": version["files"][0]["path"]}
+                   "file": version["files"][0]["path"], "carol": Identity.generate().node_id}
+            gate = a.node.gate
+            gate.roster.add_chain(issue(gate.membership.chain, a.node.identity, ctx["carol"], trio.current_time()))
             good = good_requests(ctx)
             assert sorted({(m, t) for m, t in routes if m != "HEAD"} - set(good)) == [], "a route the table lacks"
             assert sorted(set(good) - set(routes)) == [], "a table entry for no route"

@@ -17,7 +17,6 @@ from mesh import credential
 from mesh.app.inproc import InProcessMesh
 from mesh.config import Config
 from mesh.errors import PeerError
-from mesh.gate import redeem
 from mesh.keyfile import load_or_create
 from mesh.wire import NodeStatus
 from storage.transfer import MANIFEST_PROTOCOL
@@ -26,14 +25,6 @@ from storage.transfer import MANIFEST_PROTOCOL
 def config() -> Config:
     c = Config()
     return dataclasses.replace(c, coordinator=dataclasses.replace(c.coordinator, hop_ms=0.05))
-
-
-async def join(mesh: InProcessMesh, name: str, invite: adm.Invite) -> credential.Membership:
-    """Redeem ``invite`` for peer ``name`` (its own identity, on the mesh's network) and keep the membership."""
-    identity = load_or_create(mesh.base / name)
-    async with mesh.network.open(identity) as transport:
-        chain = await redeem(transport, invite)
-    return credential.joined(mesh.base / name, chain, identity)
 
 
 def ready_view(peer) -> set[str]:
@@ -46,25 +37,25 @@ async def test_only_invited_peers_take_part_and_a_revoked_one_is_dropped(
         founder = credential.found(tmp_path / "a", load_or_create(tmp_path / "a"), trio.current_time())
         a = await mesh.start("a", membership=founder)
         invite = await a.node.gate.invite(ttl=600, uses=2, addrs=tuple(a.node.transport.addrs()))
-        b = await mesh.start("b", membership=await join(mesh, "b", invite))
-        c = await mesh.start("c", membership=await join(mesh, "c", invite))
+        b = await mesh.start("b", membership=await mesh.join("b", invite))
+        c = await mesh.start("c", membership=await mesh.join("c", invite))
         members = [a, b, c]
         ids = {p.node_id for p in members}
         await mesh.wait(lambda: all(ready_view(p) == ids for p in members), timeout=30, what="3 members ready")
 
         with pytest.raises(PeerError) as err:  # both uses spent
-            await join(mesh, "late", invite)
+            await mesh.join("late", invite)
         assert err.value.code == "INVITE_USED_UP"
         short = await a.node.gate.invite(ttl=5, uses=3, addrs=tuple(a.node.transport.addrs()))
         await trio.sleep(6)
         with pytest.raises(PeerError) as err:
-            await join(mesh, "late", short)
+            await mesh.join("late", short)
         assert err.value.code == "INVITE_EXPIRED"
 
         # strangers bootstrap to every member: a peer that founded its own mesh, and an open one
         other = credential.found(tmp_path / "s", load_or_create(tmp_path / "s"), trio.current_time())
         s = await mesh.start("s", membership=other, flops=1e13)  # it would win any election
-        o = await mesh.start("o", flops=1e13)
+        o = await mesh.start("o", flops=1e13, open=True)
         await trio.sleep(20)
         for p in members:
             assert ready_view(p) == ids, p.name

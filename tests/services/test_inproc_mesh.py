@@ -21,6 +21,7 @@ from inference.driver import Request
 from mesh.app.api import build_app
 from mesh.app.inproc import InProcessMesh
 from mesh.config import Config, InferenceConfig
+from mesh.gate import become_member
 from mesh.identity import Identity
 from mesh.wire import PLANS_TOPIC, NodeStatus, seal
 from storage.store import Store
@@ -409,9 +410,10 @@ async def test_a_drained_stage_peer_leaves_the_plan_and_generation_goes_on(
 async def test_forged_and_rogue_plans_change_nothing(
         tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock,
         caplog: pytest.LogCaptureFixture) -> None:
-    """A stranger on the network publishes forged, malformed and rogue plans: each forgery is refused with its
-    code in the topic validator (never delivered or relayed), a validly signed plan from a peer that is not
-    the coordinator is ignored, and every peer keeps the coordinator's plan."""
+    """A member turned rogue (joined with an invite, so the gate lets it speak) publishes forged, malformed and
+    rogue plans: each forgery is refused with its code in the topic validator (never delivered or relayed), a
+    validly signed plan from a peer that is not the coordinator is ignored, and every peer keeps the
+    coordinator's plan. (A stranger's gossip does not get that far: tests/services/test_inproc_closed.py.)"""
     folder, _ = tiny
     c = config()
     async with InProcessMesh(tmp_path, dataclasses.replace(c, coordinator=dataclasses.replace(
@@ -434,9 +436,11 @@ async def test_forged_and_rogue_plans_change_nothing(
             "BAD_SIGNATURE": flip(held.envelope, -20),  # a byte inside the signature
         }
         ignored = [seal_plan(rogue, mallory), seal_plan(dataclasses.replace(rogue, term=real.term + 50), mallory)]
+        invite = await a.node.gate.invite(600.0, 1, tuple(a.node.transport.addrs()))
         caplog.clear()
         async with mesh.network.open(mallory) as t:
-            await t.connect(a.node.transport.addrs()[0])  # b hears mallory only if a relays it
+            await become_member(t, invite.token())  # connected to a only: b hears mallory only if a relays it
+            await trio.sleep(1.0)  # admitted on both sides
             for data in [*attacks.values(), *ignored]:
                 await t.publish(PLANS_TOPIC, data)
             await trio.sleep(2.0)
