@@ -59,7 +59,7 @@ def _answer(chain: list[bytes] | None = None, error: PeerError | None = None) ->
     return adm.encode_chain(chain or [])
 
 
-def _chain_or_refusal(data: bytes) -> list[bytes]:
+def read_answer(data: bytes) -> list[bytes]:
     """The chain in an admission or join answer; the refusal's code raised as an AdmissionError."""
     r = Reader(loads_cbor(data, MAX_FRAME), "admission")
     code = r.raw("error", None)
@@ -161,13 +161,18 @@ class Gate:
         """Prove this peer's membership to ``peer`` and check its proof (PeerError with the code if refused)."""
         async with self.network.open_stream(peer, ADMIT_PROTOCOL, timeout=5.0) as stream:
             await stream.send_frame(adm.encode_chain(self.membership.chain))
-            self._check(_chain_or_refusal(await stream.receive_frame(MAX_FRAME)), peer)
+            self._check(read_answer(await stream.receive_frame(MAX_FRAME)), peer)
 
     async def _admit_quietly(self, peer: NodeId) -> None:
         try:
             await self.admit(peer)
         except PeerError as err:
             self.refused.setdefault(peer, err.code)
+            if err.code == "REVOKED" and "refused" in str(err):  # a member told us: we were revoked
+                if self._throttle.allow(("self", "REVOKED"), self.clock()) is not None:
+                    log.error("member %s refuses this peer: it was revoked from %s (%s)", peer, self.roster.mesh,
+                              err, extra={"event": "revoked_self", "code": "REVOKED", "peer": peer})
+                return
             self._refuse_log(peer, err.code, "admission failed with")
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -323,7 +328,7 @@ async def redeem(network: Network, invite: adm.Invite) -> list[bytes]:
             continue
     async with network.open_stream(issuer, JOIN_PROTOCOL, timeout=10.0) as stream:
         await stream.send_frame(cbor2.dumps({"version": adm.VERSION, "secret": invite.secret}))
-        chain = _chain_or_refusal(await stream.receive_frame(MAX_FRAME))
+        chain = read_answer(await stream.receive_frame(MAX_FRAME))
     if adm.verify_chain(chain, invite.mesh)[-1].member != network.node_id:
         raise adm.AdmissionError("the issuer answered a credential for another peer", code="NOT_BOUND")
     return chain

@@ -360,6 +360,14 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _first(group: BaseExceptionGroup) -> MeshError:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    assert isinstance(exc, MeshError)
+    return exc
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
@@ -367,6 +375,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
         return code
     except MeshError as err:
+        print(f"meshnode: error {err.code}: {err}", file=sys.stderr)
+        return 2
+    except BaseExceptionGroup as group:  # a peer's start-up refused inside its nurseries (an invite, a mesh)
+        mesh_errors, rest = group.split(MeshError)
+        if mesh_errors is None or rest is not None:
+            raise
+        err = _first(mesh_errors)
         print(f"meshnode: error {err.code}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -109,8 +109,8 @@ class LocalMesh:
         return api_get(peer.api, "/api/invite", method="POST", body={"ttl": ttl, "uses": uses},
                        token=peer.token)["token"]
 
-    def _join_args(self, data_dir: Path, bootstrap: list[str]) -> list[str]:
-        if self.open or (data_dir / MEMBERSHIP_FILE).exists():
+    def _join_args(self, data_dir: Path, bootstrap: list[str], args: tuple[str, ...]) -> list[str]:
+        if self.open or "--open" in (*self.extra_args, *args) or (data_dir / MEMBERSHIP_FILE).exists():
             return []
         for b in bootstrap:
             owner = next((p for p in self.peers if b in p.addrs and p.api and p.alive()), None)
@@ -134,7 +134,7 @@ class LocalMesh:
             cmd += ["--config", self.config_file]
         for b in bootstrap:
             cmd += ["--bootstrap", b]
-        cmd += self._join_args(data_dir, list(bootstrap))
+        cmd += self._join_args(data_dir, list(bootstrap), args)
         cmd += [*self.extra_args, *(("--open",) if self.open else ()), *args]
         log = open(data_dir / "peer.log", "ab")  # the child holds its own copy of the descriptor
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")

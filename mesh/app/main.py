@@ -87,6 +87,11 @@ async def admission(config: Config, identity: Identity, transport: Transport) ->
         return None, config
     membership = await trio.to_thread.run_sync(credential.load, data_dir, identity)
     if membership is not None:
+        if not membership.roster.is_member(identity.node_id):
+            raise adm.AdmissionError(
+                f"this peer was revoked from {membership.mesh}: its members refuse it. To take part again, move "
+                f"{data_dir / credential.MEMBERSHIP_FILE} away and start with a new invite (--join TOKEN)",
+                code="REVOKED")
         if invite is not None and invite.mesh != membership.mesh:
             raise adm.AdmissionError(f"{data_dir} is a member of {membership.mesh}; the invite is for {invite.mesh} "
                                      f"(use another --data-dir to join that mesh)", code="WRONG_MESH")

@@ -41,7 +41,7 @@ from mesh import credential, hardware
 from mesh.config import Config
 from mesh.credential import Membership
 from mesh.errors import MeshError, NotFoundError, PeerError
-from mesh.gate import ADMIT_PROTOCOL, Gate, refusal
+from mesh.gate import ADMIT_PROTOCOL, MEMBERS_TOPIC, Gate, refusal
 from mesh.identity import Identity
 from mesh.ids import ModelRef, NodeId, keep_ref
 from mesh.logs import Throttle
@@ -88,6 +88,8 @@ class Node:
         self.drain_requested = trio.Event()
         self.finished = trio.Event()
         self._dial_failures: dict[str, str] = {}
+        self._closed_peers: set[NodeId] = set()  # an open peer's record of closed-mesh peers it met (bounded
+        # by the peers that reach it; they are refused, so each is met once)
         self._reject_throttle = Throttle(every=10.0)
         st = config.storage
         self.store = store
@@ -530,6 +532,33 @@ class Node:
 
     # ---- a closed mesh's members ------------------------------------------------------------------
 
+    def _not_closed(self, msg: GossipMessage) -> bool:
+        """An open peer takes no gossip from a closed mesh's peers (they announce their credentials)."""
+        return not ({msg.sender, msg.forwarder} & self._closed_peers)
+
+    def _closed_peer_heard(self, msg: GossipMessage) -> bool:
+        """A credential announcement reached this open peer: whoever sent or relayed it runs a closed mesh."""
+        for peer in {msg.sender, msg.forwarder} - {None, self.node_id}:
+            if peer not in self._closed_peers:
+                self._reject(PeerError(f"{peer} runs a closed mesh; this peer an open one (--open)",
+                                       code="MESH_MODE_MISMATCH"), peer)
+                self._closed_peers.add(NodeId(peer))
+        return False  # neither delivered nor relayed
+
+    async def _hear_closed_peers(self) -> None:
+        """Subscribed to the members topic (so closed peers' announcements reach the validator), and cut off
+        from the closed peers found there."""
+        async with self.transport.subscribe(MEMBERS_TOPIC) as messages, trio.open_nursery() as nursery:
+            async def cut_off() -> None:
+                while True:
+                    for peer in self._closed_peers & self.transport.connected_peers():
+                        await self.transport.disconnect(peer)
+                    await trio.sleep(0.5)
+
+            nursery.start_soon(cut_off)
+            async for _ in messages:
+                pass
+
     async def _refuse_closed(self, stream: Any) -> None:
         """An open peer asked for a credential by a closed one: they do not mix (both sides refuse)."""
         err = PeerError("this peer runs an open mesh (--open); a closed mesh's peer cannot join it",
@@ -603,8 +632,9 @@ class Node:
         ``api``: how to start the HTTP API (``mesh.app.api.serve_api``) when ``config.api.listen`` is set."""
         t, inf, gate = self.transport, self.config.inference, self.gate
         if gate is None:
-            t.set_validator(NODES_TOPIC, self.accept_gossip)
-            t.set_validator(PLANS_TOPIC, self.plans.accept_gossip)
+            t.set_validator(NODES_TOPIC, lambda m: self._not_closed(m) and self.accept_gossip(m))
+            t.set_validator(PLANS_TOPIC, lambda m: self._not_closed(m) and self.plans.accept_gossip(m))
+            t.set_validator(MEMBERS_TOPIC, self._closed_peer_heard)
             self.shard_server.register(t)
             t.handle(ACTIVATIONS_PROTOCOL, self.stages.on_stream, max_concurrent=2 * inf.max_sessions + 16)
             t.handle(ADMIT_PROTOCOL, self._refuse_closed, max_concurrent=4, timeout=5.0)
@@ -617,6 +647,8 @@ class Node:
         async with trio.open_nursery() as nursery:
             if gate is not None:
                 await nursery.start(gate.run)
+            else:
+                nursery.start_soon(self._hear_closed_peers)
             await nursery.start(self.library.run)
             await nursery.start(self.stages.keep)
             if api is not None and self.config.api.listen:
