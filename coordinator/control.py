@@ -30,6 +30,20 @@ from mesh.wire import NodeStatus
 #: A peer measuring less than this (FLOP/s; real peers measure 1e9 and up) gets no layers: a near-zero
 #: score, honest or not, would make its stage time infinite.
 MIN_WORKER_FLOPS = 1e6
+#: A member's compute claim counts for at most this many times the best per-core claim of the *other*
+#: members, times its own cores: a confused (or lying) member cannot pull every layer to itself.
+CLAIM_CAP = 2.0
+
+
+def capped_claims(claims: dict[str, tuple[float, int]]) -> dict[str, float]:
+    """node id -> (claimed FLOP/s, cores) to the FLOP/s the planner may believe. A lone member keeps its
+    claim; so does every member within ``CLAIM_CAP`` of the best other per-core claim."""
+    per_core = sorted(((flops / max(1, cores), node) for node, (flops, cores) in claims.items()), reverse=True)
+    out = {}
+    for node, (flops, cores) in claims.items():
+        best_other = next((pc for pc, other in per_core if other != node), None)
+        out[node] = flops if best_other is None else min(flops, CLAIM_CAP * best_other * max(1, cores))
+    return out
 
 
 @dataclass(frozen=True, slots=True)

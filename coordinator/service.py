@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from coordinator import planner
-from coordinator.control import Controller, Decision, Worker
+from coordinator.control import Controller, Decision, Worker, capped_claims
 from coordinator.planner import Layer
 from coordinator.plans import Held, NodeSummary, Plan, PlanBook, Verdict, make_plan, open_plan, seal_plan
 from mesh.config import Config
@@ -256,11 +256,17 @@ class PlanService:
         return formats.plan_compute(manifest.formats,
                                     [m.info.features_supported for m in self.mesh.membership.live()])
 
+    def _flops(self) -> dict[str, float]:
+        """Each member's compute claim as the planner believes it (``control.capped_claims``)."""
+        return capped_claims({m.node_id: (m.info.compute_flops, m.info.hardware.cpu_cores)
+                              for m in self.mesh.membership.members()})
+
     def workers(self, model: str, revision: str) -> list[Worker]:
         entry = str(ModelRef(model, revision))
         hop = self.config.coordinator.hop_ms / 1000
         gpu_only = self.config.membership.require_gpu
-        return [Worker(m.node_id, m.info.compute_flops, m.info.layer_memory_bytes, m.status,
+        flops = self._flops()
+        return [Worker(m.node_id, flops[m.node_id], m.info.layer_memory_bytes, m.status,
                        m.info.accept_public_jobs and not (gpu_only and not m.info.hardware.gpus),
                        entry in m.info.installed_models, hop)
                 for m in self.mesh.membership.members()]
@@ -268,10 +274,11 @@ class PlanService:
     def _summaries(self) -> dict[str, NodeSummary]:
         hop_ms = self.config.coordinator.hop_ms
         out = {}
+        flops = self._flops()
         for m in self.mesh.membership.members():
             a = m.arrivals
             reliability = a.count / (a.count + a.missed) if a.count else 1.0
-            out[m.node_id] = NodeSummary(m.node_id, m.info.compute_flops, m.info.layer_memory_bytes,
+            out[m.node_id] = NodeSummary(m.node_id, flops[m.node_id], m.info.layer_memory_bytes,
                                          m.info.hardware.load, hop_ms, round(reliability, 4))
         return out
 

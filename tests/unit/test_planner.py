@@ -276,3 +276,15 @@ def test_stages_are_spans_and_split_of_takes_only_a_pipeline() -> None:
         with pytest.raises(PeerError, match=message) as err:
             split_of(layers, bad)
         assert err.value.code == "INVALID_PLAN_INPUT"
+
+
+def test_a_compute_claim_counts_for_at_most_twice_the_best_other_per_core_claim() -> None:
+    from coordinator.control import CLAIM_CAP, capped_claims
+
+    honest = {"a": (8e10, 8), "b": (4e10, 4), "c": (1e10, 2)}
+    assert capped_claims(honest) == {k: v[0] for k, v in honest.items()}  # within 2x of one another per core
+    liar = capped_claims({**honest, "x": (1e15, 4)})  # claims 25,000x the best per-core compute
+    assert liar["x"] == CLAIM_CAP * 1e10 * 4 and {k: liar[k] for k in honest} == {k: v[0] for k, v in honest.items()}
+    assert capped_claims({"alone": (1e15, 1)}) == {"alone": 1e15}  # nobody to compare with
+    pair = capped_claims({"p": (1e12, 1), "q": (1e10, 1)})
+    assert pair == {"p": 2e10, "q": 1e10}
