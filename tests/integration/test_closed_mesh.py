@@ -2,8 +2,9 @@
 stranger of its own mesh and an open one, both bootstrapping to A with a compute claim that would win any
 election, are never ready in A's or B's view and never coordinator, also after the coordinator is killed; a
 hostile libp2p host with a valid identity replays B's credential and a used invite, and cannot open a manifest
-stream; expired and used-up invites are refused; a revoked member is refused within 10 s and its restart with
-its old membership fails clearly."""
+stream, replays B's captured heartbeat, and sends malformed, truncated and oversize admission frames (each
+refused with its code; A keeps serving); expired and used-up invites are refused; a revoked member is refused
+within 10 s and its restart with its old membership fails clearly."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import signal
 import time
 from pathlib import Path
 
+import cbor2
 import pytest
 import trio
 
@@ -19,10 +21,11 @@ from mesh import credential
 from mesh.app.cli import main as cli
 from mesh.app.localmesh import LocalMesh, PeerProcess, wait_for
 from mesh.errors import PeerError
-from mesh.gate import ADMIT_PROTOCOL, read_answer, redeem
+from mesh.gate import ADMIT_PROTOCOL, become_member, read_answer, redeem
 from mesh.identity import Identity
 from mesh.keyfile import load_or_create
 from mesh.transport import Transport
+from mesh.wire import NODES_TOPIC
 from storage.transfer import MANIFEST_PROTOCOL
 
 pytestmark = pytest.mark.integration
@@ -42,10 +45,39 @@ def exits_with(peer: PeerProcess, code: str, timeout: float = 30.0) -> None:
     assert code in peer.log_path.read_text(errors="replace"), (code, peer.log_path.read_text()[-2000:])
 
 
-async def hostile(a: PeerProcess, b_chain: list[bytes], used: adm.Invite) -> dict[str, str]:
+async def captured_heartbeat(a: PeerProcess, b: PeerProcess, token: str) -> bytes:
+    """One of B's signed heartbeats as a member hears it (the capture a replay starts from)."""
+    async with Transport.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as m:
+        await become_member(m, token)
+        async with m.subscribe(NODES_TOPIC) as messages:
+            with trio.fail_after(15):
+                async for msg in messages:
+                    if msg.sender == b.node_id:
+                        return msg.data
+    raise AssertionError("no heartbeat of b heard")
+
+
+async def hostile(a: PeerProcess, b_chain: list[bytes], used: adm.Invite, heartbeat: bytes) -> dict[str, str]:
     """A libp2p host with a valid identity of its own: what A answers each attack with."""
     codes = {}
     async with Transport.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as t:
+        codes["self"] = t.node_id
+        peer = await t.connect(a.addrs[0])
+        async with t.subscribe(NODES_TOPIC):  # B's heartbeat, replayed by the stranger
+            await trio.sleep(1.0)
+            await t.publish(NODES_TOPIC, heartbeat)
+            await trio.sleep(0.5)
+        # fuzz: malformed, oversize and truncated admission frames, each answered with a code
+        fuzz = [b"\x00 garbage \xff", adm.encode_chain(b_chain)[:-9], b"\xa1" * 9000, cbor2.dumps({"version": 1})]
+        for i, frame in enumerate(fuzz):
+            await t.connect(a.addrs[0])
+            try:
+                async with t.open_stream(peer, ADMIT_PROTOCOL) as stream:
+                    await stream.send_frame(frame)
+                    read_answer(await stream.receive_frame(64 * 1024))
+                codes[f"fuzz{i}"] = "ADMITTED"
+            except PeerError as err:
+                codes[f"fuzz{i}"] = err.code
         peer = await t.connect(a.addrs[0])
         async with t.open_stream(peer, ADMIT_PROTOCOL) as stream:  # B's credential, replayed
             await stream.send_frame(adm.encode_chain(b_chain))
@@ -112,8 +144,14 @@ def test_strangers_never_take_part_and_a_revoked_member_is_refused(tmp_path: Pat
 
         # a hostile host with its own valid identity
         b_chain = credential.load(tmp_path / "b", load_or_create(tmp_path / "b")).chain
-        codes = trio.run(hostile, a, b_chain, adm.parse_invite(once))
+        heartbeat = trio.run(captured_heartbeat, a, b, mesh.invite(a))
+        codes = trio.run(hostile, a, b_chain, adm.parse_invite(once), heartbeat)
         assert codes["credential"] == "NOT_BOUND" and codes["invite"] == "INVITE_USED_UP", codes
+        assert all(codes[f"fuzz{i}"] not in ("ADMITTED", "") for i in range(4)), codes
+        assert {codes["fuzz0"], codes["fuzz1"], codes["fuzz3"]} <= {"MALFORMED_MESSAGE", "STREAM_CLOSED"}, codes
+        replayed = [r for r in a.log_records() if r.get("event") == "not_admitted" and r.get("peer") == codes["self"]]
+        assert any("gossip relayed by a non-member" in r["msg"] for r in replayed), replayed
+        assert a.get("/api/health")["status"] == "ok"  # and it keeps serving
         assert codes["manifest"] in ("STREAM_CLOSED", "PEER_UNREACHABLE"), codes  # reset, or cut off: no answer
 
         # the coordinator killed: the strangers' claims still count for nothing
