@@ -86,21 +86,26 @@ def seal_cert(c: Certificate, issuer: Identity) -> bytes:
     return seal(CERT, encode_cert(c), issuer)
 
 
+def _opened(data: bytes, kind: str, what: str) -> tuple[Reader, str]:
+    """A verified envelope of ``kind``: a reader over its payload, and the node id that signed it."""
+    env = open_envelope(data, limit=MAX_CHAIN_BYTES)
+    if env.kind != kind:
+        raise DecodeError(f"expected a {what}, got {env.kind!r}", code="UNKNOWN_MESSAGE_KIND")
+    return versioned(env.payload, what, VERSION, limit=MAX_CHAIN_BYTES), node_id_for_key(env.public_key)
+
+
 def open_cert(data: bytes) -> Certificate:
     """A verified certificate: its envelope's signer is its issuer (BAD_SIGNATURE, MALFORMED_MESSAGE,
     UNSUPPORTED_VERSION, CREDENTIAL_SIGNER_MISMATCH otherwise)."""
-    env = open_envelope(data, limit=MAX_CHAIN_BYTES)
-    if env.kind != CERT:
-        raise DecodeError(f"expected a member certificate, got {env.kind!r}", code="UNKNOWN_MESSAGE_KIND")
-    r = versioned(env.payload, "certificate", VERSION, limit=MAX_CHAIN_BYTES)
+    r, signer = _opened(data, CERT, "certificate")
     root_key = r.raw("root_key", b"")
     if not isinstance(root_key, bytes) or len(root_key) > 64:
         raise DecodeError("certificate.root_key: expected at most 64 bytes")
     c = Certificate(mesh=_short(r, "mesh"), member=_short(r, "member"), issuer=_short(r, "issuer"),
                     issued_at=r.number("issued_at"), invite=_short(r, "invite", ""), root_key=root_key)
-    if node_id_for_key(env.public_key) != c.issuer:
-        raise AdmissionError(f"certificate for {c.member} names issuer {c.issuer} but is signed by "
-                             f"{node_id_for_key(env.public_key)}", code="CREDENTIAL_SIGNER_MISMATCH")
+    if signer != c.issuer:
+        raise AdmissionError(f"certificate for {c.member} names issuer {c.issuer} but is signed by {signer}",
+                             code="CREDENTIAL_SIGNER_MISMATCH")
     return c
 
 
@@ -155,14 +160,10 @@ def seal_revocation(rev: Revocation, by: Identity) -> bytes:
 
 
 def open_revocation(data: bytes) -> Revocation:
-    env = open_envelope(data, limit=MAX_CHAIN_BYTES)
-    if env.kind != REVOCATION:
-        raise DecodeError(f"expected a revocation, got {env.kind!r}", code="UNKNOWN_MESSAGE_KIND")
-    r = versioned(env.payload, "revocation", VERSION, limit=MAX_CHAIN_BYTES)
+    r, signer = _opened(data, REVOCATION, "revocation")
     rev = Revocation(mesh=_short(r, "mesh"), revoked=_short(r, "revoked"), by=_short(r, "by"), at=r.number("at"))
-    if node_id_for_key(env.public_key) != rev.by:
-        raise AdmissionError(f"revocation names {rev.by} but is signed by {node_id_for_key(env.public_key)}",
-                             code="CREDENTIAL_SIGNER_MISMATCH")
+    if signer != rev.by:
+        raise AdmissionError(f"revocation names {rev.by} but is signed by {signer}", code="CREDENTIAL_SIGNER_MISMATCH")
     return rev
 
 

@@ -90,30 +90,8 @@ def write_llama(path: Path, types: Callable[[str, tuple[int, ...]], GGMLQuantiza
     rng = np.random.default_rng(seed)
     w = GGUFWriter(path, arch)
     w.add_name(name)
-    w.add_block_count(shape.layers)
-    w.add_context_length(shape.context)
-    w.add_embedding_length(shape.hidden)
-    w.add_feed_forward_length(shape.ffn)
-    w.add_head_count(shape.heads)
-    w.add_head_count_kv(shape.kv_heads)
-    w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(shape.head_dim)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(shape.vocab)
-    # a byte-level BPE vocabulary: 3 control tokens, single letters, then merged pairs of letters
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Ġ"]
-    pairs = [a + b for a in "etaoinsh" for b in "etaoinsh"][: shape.vocab - 3 - len(letters)]
-    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *letters, *pairs]
-    assert len(tokens) == shape.vocab, (len(tokens), shape.vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
-    w.add_token_merges([f"{p[0]} {p[1]}" for p in pairs])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_pad_token_id(2)
-    w.add_chat_template(CHAT_TEMPLATE)
+    _shape_metadata(w, shape, eps=1e-5)
+    _byte_level_tokenizer(w, shape.vocab)
     for tname, hf_shape in llama_tensors(shape, head, bias=arch == "qwen2"):
         qtype = types(tname, hf_shape) if types else Q.F32
         data = encode(qtype, hf_shape, rng)
@@ -223,6 +201,20 @@ def family_tensors(arch: str, s: Shape, head: bool = True) -> list[tuple[str, tu
     return out
 
 
+def _shape_metadata(w: GGUFWriter, shape: Shape, eps: float) -> None:
+    """The size keys llama.cpp writes for every architecture."""
+    w.add_block_count(shape.layers)
+    w.add_context_length(shape.context)
+    w.add_embedding_length(shape.hidden)
+    w.add_feed_forward_length(shape.ffn)
+    w.add_head_count(shape.heads)
+    w.add_head_count_kv(shape.kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(shape.head_dim)
+    w.add_layer_norm_rms_eps(eps)
+    w.add_vocab_size(shape.vocab)
+
+
 def _byte_level_tokenizer(w: GGUFWriter, vocab: int) -> None:
     """write_llama's byte-level BPE vocabulary: 3 control tokens, single letters, then merged pairs."""
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Ġ"]
@@ -254,18 +246,9 @@ def write_family(path: Path, arch: str, shape: Shape, head: bool = True, sliding
     rng = np.random.default_rng(seed)
     w = GGUFWriter(path, arch)
     w.add_name(f"tiny-{arch}")
-    w.add_block_count(shape.layers)
-    w.add_context_length(shape.context)
-    w.add_embedding_length(shape.hidden)
-    w.add_feed_forward_length(shape.ffn)
-    w.add_head_count(shape.heads)
-    w.add_head_count_kv(shape.kv_heads)
+    _shape_metadata(w, shape, eps=1e-6)
     w.add_key_length(shape.head_dim)
     w.add_value_length(shape.head_dim)
-    w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(shape.head_dim)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_vocab_size(shape.vocab)
     if sliding_window is not None:
         w.add_sliding_window(sliding_window)
     if arch == "gemma2":  # what llama.cpp writes (transformers 5.24 reads neither: its defaults are these)

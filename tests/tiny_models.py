@@ -73,6 +73,35 @@ def tiny(name: str, seed: int = 0, **config: Any) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def greedy(model: torch.nn.Module, prompt: list[list[int]], new: int) -> tuple[list[int], torch.Tensor]:
+    """The unsplit transformers model's greedy tokens with its own KV cache (no stop token: every step
+    compared), and the last step's logits."""
+    model.eval()
+    ids, cache, out = torch.tensor(prompt), DynamicCache(config=model.config), []
+    with torch.no_grad():
+        for _ in range(new):
+            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+            out.append(int(logits.argmax(-1)))
+            ids = torch.tensor([[out[-1]]])
+    return out, logits
+
+
+def run_stages(stages: Sequence[Any], prompt: list[list[int]], new: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens through ``stages`` (``inference.stage.Stage``s in pipeline order, a cache each), and the
+    last step's logits: the split side of the equality oracle."""
+    caches = [s.new_cache() for s in stages]
+    ids, pos = torch.tensor(prompt), torch.arange(len(prompt[0]))[None]
+    out: list[int] = []
+    h = ids
+    for _ in range(new):
+        h = ids
+        for stage, cache in zip(stages, caches, strict=True):
+            h = stage.forward(h, pos, cache)
+        out.append(int(h[:, -1].argmax(-1)))
+        ids, pos = torch.tensor([[out[-1]]]), pos[:, -1:] + 1
+    return out, h[:, -1]
+
+
 def reference(model: torch.nn.Module, prompt: Sequence[int], new: int) -> list[int]:
     """Greedy tokens of the unsplit model with its own KV cache (no stop token)."""
     model.eval()

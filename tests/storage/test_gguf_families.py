@@ -20,6 +20,8 @@ import torch
 from gguf import GGUFWriter
 from gguf_files import Q, Shape, family_tensors, write_family
 from safetensors.torch import load_file
+from tiny_models import greedy as reference
+from tiny_models import run_stages as run
 
 from inference.qlinear import Int4Linear, Int8Linear
 from inference.stage import Stage
@@ -95,36 +97,14 @@ def test_float32_read_equals_transformers(case: tuple[str, Path, torch.nn.Module
         assert norm.read("float32")[norm.name].mean().abs() < 0.1
 
 
-def reference(model: torch.nn.Module, prompt: list[list[int]], new: int) -> tuple[list[int], torch.Tensor]:
-    """transformers' greedy tokens with a DynamicCache, and the last logits."""
-    from transformers import DynamicCache
-
-    ids, cache, out = torch.tensor(prompt), DynamicCache(config=model.config), []
-    with torch.no_grad():
-        for _ in range(new):
-            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
-            out.append(int(logits.argmax(-1)))
-            ids = torch.tensor([[out[-1]]])
-    return out, logits
 
 
-def run(pipeline: list[Stage], prompt: list[list[int]], new: int) -> tuple[list[int], torch.Tensor]:
-    caches = [s.new_cache() for s in pipeline]
-    ids, pos = torch.tensor(prompt), torch.arange(len(prompt[0]))[None]
-    out: list[int] = []
-    for _ in range(new):
-        h = ids
-        for stage, cache in zip(pipeline, caches, strict=True):
-            h = stage.forward(h, pos, cache)
-        out.append(int(h[:, -1].argmax(-1)))
-        ids, pos = torch.tensor([[out[-1]]]), pos[:, -1:] + 1
-    return out, h[:, -1]
 
 
-def test_added_shards_in_two_stages_generate_transformers_tokens(case: tuple[str, Path, torch.nn.Module],
-                                                                 tmp_path: Path) -> None:
-    arch, path, model = case
-    shape = CASES[arch]["shape"]
+def float32_split(model: torch.nn.Module, path: Path, arch: str, shape: Shape, tmp_path: Path, cut: int
+                  ) -> tuple[dict[str, Any], list[int], torch.Tensor, list[int], torch.Tensor]:
+    """The file added with ``--weights float32`` and split in 2 stages at shard ``cut``: (its config,
+    transformers' tokens and last logits, the split's tokens and last logits)."""
     want, want_logits = reference(model, PROMPT, NEW)
     assert len(set(want)) >= 5, f"the reference collapses onto few tokens ({want}): the test would be toothless"
     store = Store(tmp_path / "store", Identity.generate())
@@ -132,11 +112,19 @@ def test_added_shards_in_two_stages_generate_transformers_tokens(case: tuple[str
     assert list(manifest.formats) == ["float32"]
     assert len(manifest.shards) == shape.layers + 3  # embedding, blocks, norm, head
     config = json.loads((store.registry.model_dir(arch, manifest.revision) / "config.json").read_text())
-    assert config["model_type"] == MODEL_TYPES[arch]
-    cut = 1 + shape.layers // 2  # gemma2: its sliding block | its global one; gemma3: the global layer 5 in stage 2
     pipeline = [Stage(config, manifest.shards, a, b, lambda s: load_file(store.blob(s.sha256)[0]), dtype=torch.float32)
                 for a, b in itertools.pairwise([0, cut, len(manifest.shards)])]
     got, logits = run(pipeline, PROMPT, NEW)
+    return config, want, want_logits, got, logits
+
+
+def test_added_shards_in_two_stages_generate_transformers_tokens(case: tuple[str, Path, torch.nn.Module],
+                                                                 tmp_path: Path) -> None:
+    arch, path, model = case
+    shape = CASES[arch]["shape"]
+    cut = 1 + shape.layers // 2  # gemma2: its sliding block | its global one; gemma3: the global layer 5 in stage 2
+    config, want, want_logits, got, logits = float32_split(model, path, arch, shape, tmp_path, cut)
+    assert config["model_type"] == MODEL_TYPES[arch]
     assert got == want, (arch, got, want)
     assert torch.allclose(logits, want_logits, atol=1e-4), (arch, (logits - want_logits).abs().max())
     if arch == "gemma2":  # logits soft-capped at 30, well inside tanh's bend: a missing cap would show
@@ -301,17 +289,8 @@ def test_moe_added_float32_shards_in_two_stages_generate_transformers_tokens(
         moe_case: tuple[str, Path, torch.nn.Module], tmp_path: Path) -> None:
     arch, path, model = moe_case
     shape = MOE_CASES[arch]
-    want, want_logits = reference(model, PROMPT, NEW)
-    assert len(set(want)) >= 5, f"the reference collapses onto few tokens ({want}): the test would be toothless"
-    store = Store(tmp_path / "store", Identity.generate())
-    manifest = store.add(str(path), model_id=arch, weights="float32")
-    assert list(manifest.formats) == ["float32"]
-    assert len(manifest.shards) == shape.layers + 3  # embedding, blocks, norm, head
-    config = json.loads((store.registry.model_dir(arch, manifest.revision) / "config.json").read_text())
+    config, want, want_logits, got, logits = float32_split(model, path, arch, shape, tmp_path, 2)  # block 0 | 1
     assert config["model_type"] == MOE_MODEL_TYPES[arch] and config["moe_intermediate_size"] == shape.expert_ffn
-    pipeline = [Stage(config, manifest.shards, a, b, lambda s: load_file(store.blob(s.sha256)[0]), dtype=torch.float32)
-                for a, b in itertools.pairwise([0, 2, len(manifest.shards)])]  # block 0 | block 1
-    got, logits = run(pipeline, PROMPT, NEW)
     assert got == want, (arch, got, want)
     assert torch.allclose(logits, want_logits, atol=1e-4), (arch, (logits - want_logits).abs().max())
 

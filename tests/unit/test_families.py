@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import CONFIGS, tiny
-from transformers import DynamicCache
+from tiny_models import greedy as reference
+from tiny_models import run_stages as run
 
 from inference.stage import Stage
 from mesh.errors import MeshError
@@ -34,14 +35,6 @@ NEW = 32
 CUTS = ([4], [2], [3, 6], [1, 3])
 
 
-def reference(model: torch.nn.Module, prompt: list[list[int]], new: int) -> tuple[list[int], torch.Tensor]:
-    ids, cache, out = torch.tensor(prompt), DynamicCache(config=model.config), []
-    with torch.no_grad():
-        for _ in range(new):
-            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
-            out.append(int(logits.argmax(-1)))
-            ids = torch.tensor([[out[-1]]])
-    return out, logits
 
 
 def stages(store: Store, manifest: Manifest, model_id: str, cuts: list[int], dtype: torch.dtype) -> list[Stage]:
@@ -51,17 +44,6 @@ def stages(store: Store, manifest: Manifest, model_id: str, cuts: list[int], dty
             for a, b in itertools.pairwise(bounds)]
 
 
-def run(pipeline: list[Stage], prompt: list[list[int]], new: int) -> tuple[list[int], torch.Tensor]:
-    caches = [s.new_cache() for s in pipeline]
-    ids, pos = torch.tensor(prompt), torch.arange(len(prompt[0]))[None]
-    out: list[int] = []
-    for _ in range(new):
-        h = ids
-        for stage, cache in zip(pipeline, caches, strict=True):
-            h = stage.forward(h, pos, cache)
-        out.append(int(h[:, -1].argmax(-1)))
-        ids, pos = torch.tensor([[out[-1]]]), pos[:, -1:] + 1
-    return out, h[:, -1]
 
 
 @pytest.fixture(scope="module")

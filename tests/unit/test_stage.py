@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import greedy as reference
+from tiny_models import run_stages as run_pipeline
 from tiny_models import tiny_gpt2, tiny_llama
 from transformers import DynamicCache, GPT2LMHeadModel, LlamaForCausalLM
 
@@ -46,34 +48,8 @@ def build(store: Store, manifest: Manifest, cuts: list[int]) -> list[Stage]:
             for a, b in itertools.pairwise(bounds)]
 
 
-def run_pipeline(stages: list[Stage], prompt: list[list[int]], new: int) -> tuple[list[int], torch.Tensor]:
-    caches = [s.new_cache() for s in stages]
-    ids = torch.tensor(prompt)
-    pos = torch.arange(ids.shape[1]).unsqueeze(0)
-    out: list[int] = []
-    logits = torch.empty(0)
-    for _ in range(new):
-        h = ids
-        for stage, cache in zip(stages, caches, strict=True):
-            h = stage.forward(h, pos, cache)
-        logits = h[:, -1]
-        token = int(logits.argmax(-1))
-        out.append(token)
-        ids = torch.tensor([[token]])
-        pos = pos[:, -1:] + 1
-    return out, logits
 
 
-def reference(model: torch.nn.Module, prompt: list[list[int]], new: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy decoding with the unsplit model and its own KV cache (no stop token: every step compared)."""
-    model.eval()
-    ids, cache, out = torch.tensor(prompt), DynamicCache(config=model.config), []
-    with torch.no_grad():
-        for _ in range(new):
-            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
-            out.append(int(logits.argmax(-1)))
-            ids = torch.tensor([[out[-1]]])
-    return out, logits
 
 
 @pytest.mark.parametrize("make", [lambda: llama(True), lambda: llama(False), gpt2], ids=["llama-tied", "llama", "gpt2"])
