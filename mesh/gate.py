@@ -183,6 +183,9 @@ class Gate:
             nursery.start_soon(self._hear)
             task_status.started()
             while True:
+                if self._dirty:  # members and revocations learned: kept across a restart
+                    self._dirty = False
+                    await self.save()
                 now = self.clock()
                 connected = self.network.connected_peers()
                 for peer in set(self._seen) - connected:
@@ -222,8 +225,10 @@ class Gate:
             await trio.sleep(ANNOUNCE_INTERVAL)
 
     def _accept_announcement(self, msg: GossipMessage) -> bool:
-        if msg.forwarder is not None and not self.allows(NodeId(msg.forwarder)):
-            return False
+        """Chains and revocations are self-certifying: learned from whoever sends them (a restarted member
+        that forgot a member hears of it, and of its own revocation, from that member itself), relayed only
+        when an admitted peer sent them."""
+        relay = msg.forwarder is None or self.allows(NodeId(msg.forwarder))
         try:
             r = Reader(loads_cbor(msg.data, MAX_ANNOUNCE), "announcement")
             chain, revocations = r.raw("chain"), r.raw("revocations", [])
@@ -236,20 +241,21 @@ class Gate:
                 changed |= self._apply_revocation(data)
             if not isinstance(chain, list) or not all(isinstance(c, bytes) for c in chain):
                 raise DecodeError("announcement.chain: expected a list of certificates")
+            known = len(self.roster.certs)
             self.roster.add_chain(chain)
+            if len(self.roster.certs) > known:  # a member this peer did not know: kept across a restart
+                self._dirty = True
             if changed:
                 self.wake.set()
         except PeerError as err:
             self._refuse_log(msg.sender, err.code, "announcement refused from")
             return False
-        return True
+        return relay
 
     async def _hear(self) -> None:
         async with self.network.subscribe(MEMBERS_TOPIC) as messages:
-            async for _ in messages:  # the validator did the work; saving is what is left
-                if self._dirty:
-                    self._dirty = False
-                    await self.save()
+            async for _ in messages:  # the validator did the work (and ``run`` saves what it learned)
+                pass
 
     def _apply_revocation(self, data: bytes) -> bool:
         try:
@@ -260,7 +266,11 @@ class Gate:
             raise
         if rev is None:
             return False
-        log.warning("%s revoked by %s", rev.revoked, rev.by, extra={"event": "revoked", "peer": rev.revoked})
+        if rev.revoked == self.identity.node_id:
+            log.error("this peer was revoked from %s by %s: its members refuse it", self.roster.mesh, rev.by,
+                      extra={"event": "revoked_self", "code": "REVOKED", "peer": rev.by})
+        else:
+            log.warning("%s revoked by %s", rev.revoked, rev.by, extra={"event": "revoked", "peer": rev.revoked})
         self.admitted = {p for p in self.admitted if self.roster.is_member(p)}
         self._dirty = True
         return True
