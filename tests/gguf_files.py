@@ -96,6 +96,11 @@ def write_llama(path: Path, types: Callable[[str, tuple[int, ...]], GGMLQuantiza
         qtype = types(tname, hf_shape) if types else Q.F32
         data = encode(qtype, hf_shape, rng)
         w.add_tensor(tname, data, raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
+    return written(w, path)
+
+
+def written(w: GGUFWriter, path: Path) -> Path:
+    """Write out a GGUF whose metadata and tensors ``w`` holds (header, metadata, tensors) and close it."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -271,8 +276,4 @@ def write_family(path: Path, arch: str, shape: Shape, head: bool = True, sliding
             values = (sigma * rng.standard_normal(hf_shape)).astype(np.float32)
         data = values if qtype == Q.F32 else values.astype(np.float16) if qtype == Q.F16 else quantize(values, qtype)
         w.add_tensor(tname, data, raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return written(w, path)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFWriter
-from gguf_files import Q, Shape, family_tensors, write_family
+from gguf_files import Q, Shape, family_tensors, write_family, written
 from safetensors.torch import load_file
 from tiny_models import greedy as reference
 from tiny_models import run_stages as run
@@ -135,10 +135,7 @@ def test_an_unknown_architecture_is_refused_naming_the_supported_ones(tmp_path: 
     path = tmp_path / "odd.gguf"
     w = GGUFWriter(path, "wobblymoe")
     w.add_name("tiny-odd")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    written(w, path)
     with pytest.raises(LocalError) as excinfo:
         open_gguf(path)
     message = str(excinfo.value)
@@ -162,10 +159,7 @@ def test_3d_tensors_in_a_dense_architecture_are_refused(stacked: str, tmp_path: 
         if tname != stacked:
             w.add_tensor(tname, np.ones(hf_shape, dtype=np.float32))
     w.add_tensor(stacked, np.ones((4, 64, 64), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    written(w, path)
     with pytest.raises(LocalError) as excinfo:
         open_gguf(path)
     assert excinfo.value.code == "UNSUPPORTED_ARCHITECTURE"
