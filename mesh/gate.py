@@ -59,14 +59,18 @@ def _answer(chain: list[bytes] | None = None, error: PeerError | None = None) ->
     return adm.encode_chain(chain or [])
 
 
+class Refused(adm.AdmissionError):
+    """The other side refused this peer's credential or invite (its code)."""
+
+
 def read_answer(data: bytes) -> list[bytes]:
-    """The chain in an admission or join answer; the refusal's code raised as an AdmissionError."""
+    """The chain in an admission or join answer; the refusal's code raised as ``Refused``."""
     r = Reader(loads_cbor(data, MAX_FRAME), "admission")
     code = r.raw("error", None)
     if code is not None:
         if not isinstance(code, str) or not code.isupper() or len(code) > 64:
             raise DecodeError("admission.error: expected a code")
-        raise adm.AdmissionError(f"refused: {str(r.raw('message', ''))[:300]}", code=code)
+        raise Refused(f"refused: {str(r.raw('message', ''))[:300]}", code=code)
     return adm.decode_chain(data)
 
 
@@ -91,15 +95,25 @@ class Gate:
 
     def accepts(self, msg: GossipMessage) -> bool:
         """Gossip is taken from members only: relayed by an admitted peer, and signed by a member."""
-        if msg.forwarder is not None and not self.allows(NodeId(msg.forwarder)):
-            self._refuse_log(NodeId(msg.forwarder), "NOT_A_MEMBER", "gossip relayed by a non-member")
+        if not self.relayed(msg):
             return False
         try:
             signer = node_id_for_key(open_envelope(msg.data).public_key)
         except PeerError:
             return True  # malformed: the topic's own validator refuses it with its code
+        return self.signed_by_member(signer)
+
+    def relayed(self, msg: GossipMessage) -> bool:
+        """Relayed here by an admitted peer (or published here)."""
+        if msg.forwarder is not None and not self.allows(NodeId(msg.forwarder)):
+            self._refuse_log(NodeId(msg.forwarder), "NOT_A_MEMBER", "gossip relayed by a non-member")
+            return False
+        return True
+
+    def signed_by_member(self, signer: str) -> bool:
+        """``signer`` (the node id of a verified envelope's key) is a member, or this peer."""
         if not self.roster.is_member(signer) and signer != self.identity.node_id:
-            self._refuse_log(signer, "NOT_A_MEMBER", "gossip signed by a non-member")
+            self._refuse_log(NodeId(signer), "NOT_A_MEMBER", "gossip signed by a non-member")
             return False
         return True
 
@@ -168,7 +182,7 @@ class Gate:
             await self.admit(peer)
         except PeerError as err:
             self.refused.setdefault(peer, err.code)
-            if err.code == "REVOKED" and "refused" in str(err):  # a member told us: we were revoked
+            if isinstance(err, Refused) and err.code == "REVOKED":  # a member told us: we were revoked
                 if self._throttle.allow(("self", "REVOKED"), self.clock()) is not None:
                     log.error("member %s refuses this peer: it was revoked from %s (%s)", peer, self.roster.mesh,
                               err, extra={"event": "revoked_self", "code": "REVOKED", "peer": peer})
@@ -266,6 +280,11 @@ class Gate:
             raise
         if rev is None:
             return False
+        self._revoked(rev)
+        return True
+
+    def _revoked(self, rev: adm.Revocation) -> None:
+        """What follows a revocation the roster took, heard or made here: logged, the admitted peers, a save."""
         if rev.revoked == self.identity.node_id:
             log.error("this peer was revoked from %s by %s: its members refuse it", self.roster.mesh, rev.by,
                       extra={"event": "revoked_self", "code": "REVOKED", "peer": rev.by})
@@ -273,7 +292,6 @@ class Gate:
             log.warning("%s revoked by %s", rev.revoked, rev.by, extra={"event": "revoked", "peer": rev.revoked})
         self.admitted = {p for p in self.admitted if self.roster.is_member(p)}
         self._dirty = True
-        return True
 
     async def revoke(self, node_id: str) -> adm.Revocation:
         """Revoke a member (any member may): sealed, applied here, saved and published. Revoking a peer that
@@ -286,7 +304,8 @@ class Gate:
                                    self.identity)
         rev = self.roster.revoke(data)
         assert rev is not None
-        self.admitted = {p for p in self.admitted if self.roster.is_member(p)}
+        self._revoked(rev)
+        self._dirty = False  # saved now, before the answer
         await self.save()
         self.wake.set()
         with trio.move_on_after(ANNOUNCE_INTERVAL):

@@ -42,7 +42,7 @@ from mesh.config import Config
 from mesh.credential import Membership
 from mesh.errors import MeshError, NotFoundError, PeerError
 from mesh.gate import ADMIT_PROTOCOL, MEMBERS_TOPIC, Gate, refusal
-from mesh.identity import Identity
+from mesh.identity import Identity, node_id_for_key
 from mesh.ids import ModelRef, NodeId, keep_ref
 from mesh.logs import Throttle
 from mesh.membership import Forgotten, Member, StatusChanged
@@ -211,15 +211,20 @@ class Node:
                         extra={"event": "publish_slow", "node_id": self.node_id})
 
     def accept_gossip(self, msg: GossipMessage) -> bool:
-        """Topic validator: refuse (and do not relay) anything malformed, forged or oversize."""
+        """Topic validator: refuse (and do not relay) anything malformed, forged or oversize; in a closed mesh
+        anything a non-member relayed or signed (the envelope is verified once, here), in an open one anything
+        from a closed mesh's peers."""
+        gate = self.gate
+        if not (self._not_closed(msg) if gate is None else gate.relayed(msg)):
+            return False
         if msg.sender == self.node_id:
             return True
         try:
-            open_signed(msg.data)
+            signed = open_signed(msg.data)
         except PeerError as err:
             self._reject(err, msg.sender)
             return False
-        return True
+        return gate is None or gate.signed_by_member(node_id_for_key(signed.public_key))
 
     async def receive(self) -> None:
         async with self.transport.subscribe(NODES_TOPIC) as messages:
@@ -631,15 +636,14 @@ class Node:
         """Every task of the peer in one nursery, until it has drained (``request_drain``) or is cancelled.
         ``api``: how to start the HTTP API (``mesh.app.api.serve_api``) when ``config.api.listen`` is set."""
         t, inf, gate = self.transport, self.config.inference, self.gate
+        t.set_validator(NODES_TOPIC, self.accept_gossip)
         if gate is None:
-            t.set_validator(NODES_TOPIC, lambda m: self._not_closed(m) and self.accept_gossip(m))
             t.set_validator(PLANS_TOPIC, lambda m: self._not_closed(m) and self.plans.accept_gossip(m))
             t.set_validator(MEMBERS_TOPIC, self._closed_peer_heard)
             self.shard_server.register(t)
             t.handle(ACTIVATIONS_PROTOCOL, self.stages.on_stream, max_concurrent=2 * inf.max_sessions + 16)
             t.handle(ADMIT_PROTOCOL, self._refuse_closed, max_concurrent=4, timeout=5.0)
         else:  # the same, from members only
-            t.set_validator(NODES_TOPIC, lambda m: gate.accepts(m) and self.accept_gossip(m))
             t.set_validator(PLANS_TOPIC, lambda m: gate.accepts(m) and self.plans.accept_gossip(m))
             self.shard_server.register(gate.guarded(t))
             t.handle(ACTIVATIONS_PROTOCOL, gate.guard(ACTIVATIONS_PROTOCOL, self.stages.on_stream),
