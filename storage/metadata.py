@@ -186,9 +186,9 @@ class ModelMetadata:
         return sum(layer.bytes for layer in self.layers)
 
 
-def companions(weight: str) -> tuple[str, str]:
-    """The names of a quantized weight's scale and min tensors (they fix its logical shape)."""
-    return weight + formats.SCALE, weight + formats.MIN
+def with_companions(weight: TensorInfo, named: dict[str, TensorInfo]) -> list[TensorInfo]:
+    """A weight and, when it is quantized, its scale and min tensors (they fix its logical shape)."""
+    return [weight, *(named[n] for n in (weight.name + formats.SCALE, weight.name + formats.MIN) if n in named)]
 
 
 def layers_of(folder: Path) -> ModelMetadata:
@@ -245,11 +245,11 @@ def group_layers(arch: Architecture, tensors: dict[str, TensorInfo]) -> ModelMet
         base = per_context = kv = 0
         every = None
         if kind == "block":  # matmuls (biases and norms are noise); a MoE token runs its active experts only
-            every = 2 * formats.matmul_params(specs(infos))
-            by_name_ = {t.name: t for t in infos}
-            base = round(2 * sum(
-                formats.matmul_params(specs([t, *(by_name_[c] for c in companions(t.name) if c in by_name_)]))
-                * family.active_fraction(arch, t.name) for t in infos if not formats.is_companion(t.name)))
+            named = {t.name: t for t in infos}
+            matmuls = {t.name: formats.matmul_params(specs(with_companions(t, named)))
+                       for t in infos if not formats.is_companion(t.name)}
+            every = 2 * sum(matmuls.values())
+            base = round(2 * sum(p * family.active_fraction(arch, tensor) for tensor, p in matmuls.items()))
             per_context = 4 * arch.heads * arch.head_dim  # QK^T and AV, a multiply-add each
             kv = 2 * arch.kv_heads * arch.head_dim * kv_bytes
         elif kind == "head":
@@ -264,8 +264,7 @@ def group_layers(arch: Architecture, tensors: dict[str, TensorInfo]) -> ModelMet
         if not arch.tied:
             raise UnsupportedArchitecture("no lm_head weight and the config does not tie it to the embedding")
         emb = next(layer for layer in layers if layer.kind == "embedding")
-        emb_specs = specs([tensors[n] for n in emb.tensors  # the embedding matrix and its scales, not wpe
-                           if n == embedding.name or (formats.is_companion(n) and n.startswith(embedding.name))])
+        emb_specs = specs(with_companions(embedding, tensors))  # the embedding matrix and its scales, not wpe
         vocab_params = math.prod(formats.logical_shape(embedding.shape,
                                                        formats.weight_formats(emb_specs).get(embedding.name)))
         layers.append(Layer(len(layers), "head", "head", (), 0, {}, formats.loaded_bytes(emb_specs, compute), 0,
