@@ -129,8 +129,8 @@ class Store:
         else:
             folder = path
             tensors = [] if weights == "auto" else folder_tensors(folder)
-            family = by_name(architecture(_config(folder)).family)
-            if all(choose(t, weights, family) == t.auto for t in tensors):  # nothing to convert: copy byte ranges
+            arch = architecture(_config(folder))
+            if all(choose(t, weights, by_name(arch.family)) == t.auto for t in tensors):  # nothing to convert
                 meta = layers_of(folder)
                 written = []
                 for layer in meta.layers:
@@ -138,7 +138,7 @@ class Store:
                                                shard_dir))
                     shard_written(len(written), len(meta.layers))
             else:
-                meta, written = convert(tensors, weights, architecture(_config(folder)), shard_dir, shard_written)
+                meta, written = convert(tensors, weights, arch, shard_dir, shard_written)
         if weights != "auto":
             notes.append(f"converted to {weights} on request")
         manifest = manifest_of(folder, meta, written, model_id=model_id, revision=revision,

@@ -8,13 +8,16 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesh.config import TOKEN_ENV, valid_token
 from mesh.errors import ConfigError, MeshError
 from mesh.fsutil import read_private
+
+if TYPE_CHECKING:  # storage.store imports torch: not for `meshnode status`
+    from storage.store import AddProgress
 
 #: The API token a peer made for itself (a non-loopback ``--api`` without ``--api-token``), in its data dir.
 API_TOKEN_FILE = "api-token"
@@ -135,7 +138,7 @@ def pull(api: str, model: str, revision: str | None, source: str | None, *, quie
 
 
 @contextlib.contextmanager
-def add_progress(*, quiet: bool = False) -> Iterator[Callable[[str, int, int | None, str], None]]:
+def add_progress(*, quiet: bool = False) -> Iterator[AddProgress]:
     """The ``progress`` of ``Store.add``, drawn with rich on stderr: one line per step (a hub download in
     bytes with its speed, then the shards written). Third-party bars (huggingface_hub's tqdm) are never drawn."""
     from rich.console import Console
