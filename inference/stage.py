@@ -147,8 +147,8 @@ class Stage:
         self.hidden = self.cfg.hidden_size  # (GPT-2's n_embd by its alias)
         with torch.no_grad():
             self.embed = self.family.embedding(tensors, self.formats, self.cfg) if self.first else None
-            self.body, norm = self._body(tensors, numbers)
-            self.body = self.body if blocks else None
+            body, norm = self._body(tensors, numbers)  # (built for its norm module also when it runs no block)
+            self.body = body if numbers else None
             self.norm = self._norm(norm, tensors) if any(s.kind == "norm" for s in own) else None
             self.head = self._head(tensors) if self.last else None
         # Llama blocks run through inference.blocks (the same arithmetic, far fewer framework calls); other

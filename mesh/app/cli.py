@@ -360,6 +360,11 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _failed(err: MeshError) -> int:
+    print(f"meshnode: error {err.code}: {err}", file=sys.stderr)
+    return 2
+
+
 def _first(group: BaseExceptionGroup) -> MeshError:
     exc: BaseException = group
     while isinstance(exc, BaseExceptionGroup):
@@ -375,15 +380,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
         return code
     except MeshError as err:
-        print(f"meshnode: error {err.code}: {err}", file=sys.stderr)
-        return 2
+        return _failed(err)
     except BaseExceptionGroup as group:  # a peer's start-up refused inside its nurseries (an invite, a mesh)
         mesh_errors, rest = group.split(MeshError)
         if mesh_errors is None or rest is not None:
             raise
-        err = _first(mesh_errors)
-        print(f"meshnode: error {err.code}: {err}", file=sys.stderr)
-        return 2
+        return _failed(_first(mesh_errors))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `meshnode models list --json | head`: the reader left; end quietly, as Unix tools do
