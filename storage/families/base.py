@@ -65,6 +65,7 @@ class Family:
     eight_bit: ClassVar[frozenset[str]] = frozenset({"model.embed_tokens.weight", "lm_head.weight"})
     quantized_weights: ClassVar[bool] = True  # whether int8/int4 shards can run at all
     blocks_attr: ClassVar[str] = "layers"  # the base model's list of blocks
+    llama_blocks: ClassVar[bool] = False  # its blocks are Llama's arithmetic (``runs_directly``)
     #: GGUF: ``general.architecture`` values of this family's files, and tensor names -> transformers names
     gguf_archs: ClassVar[tuple[str, ...]] = ()
     gguf_globals: ClassVar[dict[str, str]] = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
@@ -111,8 +112,13 @@ class Family:
         return "sdpa" if dtype == torch.float32 else low_precision
 
     def runs_directly(self, cfg: Any) -> bool:
-        """Whether ``inference.blocks`` may run this config's blocks (Llama arithmetic, full attention)."""
-        return False
+        """Whether ``inference.blocks`` may run this config's blocks: a family whose blocks are Llama's
+        arithmetic (``llama_blocks``), with no sliding window anywhere (what ``inference.blocks`` implements)."""
+        if not self.llama_blocks:
+            return False
+        if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
+            return False
+        return all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or ()))
 
     def strip(self, body: nn.Module, cfg: Any) -> tuple[nn.Module | None, nn.Module]:
         """Take the base model apart: (its final norm module, its list of blocks). What a stage does not run

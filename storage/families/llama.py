@@ -1,5 +1,5 @@
-"""Llama (1, 2, 3.x with its rope scaling; SmolLM): the default layout of ``base.Family``, and the one family
-whose blocks ``inference.blocks`` runs directly when every layer attends fully."""
+"""Llama (1, 2, 3.x with its rope scaling; SmolLM): the default layout of ``base.Family``; its blocks (as Mistral's
+and Qwen2's) are Llama's arithmetic, which ``inference.blocks`` runs directly when every layer attends fully."""
 
 from __future__ import annotations
 
@@ -8,21 +8,12 @@ from typing import Any, ClassVar
 from storage.families.base import Family
 
 
-def full_attention_only(cfg: Any) -> bool:
-    """No sliding window anywhere: what ``inference.blocks`` implements."""
-    if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
-        return False
-    return all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or ()))
-
-
 class Llama(Family):
     name = "llama"
     model_types = ("llama",)
     causal_lm: ClassVar[dict[str, str]] = {"llama": "LlamaForCausalLM"}
     gguf_archs = ("llama",)
-
-    def runs_directly(self, cfg: Any) -> bool:
-        return full_attention_only(cfg)
+    llama_blocks = True
 
     def gguf_permuted_heads(self, gguf_arch: str, name: str, metadata: dict[str, Any]) -> int | None:
         # transformers' LlamaTensorProcessor: llama.cpp interleaved each head's rotary halves in q and k

@@ -4,10 +4,9 @@ sliding cache (``DynamicCache`` from the stage's config)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from storage.families.base import Family
-from storage.families.llama import full_attention_only
 
 
 class Mistral(Family):
@@ -15,6 +14,4 @@ class Mistral(Family):
     model_types = ("mistral",)
     causal_lm: ClassVar[dict[str, str]] = {"mistral": "MistralForCausalLM"}
     gguf_archs = ("mistral",)
-
-    def runs_directly(self, cfg: Any) -> bool:
-        return full_attention_only(cfg)
+    llama_blocks = True

@@ -4,10 +4,9 @@ its own blocks (``Family.stage_config``)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from storage.families.base import Family
-from storage.families.llama import full_attention_only
 
 
 class Qwen2(Family):
@@ -15,6 +14,4 @@ class Qwen2(Family):
     model_types = ("qwen2",)
     causal_lm: ClassVar[dict[str, str]] = {"qwen2": "Qwen2ForCausalLM"}
     gguf_archs = ("qwen2",)
-
-    def runs_directly(self, cfg: Any) -> bool:
-        return full_attention_only(cfg)
+    llama_blocks = True
