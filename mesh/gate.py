@@ -19,6 +19,7 @@ drops the revoked peer (and every peer admitted through it) within one announcem
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -81,8 +82,9 @@ class Gate:
         self.clock, self.save = clock, save
         self.roster = membership.roster
         self.admitted: set[NodeId] = set()
-        self.refused: dict[NodeId, str] = {}  # peer -> the code it was refused with
-        self._seen: dict[NodeId, float] = {}  # peer -> when its connection was first seen unadmitted
+        # peer -> the code it was refused with and when (trio time): a refusal holds for the connection it was
+        # made on, so a stranger cut off for a replayed credential may come back and redeem an invite
+        self.refused: dict[NodeId, tuple[str, float]] = {}
         self._tried: set[NodeId] = set()  # connected peers this one has sent its credential to
         self._throttle = Throttle(every=10.0)
         self._dirty = False  # revocations heard and not saved yet
@@ -155,19 +157,29 @@ class Gate:
     def _check(self, chain: list[bytes], peer: NodeId) -> None:
         try:
             self.roster.admit(chain, peer)
-        except PeerError as err:
-            self.refused[peer] = err.code
+        except PeerError:
             self.admitted.discard(peer)
             raise
         self.admitted.add(peer)
         self.refused.pop(peer, None)
 
+    def _cut_off(self, peer: NodeId, code: str) -> None:
+        """Refuse ``peer`` on its current connection: the loop disconnects it now."""
+        self.refused[peer] = (code, trio.current_time())
+        self.wake.set()
+
     async def _serve_admit(self, stream: Stream) -> None:
+        chain = None
         try:
-            self._check(adm.decode_chain(await stream.receive_frame(MAX_FRAME)), stream.peer)
+            chain = adm.decode_chain(await stream.receive_frame(MAX_FRAME))
+            self._check(chain, stream.peer)
         except PeerError as err:
             self._refuse_log(stream.peer, err.code, "admission refused to")
             await stream.send_frame(_answer(error=err))
+            if chain is not None:  # a credential refused, not a garbled frame: cut off once it has read why
+                with contextlib.suppress(PeerError):
+                    await stream.read_some(1, timeout=2.0)  # its close (bounded: it may not)
+                self._cut_off(stream.peer, err.code)
             return
         await stream.send_frame(_answer(self.membership.chain))
 
@@ -181,7 +193,8 @@ class Gate:
         try:
             await self.admit(peer)
         except PeerError as err:
-            self.refused.setdefault(peer, err.code)
+            if peer not in self.refused:
+                self._cut_off(peer, err.code)
             if isinstance(err, Refused) and err.code == "REVOKED":  # a member told us: we were revoked
                 if self._throttle.allow(("self", "REVOKED"), self.clock()) is not None:
                     log.error("member %s refuses this peer: it was revoked from %s (%s)", peer, self.roster.mesh,
@@ -200,22 +213,18 @@ class Gate:
                 if self._dirty:  # members and revocations learned: kept across a restart
                     self._dirty = False
                     await self.save()
-                now = self.clock()
                 connected = self.network.connected_peers()
-                for peer in set(self._seen) - connected:
-                    del self._seen[peer]
                 self._tried &= connected
                 for peer in set(self.refused) - connected:  # bounded by the connections, not by every visitor
                     del self.refused[peer]
                 for peer in connected:
-                    if self.allows(peer):
-                        self._seen.pop(peer, None)
+                    age = self.network.connection_age(peer)
+                    if self.allows(peer) or age is None:
                         continue
-                    first = self._seen.setdefault(peer, now)
-                    if peer in self.refused or now - first >= ADMIT_TIMEOUT:
-                        self._refuse_log(peer, self.refused.get(peer, "NOT_A_MEMBER"), "disconnecting")
+                    code = self._refusal(peer, age)
+                    if code is not None or age >= ADMIT_TIMEOUT:
+                        self._refuse_log(peer, code or "NOT_A_MEMBER", "disconnecting")
                         await self.network.disconnect(peer)
-                        self._seen.pop(peer, None)
                         self.admitted.discard(peer)
                     elif peer not in self._tried and self.roster.is_member(peer):
                         # a member we know (now): prove ourselves (it does the same); anyone else must present
@@ -225,6 +234,14 @@ class Gate:
                 with trio.move_on_after(0.25):
                     await self.wake.wait()
                     self.wake = trio.Event()
+
+    def _refusal(self, peer: NodeId, age: float) -> str | None:
+        """The code ``peer`` was refused with on its current connection (``age`` seconds old), if it was."""
+        code, at = self.refused.get(peer, (None, 0.0))
+        if code is not None and at < trio.current_time() - age:  # made on an earlier connection
+            del self.refused[peer]
+            return None
+        return code
 
     # ---- announcements -------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from mesh import credential
 from mesh.app.cli import main as cli
 from mesh.app.localmesh import LocalMesh, PeerProcess, wait_for
 from mesh.errors import MeshError, PeerError
-from mesh.gate import ADMIT_PROTOCOL, become_member, read_answer, redeem
+from mesh.gate import ADMIT_PROTOCOL, ADMIT_TIMEOUT, become_member, read_answer, redeem
 from mesh.identity import Identity
 from mesh.keyfile import load_or_create
 from mesh.transport import Transport
@@ -57,6 +57,15 @@ async def captured_heartbeat(a: PeerProcess, b: PeerProcess, token: str) -> byte
     raise AssertionError("no heartbeat of b heard")
 
 
+async def fresh(t: Transport, a: PeerProcess) -> str:
+    """A new connection to A: a refusal, and A's deadline to prove membership, hold for one connection."""
+    await t.disconnect(a.node_id)
+    with trio.fail_after(5):
+        while a.node_id in t.connected_peers():
+            await trio.sleep(0.05)
+    return await t.connect(a.addrs[0])
+
+
 async def hostile(a: PeerProcess, b_chain: list[bytes], used: adm.Invite, heartbeat: bytes) -> dict[str, str]:
     """A libp2p host with a valid identity of its own: what A answers each attack with."""
     codes = {}
@@ -70,7 +79,7 @@ async def hostile(a: PeerProcess, b_chain: list[bytes], used: adm.Invite, heartb
         # fuzz: malformed, oversize and truncated admission frames, each answered with a code
         fuzz = [b"\x00 garbage \xff", adm.encode_chain(b_chain)[:-9], b"\xa1" * 9000, cbor2.dumps({"version": 1})]
         for i, frame in enumerate(fuzz):
-            await t.connect(a.addrs[0])
+            await fresh(t, a)
             try:
                 async with t.open_stream(peer, ADMIT_PROTOCOL) as stream:
                     await stream.send_frame(frame)
@@ -78,19 +87,23 @@ async def hostile(a: PeerProcess, b_chain: list[bytes], used: adm.Invite, heartb
                 codes[f"fuzz{i}"] = "ADMITTED"
             except PeerError as err:
                 codes[f"fuzz{i}"] = err.code
-        peer = await t.connect(a.addrs[0])
+        await fresh(t, a)
         async with t.open_stream(peer, ADMIT_PROTOCOL) as stream:  # B's credential, replayed
             await stream.send_frame(adm.encode_chain(b_chain))
             try:
                 read_answer(await stream.receive_frame(64 * 1024))
             except PeerError as err:
                 codes["credential"] = err.code
-        await t.connect(a.addrs[0])
-        try:  # a captured invite, used already
+        with trio.move_on_after(ADMIT_TIMEOUT / 2):  # refused: A cuts it off (long before the deadline)
+            while a.node_id in t.connected_peers():
+                await trio.sleep(0.05)
+        codes["cut_off"] = str(a.node_id not in t.connected_peers())
+        await fresh(t, a)
+        try:  # a captured invite, used already (a new connection may try one, as a newcomer does)
             await redeem(t, used)
         except PeerError as err:
             codes["invite"] = err.code
-        await t.connect(a.addrs[0])
+        await fresh(t, a)
         try:
             async with t.open_stream(peer, MANIFEST_PROTOCOL) as stream:
                 await stream.send_frame(b"\xa1\x65model\x64tiny")
@@ -146,7 +159,8 @@ def test_strangers_never_take_part_and_a_revoked_member_is_refused(tmp_path: Pat
         b_chain = credential.load(tmp_path / "b", load_or_create(tmp_path / "b")).chain
         heartbeat = trio.run(captured_heartbeat, a, b, mesh.invite(a))
         codes = trio.run(hostile, a, b_chain, adm.parse_invite(once), heartbeat)
-        assert codes["credential"] == "NOT_BOUND" and codes["invite"] == "INVITE_USED_UP", codes
+        assert codes["credential"] == "NOT_BOUND" and codes["cut_off"] == "True", codes
+        assert codes["invite"] == "INVITE_USED_UP", codes
         assert all(codes[f"fuzz{i}"] not in ("ADMITTED", "") for i in range(4)), codes
         assert {codes["fuzz0"], codes["fuzz1"], codes["fuzz3"]} <= {"MALFORMED_MESSAGE", "STREAM_CLOSED"}, codes
         replayed = [r for r in a.log_records() if r.get("event") == "not_admitted" and r.get("peer") == codes["self"]]
