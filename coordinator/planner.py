@@ -40,7 +40,12 @@ class PlanInfeasible(PeerError):
 class Layer:
     index: int
     flops_per_token: float
-    bytes: int
+    bytes: int  # memory it takes: weights and KV cache
+    read_bytes: int | None = None  # what one token reads (weights, the KV it attends to); None: ``bytes``
+
+    @property
+    def read(self) -> int:
+        return self.bytes if self.read_bytes is None else self.read_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +53,10 @@ class Peer:
     node_id: str
     flops: float  # measured FLOP/s
     memory_bytes: int  # free memory it offers for layers
-    link_s: float = 0.0  # hop to the next stage, seconds per token
+    link_s: float = 0.0  # hop to the next stage, seconds per token (where no measured link says otherwise)
     holds: frozenset[int] = frozenset()  # layer indices it already has on disk
+    bandwidth: float = 0.0  # measured memory bandwidth, bytes/s (0: unknown, the stage is FLOP-bound)
+    scale: float = 1.0  # measured step time over the estimate (1 until it serves)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +66,8 @@ class Stage(Span):
     flops: float
     bytes: int
     time_s: float  # compute + hop, per token
+    compute_s: float = 0.0
+    hop_s: float = 0.0  # to the next stage (the last: back to the first)
 
 
 @dataclass(frozen=True, slots=True)

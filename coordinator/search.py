@@ -1,0 +1,304 @@
+"""The best plan over any peers in any order, for one of two objectives. Pure: numbers in, a plan out.
+
+A stage on peer q over layers [s, e) computes for ``max(flops / q.flops, read_bytes / q.bandwidth)`` seconds
+per token (decode on CPUs is bound by memory bandwidth; a peer with no measured bandwidth is FLOP-bound),
+times ``q.scale`` (measured step time over the estimate, 1 until the peer serves), then hands its
+activations to the next stage over the link between them; the last stage hands the token back to the
+first (the driver). ``Links`` gives a hop's time for a pair: the measured one, else the sender's ``link_s``.
+
+- ``latency`` (the default) minimises one token's time: every stage's compute plus every hop, around the
+  cycle. What one user's chat waits for.
+- ``throughput`` minimises the slowest stage (its compute plus its hop out): what a full pipeline of
+  concurrent sessions is bound by.
+
+Exact up to ``EXACT_PEERS`` usable peers: a dynamic program over (first peer, set of peers used, last peer,
+where the last one's range starts), one numpy min-plus (or min-max) product per transition, so it is equal
+to a brute force over every subset, every order and every composition of the layers (``brute_force``, the
+oracle of the property tests). Beyond that a heuristic: the same program over a fixed order of a pool of
+the fastest peers (nearest-neighbour by links from the fastest), and for ``throughput`` the bisection walk
+of ``planner.plan_split`` over all peers in a few orders; the best of these wins. Ties go to fewer stages.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from coordinator.planner import Layer, Peer, PlanInfeasible, Split, Stage, check_fits, plan_split
+
+OBJECTIVES = ("latency", "throughput")
+#: Up to this many usable peers the plan is exact over every subset and order.
+EXACT_PEERS = 8
+#: The heuristic's pool: the fastest peers it orders and searches exactly along that order.
+POOL = 12
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class Links:
+    """One-way hop times in seconds: ``pairs[(a, b)]`` when measured (either direction), else the
+    sender's ``link_s``; 0 from a peer to itself (a one-stage plan has no hop)."""
+
+    pairs: Mapping[tuple[str, str], float] = field(default_factory=dict)
+
+    @classmethod
+    def from_ms(cls, matrix: Mapping[str, Mapping[str, float]]) -> Links:
+        return cls({(a, b): ms / 1000 for a, row in matrix.items() for b, ms in row.items()})
+
+    def between(self, a: Peer, b: Peer) -> float:
+        if a.node_id == b.node_id:
+            return 0.0
+        hop = self.pairs.get((a.node_id, b.node_id))
+        if hop is None:
+            hop = self.pairs.get((b.node_id, a.node_id))
+        return a.link_s if hop is None else hop
+
+
+def compute_s(peer: Peer, flops: float, read_bytes: float) -> float:
+    """Seconds per token of a stage doing ``flops`` and reading ``read_bytes`` on ``peer``."""
+    if peer.flops <= 0:
+        return INF
+    t = flops / peer.flops
+    if peer.bandwidth > 0:
+        t = max(t, read_bytes / peer.bandwidth)
+    return t * peer.scale
+
+
+def cost(split: Split, objective: str) -> float:
+    return split.latency_s if objective == "latency" else split.bottleneck_s
+
+
+def build(layers: Sequence[Layer], order: Sequence[tuple[Peer, int, int]], links: Links) -> Split:
+    """The Split of ``(peer, start, end)`` stages in pipeline order, costed with ``links``."""
+    fl = [0.0, *itertools.accumulate(x.flops_per_token for x in layers)]
+    by = [0, *itertools.accumulate(x.bytes for x in layers)]
+    rd = [0, *itertools.accumulate(x.read for x in layers)]
+    stages = []
+    for i, (q, s, e) in enumerate(order):
+        nxt = order[(i + 1) % len(order)][0]
+        c = compute_s(q, fl[e] - fl[s], rd[e] - rd[s])
+        hop = links.between(q, nxt)
+        stages.append(Stage(q.node_id, s, e, fl[e] - fl[s], by[e] - by[s], c + hop, c, hop))
+    return Split(tuple(stages), max(s.time_s for s in stages))
+
+
+def _costs(layers: Sequence[Layer], peers: Sequence[Peer]) -> np.ndarray:
+    """[peer, s, e]: compute seconds of layers [s, e) on the peer; inf when empty or over its memory."""
+    n = len(layers)
+    fl = np.concatenate([[0.0], np.cumsum([x.flops_per_token for x in layers])])
+    by = np.concatenate([[0.0], np.cumsum([float(x.bytes) for x in layers])])
+    rd = np.concatenate([[0.0], np.cumsum([float(x.read) for x in layers])])
+    dfl, dby, drd = (a[None, :] - a[:, None] for a in (fl, by, rd))
+    valid = np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)
+    out = np.full((len(peers), n + 1, n + 1), INF)
+    for i, q in enumerate(peers):
+        if q.flops <= 0:
+            continue
+        t = dfl / q.flops
+        if q.bandwidth > 0:
+            t = np.maximum(t, drd / q.bandwidth)
+        out[i] = np.where(valid & (dby <= q.memory_bytes), t * q.scale, INF)
+    return out
+
+
+@dataclass
+class _Found:
+    value: float
+    stages: int
+    parts: list[tuple[int, int, int]]  # (peer position, start, end)
+
+
+def _exact(layers: Sequence[Layer], peers: Sequence[Peer], links: Links, objective: str) -> list[_Found]:
+    """Every complete plan's best value per (first, set, last), best first."""
+    n, k = len(layers), len(peers)
+    C = _costs(layers, peers)
+    L = np.array([[links.between(a, b) for b in peers] for a in peers])
+    join = np.add if objective == "latency" else np.maximum
+    # states[(mask, last)] = (values [first, pos], back-pointer last [first, pos], back-pointer pos)
+    # frontier: the states with one more peer each round, (mask, last) -> values [first, pos]: the best
+    # objective so far with ``last``'s range starting at pos; back: how each was reached
+    frontier: dict[tuple[int, int], np.ndarray] = {}
+    back: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    for f in range(k):
+        v = np.full((k, n + 1), INF)
+        v[f, 0] = 0.0
+        frontier[(1 << f, f)] = v
+    finals: list[_Found] = []
+    while frontier:
+        nxt: dict[tuple[int, int], np.ndarray] = {}
+        for (mask, last), v in frontier.items():
+            rows = [f for f in range(k) if mask >> f & 1 and np.isfinite(v[f]).any()]
+            if not rows:
+                continue
+            sub = v[rows]
+            # close: last takes [pos, n) and hands the token back to the first
+            for r, f in enumerate(rows):
+                total = join(sub[r], C[last, :, n] + L[last, f]).min()
+                if math.isfinite(total):
+                    finals.append(_Found(float(total), mask.bit_count(), _trace(back, mask, last, f, n, sub[r],
+                                                                                C[last, :, n] + L[last, f], join)))
+            for j in range(k):
+                if mask >> j & 1:
+                    continue
+                step = C[last] + L[last, j]  # [pos, e]: last takes [pos, e), then hops to j
+                cand = join(sub[:, :, None], step[None, :, :])  # [row, pos, e]
+                arg = cand.argmin(axis=1)
+                best = np.take_along_axis(cand, arg[:, None, :], axis=1)[:, 0, :]
+                key = (mask | 1 << j, j)
+                cur = nxt.get(key)
+                if cur is None:
+                    cur = nxt[key] = np.full((k, n + 1), INF)
+                    back[key] = (np.full((k, n + 1), -1, dtype=np.int16), np.zeros((k, n + 1), dtype=np.int16))
+                bl, bp = back[key]
+                better = best < cur[rows]
+                for r, f in enumerate(rows):
+                    sel = better[r]
+                    cur[f, sel] = best[r, sel]
+                    bl[f, sel] = last
+                    bp[f, sel] = arg[r, sel]
+        frontier = nxt
+    finals.sort(key=lambda x: (x.value, x.stages))
+    return finals
+
+
+def _trace(back: dict, mask: int, last: int, f: int, n: int, row: np.ndarray, close: np.ndarray,
+           join: np.ufunc) -> list[tuple[int, int, int]]:
+    """The stages of the best plan ending with ``last`` closing at ``n`` (walking the back-pointers)."""
+    pos = int(join(row, close).argmin())
+    parts = [(last, pos, n)]
+    end = pos
+    while (mask, last) in back:
+        bl, bp = back[(mask, last)]
+        prev, start = int(bl[f, end]), int(bp[f, end])
+        mask &= ~(1 << last)
+        parts.append((prev, start, end))
+        last, end = prev, start
+    parts.reverse()
+    return parts
+
+
+def _chain(layers: Sequence[Layer], peers: Sequence[Peer], links: Links, objective: str) -> _Found | None:
+    """The best plan over subsequences of ``peers`` in their order: states (last, first, pos), O(k^2)."""
+    n, k = len(layers), len(peers)
+    C = _costs(layers, peers)
+    L = np.array([[links.between(a, b) for b in peers] for a in peers])
+    join = np.add if objective == "latency" else np.maximum
+    val = np.full((k, k, n + 1), INF)  # [last, first, pos]
+    came = np.full((k, k, n + 1, 2), -1, dtype=np.int32)  # (previous last, its start)
+    for f in range(k):
+        val[f, f, 0] = 0.0
+    best: tuple[float, int, int, int] | None = None  # (value, last, first, pos)
+    for last in range(k):
+        v = val[last]
+        firsts = np.flatnonzero(np.isfinite(v).any(axis=1))
+        if not len(firsts):
+            continue
+        for f in firsts:
+            total = join(v[f], C[last, :, n] + L[last, f])
+            pos = int(total.argmin())
+            if math.isfinite(total[pos]) and (best is None or total[pos] < best[0]):
+                best = (float(total[pos]), last, int(f), pos)
+        sub = v[firsts]
+        for j in range(last + 1, k):
+            cand = join(sub[:, :, None], (C[last] + L[last, j])[None, :, :])
+            arg = cand.argmin(axis=1)
+            got = np.take_along_axis(cand, arg[:, None, :], axis=1)[:, 0, :]
+            better = got < val[j, firsts]
+            for r, f in enumerate(firsts):
+                sel = better[r]
+                val[j, f, sel] = got[r, sel]
+                came[j, f, sel, 0] = last
+                came[j, f, sel, 1] = arg[r, sel]
+    if best is None:
+        return None
+    value, last, f, pos = best
+    parts, end = [(last, pos, n)], pos
+    while last != f or end != 0:
+        prev, start = (int(x) for x in came[last, f, end])
+        parts.append((prev, start, end))
+        last, end = prev, start
+    parts.reverse()
+    return _Found(value, len(parts), parts)
+
+
+def _nearest_order(peers: Sequence[Peer], links: Links, speed: Sequence[float]) -> list[Peer]:
+    """Fastest first, then each next peer the nearest (by link) to the one before; ties to the faster."""
+    left = sorted(range(len(peers)), key=lambda i: (speed[i], peers[i].node_id))
+    order = [left.pop(0)]
+    while left:
+        here = peers[order[-1]]
+        i = min(left, key=lambda j: (links.between(here, peers[j]), speed[j]))
+        left.remove(i)
+        order.append(i)
+    return [peers[i] for i in order]
+
+
+def plan(layers: Sequence[Layer], peers: Sequence[Peer], *, links: Links | None = None,
+         objective: str = "latency") -> Split:
+    """The best split of ``layers`` over any subset of ``peers`` in any order (see the module docstring).
+    PlanInfeasible when no subset and order fits."""
+    return search(layers, peers, links=links, objective=objective)[0]
+
+
+def search(layers: Sequence[Layer], peers: Sequence[Peer], *, links: Links | None = None,
+           objective: str = "latency") -> tuple[Split, Split | None, bool]:
+    """(best split, the runner-up with another set or order of peers or None, exact?)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
+    links = links or Links()
+    check_fits(layers, peers)
+    usable = [q for q in peers if q.flops > 0 and q.memory_bytes > 0]
+    exact = len(usable) <= EXACT_PEERS
+    found: list[Split] = []
+    if exact:
+        for hit in _exact(layers, usable, links, objective)[:64]:
+            found.append(build(layers, [(usable[i], s, e) for i, s, e in hit.parts], links))
+    else:
+        flops, read = sum(x.flops_per_token for x in layers), sum(x.read for x in layers)
+        speed = [compute_s(q, flops, read) for q in usable]  # the whole model's time: who is fastest
+        pool_idx = sorted(range(len(usable)), key=lambda i: (speed[i], usable[i].node_id))[:POOL]
+        pool = [usable[i] for i in pool_idx]
+        orders = [_nearest_order(pool, links, [speed[i] for i in pool_idx]), pool]
+        for order in orders:
+            hit = _chain(layers, order, links, objective)
+            if hit is not None:
+                found.append(build(layers, [(order[i], s, e) for i, s, e in hit.parts], links))
+        if objective == "throughput":
+            for order in (sorted(usable, key=lambda q: (-q.flops, q.node_id)),):
+                try:
+                    split = plan_split(layers, order)
+                except PlanInfeasible:
+                    continue
+                found.append(build(layers, [(next(q for q in order if q.node_id == s.node), s.start, s.end)
+                                            for s in split.stages], links))
+    if not found:
+        raise PlanInfeasible("the layers fit no subset and order of these peers (memory per peer)")
+    found.sort(key=lambda s: (cost(s, objective), len(s.stages)))
+    best = found[0]
+    if not math.isfinite(cost(best, objective)):
+        raise PlanInfeasible("the only plans that fit have an infinite stage time (a peer with ~0 FLOP/s)")
+    route = [s.node for s in best.stages]
+    runner = next((s for s in found[1:] if [t.node for t in s.stages] != route), None)
+    return best, runner, exact
+
+
+def brute_force(layers: Sequence[Layer], peers: Sequence[Peer], links: Links | None = None,
+                objective: str = "latency") -> float:
+    """The optimum by enumeration of every ordered subset of peers and every composition of the layers
+    (small cases only: the oracle of the property tests)."""
+    links = links or Links()
+    n, best = len(layers), INF
+    by = [0, *itertools.accumulate(x.bytes for x in layers)]
+    for k in range(1, min(n, len(peers)) + 1):
+        for chosen in itertools.permutations(peers, k):
+            for cuts in itertools.combinations(range(1, n), k - 1):
+                bounds = (0, *cuts, n)
+                parts = list(zip(chosen, bounds, bounds[1:], strict=False))
+                if any(by[e] - by[s] > q.memory_bytes or q.flops <= 0 for q, s, e in parts):
+                    continue
+                best = min(best, cost(build(layers, parts, links), objective))
+    return best
