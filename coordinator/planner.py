@@ -324,12 +324,14 @@ def parse_layers(raw: object) -> list[Layer]:
 
 
 def parse_peers(raw: object) -> list[Peer]:
-    """``[{"node_id": str, "flops": float, "memory_bytes": int, "link_ms"?: float}, ...]`` in pipeline order."""
+    """``[{"node_id": str, "flops": float, "memory_bytes": int, "link_ms"?: float, "bandwidth"?: float}, ...]``
+    (``bandwidth``: memory bytes/s; absent: FLOP-bound)."""
     if not isinstance(raw, list) or not raw:
         raise PeerError("nodes: expected a non-empty JSON list", code="INVALID_PLAN_INPUT")
     out = [Peer(_field(r, "node_id", str, f"nodes[{i}]"), _field(r, "flops", float, f"nodes[{i}]"),
                 _field(r, "memory_bytes", int, f"nodes[{i}]"),
-                _field(r, "link_ms", float, f"nodes[{i}]", 0.0) / 1000)  # type: ignore[operator]
+                _field(r, "link_ms", float, f"nodes[{i}]", 0.0) / 1000,  # type: ignore[operator]
+                bandwidth=_field(r, "bandwidth", float, f"nodes[{i}]", 0.0))  # type: ignore[arg-type]
            for i, r in enumerate(raw)]  # type: ignore[arg-type]
     if len({q.node_id for q in out}) != len(out):
         raise PeerError("nodes: node_id values must be unique", code="INVALID_PLAN_INPUT")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from coordinator.planner import Layer, Peer, PlanInfeasible, Split, Stage, check_fits, plan_split
+from mesh.errors import PeerError
 
 OBJECTIVES = ("latency", "throughput")
 #: Up to this many usable peers the plan is exact over every subset and order.
@@ -302,3 +303,36 @@ def brute_force(layers: Sequence[Layer], peers: Sequence[Peer], links: Links | N
                     continue
                 best = min(best, cost(build(layers, parts, links), objective))
     return best
+
+
+def why(best: Split, runner: Split | None, exact: bool, objective: str) -> dict[str, object]:
+    """What a plan says of itself: the objective, its estimates, what bounds it and the runner-up."""
+    worst = max(best.stages, key=lambda x: x.time_s)
+    if objective == "throughput":
+        bound = (f"link {worst.node} -> next" if worst.hop_s > worst.compute_s else f"peer {worst.node}")
+    else:
+        hops = sum(x.hop_s for x in best.stages)
+        bound = "links" if hops > best.latency_s / 2 else (
+            "memory" if len(best.stages) > 1 else f"peer {best.stages[0].node}")
+    return {"objective": objective, "exact": exact, "stages": len(best.stages),
+            "ms_per_token": round(best.latency_s * 1000, 6),
+            "tokens_per_s": round(1 / best.latency_s, 3) if best.latency_s > 0 else None,
+            "pipelined_tokens_per_s": round(1 / best.bottleneck_s, 3) if best.bottleneck_s > 0 else None,
+            "bound": bound,
+            "runner_up_ms": round(cost(runner, objective) * 1000, 6) if runner is not None else None}
+
+
+def parse_links(raw: object, peers: Sequence[Peer]) -> Links:
+    """``{"a": {"b": ms, ...}, ...}`` over known node ids, milliseconds ≥ 0 (INVALID_PLAN_INPUT otherwise)."""
+    known = {q.node_id for q in peers}
+    if not isinstance(raw, dict):
+        raise PeerError("links: expected a JSON object of objects", code="INVALID_PLAN_INPUT")
+    for a, row in raw.items():
+        if a not in known or not isinstance(row, dict):
+            raise PeerError(f"links.{a}: expected a known node id with an object of ms", code="INVALID_PLAN_INPUT")
+        for b, ms in row.items():
+            if b not in known or isinstance(ms, bool) or not isinstance(ms, int | float) or not ms >= 0 \
+                    or not math.isfinite(ms):
+                raise PeerError(f"links.{a}.{b}: expected a known node id and milliseconds >= 0, got {ms!r}",
+                                code="INVALID_PLAN_INPUT")
+    return Links.from_ms(raw)

@@ -185,7 +185,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """What-if planning without a mesh: the plan as JSON on stdout; an infeasible input exits 2."""
-    from coordinator import planner, plans
+    from coordinator import planner, plans, search
 
     def read(path: str, what: str) -> Any:
         try:
@@ -197,10 +197,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     layers = planner.parse_layers(read(args.layers, "layers"))
     peers = planner.parse_peers(read(args.nodes, "nodes"))
-    split = {"optimal": planner.plan_split, "greedy": planner.greedy_by_compute,
-             "memory": planner.split_by_memory}[args.method](layers, peers)
+    links = search.parse_links(read(args.links, "links"), peers) if args.links else search.Links()
+    if args.method == "optimal":
+        split, runner, exact = search.search(layers, peers, links=links, objective=args.objective)
+        explained = search.why(split, runner, exact, args.objective)
+    else:
+        split = {"greedy": planner.greedy_by_compute, "memory": planner.split_by_memory}[args.method](layers, peers)
+        explained = search.why(split, None, False, args.objective) | {"method": args.method}
     plan = plans.make_plan(layers, peers, split, request_id=args.request_id)
-    print(json.dumps(plan.view(args.tokens), indent=2))
+    print(json.dumps(plan.view(args.tokens) | {"why": explained}, indent=2))
     return 0
 
 
@@ -332,10 +337,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
     p = sub.add_parser("plan", help="what-if: the layer plan for given layers and nodes, as JSON (no mesh)")
     p.add_argument("--layers", required=True, help='JSON list of {"index", "flops_per_token", "bytes"}')
-    p.add_argument("--nodes", required=True, help='JSON list of {"node_id", "flops", "memory_bytes", "link_ms"?}')
+    p.add_argument("--nodes", required=True,
+                   help='JSON list of {"node_id", "flops", "memory_bytes", "link_ms"?, "bandwidth"? (bytes/s)}')
+    p.add_argument("--links", help='JSON {"a": {"b": ms, ...}, ...}: measured hops (a missing pair: the link_ms '
+                   "of the sending node)")
+    p.add_argument("--objective", choices=("latency", "throughput"), default="latency",
+                   help="latency: one token's time (every stage and hop); throughput: the slowest stage")
     p.add_argument("--tokens", type=int, default=1, help="tokens to generate, for estimated_total_time")
     p.add_argument("--method", choices=("optimal", "greedy", "memory"), default="optimal",
-                   help="the exact planner, or a baseline: compute- or memory-proportional")
+                   help="the best plan over any peers and order, or a baseline: compute- or memory-proportional")
     p.add_argument("--request-id", default="what-if")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("generate", help="generate text with the mesh, printing tokens as they come")

@@ -13,10 +13,12 @@ PURE = [
     "mesh/errors.py", "mesh/ids.py", "mesh/identity.py", "mesh/wire.py", "mesh/membership.py", "mesh/peer.py",
     "mesh/admission.py",
     "mesh/sim.py", "mesh/config.py", "coordinator/election.py", "coordinator/planner.py", "coordinator/plans.py",
-    "coordinator/control.py", "storage/formats.py", "storage/manifest.py", "inference/sessions.py",
+    "coordinator/control.py", "coordinator/search.py", "storage/formats.py", "storage/manifest.py",
+    "inference/sessions.py",
 ]
-# Pure third-party helpers: CBOR, ed25519, base58. No trio, libp2p, torch, psutil, HTTP, sockets, clocks.
-ALLOWED_THIRD_PARTY = {"cbor2", "cryptography", "base58"}
+# Pure third-party helpers: CBOR, ed25519, base58, numpy (the planner's search). No trio, libp2p, torch,
+# psutil, HTTP, sockets, clocks.
+ALLOWED_THIRD_PARTY = {"cbor2", "cryptography", "base58", "numpy"}
 FORBIDDEN_STDLIB = {"time", "socket", "asyncio", "threading", "subprocess", "datetime"}
 PURE_MODULES = {p.removesuffix(".py").replace("/", ".") for p in PURE}
 
@@ -59,7 +61,8 @@ PACKAGES = ("mesh", "coordinator", "storage", "inference")
 FOUNDATION = {"mesh", "coordinator", "storage", "inference", "mesh.errors", "mesh.ids", "mesh.identity",
               "mesh.wire", "mesh.fsutil", "mesh.logs"}
 CORES = {"mesh.membership", "mesh.admission", "mesh.peer", "mesh.sim", "mesh.config", "coordinator.election",
-         "coordinator.planner", "coordinator.plans", "coordinator.control", "storage.formats", "storage.manifest",
+         "coordinator.planner", "coordinator.plans", "coordinator.control", "coordinator.search", "storage.formats",
+         "storage.manifest",
          "inference.sessions"}
 ADAPTERS = {"mesh.transport", "mesh.memtransport", "mesh.keyfile", "mesh.credential", "mesh.hardware", "mesh.churn",
             "mesh.ports",

@@ -131,6 +131,7 @@ def test_against_the_greedy_baseline_on_heterogeneous_meshes() -> None:
 def test_meshnode_plan_prints_the_plan_or_fails_clearly(tmp_path, capsys) -> None:
     import json
 
+    from coordinator import search
     from mesh.app.cli import main
 
     layers = [{"index": i, "flops_per_token": 1e9, "bytes": 100 * 2**20} for i in range(6)]
@@ -139,14 +140,26 @@ def test_meshnode_plan_prints_the_plan_or_fails_clearly(tmp_path, capsys) -> Non
              {"node_id": "c", "flops": 1e10, "memory_bytes": 2**30}]
     (tmp_path / "l.json").write_text(json.dumps(layers))
     (tmp_path / "n.json").write_text(json.dumps(nodes))
-    assert main(["plan", "--layers", str(tmp_path / "l.json"), "--nodes", str(tmp_path / "n.json")]) == 0
+    files = ["--layers", str(tmp_path / "l.json"), "--nodes", str(tmp_path / "n.json")]
+    assert main(["plan", *files, "--objective", "throughput"]) == 0
     plan = json.loads(capsys.readouterr().out)
     splits = plan["model_split_plan"]["splits"]
     covered = [i for s in splits for i in range(*s["layer_range"])]
     assert covered == list(range(6))
-    expected = plan_split(parse_layers(layers), parse_peers(nodes)).bottleneck_s
+    expected = search.plan(parse_layers(layers), parse_peers(nodes), objective="throughput").bottleneck_s
     assert plan["model_split_plan"]["bottleneck_s"] == pytest.approx(expected)
+    assert expected <= plan_split(parse_layers(layers), parse_peers(nodes)).bottleneck_s  # any order: no worse
     assert all(f["node_id"] for f in plan["fallback_nodes"]) and len(plan["fallback_nodes"]) == len(splits)
+    assert plan["why"]["objective"] == "throughput" and plan["why"]["exact"] is True
+    # latency (the default): the model fits b, the fastest, so one stage; a measured link matrix is taken
+    (tmp_path / "links.json").write_text(json.dumps({"a": {"b": 0.5}, "b": {"c": 0.25}}))
+    assert main(["plan", *files, "--links", str(tmp_path / "links.json")]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [s["assigned_node"] for s in plan["model_split_plan"]["splits"]] == ["b"]
+    assert plan["why"]["objective"] == "latency" and plan["why"]["stages"] == 1
+    (tmp_path / "links.json").write_text(json.dumps({"a": {"zz": 1.0}}))
+    assert main(["plan", *files, "--links", str(tmp_path / "links.json")]) == 2
+    assert "INVALID_PLAN_INPUT" in capsys.readouterr().err
     # Infeasible: non-zero exit and the shortfall on stderr; bad input: a code.
     nodes[0]["memory_bytes"] = nodes[1]["memory_bytes"] = nodes[2]["memory_bytes"] = 100 * 2**20
     (tmp_path / "n.json").write_text(json.dumps(nodes))
