@@ -17,6 +17,7 @@ import random
 import statistics
 import time
 
+from coordinator import search
 from coordinator.control import best_split
 from coordinator.planner import Layer, Peer, PlanInfeasible, greedy_by_compute, plan_split, split_by_memory
 
@@ -26,6 +27,48 @@ def mesh(rng: random.Random, peers: int, layers: int) -> tuple[list[Layer], list
     ps = [Peer(f"p{i}", rng.choice([1, 2, 5, 10, 20, 50]) * 1e9, rng.choice([1, 2, 4, 8, 16]) * 2**30,
                rng.choice([0.0, 0.001, 0.005, 0.01])) for i in range(peers)]
     return ls, ps
+
+
+def with_speed(rng: random.Random, ps: list[Peer]) -> list[Peer]:
+    """The peers with a memory bandwidth (5-50 GB/s) and links as given."""
+    return [Peer(q.node_id, q.flops, q.memory_bytes, q.link_s, bandwidth=rng.choice([5, 10, 20, 50]) * 1e9)
+            for q in ps]
+
+
+def search_table(rng: random.Random, meshes: int) -> None:
+    """``coordinator.search``: exact time by size, the heuristic's gap to the exact plan and its time."""
+    print("\n| peers | layers | objective | exact ms (median) | heuristic ms (median) "
+          "| heuristic / exact (mean, max) |")
+    print("| ---: | ---: | --- | ---: | ---: | --- |")
+    for peers, layers in ((4, 32), (6, 32), (8, 32), (9, 16), (10, 16)):
+        for objective in search.OBJECTIVES:
+            exact_t, heur_t, gaps = [], [], []
+            for _ in range(max(1, meshes // 10)):
+                ls, ps = mesh(rng, peers, layers)
+                ps = with_speed(rng, ps)
+                try:
+                    start = time.perf_counter()
+                    ex = search.search(ls, ps, objective=objective, exact_peers=peers)[0]
+                    exact_t.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    he = search.search(ls, ps, objective=objective, exact_peers=0)[0]
+                    heur_t.append(time.perf_counter() - start)
+                except PlanInfeasible:
+                    continue
+                gaps.append(search.cost(he, objective) / search.cost(ex, objective))
+            if gaps:
+                print(f"| {peers} | {layers} | {objective} | {statistics.median(exact_t) * 1000:.0f} "
+                      f"| {statistics.median(heur_t) * 1000:.1f} | {statistics.mean(gaps):.3f}, {max(gaps):.3f} |")
+    for peers in (100, 1000):
+        for objective in search.OBJECTIVES:
+            ls, ps = mesh(rng, peers, 128)
+            ps = with_speed(rng, ps)
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                search.search(ls, ps, objective=objective)
+                times.append(time.perf_counter() - start)
+            print(f"| {peers} | 128 | {objective} | - | {statistics.median(times) * 1000:.1f} | - |")
 
 
 def main() -> None:
@@ -66,6 +109,7 @@ def main() -> None:
             print(f"| {peers} | {layers} | {statistics.median(times) * 1000:.1f} "
                   f"| {statistics.median(coord_times) * 1000:.1f} | {fmt(gain)} | {statistics.median(stages):.0f} "
                   f"| {fmt(greedy)} | {fmt(memory)} | {failed} |")
+    search_table(rng, args.meshes)
 
 
 if __name__ == "__main__":

@@ -4,17 +4,20 @@
 as a ``Worker`` and the plan held for the model. It returns a ``Decision`` (a new split to publish as the
 next epoch, and why) or None:
 
-- no plan yet                      → plan over the ``ready`` peers that accept jobs ("initial");
+- no plan yet                      → the best plan over the ``ready`` peers that accept jobs, any subset in
+                                     any order, for the objective (``search.search``: latency or throughput,
+                                     with the measured links) ("initial");
 - a peer of the plan is offline, draining or gone → ``planner.reassign``: surviving ranges stay, the
   lost ones go to a free or neighbouring peer, a full replan only past the threshold ("reassign" /
   "replan"). A peer that merely missed a beat (degraded) keeps its range: no flapping;
 - the plan was made in an earlier term → the same assignments, re-issued under this term ("term");
-- new ready peers appeared        → a fresh plan is adopted only if it cuts the bottleneck by more than
-  the threshold ("improve"), so joins do not reshuffle the mesh for nothing.
+- new ready peers appeared        → a fresh plan is adopted only if it cuts the objective's cost (the
+  current plan re-costed with today's speeds and links) by more than the threshold ("improve"), so joins
+  do not reshuffle the mesh for nothing.
 
-Pipeline order. ``planner.plan_split`` is exact for a given order of peers; the controller tries a few
-orders (as given, fastest first, most memory first, holders of the model first) and keeps the best, so
-it is never worse than the given order.
+Reassignment keeps every survivor's range (no shard moves that a failure did not force), so it patches
+along a pipeline order: ``planner.plan_split`` is exact for a given order; ``best_order`` tries a few
+(as given, fastest first, most memory first, holders of the model first) and keeps the best.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from coordinator import planner
+from coordinator import planner, search
 from coordinator.planner import Layer, Peer, PlanInfeasible, Split
 from coordinator.plans import Plan
+from coordinator.search import Links
 from mesh.wire import NodeStatus
 
 #: A peer measuring less than this (FLOP/s; real peers measure 1e9 and up) gets no layers: a near-zero
@@ -57,6 +61,8 @@ class Worker:
     accepts_jobs: bool = True
     holds_model: bool = False
     link_s: float = 0.0
+    bandwidth: float = 0.0  # memory bandwidth, bytes/s (0: unknown)
+    scale: float = 1.0  # measured step time over the estimate, where it serves
 
     @property
     def usable(self) -> bool:
@@ -71,7 +77,7 @@ class Worker:
 
     def peer(self, layers: Sequence[Layer]) -> Peer:
         holds = frozenset(x.index for x in layers) if self.holds_model else frozenset()
-        return Peer(self.node_id, self.flops, self.memory_bytes, self.link_s, holds)
+        return Peer(self.node_id, self.flops, self.memory_bytes, self.link_s, holds, self.bandwidth, self.scale)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +86,7 @@ class Decision:
     peers: tuple[Peer, ...]  # what the split was planned over (fallbacks are chosen among them)
     reason: str
     reassigned: tuple[str, ...] = ()
+    why: dict[str, object] = field(default_factory=dict)  # ``search.why`` of the split
 
 
 def _orders(peers: Sequence[Peer]) -> list[list[Peer]]:
@@ -136,43 +143,53 @@ def best_order(layers: Sequence[Layer], peers: Sequence[Peer]) -> list[Peer]:
 
 @dataclass
 class Controller:
-    threshold: float = 0.25  # a patch or a join may change the bottleneck by this much before a replan
+    threshold: float = 0.25  # a patch or a join may change the cost by this much before a replan
+    objective: str = "latency"  # what a plan minimises (``search.OBJECTIVES``)
     _considered: dict[str, frozenset[str]] = field(default_factory=dict)  # model -> usable peers last planned over
 
+    def plan(self, layers: Sequence[Layer], peers: Sequence[Peer], links: Links) -> tuple[Split, dict[str, object]]:
+        """The best split for the objective over any subset and order of ``peers``, and its ``why``."""
+        best, runner, exact = search.search(layers, peers, links=links, objective=self.objective)
+        return best, search.why(best, runner, exact, self.objective)
+
     def decide(self, model: str, layers: Sequence[Layer], workers: Sequence[Worker], current: Plan | None,
-               term: int) -> Decision | None:
-        """The next plan for ``model``, or None to keep ``current``. PlanInfeasible when nothing fits."""
+               term: int, links: Links | None = None) -> Decision | None:
+        """The next plan for ``model``, or None to keep ``current``. PlanInfeasible when nothing fits.
+        ``links``: the measured hops between peers (a missing pair costs the sender's ``link_s``)."""
+        links = links or Links()
         usable = [w.peer(layers) for w in workers if w.usable]
         usable_ids = frozenset(q.node_id for q in usable)
         if current is None or current.total_layers != len(layers):
             self._considered[model] = usable_ids
-            split = best_split(layers, usable)
-            return Decision(split, tuple(usable), "initial")
+            split, why = self.plan(layers, usable, links)
+            return Decision(split, tuple(usable), "initial", why=why)
 
         alive = {w.node_id: w for w in workers if w.alive}
         lost = [a.node for a in current.assignments if a.node not in alive]
         if lost:
             self._considered[model] = usable_ids
-            return self.cover(layers, workers, current.split(layers), lost)
+            return self.cover(layers, workers, current.split(layers), lost, links=links)
 
         if current.term != term:
             peers = {q.node_id: q for q in usable}
             for a in current.assignments:
                 peers.setdefault(a.node, alive[a.node].peer(layers))
-            return Decision(current.split(layers), tuple(peers.values()), "term")
+            return Decision(current.split(layers), tuple(peers.values()), "term", why=dict(current.why))
 
         if not usable_ids <= self._considered.get(model, frozenset()):
             self._considered[model] = usable_ids
             try:
-                fresh = best_split(layers, usable)
+                fresh, why = self.plan(layers, usable, links)
             except PlanInfeasible:
                 return None
-            if fresh.bottleneck_s * (1 + self.threshold) < current.bottleneck_s:
-                return Decision(fresh, tuple(usable), "improve")
+            now = search.build(layers, [(alive[s.node].peer(layers), s.start, s.end)
+                                        for s in current.split(layers).stages], links)
+            if search.cost(fresh, self.objective) * (1 + self.threshold) < search.cost(now, self.objective):
+                return Decision(fresh, tuple(usable), "improve", why=why)
         return None
 
     def cover(self, layers: Sequence[Layer], workers: Sequence[Worker], current: Split, failed: Iterable[str], *,
-              reason: str = "reassign") -> Decision:
+              reason: str = "reassign", links: Links | None = None) -> Decision:
         """``planner.reassign`` of ``current`` without ``failed``: survivors keep their ranges even if
         degraded or refusing jobs (``fixed``); new work goes only to usable peers. The reason is
         ``reason``, or "replan" when the threshold forced a full replan."""
@@ -183,5 +200,8 @@ class Controller:
         order = best_order(layers, [w.peer(layers) for w in workers if w.usable and w.node_id not in gone])
         order += [by_id[node].peer(layers) for node in sorted(fixed)]
         r = planner.reassign(layers, order, current, gone, threshold=self.threshold, fixed=fixed)
-        return Decision(r.split, tuple(order), "replan" if r.replanned else reason, r.reassigned)
+        costed = search.build(layers, [(next(q for q in order if q.node_id == s.node), s.start, s.end)
+                                       for s in r.split.stages], links or Links())
+        why = search.why(costed, None, False, self.objective) | {"method": "reassign"}
+        return Decision(r.split, tuple(order), "replan" if r.replanned else reason, r.reassigned, why=why)
 

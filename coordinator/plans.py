@@ -22,7 +22,7 @@ it has accepted. What the book keeps is bounded by the models the mesh plans (cu
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -33,7 +33,7 @@ from coordinator.election import Leadership
 from mesh.errors import DecodeError, PeerError
 from mesh.identity import Identity, node_id_for_key
 from mesh.ids import Span, check_spans
-from mesh.wire import MAX_GOSSIP_MESSAGE, open_envelope, seal, versioned
+from mesh.wire import MAX_GOSSIP_MESSAGE, open_envelope, scalar_map, seal, versioned
 from storage.formats import COMPUTE_DTYPES
 
 T = TypeVar("T")
@@ -86,6 +86,10 @@ class Plan:
     reassigned: tuple[str, ...] = ()
     issued_at: float = 0.0  # the coordinator's wall clock; informational
     compute_dtype: str = "float32"  # every stage computes in it and sends activations in it (no mixed pipeline)
+    objective: str = ""  # what the planner minimised: latency | throughput ("" from a reassignment's patch)
+    # The plan explains itself (``coordinator.search.why``): objective, exact, ms_per_token, tokens_per_s,
+    # bound, runner_up_ms, ...; empty when the planner gave none (a reassignment keeps survivors' ranges).
+    why: Mapping[str, str | int | float | bool] = field(default_factory=dict)
 
     @property
     def latency_s(self) -> float:
@@ -127,6 +131,8 @@ class Plan:
             "reassigned_nodes": list(self.reassigned),
             "issued_at": self.issued_at,
             "compute_dtype": self.compute_dtype,
+            "objective": self.objective,
+            "why": dict(self.why),
             "selected_nodes": [{"node_id": n.node_id,
                                 "capabilities": {"flops": n.flops, "memory_bytes": n.memory_bytes},
                                 "current_load": n.load, "latency_ms": n.latency_ms, "reliability": n.reliability}
@@ -147,7 +153,8 @@ class Plan:
 def make_plan(layers: Sequence[planner.Layer], peers: Sequence[planner.Peer], split: planner.Split, *,
               model: str = "", revision: str = "", term: int = 0, epoch: int = 0, coordinator: str = "",
               request_id: str = "", reason: str = "", reassigned: Sequence[str] = (), issued_at: float = 0.0,
-              nodes: dict[str, NodeSummary] | None = None, compute_dtype: str = "float32") -> Plan:
+              nodes: dict[str, NodeSummary] | None = None, compute_dtype: str = "float32", objective: str = "",
+              why: Mapping[str, str | int | float | bool | None] | None = None) -> Plan:
     """A Plan from a planner Split: layer positions become layer indices, every range gets a fallback
     (``planner.fallback_for``), ``nodes`` adds load/latency/reliability to the selected peers."""
     by_id = {q.node_id: q for q in peers}
@@ -165,7 +172,8 @@ def make_plan(layers: Sequence[planner.Layer], peers: Sequence[planner.Peer], sp
         total_layers=len(layers), assignments=assignments, nodes=summaries, bottleneck_s=split.bottleneck_s,
         communication_overhead_s=sum(by_id[s.node].link_s for s in split.stages[:-1]),
         request_id=request_id, reason=reason, reassigned=tuple(reassigned), issued_at=issued_at,
-        compute_dtype=compute_dtype,
+        compute_dtype=compute_dtype, objective=objective,
+        why={k: v for k, v in (why or {}).items() if v is not None},
     )
 
 
@@ -181,7 +189,7 @@ def encode_plan(p: Plan) -> bytes:
         "nodes": [[n.node_id, n.flops, n.memory_bytes, n.load, n.latency_ms, n.reliability] for n in p.nodes],
         "bottleneck_s": p.bottleneck_s, "communication_overhead_s": p.communication_overhead_s,
         "request_id": p.request_id, "reason": p.reason, "reassigned": list(p.reassigned),
-        "issued_at": p.issued_at, "compute_dtype": p.compute_dtype,
+        "issued_at": p.issued_at, "compute_dtype": p.compute_dtype, "objective": p.objective, "why": dict(p.why),
     })
 
 
@@ -242,13 +250,17 @@ def decode_plan(payload: bytes) -> Plan:
     compute = r.text("compute_dtype", "float32")
     if compute not in COMPUTE_DTYPES:
         raise DecodeError(f"plan.compute_dtype: {compute!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+    objective = r.text("objective", "")
+    if objective not in ("", "latency", "throughput"):
+        raise DecodeError(f"plan.objective: {objective!r} is not latency or throughput")
     return Plan(
         model_id=r.text("model_id"), revision=r.text("revision"), term=term, epoch=epoch,
         coordinator=r.text("coordinator"), total_layers=total, assignments=assignments, nodes=nodes,
         bottleneck_s=_typed([r.number("bottleneck_s")], "f", "plan.bottleneck_s")[0],
         communication_overhead_s=_typed([r.number("communication_overhead_s", 0.0)], "f", "plan.overhead")[0],
         request_id=r.text("request_id", ""), reason=r.text("reason", ""), reassigned=reassigned,
-        issued_at=r.number("issued_at", 0.0), compute_dtype=compute,
+        issued_at=r.number("issued_at", 0.0), compute_dtype=compute, objective=objective,
+        why=scalar_map(r.raw("why", {}), "plan.why"),
     )
 
 

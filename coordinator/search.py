@@ -16,7 +16,8 @@ where the last one's range starts), one numpy min-plus (or min-max) product per 
 to a brute force over every subset, every order and every composition of the layers (``brute_force``, the
 oracle of the property tests). Beyond that a heuristic: the same program over a fixed order of a pool of
 the fastest peers (nearest-neighbour by links from the fastest), and for ``throughput`` the bisection walk
-of ``planner.plan_split`` over all peers in a few orders; the best of these wins. Ties go to fewer stages.
+of ``planner.plan_split`` over all peers in a few orders; the best of these wins. Ties go to fewer stages,
+then to peers that already hold the layers.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ EXACT_PEERS = 8
 #: The heuristic's pool: the fastest peers it orders and searches exactly along that order.
 POOL = 12
 INF = math.inf
+#: Plans within this relative cost of the best count as ties (sums in another order differ in the last bits).
+TIE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -246,14 +249,15 @@ def plan(layers: Sequence[Layer], peers: Sequence[Peer], *, links: Links | None 
 
 
 def search(layers: Sequence[Layer], peers: Sequence[Peer], *, links: Links | None = None,
-           objective: str = "latency") -> tuple[Split, Split | None, bool]:
-    """(best split, the runner-up with another set or order of peers or None, exact?)."""
+           objective: str = "latency", exact_peers: int = EXACT_PEERS) -> tuple[Split, Split | None, bool]:
+    """(best split, the runner-up with another set or order of peers or None, exact?). Exact when at most
+    ``exact_peers`` peers are usable (the benchmark moves it to measure the heuristic's gap)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
     links = links or Links()
     check_fits(layers, peers)
     usable = [q for q in peers if q.flops > 0 and q.memory_bytes > 0]
-    exact = len(usable) <= EXACT_PEERS
+    exact = len(usable) <= exact_peers
     found: list[Split] = []
     if exact:
         for hit in _exact(layers, usable, links, objective)[:64]:
@@ -279,12 +283,21 @@ def search(layers: Sequence[Layer], peers: Sequence[Peer], *, links: Links | Non
     if not found:
         raise PlanInfeasible("the layers fit no subset and order of these peers (memory per peer)")
     found.sort(key=lambda s: (cost(s, objective), len(s.stages)))
-    best = found[0]
+    # Among plans as good as the best (equal peers tie exactly): fewest stages, then most layers already
+    # on their peer's disk (nothing to fetch), then the search's order.
+    by_id = {q.node_id: q for q in usable}
+    top = cost(found[0], objective) * (1 + TIE) + 1e-15
+    best = min((s for s in found if cost(s, objective) <= top),
+               key=lambda s: (len(s.stages), -_held(layers, s, by_id)))
     if not math.isfinite(cost(best, objective)):
         raise PlanInfeasible("the only plans that fit have an infinite stage time (a peer with ~0 FLOP/s)")
     route = [s.node for s in best.stages]
-    runner = next((s for s in found[1:] if [t.node for t in s.stages] != route), None)
+    runner = next((s for s in found if [t.node for t in s.stages] != route), None)
     return best, runner, exact
+
+
+def _held(layers: Sequence[Layer], split: Split, by_id: Mapping[str, Peer]) -> int:
+    return sum(1 for s in split.stages for i in range(s.start, s.end) if layers[i].index in by_id[s.node].holds)
 
 
 def brute_force(layers: Sequence[Layer], peers: Sequence[Peer], links: Links | None = None,

@@ -22,13 +22,14 @@ from typing import Any
 
 import trio
 
-from coordinator import planner
+from coordinator import planner, search
 from coordinator.control import Controller, Decision, Worker, capped_claims
 from coordinator.planner import Layer
 from coordinator.plans import Held, NodeSummary, Plan, PlanBook, Verdict, make_plan, open_plan, seal_plan
+from coordinator.search import Links
 from mesh.config import Config
 from mesh.errors import MeshError, NotFoundError, PeerError
-from mesh.ids import ModelRef, Span, check_spans, keep_ref
+from mesh.ids import ModelRef, Span, StageKey, check_spans, keep_ref
 from mesh.logs import Throttle
 from mesh.ports import Clock, Gossip, Library, MeshView, Offload, Signer
 from mesh.transport import GossipMessage
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: How long an unpinned model id ("tiny", not "tiny@rev") keeps the revision it resolved to before a plan exists.
 RESOLVE_TTL = 30.0
+#: A measured step time moves a peer's speed estimate by at most this factor either way.
+MAX_SCALE = 8.0
 
 
 class NotCoordinator(PeerError):
@@ -76,7 +79,7 @@ class PlanService:
         self._reject, self._on_plan, self.now, self.offload = reject, on_plan, now, offload
         co = config.coordinator
         self.book = PlanBook()
-        self.controller = Controller(threshold=co.reassign_threshold)
+        self.controller = Controller(threshold=co.reassign_threshold, objective=co.objective)
         self.models: list[str] = []  # specs: "id" or "id@revision", one per model id
         for spec in co.models:
             self._keep(spec)
@@ -179,13 +182,14 @@ class PlanService:
                 layers, revision, compute = await self.layers(model, revision)
                 self._latest[model] = (revision, self.now())
                 current = held.plan if held is not None and held.plan.revision == revision else None
-                workers = self.workers(model, revision)
+                workers = self.workers(model, revision, layers)
+                links = self.links()
                 term = self.mesh.leadership.term
-                decision = await self.offload(self.controller.decide, model, layers, workers, current,
-                                                         term)
+                decision = await self.offload(self.controller.decide, model, layers, workers, current, term,
+                                              links)
                 if current is not None and current.compute_dtype != compute and decision is None:
                     decision = await self.offload(  # replan in the new compute dtype
-                        self.controller.decide, model, layers, workers, None, term)
+                        self.controller.decide, model, layers, workers, None, term, links)
                     if decision is not None:
                         decision = dataclasses.replace(decision, reason="compute")
                 if decision is not None:
@@ -214,7 +218,7 @@ class PlanService:
         plan = make_plan(layers, d.peers, d.split, model=model, revision=revision, term=lead.term,
                          epoch=self.book.next_epoch(model), coordinator=self.mesh.node_id, request_id=request_id,
                          reason=d.reason, reassigned=d.reassigned, issued_at=time.time(), nodes=self._summaries(),
-                         compute_dtype=compute)
+                         compute_dtype=compute, objective=self.controller.objective, why=d.why)
         envelope = seal_plan(plan, self.signer)
         verdict = self.book.offer(Held(plan, envelope), lead)
         assert verdict.accepted, verdict
@@ -261,15 +265,47 @@ class PlanService:
         return capped_claims({m.node_id: (m.info.compute_flops, m.info.hardware.cpu_cores)
                               for m in self.mesh.membership.members()})
 
-    def workers(self, model: str, revision: str) -> list[Worker]:
+    def workers(self, model: str, revision: str, layers: Sequence[Layer] = ()) -> list[Worker]:
         entry = str(ModelRef(model, revision))
         hop = self.config.coordinator.hop_ms / 1000
         gpu_only = self.config.membership.require_gpu
         flops = self._flops()
+        scales = self._scales(model, revision, layers, flops)
         return [Worker(m.node_id, flops[m.node_id], m.info.layer_memory_bytes, m.status,
                        m.info.accept_public_jobs and not (gpu_only and not m.info.hardware.gpus),
-                       entry in m.info.installed_models, hop)
+                       entry in m.info.installed_models, hop, m.info.memory_bandwidth, scales.get(m.node_id, 1.0))
                 for m in self.mesh.membership.members()]
+
+    def _scales(self, model: str, revision: str, layers: Sequence[Layer], flops: dict[str, float]) -> dict[str, float]:
+        """node -> measured decode step time over the speed model's estimate, for the peers serving the
+        current plan of ``model`` (their gossiped ``step_ms`` for that very stage), within ``MAX_SCALE``."""
+        held = self.book.current.get(model)
+        if held is None or held.plan.revision != revision or not layers:
+            return {}
+        plan, pos, out = held.plan, {x.index: i for i, x in enumerate(layers)}, {}
+        for a in plan.assignments:
+            m = self.mesh.membership.get(a.node)
+            key = str(StageKey.make(model, revision, a.start, a.end, plan.compute_dtype))
+            if m is None or not (ms := m.info.step_ms.get(key)) or a.start not in pos or a.end - 1 not in pos:
+                continue
+            part = layers[pos[a.start]:pos[a.end - 1] + 1]
+            peer = planner.Peer(a.node, flops.get(a.node, 0.0), 0, bandwidth=m.info.memory_bandwidth)
+            estimate = search.compute_s(peer, sum(x.flops_per_token for x in part), sum(x.read for x in part))
+            if 0 < estimate < float("inf"):
+                out[a.node] = min(max(ms / 1000 / estimate, 1 / MAX_SCALE), MAX_SCALE)
+        return out
+
+    def links(self) -> Links:
+        """The measured link matrix: every member's gossiped RTTs (``NodeInfo.links``), one-way = RTT / 2;
+        a pair measured from both ends counts the smaller."""
+        pairs: dict[tuple[str, str], float] = {}
+        for m in self.mesh.membership.members():
+            if m.status == NodeStatus.OFFLINE:
+                continue
+            for other, ms in m.info.links.items():
+                key = (min(m.node_id, other), max(m.node_id, other))
+                pairs[key] = min(pairs.get(key, float("inf")), ms / 2000)
+        return Links(pairs)
 
     def _summaries(self) -> dict[str, NodeSummary]:
         hop_ms = self.config.coordinator.hop_ms
@@ -327,7 +363,7 @@ class PlanService:
         revision = held.plan.revision if held is not None else None
         layers, revision, compute = await self.layers(model, revision)
         stages = parse_splits(current_splits, layers)
-        workers = self.workers(model, revision)
+        workers = self.workers(model, revision, layers)
         alive = {w.node_id for w in workers if w.alive}
         # Stage peers the table knows are offline or draining count as failed too.
         gone = set(failed) | {n for n, _, _ in stages if n not in alive and any(w.node_id == n for w in workers)}
@@ -342,7 +378,7 @@ class PlanService:
             by_id.setdefault(n, planner.Peer(n, sum(known) / len(known), 0, hop))
         current = planner.split_of(layers, [(by_id[n], s, e) for n, s, e in stages])
         decision = await self.offload(functools.partial(
-            self.controller.cover, layers, workers, current, gone, reason="request"))
+            self.controller.cover, layers, workers, current, gone, reason="request", links=self.links()))
         published = None
         asked = tuple(Span(n, layers[s].index, layers[e - 1].index + 1) for n, s, e in stages)
         if held is not None and self.is_coordinator():
@@ -352,7 +388,8 @@ class PlanService:
                                                   compute=compute)
         plan = published or make_plan(layers, decision.peers, decision.split, model=model, revision=revision,
                                       request_id=request_id, reason=decision.reason,
-                                      reassigned=decision.reassigned, nodes=self._summaries(), compute_dtype=compute)
+                                      reassigned=decision.reassigned, nodes=self._summaries(), compute_dtype=compute,
+                                      objective=self.controller.objective, why=decision.why)
         view = plan.view()
         return {"request_id": request_id, "model": model, "new_splits": view["model_split_plan"]["splits"],
                 "reassigned_nodes": list(decision.reassigned), "replanned": decision.reason == "replan",

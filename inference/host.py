@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 RETRY_LOAD = 5.0
 #: An inbound activation stream must send its first frame within this many seconds.
 FIRST_FRAME_TIMEOUT = 10.0
+#: Weight of a new decode step time in the smoothed one a stage gossips (NodeInfo.step_ms).
+DECODE_ALPHA = 0.2
 
 
 class StageNotReady(PeerError):
@@ -72,6 +74,7 @@ class Loaded:
     loaded_at: float = field(default_factory=time.time)
     load_s: float = 0.0
     steps: int = 0
+    decode_ms: float = 0.0  # smoothed time of one decode step (one token) in the stage, ms; 0 until one ran
 
     @property
     def key(self) -> str:
@@ -141,6 +144,10 @@ class StageHost:
 
     def ready(self) -> tuple[str, ...]:
         return tuple(sorted(s.key for s in self.loaded.values()))
+
+    def step_times(self) -> dict[str, float]:
+        """Ready stage key -> its smoothed decode step time, ms (stages that ran a decode step)."""
+        return {s.key: round(s.decode_ms, 3) for s in self.loaded.values() if s.decode_ms > 0}
 
     # ---- following the plans --------------------------------------------------------------------
 
@@ -428,10 +435,15 @@ class StageHost:
         positions = torch.arange(frame.start, frame.start + count).unsqueeze(0)
         t0 = time.perf_counter()
         async with loaded.limiter:
+            began = time.perf_counter()
             out = await self.offload(stage.forward, x, positions, session.cache)
             if last:
                 logits = out[0, -1].float()
                 token = await self.offload(sample, logits, sampling, frame.start + count)
+            if count == 1:  # a decode step, without the wait for the limiter: what the planner estimates
+                ms = (time.perf_counter() - began) * 1000
+                loaded.decode_ms = ms if not loaded.decode_ms else loaded.decode_ms + DECODE_ALPHA * (
+                    ms - loaded.decode_ms)
         loaded.sessions.done(session, self.now())
         loaded.steps += 1
         before = frame.extra.get("compute_ms")
@@ -453,6 +465,7 @@ class StageHost:
 
     def view(self) -> dict[str, Any]:
         return {"stages": [{"model": s.model, "revision": s.revision, "start": s.start, "end": s.end,
-                            "sessions": len(s.sessions), "steps": s.steps, "load_s": round(s.load_s, 3)}
+                            "sessions": len(s.sessions), "steps": s.steps, "load_s": round(s.load_s, 3),
+                            "decode_ms": round(s.decode_ms, 3)}
                            for s in self.loaded.values()],
                 "errors": self.errors}

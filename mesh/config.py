@@ -38,6 +38,8 @@ class NodeConfig:
     # The compute score to advertise, GFLOP/s, instead of measuring one (0: measure). Pins a peer's share of
     # the layers where a benchmark is noisy (a busy machine, tests that need a given split).
     compute_gflops: float = 0.0
+    # The memory bandwidth to advertise, GB/s, instead of measuring it (0: measure, for benchmark_seconds).
+    memory_bandwidth_gbps: float = 0.0
     drain_seconds: float = 2.0  # how long a draining peer keeps announcing itself before going offline
     # Memory this peer offers for model layers (weights + KV cache), MiB; 0: what is available at start
     # less min_free_memory_gb.
@@ -85,6 +87,10 @@ class CoordinatorConfig:
     context_tokens: int = 2048  # KV cache every stage must have room for; FLOPs counted at this context
     reassign_threshold: float = 0.25  # bottleneck growth a reassignment may cause before a full replan
     republish_interval: float = 2.0  # seconds between republishing the current plans (late joiners)
+    # What a plan minimises: "latency" (one token's time: every stage and every hop; one user's chat) or
+    # "throughput" (the slowest stage: a full pipeline of concurrent sessions).
+    objective: str = "latency"
+    link_interval: float = 5.0  # seconds between rounds of pinging peers (the measured link matrix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +141,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("node.min_free_memory_gb", "--min-free-memory-gb", "report degraded below this free memory"),
     Option("node.benchmark_seconds", "--benchmark-seconds", "length of the start-up compute benchmark"),
     Option("node.compute_gflops", "--compute-gflops", "advertise this compute score (GFLOP/s) instead of measuring"),
+    Option("node.memory_bandwidth_gbps", "--memory-bandwidth-gbps",
+           "advertise this memory bandwidth (GB/s) instead of measuring"),
     Option("node.drain_seconds", "--drain-seconds", "seconds announced as draining before going offline"),
     Option("node.max_layer_memory_mb", "--max-layer-memory-mb",
            "MiB offered for model layers (0: available memory at start)"),
@@ -166,6 +174,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("coordinator.reassign_threshold", "--reassign-threshold",
            "bottleneck growth a reassignment may cause before a full replan (0.25: 25%%)"),
     Option("coordinator.republish_interval", "--republish-interval", "seconds between plan republishes"),
+    Option("coordinator.objective", "--objective",
+           "what plans minimise: latency (one token's time) or throughput (the slowest stage)"),
+    Option("coordinator.link_interval", "--link-interval", "seconds between rounds of pinging peers"),
     Option("inference.serve", "--serve", "model (id or id@revision) to ask the mesh to serve (repeatable)"),
     Option("inference.max_sessions", "--max-sessions", "generations one stage runs at once"),
     Option("inference.session_idle_timeout", "--session-idle-timeout",
@@ -284,8 +295,14 @@ def validate(config: Config) -> None:
     if co.hop_ms < 0 or co.context_tokens < 1 or co.reassign_threshold < 0 or co.republish_interval <= 0:
         raise ValueError("coordinator: hop_ms and reassign_threshold must not be negative, context_tokens and "
                          "republish_interval must be positive")
-    if config.node.max_layer_memory_mb < 0 or config.node.compute_gflops < 0:
-        raise ValueError("node.max_layer_memory_mb and node.compute_gflops must not be negative (0: measured)")
+    if co.objective not in ("latency", "throughput"):
+        raise ValueError(f"coordinator.objective: latency or throughput, not {co.objective!r}")
+    if co.link_interval <= 0:
+        raise ValueError("coordinator.link_interval must be positive")
+    nd = config.node
+    if nd.max_layer_memory_mb < 0 or nd.compute_gflops < 0 or nd.memory_bandwidth_gbps < 0:
+        raise ValueError("node.max_layer_memory_mb, node.compute_gflops and node.memory_bandwidth_gbps must not "
+                         "be negative (0: measured)")
     inf = config.inference
     if inf.max_sessions < 1 or min(inf.session_idle_timeout, inf.step_timeout, inf.recovery_timeout) <= 0:
         raise ValueError("inference: max_sessions must be at least 1 and its timeouts positive")

@@ -1,6 +1,6 @@
 """What this machine has: psutil for CPU, memory, load and battery; torch for GPUs and the compute score.
 
-``measure_flops`` is blocking torch work: callers run it with ``trio.to_thread.run_sync``.
+``measure_flops`` and ``measure_bandwidth`` are blocking torch work: callers run it with ``trio.to_thread.run_sync``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ _GB = 1024**3
 #: Square fp32 matmuls of this size: big enough to reach steady-state BLAS speed, small enough that a
 #: 0.3 s benchmark runs many iterations even on a slow laptop.
 BENCH_MATRIX = 512
+#: The bandwidth benchmark's matrix: fp32 rows x columns (128 MiB), far beyond any CPU cache, read once per
+#: matrix-vector product, as decode reads each weight once per token.
+BANDWIDTH_MATRIX = (8192, 4096)
 
 
 def gpus() -> tuple[GpuInfo, ...]:
@@ -99,3 +102,29 @@ def measure_flops(seconds: float) -> float:
     flops = 2 * BENCH_MATRIX**3 * iters / elapsed
     log.info("compute benchmark: %.2f GFLOP/s on %s (%d matmuls of %d^2)", flops / 1e9, device, iters, BENCH_MATRIX)
     return flops
+
+
+def measure_bandwidth(seconds: float) -> float:
+    """Memory bandwidth in bytes/s as decode sees it: fp32 matrix-vector products over a matrix much larger
+    than any cache (on the GPU if any), measured for ``seconds``; 0.0 (unknown) when ``seconds`` <= 0."""
+    import torch
+
+    if seconds <= 0:
+        return 0.0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows, cols = BANDWIDTH_MATRIX
+    w = torch.randn(rows, cols, device=device)
+    x = torch.randn(cols, device=device)
+    (w @ x).sum().item()  # warm-up: pages touched, kernels chosen
+    iters = 0
+    start = time.perf_counter()
+    while True:
+        (w @ x).sum().item()
+        iters += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            break
+    bandwidth = w.numel() * w.element_size() * iters / elapsed
+    log.info("memory bandwidth benchmark: %.1f GB/s on %s (%d matrix-vector products of %dx%d)", bandwidth / 1e9,
+             device, iters, rows, cols)
+    return bandwidth

@@ -111,6 +111,9 @@ class PeerCore:
         api: str = "",
         training: Mapping[str, str | int | float | bool] | None = None,
         device: Mapping[str, str | int | float | bool] | None = None,
+        memory_bandwidth: float = 0.0,
+        links: Mapping[str, float] | None = None,
+        step_ms: Mapping[str, float] | None = None,
     ) -> tuple[bytes, list[PeerEvent]]:
         """Build, sign and record this peer's next heartbeat; returns the bytes to publish."""
         events: list[PeerEvent] = []
@@ -128,6 +131,7 @@ class PeerCore:
             name=self.profile.name,
             hardware=hardware,
             compute_flops=compute_flops,
+            memory_bandwidth=memory_bandwidth,
             layer_memory_bytes=self.profile.layer_memory_bytes,
             installed_models=installed_models,
             serve_models=serve_models,
@@ -141,6 +145,8 @@ class PeerCore:
             coordinator=lead.coordinator,
             training=dict(training or {}),
             device=dict(device or {}),
+            links=dict(links or {}),
+            step_ms=dict(step_ms or {}),
         )
         self._last_info = info
         # Our own entry; its status events duplicate the ones _set_status already returned.

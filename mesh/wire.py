@@ -31,6 +31,10 @@ PLANS_TOPIC = "meshnode/v1/plans"
 MAX_GOSSIP_MESSAGE = 64 * 1024
 MAX_STR = 256  # node names, model ids, addresses, feature names
 MAX_LIST = 256  # gpus, addresses, models, features: a real node has a handful
+#: A peer gossips the round-trip times to its nearest this many peers (the planner's link matrix).
+MAX_LINKS = 8
+#: The longest round trip a link may claim, ms (a minute: anything slower is not a link to plan over).
+MAX_RTT_MS = 60_000.0
 ENVELOPE_VERSION = 1
 SUPPORTED_CAPABILITY_SCHEMAS = frozenset({"1.0"})
 DEFAULT_CAPABILITY_SCHEMA = "1.0"
@@ -83,6 +87,7 @@ class NodeInfo:
     capability_schema_version: str = DEFAULT_CAPABILITY_SCHEMA
     hardware: Hardware = field(default_factory=Hardware)
     compute_flops: float = 0.0  # measured by a short matmul benchmark at start
+    memory_bandwidth: float = 0.0  # bytes/s, measured by a short matrix-vector benchmark at start (0: unknown)
     layer_memory_bytes: int = 0  # memory offered for model layers (weights + KV cache)
     installed_models: tuple[str, ...] = ()
     serve_models: tuple[str, ...] = ()  # models this peer asks the mesh to serve ("id" or "id@revision")
@@ -100,6 +105,10 @@ class NodeInfo:
     # What the device's own app reported about itself (the seeds' DeviceInfoPayload metadata): platform,
     # app_version, os, arch, family. Empty when nothing was reported.
     device: Mapping[str, str | int | float | bool] = field(default_factory=dict)
+    # Round-trip times (ms, smoothed) to the nearest MAX_LINKS peers it pings: node id -> ms.
+    links: Mapping[str, float] = field(default_factory=dict)
+    # Measured decode step time (ms, smoothed) of each ready stage here: stage key (as in ``stages``) -> ms.
+    step_ms: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def claims_coordinator(self) -> bool:
@@ -261,7 +270,7 @@ def _text_item(x: Any, where: str) -> str:
     return x
 
 
-def _scalar_map(raw: Any, where: str) -> dict[str, str | int | float | bool]:
+def scalar_map(raw: Any, where: str) -> dict[str, str | int | float | bool]:
     if not isinstance(raw, dict) or len(raw) > MAX_LIST:
         raise DecodeError(f"{where}: expected a map of at most {MAX_LIST} entries")
     out: dict[str, str | int | float | bool] = {}
@@ -271,6 +280,20 @@ def _scalar_map(raw: Any, where: str) -> dict[str, str | int | float | bool]:
         if not isinstance(v, str | int | float | bool) or (isinstance(v, str) and len(v) > MAX_STR):
             raise DecodeError(f"{where}.{k}: values must be text, numbers or booleans")
         out[k] = v
+    return out
+
+
+def _ms_map(raw: Any, where: str, limit: int, top: float) -> dict[str, float]:
+    """text -> milliseconds in [0, top], at most ``limit`` entries."""
+    if not isinstance(raw, dict) or len(raw) > limit:
+        raise DecodeError(f"{where}: expected a map of at most {limit} entries")
+    out: dict[str, float] = {}
+    for k, v in raw.items():
+        if not isinstance(k, str) or len(k) > MAX_STR:
+            raise DecodeError(f"{where}: keys must be short text")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= top:
+            raise DecodeError(f"{where}.{k}: expected milliseconds in [0, {top:g}], got {v!r}")
+        out[k] = float(v)
     return out
 
 
@@ -322,6 +345,7 @@ def encode_node_info(info: NodeInfo) -> bytes:
                 else {"level": hw.battery.level, "charging": hw.battery.charging},
             },
             "compute_flops": info.compute_flops,
+            "memory_bandwidth": info.memory_bandwidth,
             "layer_memory_bytes": info.layer_memory_bytes,
             "installed_models": list(info.installed_models),
             "serve_models": list(info.serve_models),
@@ -335,6 +359,8 @@ def encode_node_info(info: NodeInfo) -> bytes:
             "coordinator": info.coordinator,
             "training": dict(info.training),
             "device": dict(info.device),
+            "links": dict(info.links),
+            "step_ms": dict(info.step_ms),
         }
     )
 
@@ -357,6 +383,9 @@ def decode_node_info(payload: bytes) -> NodeInfo:
     layer_memory = r.integer("layer_memory_bytes", 0)
     if layer_memory < 0:
         raise DecodeError("node_info.layer_memory_bytes: must not be negative")
+    bandwidth = r.number("memory_bandwidth", 0.0)
+    if bandwidth < 0:
+        raise DecodeError("node_info.memory_bandwidth: must not be negative")
     return NodeInfo(
         node_id=NodeId(r.text("node_id")),
         capability_schema_version=schema,
@@ -367,19 +396,22 @@ def decode_node_info(payload: bytes) -> NodeInfo:
         name=r.text("name", ""),
         hardware=_hardware(r.raw("hardware"), "node_info.hardware"),
         compute_flops=r.number("compute_flops", 0.0),
+        memory_bandwidth=bandwidth,
         layer_memory_bytes=layer_memory,
         installed_models=r.array("installed_models", _text_item),
         serve_models=r.array("serve_models", _text_item),
         stages=r.array("stages", _text_item),
         accept_public_jobs=r.flag("accept_public_jobs", True),
         features_supported=r.array("features_supported", _text_item),
-        advanced_features=_scalar_map(r.raw("advanced_features", {}), "node_info.advanced_features"),
+        advanced_features=scalar_map(r.raw("advanced_features", {}), "node_info.advanced_features"),
         addrs=r.array("addrs", _text_item),
         api=r.text("api", ""),
         term=r.integer("term", 0),
         coordinator=None if coordinator is None else NodeId(coordinator),
-        training=_scalar_map(r.raw("training", {}), "node_info.training"),
-        device=_scalar_map(r.raw("device", {}), "node_info.device"),
+        training=scalar_map(r.raw("training", {}), "node_info.training"),
+        device=scalar_map(r.raw("device", {}), "node_info.device"),
+        links=_ms_map(r.raw("links", {}), "node_info.links", MAX_LINKS, MAX_RTT_MS),
+        step_ms=_ms_map(r.raw("step_ms", {}), "node_info.step_ms", MAX_LIST, MAX_RTT_MS),
     )
 
 

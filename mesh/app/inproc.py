@@ -104,7 +104,7 @@ class InProcessMesh:
         invite = await issuer.node.gate.invite(600.0, 1, tuple(issuer.node.transport.addrs()))
         return await self.join(name, invite)
 
-    async def start(self, name: str, *, flops: float = 1e10, layer_memory: int = 1 << 34,
+    async def start(self, name: str, *, flops: float = 1e10, layer_memory: int = 1 << 34, bandwidth: float = 0.0,
                     bootstrap: bool = True, membership: Membership | None = None, open: bool = False,
                     **inference: Any) -> Peer:
         """Start peer ``name`` and return once it runs; it bootstraps from every live peer started before it.
@@ -131,7 +131,7 @@ class InProcessMesh:
             with trio.CancelScope() as scope:
                 async with self.network.open(identity) as transport:
                     node = Node(cfg, identity, core, transport, (), flops, store, offload=inline, reads=inline,
-                                membership=membership, wall_clock=trio.current_time)
+                                membership=membership, wall_clock=trio.current_time, bandwidth=bandwidth)
                     started.append(Peer(name, node, scope))
                     await node.run(task_status=task_status)
 

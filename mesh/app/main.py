@@ -122,6 +122,11 @@ async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_
         log.info("compute score %.2f GFLOP/s as configured (not measured)", config.node.compute_gflops)
     else:
         flops = await trio.to_thread.run_sync(hardware.measure_flops, config.node.benchmark_seconds)
+    if config.node.memory_bandwidth_gbps > 0:
+        bandwidth = config.node.memory_bandwidth_gbps * 1e9
+        log.info("memory bandwidth %.1f GB/s as configured (not measured)", config.node.memory_bandwidth_gbps)
+    else:
+        bandwidth = await trio.to_thread.run_sync(hardware.measure_bandwidth, config.node.benchmark_seconds)
     m = config.membership
     profile = PeerProfile(
         version=VERSION, name=config.node.name, incarnation=int(time.time() * 1000),
@@ -136,7 +141,8 @@ async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_
                               loopback_only=config.network.loopback_only,
                               gossip_heartbeat=m.heartbeat_interval) as transport:
         membership, config = await admission(config, identity, transport)
-        node = Node(config, identity, core, transport, gpus, flops, store, membership=membership)
+        node = Node(config, identity, core, transport, gpus, flops, store, membership=membership,
+                    bandwidth=bandwidth)
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: node.run(api=serve_api, task_status=task_status))
             if membership is not None:  # the mesh and how to invite; never a secret

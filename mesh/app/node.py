@@ -9,6 +9,8 @@ Tasks (all children of one nursery, none fire-and-forget):
     ticks       - failure detection, lifecycle and election, four times per heartbeat
     dialer      - (re)dial bootstrap peers and members learned from gossip (peer exchange), mDNS finds
     reaper      - close the connection of a member that fell silent (libp2p never notices a frozen peer)
+    links       - ping a few connected members each link_interval: the smoothed RTTs its heartbeat
+                  carries (the nearest ``MAX_LINKS``), from which the coordinator plans
     library     - model fetches started through the API (``Library.start_fetch``), in their own nursery
     stages      - the stages this peer runs (``inference.host.StageHost``); activation streams are routed
                   to it, and results for this peer's generations from it to the ``Driver``
@@ -44,10 +46,12 @@ from mesh.errors import MeshError, NotFoundError, PeerError
 from mesh.gate import ADMIT_PROTOCOL, MEMBERS_TOPIC, Gate, refusal
 from mesh.identity import Identity, node_id_for_key
 from mesh.ids import ModelRef, NodeId, keep_ref
+from mesh.links import LinkTable
 from mesh.logs import Throttle
 from mesh.membership import Forgotten, Member, StatusChanged
 from mesh.peer import LeaderChanged, PeerCore, PeerEvent
 from mesh.ports import Network, Offload, abandoning, threads
+from mesh.tally import Tally
 from mesh.transport import GossipMessage, is_loopback_addr, peer_id_of
 from mesh.wire import NODES_TOPIC, PLANS_TOPIC, Battery, GpuInfo, NodeStatus, open_signed
 from storage.library import Library
@@ -64,6 +68,8 @@ TRAINING_FIELDS = {"is_running": bool, "current_epoch": int, "total_epochs": int
                    "samples_processed": int}
 TRAINING_KINDS = {bool: "true or false", int: "a whole number >= 0", float: "a finite number >= 0"}
 USAGE_SAVE_INTERVAL = 5.0  # seconds between saves of the request counts (a kill -9 loses at most these)
+LINK_PINGS_PER_ROUND = 8  # members pinged per link_interval (the least recently pinged first)
+LINK_PING_TIMEOUT = 2.0  # a ping slower than this counts as a failed link
 
 
 #: Starts the HTTP API of a node in a nursery (``nursery.start(api, node, listen)``) and reports its URL.
@@ -75,7 +81,7 @@ class Node:
         self, config: Config, identity: Identity, core: PeerCore, transport: Network,
         gpus: tuple[GpuInfo, ...], flops: float, store: Store, *, offload: Offload = threads,
         reads: Offload = abandoning, membership: Membership | None = None,
-        wall_clock: Callable[[], float] = time.time,
+        wall_clock: Callable[[], float] = time.time, bandwidth: float = 0.0,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -83,6 +89,8 @@ class Node:
         self.transport = transport
         self.gpus = gpus
         self.flops = flops
+        self.bandwidth = bandwidth  # memory bandwidth, bytes/s (0: unknown)
+        self.links = LinkTable()
         self.api_url = ""
         self.started_wall = time.time()
         self.drain_requested = trio.Event()
@@ -91,6 +99,7 @@ class Node:
         self._closed_peers: set[NodeId] = set()  # an open peer's record of closed-mesh peers it met (bounded
         # by the peers that reach it; they are refused, so each is met once)
         self._reject_throttle = Throttle(every=10.0)
+        self.rejected = Tally()  # gossip refused here, by code (GET /metrics)
         st = config.storage
         self.store = store
         self.shard_server = Server(store, upload=RateLimit(st.upload_limit_mb_s * 1e6))
@@ -154,6 +163,7 @@ class Node:
                          extra={"event": "forgotten", "node_id": self.node_id, "peer": ev.node_id})
 
     def _reject(self, err: PeerError, sender: str) -> None:
+        self.rejected.add(err.code)
         held_back = self._reject_throttle.allow((sender, err.code), self.now())
         if held_back is None:
             return
@@ -201,6 +211,9 @@ class Node:
             api=self.api_url,
             training=self.training,
             device=self.device,
+            memory_bandwidth=self.bandwidth,
+            links=self.links.nearest(),
+            step_ms=self.stages.step_times(),
         )
         self._log_events(events)
         # A publish must never hold up the next heartbeat, whatever a peer's socket does.
@@ -315,6 +328,27 @@ class Node:
                     log.info("closing the connection to silent peer %s", member.node_id,
                              extra={"event": "disconnect_silent", "node_id": self.node_id, "peer": member.node_id})
                     await self.transport.disconnect(member.node_id)
+
+    async def measure_links(self) -> None:
+        """Every ``coordinator.link_interval``: ping the connected members due (``LinkTable.due``), at once,
+        each with its own deadline; a failed ping forgets that link's estimate."""
+        while True:
+            await trio.sleep(self.config.coordinator.link_interval)
+            members = {m.node_id for m in self.core.membership.members() if m.status != NodeStatus.OFFLINE}
+            self.links.keep_only(members)
+            connected = self.transport.connected_peers()
+            due = self.links.due([p for p in members if p in connected and p != self.node_id], self.now(),
+                                 LINK_PINGS_PER_ROUND)
+            async with trio.open_nursery() as nursery:
+                for peer in due:
+                    nursery.start_soon(self._ping_link, peer)
+
+    async def _ping_link(self, peer: NodeId) -> None:
+        try:
+            self.links.observe(peer, await self.transport.ping(peer, timeout=LINK_PING_TIMEOUT))
+        except (PeerError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
+            self.links.failed(peer)
+            log.debug("link ping to %s failed: %s", peer, err, extra={"event": "link_failed", "peer": peer})
 
     async def mdns_dialer(self) -> None:
         limiter = trio.CapacityLimiter(MAX_CONCURRENT_DIALS)
@@ -660,7 +694,7 @@ class Node:
             log.info("peer %s listening on %s, api %s", self.node_id, " ".join(t.addrs()), self.api_url or "off",
                      extra={"event": "started", "node_id": self.node_id, "api": self.api_url})
             for task in (self.receive, self.heartbeats, self.ticks, self.dialer, self.reaper, self.lifecycle,
-                         self.plans.receive, self.plans.coordinate, self.keep_usage):
+                         self.plans.receive, self.plans.coordinate, self.keep_usage, self.measure_links):
                 nursery.start_soon(task)
             if self.config.network.mdns:
                 nursery.start_soon(self.mdns_dialer)

@@ -21,6 +21,7 @@ import trio
 import trio.testing
 from seed_payloads import DEVICE_INFO, TRAINING_STATUS
 from starlette.routing import Route
+from tiny_models import chat_llama_folder
 
 from mesh import config as config_mod
 from mesh.admission import issue
@@ -34,31 +35,16 @@ from mesh.identity import Identity
 
 TOKEN = "s3cret-Token_42"
 MODEL = "llama"
-#: What answers without the token (the test's own list: the app's could shrink or grow unseen).
-OPEN = {("GET", "/api/health"), ("HEAD", "/api/health")}
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-
-
-def tiny_folder(path: Path) -> Path:
-    """A tiny random Llama with a word-level tokenizer and a chat template, so every generation route runs."""
-    from tiny_models import tiny_llama
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tiny_llama().save_pretrained(path)
-    words = ["<unk>", "<s>", "</s>", "Hello", ",", "world", "!", *(f"w{i}" for i in range(121))]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(path)
-    return path
+#: What answers without the token (the test's own list: the app's could shrink or grow unseen): the liveness probe
+#: and the console's page, script and style sheet (its data requests send the token).
+OPEN = {("GET", "/api/health"), ("HEAD", "/api/health"), ("GET", "/"), ("HEAD", "/"),
+        *((m, f"/console/{f}") for f in ("console.js", "console.css") for m in ("GET", "HEAD"))}
 
 
 def with_token(token: str) -> Config:
     c = Config()
     return dataclasses.replace(c, api=dataclasses.replace(c.api, token=token),
-                               coordinator=dataclasses.replace(c.coordinator, hop_ms=0.05),
+                               coordinator=dataclasses.replace(c.coordinator, hop_ms=0.05, objective="throughput"),
                                inference=InferenceConfig(recovery_timeout=20.0, step_timeout=10.0,
                                                          compute_dtype="float32"))
 
@@ -113,6 +99,10 @@ def good_requests(ctx: dict[str, Any]) -> dict[tuple[str, str], tuple[str, Any]]
         ("POST", "/api/invite"): ("/api/invite", {"ttl": 60, "uses": 1}),
         ("POST", "/api/revoke"): ("/api/revoke", {"node_id": ctx["carol"]}),  # a member made for it
         ("GET", "/api/members"): ("/api/members", None),
+        ("GET", "/"): ("/", None),
+        ("GET", "/console/{name}"): ("/console/console.js", None),
+        ("GET", "/api/console"): ("/api/console", None),
+        ("GET", "/metrics"): ("/metrics", None),
         ("POST", "/api/drain"): ("/api/drain", None),  # sent last: the peer starts draining
     }
 
@@ -133,7 +123,7 @@ def assert_refused(r: httpx.Response, what: str) -> None:
 
 async def test_every_route_but_health_needs_the_token_and_answers_with_it(
         tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
-    folder = tiny_folder(tmp_path / "src")
+    folder = chat_llama_folder(tmp_path / "src")
     async with InProcessMesh(tmp_path / "mesh", with_token(TOKEN)) as mesh:
         for name in "ab":
             mesh.store(name).add(str(folder), model_id=MODEL)
@@ -160,6 +150,8 @@ async def test_every_route_but_health_needs_the_token_and_answers_with_it(
                 for query in (f"token={TOKEN}", f"api_key={TOKEN}", f"access_token={TOKEN}"):  # never in a URL
                     assert_refused(await send(http, method, f"{path}?{query}"), f"{method} {path}?{query}")
             assert (await send(http, "POST", "/api/health")).status_code == 401  # only GET (and HEAD) are open
+            for method, path in sorted(OPEN):  # the console's files by name too (their route is a template)
+                assert (await send(http, method, path)).status_code == 200, (method, path)
             assert b.node.core.status.value == "ready" and not a.node.drain_requested.is_set()  # nothing ran
 
             # Refusals are logged with their code, rate-limited per client and reason, and never with the token.

@@ -24,7 +24,7 @@ from storage.transfer import MANIFEST_PROTOCOL
 
 def config() -> Config:
     c = Config()
-    return dataclasses.replace(c, coordinator=dataclasses.replace(c.coordinator, hop_ms=0.05))
+    return dataclasses.replace(c, coordinator=dataclasses.replace(c.coordinator, hop_ms=0.05, objective="throughput"))
 
 
 def ready_view(peer) -> set[str]:

@@ -15,6 +15,7 @@ import trio.testing
 from seed_payloads import DEVICE_INFO, NODE_INFO, TRAINING_STATUS
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from coordinator import search
 from coordinator.plans import PLAN, encode_plan, seal_plan
 from coordinator.service import planner_layers
 from inference.driver import Request
@@ -50,7 +51,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
 def config() -> Config:
     c = Config()
     return dataclasses.replace(
-        c, coordinator=dataclasses.replace(c.coordinator, hop_ms=0.05),
+        c, coordinator=dataclasses.replace(c.coordinator, hop_ms=0.05, objective="throughput"),
         inference=InferenceConfig(recovery_timeout=20.0, step_timeout=10.0, compute_dtype="float32"))
 
 
@@ -455,3 +456,49 @@ async def test_forged_and_rogue_plans_change_nothing(
         accepted = {getattr(r, "coordinator", None) for r in caplog.records
                     if getattr(r, "event", "") == "plan_accepted"}
         assert accepted <= {real.coordinator}
+
+
+async def test_the_latency_plan_is_the_exact_optimum_over_gossiped_bandwidth_links_and_step_times(
+        tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
+    """The default objective (latency) over what peers gossip: memory bandwidth (the slowest peer is left out
+    when the two faster ones hold the model), RTTs to each other (every link measured), and, once they serve,
+    decode step times (the speed model's correction)."""
+    folder, want = tiny
+    c = config()
+    cfg = dataclasses.replace(c, coordinator=dataclasses.replace(c.coordinator, objective="latency", link_interval=1.0))
+    async with InProcessMesh(tmp_path, cfg) as mesh:
+        mesh.store("a").add(str(folder), model_id=MODEL)
+        manifest = mesh.store("a").manifest(MODEL)[0]
+        layers = planner_layers(manifest, 2048, "float32")
+        offer = int(0.6 * sum(x.bytes for x in layers))  # no peer alone, any two
+        bandwidth = {"a": 10e9, "b": 20e9, "c": 40e9}
+        peers = {n: await mesh.start(n, layer_memory=offer, bandwidth=bw) for n, bw in bandwidth.items()}
+        ids = {p.node_id: n for n, p in peers.items()}
+        await mesh.wait(mesh.agreed, timeout=30, what="one coordinator")
+
+        def links_known() -> bool:
+            rows = peers["a"].node.nodes()["nodes"]
+            return len(rows) == 3 and all(set(r["links"]) == set(ids) - {r["node_id"]} for r in rows)
+
+        await mesh.wait(links_known, timeout=20, what="every peer's RTTs to the other two in gossip")
+        rows = {ids[r["node_id"]]: r for r in peers["b"].node.nodes()["nodes"]}
+        assert {n: r["memory_bandwidth"] for n, r in rows.items()} == bandwidth
+        await peers["c"].node.request_serve(MODEL)
+        await mesh.wait(lambda: all(p.node.driver.route(MODEL) is not None for p in peers.values()),
+                        timeout=60, what="the route ready")
+        coord = next(p for p in peers.values() if p.node_id == p.node.core.leadership.coordinator)
+        plan = coord.node.plans.view(MODEL)["plans"][0]
+        service = coord.node.plans
+        usable = [w.peer(layers) for w in service.workers(MODEL, manifest.revision, layers) if w.usable]
+        optimum = search.brute_force(layers, usable, service.links(), "latency")
+        assert plan["objective"] == "latency" and plan["why"]["exact"] is True
+        assert plan["why"]["ms_per_token"] == pytest.approx(optimum * 1000, abs=1e-6)  # rounded to ns
+        assert {ids[s["assigned_node"]] for s in plan["model_split_plan"]["splits"]} == {"b", "c"}
+
+        assert await generate(peers["a"].node, 12) == want[:12]
+        stage_nodes = {s["assigned_node"] for s in plan["model_split_plan"]["splits"]}
+        await mesh.wait(lambda: all(coord.node.core.membership.get(n).info.step_ms for n in stage_nodes),
+                        timeout=10, what="decode step times in gossip")
+        held = service.book.current[MODEL].plan
+        scales = service._scales(MODEL, held.revision, layers, service._flops())
+        assert set(scales) == stage_nodes and all(1 / 8 <= s <= 8 for s in scales.values())

@@ -41,7 +41,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def config() -> Config:
     c = Config()
     return dataclasses.replace(
-        c, coordinator=dataclasses.replace(c.coordinator, hop_ms=0.05, context_tokens=CONTEXT),
+        c, coordinator=dataclasses.replace(c.coordinator, hop_ms=0.05, objective="throughput", context_tokens=CONTEXT),
         inference=InferenceConfig(recovery_timeout=20.0, step_timeout=10.0, compute_dtype="float32"))
 
 

@@ -55,7 +55,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
 
 def config() -> Config:
     c = Config()  # compute_dtype "auto": each plan picks its own
-    return dataclasses.replace(c, coordinator=dataclasses.replace(c.coordinator, hop_ms=0.05),
+    return dataclasses.replace(c, coordinator=dataclasses.replace(c.coordinator, hop_ms=0.05, objective="throughput"),
                                inference=InferenceConfig(recovery_timeout=RECOVERY, step_timeout=10.0))
 
 

@@ -11,9 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PURE = [
     "mesh/errors.py", "mesh/ids.py", "mesh/identity.py", "mesh/wire.py", "mesh/membership.py", "mesh/peer.py",
-    "mesh/admission.py",
+    "mesh/admission.py", "mesh/tally.py",
     "mesh/sim.py", "mesh/config.py", "coordinator/election.py", "coordinator/planner.py", "coordinator/plans.py",
-    "coordinator/control.py", "coordinator/search.py", "storage/formats.py", "storage/manifest.py",
+    "coordinator/control.py", "coordinator/search.py", "mesh/links.py", "storage/formats.py", "storage/manifest.py",
     "inference/sessions.py",
 ]
 # Pure third-party helpers: CBOR, ed25519, base58, numpy (the planner's search). No trio, libp2p, torch,
@@ -59,9 +59,10 @@ def test_only_transport_imports_libp2p() -> None:
 
 PACKAGES = ("mesh", "coordinator", "storage", "inference")
 FOUNDATION = {"mesh", "coordinator", "storage", "inference", "mesh.errors", "mesh.ids", "mesh.identity",
-              "mesh.wire", "mesh.fsutil", "mesh.logs"}
+              "mesh.wire", "mesh.fsutil", "mesh.logs", "mesh.tally"}
 CORES = {"mesh.membership", "mesh.admission", "mesh.peer", "mesh.sim", "mesh.config", "coordinator.election",
-         "coordinator.planner", "coordinator.plans", "coordinator.control", "coordinator.search", "storage.formats",
+         "coordinator.planner", "coordinator.plans", "coordinator.control", "coordinator.search", "mesh.links",
+         "storage.formats",
          "storage.manifest",
          "inference.sessions"}
 ADAPTERS = {"mesh.transport", "mesh.memtransport", "mesh.keyfile", "mesh.credential", "mesh.hardware", "mesh.churn",

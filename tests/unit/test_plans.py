@@ -190,7 +190,7 @@ def covers_every_layer_once(plan: Plan) -> bool:
 
 
 def test_losing_a_peer_moves_only_its_range_and_bumps_the_epoch() -> None:
-    ident, ctl, book = Identity.generate(), Controller(), PlanBook()
+    ident, ctl, book = Identity.generate(), Controller(objective="throughput"), PlanBook()
     ws = workers(4)
     first = run_plan(ctl, book, ident, ws)
     assert first is not None and len(first.assignments) == 4 and first.epoch == 1
@@ -215,7 +215,7 @@ def test_losing_a_peer_moves_only_its_range_and_bumps_the_epoch() -> None:
 
 
 def test_a_draining_peer_is_replaced_and_a_growing_bottleneck_forces_a_replan() -> None:
-    ident, ctl, book = Identity.generate(), Controller(), PlanBook()
+    ident, ctl, book = Identity.generate(), Controller(objective="throughput"), PlanBook()
     ws = workers(4, memory=10_000)
     first = run_plan(ctl, book, ident, ws)
     assert first is not None and len(first.assignments) == 4
@@ -232,9 +232,9 @@ def test_a_new_term_reissues_the_same_assignments_and_joins_improve_only_past_th
     old, new = Identity.generate(), Identity.generate()
     book = PlanBook()
     ws = workers(2)
-    first = run_plan(Controller(), book, old, ws, term=1)
+    first = run_plan(Controller(objective="throughput"), book, old, ws, term=1)
     assert first is not None
-    ctl = Controller()  # the new coordinator's controller, with the old plan in its book
+    ctl = Controller(objective="throughput")  # the new coordinator's controller, with the old plan in its book
     again = run_plan(ctl, book, new, ws, term=2)
     assert again is not None and again.reason == "term" and again.spans() == first.spans()
     assert (again.term, again.epoch) == (2, 2)
@@ -246,7 +246,7 @@ def test_a_new_term_reissues_the_same_assignments_and_joins_improve_only_past_th
 
 
 def test_a_mesh_too_small_for_the_model_is_an_error_naming_the_shortfall() -> None:
-    ctl = Controller()
+    ctl = Controller(objective="throughput")
     with pytest.raises(PlanInfeasible, match="the model needs 1600 bytes, the peers offer 1000 bytes: 600 bytes short"):
         ctl.decide("m", LAYERS, workers(2, memory=500), None, 1)
     # Peers that do not accept jobs, or are still registering, are not given work.
@@ -271,7 +271,7 @@ def test_pipeline_order_search_is_never_worse_than_the_given_order() -> None:
 @given(st.integers(4, 40), st.integers(0, 2**32 - 1))
 def test_many_simulated_peers_dropping_keeps_every_layer_covered_by_live_peers(n: int, seed: int) -> None:
     rng = random.Random(seed)
-    ident, ctl, book = Identity.generate(), Controller(), PlanBook()
+    ident, ctl, book = Identity.generate(), Controller(objective="throughput"), PlanBook()
     ws = [Worker(f"p{i:02d}", rng.uniform(1e9, 1e11), rng.randint(100, 1000), S.READY) for i in range(n)]
     try:
         plan = run_plan(ctl, book, ident, ws)
@@ -332,7 +332,7 @@ def test_pending_plans_wait_for_the_claim_and_a_rogue_cannot_push_them_out() -> 
 
 
 def test_survivors_that_may_not_take_work_keep_their_range_and_get_no_more() -> None:
-    ident, ctl, book = Identity.generate(), Controller(), PlanBook()
+    ident, ctl, book = Identity.generate(), Controller(objective="throughput"), PlanBook()
     ws = workers(3, memory=10_000)
     first = run_plan(ctl, book, ident, ws)
     assert first is not None and len(first.assignments) == 3
@@ -375,3 +375,29 @@ def test_seed_splits_become_spans_of_layer_positions_or_a_clear_error() -> None:
         with pytest.raises(PeerError, match=message) as err:
             parse_splits(raw, layers)
         assert err.value.code == "INVALID_PLAN_INPUT"
+
+
+def test_latency_plans_one_stage_on_the_holder_and_a_join_of_an_equal_peer_changes_nothing() -> None:
+    ident, ctl, book = Identity.generate(), Controller(), PlanBook()
+    assert ctl.objective == "latency"  # the default: one user's token time
+    ws = [Worker(f"w{i:02d}", 1e10, 2000, S.READY, link_s=0.001, holds_model=i == 2) for i in range(4)]
+    first = run_plan(ctl, book, ident, ws)
+    # The model fits every peer: one stage (no hop), on the peer that already has the layers on disk.
+    assert first is not None and [(a.node, a.start, a.end) for a in first.assignments] == [("w02", 0, 16)]
+    ws.append(Worker("spare", 1e10, 2000, S.READY, link_s=0.001))
+    assert run_plan(ctl, book, ident, ws) is None  # an equal peer cannot cut one token's time
+    # Memory for half the model each: two stages, each peer's range within its memory.
+    small = Controller()
+    d = small.decide("m", LAYERS, workers(4, memory=800), None, 1)
+    assert d is not None and len(d.split.stages) == 2 and d.why["objective"] == "latency" and d.why["exact"]
+    assert all(s.bytes <= 800 for s in d.split.stages)
+
+
+def test_a_faster_peer_joining_improves_the_latency_plan_and_the_why_says_so() -> None:
+    ident, ctl, book = Identity.generate(), Controller(), PlanBook()
+    ws = workers(2, memory=2000)
+    assert run_plan(ctl, book, ident, ws) is not None
+    ws.append(Worker("fast", 4e10, 2000, S.READY))  # 4x the FLOP/s: one token in a quarter of the time
+    d = ctl.decide("m", LAYERS, ws, book.current["m"].plan, 1)
+    assert d is not None and d.reason == "improve" and [s.node for s in d.split.stages] == ["fast"]
+    assert d.why["bound"] == "peer fast" and d.why["runner_up_ms"] > d.why["ms_per_token"]

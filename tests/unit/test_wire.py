@@ -40,6 +40,9 @@ def info(**kw: object) -> NodeInfo:
         advanced_features={"kv_cache": True, "max_batch": 4},
         training={"is_running": True, "current_epoch": 45, "loss": 0.25},
         device={"platform": "windows", "arch": "x86_64"},
+        memory_bandwidth=15.5e9,
+        links={"12D3KooWpeerB": 0.42, "12D3KooWpeerC": 12.5},
+        step_ms={"m@r:0:16:float32": 31.25},
         addrs=("/ip4/127.0.0.1/tcp/4001/p2p/" + ME.node_id,),
         term=3,
         coordinator=ME.node_id,
@@ -125,6 +128,16 @@ def test_unsigned_and_wrongly_signed_are_refused() -> None:
         ("training", ["is_running"]),
         ("device", {"os": None}),
         ("node_id", "x" * 1000),
+        ("memory_bandwidth", -1.0),
+        ("memory_bandwidth", "fast"),
+        ("links", {f"peer{i}": 1.0 for i in range(9)}),  # more than the nearest MAX_LINKS
+        ("links", {"peer": -0.5}),
+        ("links", {"peer": float("inf")}),
+        ("links", {"peer": True}),
+        ("links", {"peer": 1e9}),  # a round trip beyond a minute is not a link
+        ("links", [["peer", 1.0]]),
+        ("step_ms", {"m@r:0:16:float32": "fast"}),
+        ("step_ms", {"k" * 1000: 1.0}),
     ],
 )
 def test_wrong_types_are_refused_with_a_code(field: str, value: object) -> None:
