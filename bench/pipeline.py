@@ -30,6 +30,12 @@ mesh number also as a ratio to the single process:
    gap between tokens after the kill against the median gap before it, when the driver logged its
    failover, and whether all 200 tokens equal the uninterrupted single-process tokens.
 
+4. the objectives: the 3 peers again, planned for ``--objective latency`` (one token's time: a model that fits
+   one peer runs on one) against the throughput plan above (a stage per peer); single-stream decode tok/s.
+5. the speed model: each stage's estimated decode time (the larger of its FLOPs over the peer's measured
+   FLOP/s and its weight bytes over the peer's measured memory bandwidth, at the run's mean context) against
+   its measured decode compute.
+
 Everything runs on this machine's cores: peers, driver and the benchmark compete for them, so ratios are
 for this box, not for peers on separate machines. Warnings, errors and lines that are not JSON in the
 peers' logs are summarised at the end.
@@ -140,9 +146,10 @@ def install(store: Store, base: Path, names: list[str]) -> None:
         shutil.copytree(store.root, base / name / "store")
 
 
-def serve(peers: list[PeerProcess], model: str) -> dict[str, Any]:
+def serve(peers: list[PeerProcess], model: str, *, one_per_peer: bool = True) -> dict[str, Any]:
     """Ask for the model and wait until every peer's /v1/models lists it on the same stages (on one stage
-    per peer if the plan gets there within 45 s, else on whatever the planner chose)."""
+    per peer if the plan gets there within 45 s, else, or without ``one_per_peer``, on whatever the planner
+    chose)."""
     def ask() -> dict[str, Any] | None:
         try:
             return api_get(peers[0].api, "/api/model", method="POST", body={"model_id": model})
@@ -162,10 +169,12 @@ def serve(peers: list[PeerProcess], model: str) -> dict[str, Any]:
             seen.append(entry)
         return seen[0] if all(e["meshnode"]["stages"] == seen[0]["meshnode"]["stages"] for e in seen) else None
 
-    try:
-        return wait_for(lambda: listed(len(peers)), 45, what=f"{model} on {len(peers)} stages")
-    except TimeoutError:
-        return wait_for(lambda: listed(None), 30, what=f"{model} served")
+    if one_per_peer:
+        try:
+            return wait_for(lambda: listed(len(peers)), 45, what=f"{model} on {len(peers)} stages")
+        except TimeoutError:
+            pass
+    return wait_for(lambda: listed(None), 30, what=f"{model} served")
 
 
 def request(peer: PeerProcess, model: str, prompt: list[int], new: int) -> dict[str, Any]:
@@ -255,22 +264,28 @@ def recovery(peers: list[PeerProcess], model: str, entry: dict[str, Any], driver
 
 
 def run_mesh(base: Path, count: int, model: str, prompt: list[int], new: int, repeat: int, *, do_recovery: bool,
-             reference: list[int]) -> dict[str, Any]:
-    with LocalMesh(base, config_file=CONFIG, extra_args=("--benchmark-seconds", "0.05")) as mesh:
+             reference: list[int], objective: str = "throughput") -> dict[str, Any]:
+    """One mesh of ``count`` peers planning for ``objective`` (configs/local-3.toml pins throughput: a stage
+    per peer; latency puts a model that fits one peer on one)."""
+    args = ("--benchmark-seconds", "0.2", "--objective", objective)
+    with LocalMesh(base, config_file=CONFIG, extra_args=args) as mesh:
         t0 = time.monotonic()
-        peers = mesh.start_chain(count, prefix=f"m{count}")
+        peers = mesh.start_chain(count, prefix=f"m{count}{objective[0]}")
         coordinator, _ = wait_for(lambda: agreed(peers), 40, what="one coordinator")
-        entry = serve(peers, model)
+        entry = serve(peers, model, one_per_peer=objective == "throughput")
         ready_s = time.monotonic() - t0
         stages = entry["meshnode"]["stages"]
         driver = next(p for p in peers if p.node_id == stages[0]["node_id"])
         compute = driver.get(f"/api/model?model={model}")["models"][0]["compute_dtype"]
         request(driver, model, prompt[:16], 4)  # warm-up: tokenizer, sessions, streams, first-use allocations
         runs = [mesh_metrics(request(driver, model, prompt, new), len(stages)) for _ in range(repeat)]
-        flops = {n["node_id"]: n.get("compute_flops", 0.0) for n in driver.get("/api/nodes")["nodes"]}
+        rows = {n["node_id"]: n for n in driver.get("/api/nodes")["nodes"]}
+        plan = driver.get(f"/api/plan?model={model}")["plans"][0]
         out: dict[str, Any] = {"stages": len(stages), "layers": [h["layers"] for h in stages], "runs": runs,
-                               "ready_s": ready_s, "compute_dtype": compute,
-                               "gflops": [flops.get(h["node_id"], 0.0) / 1e9 for h in stages]}
+                               "ready_s": ready_s, "compute_dtype": compute, "objective": objective,
+                               "why": plan.get("why", {}),
+                               "gflops": [rows[h["node_id"]].get("compute_flops", 0.0) / 1e9 for h in stages],
+                               "gbps": [rows[h["node_id"]].get("memory_bandwidth", 0.0) / 1e9 for h in stages]}
         if do_recovery:
             try:
                 out["recovery"] = recovery(peers, model, entry, driver, coordinator, prompt, reference)
@@ -328,11 +343,18 @@ def main(argv: list[str] | None = None) -> int:
             local, prompt, args.new_tokens, args.repeat, 0 if args.skip_recovery else RECOVERY_TOKENS)
         info = {"model_id": model_id, "formats": "+".join(local.manifest.formats), "compute_dtype": local.compute,
                 "add_s": add_s, "load_s": local.load_s}
+        manifest = local.manifest
         del local
         meshes = {n: run_mesh(root / f"mesh{n}", n, model_id, prompt, args.new_tokens, args.repeat,
                               do_recovery=n == 3 and not args.skip_recovery, reference=reference)
                   for n in (2, 3)}
+        install(store, root / "mesh3l", ["m3l-a", "m3l-b", "m3l-c"])
+        latency = run_mesh(root / "mesh3l", 3, model_id, prompt, args.new_tokens, args.repeat, do_recovery=False,
+                           reference=reference, objective="latency")
     report(args, info, singles, reference, default_threads, meshes, time.monotonic() - began)
+    compare_objectives(args, meshes[3], latency, singles["1"], reference)
+    speed_model(manifest, args, {"3 peers, throughput plan": meshes[3], "2 peers, throughput plan": meshes[2],
+                                 "3 peers, latency plan": latency})
     return 0
 
 
@@ -436,6 +458,50 @@ def report(args: argparse.Namespace, info: dict[str, Any], singles: dict[str, li
     print("\npeer log warnings/errors (digits masked):" if logs else "\npeer logs: no warnings or errors")
     for line in logs:
         print(f"  {line}")
+
+
+def compare_objectives(args: argparse.Namespace, throughput: dict[str, Any], latency: dict[str, Any],
+                       single: list[dict[str, Any]], reference: list[int]) -> None:
+    """Single-stream decode of the same 3 peers planned for latency and for throughput (run one after the other)."""
+    want = reference[:args.new_tokens]
+    print("\n| 3 peers, plan for | stages | layers per stage | planner's ms/token | decode tok/s | x single 1t "
+          "| TTFT ms | tokens equal |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |")
+    for name, m in (("latency", latency), ("throughput", throughput)):
+        runs = m["runs"]
+        eq = "yes" if all(r["tokens"] == want for r in runs) else "no"
+        print(f"| {name} | {m['stages']} | {m['layers']} | {m['why'].get('ms_per_token', float('nan')):.2f} "
+              f"| {med(runs, 'tok_s'):.1f} | {med(runs, 'tok_s') / med(single, 'tok_s'):.2f} "
+              f"| {med(runs, 'ttft_ms'):.1f} | {eq} |")
+    print(f"single-stream decode, latency plan / throughput plan: "
+          f"{med(latency['runs'], 'tok_s') / med(throughput['runs'], 'tok_s'):.2f}x")
+
+
+def speed_model(manifest: Any, args: argparse.Namespace, meshes: dict[str, dict[str, Any]]) -> None:
+    """Each stage's decode time as the planner's speed model estimates it (max of FLOPs over the peer's FLOP/s
+    and bytes read over its memory bandwidth, both measured at the peer's start; at this run's mean context)
+    against the measured decode compute of that stage."""
+    from coordinator import search
+    from coordinator.planner import Peer
+    from coordinator.service import planner_layers
+
+    context = args.prompt_tokens + args.new_tokens // 2
+    print(f"\nspeed model vs measured decode compute per stage (context {context} tokens; estimates use each "
+          f"peer's start-up benchmarks: GFLOP/s and GB/s, one thread each):")
+    print("| mesh | stage | layers | GFLOP/s | GB/s | FLOPs-bound ms | bytes-bound ms | estimate ms | measured ms "
+          "| measured / estimate |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, m in meshes.items():
+        layers = planner_layers(manifest, context, m["compute_dtype"])
+        pos = {x.index: i for i, x in enumerate(layers)}
+        for i, (rng, gf, gb) in enumerate(zip(m["layers"], m["gflops"], m["gbps"], strict=True)):
+            part = layers[pos[rng[0]]:pos[rng[1] - 1] + 1]
+            flops, read = sum(x.flops_per_token for x in part), sum(x.read for x in part)
+            est = search.compute_s(Peer("p", gf * 1e9, 0, bandwidth=gb * 1e9), flops, read) * 1000
+            got = statistics.median(r["per_stage_ms"][i] for r in m["runs"])
+            print(f"| {name} | {i} | {rng} | {gf:.0f} | {gb:.1f} | {flops / (gf * 1e9) * 1000:.2f} "
+                  f"| {read / (gb * 1e9) * 1000 if gb else float('nan'):.2f} | {est:.2f} | {got:.2f} "
+                  f"| {got / est:.2f} |")
 
 
 if __name__ == "__main__":

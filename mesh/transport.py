@@ -233,13 +233,15 @@ async def serve_stream(protocol: str, handler: Callable[[Stream], Awaitable[None
 
 
 async def ping_over(streams: Any, peer: NodeId, timeout: float) -> float:
-    """Round-trip time over a fresh ping stream of ``streams`` (either transport): PEER_TIMEOUT when the
-    whole exchange takes longer than ``timeout``, BAD_PING_REPLY for other bytes."""
+    """Round-trip time of one small frame over a fresh ping stream of ``streams`` (either transport), from
+    its send to its echo: the stream's opening (protocol negotiation, more round trips) is not counted, so
+    it is the link's time as activations on an open stream see it. PEER_TIMEOUT when the whole exchange,
+    opening included, takes longer than ``timeout``; BAD_PING_REPLY for other bytes."""
     payload = secrets.token_bytes(16)
-    start = trio.current_time()
     try:
         with trio.fail_after(timeout):  # one deadline for the whole exchange, not one per step
             async with streams.open_stream(peer, PING_PROTOCOL, timeout=timeout) as stream:
+                start = trio.current_time()
                 await stream.send_frame(payload)
                 echo = await stream.receive_frame(len(payload))
     except trio.TooSlowError:
