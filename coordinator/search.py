@@ -15,8 +15,9 @@ Exact up to ``EXACT_PEERS`` usable peers: a dynamic program over (first peer, se
 where the last one's range starts), one numpy min-plus (or min-max) product per transition, so it is equal
 to a brute force over every subset, every order and every composition of the layers (``brute_force``, the
 oracle of the property tests). Beyond that a heuristic: the same program over a fixed order of a pool of
-the fastest peers (nearest-neighbour by links from the fastest), and for ``throughput`` the bisection walk
-of ``planner.plan_split`` over all peers in a few orders; the best of these wins. Ties go to fewer stages,
+the fastest peers (nearest-neighbour by links from the fastest, and fastest-first), and for
+``throughput`` (or when nothing fits the pool) the bisection walk of ``planner.plan_split`` fastest-first
+over the 64 fastest peers, else over all; the best of these wins. Ties go to fewer stages,
 then to peers that already hold the layers.
 """
 
@@ -37,6 +38,10 @@ OBJECTIVES = ("latency", "throughput")
 EXACT_PEERS = 8
 #: The heuristic's pool: the fastest peers it orders and searches exactly along that order.
 POOL = 12
+#: ... grown up to this many while the pool offers less than 1.5x the model's memory.
+MAX_POOL = 16
+#: The bisection walk (throughput, or when the pool holds nothing) runs over this many fastest peers first.
+WALK = 64
 INF = math.inf
 #: Plans within this relative cost of the best count as ties (sums in another order differ in the last bits).
 TIE = 1e-9
@@ -265,21 +270,30 @@ def search(layers: Sequence[Layer], peers: Sequence[Peer], *, links: Links | Non
     else:
         flops, read = sum(x.flops_per_token for x in layers), sum(x.read for x in layers)
         speed = [compute_s(q, flops, read) for q in usable]  # the whole model's time: who is fastest
-        pool_idx = sorted(range(len(usable)), key=lambda i: (speed[i], usable[i].node_id))[:POOL]
+        fastest = sorted(range(len(usable)), key=lambda i: (speed[i], usable[i].node_id))
+        # The pool: the POOL fastest, more (up to MAX_POOL) while they offer less than 1.5x the model's memory.
+        need, size, offered = sum(x.bytes for x in layers), 0, 0
+        while size < len(fastest) and (size < POOL or (offered < 1.5 * need and size < MAX_POOL)):
+            offered += usable[fastest[size]].memory_bytes
+            size += 1
+        pool_idx = fastest[:size]
         pool = [usable[i] for i in pool_idx]
         orders = [_nearest_order(pool, links, [speed[i] for i in pool_idx]), pool]
         for order in orders:
             hit = _chain(layers, order, links, objective)
             if hit is not None:
                 found.append(build(layers, [(order[i], s, e) for i, s, e in hit.parts], links))
-        if objective == "throughput":
-            for order in (sorted(usable, key=lambda q: (-q.flops, q.node_id)),):
+        if objective == "throughput" or not found:
+            # The bisection walk along fastest-first: over the WALK fastest, else (nothing fits there) all.
+            order = [usable[i] for i in fastest]
+            for peers_ in (order[:WALK], order) if len(order) > WALK else (order,):
                 try:
-                    split = plan_split(layers, order)
+                    split = plan_split(layers, peers_)
                 except PlanInfeasible:
                     continue
-                found.append(build(layers, [(next(q for q in order if q.node_id == s.node), s.start, s.end)
-                                            for s in split.stages], links))
+                by_id = {q.node_id: q for q in peers_}
+                found.append(build(layers, [(by_id[s.node], s.start, s.end) for s in split.stages], links))
+                break
     if not found:
         raise PlanInfeasible("the layers fit no subset and order of these peers (memory per peer)")
     found.sort(key=lambda s: (cost(s, objective), len(s.stages)))

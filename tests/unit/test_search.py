@@ -112,3 +112,18 @@ def test_the_heuristic_beyond_exact_peers_gives_valid_plans_near_the_exact_one(o
         # any 8 of the peers is one of the heuristic's options' subsets only by chance: it must not be far off
         assert cost(split, objective) <= cost(best_exact, objective) * 1.5
         assert runner is None or cost(runner, objective) >= cost(split, objective)
+
+
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+def test_the_heuristic_finds_a_plan_when_the_model_needs_more_peers_than_its_pool(objective: str) -> None:
+    """30 layers on 40 peers with room for one layer each: no pool of the fastest peers can hold the model,
+    the bisection walk over every peer can (infeasible only when no subset and order fits)."""
+    layers = [Layer(i, 1e9, 100) for i in range(30)]
+    peers = [Peer(f"p{i:02d}", (1 + i % 5) * 1e9, 150, 0.001) for i in range(40)]
+    split, _, exact = search(layers, peers, objective=objective)
+    assert not exact and len(split.stages) == 30
+    check_valid(layers, peers, split)
+    # the 30 it uses are among the fastest (the walk goes fastest-first)
+    assert {s.node for s in split.stages} <= {q.node_id for q in sorted(peers, key=lambda q: -q.flops)[:32]}
+    with pytest.raises(PlanInfeasible):
+        search(layers, peers[:29], objective=objective)  # 29 peers cannot hold 30 layers
