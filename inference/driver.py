@@ -40,10 +40,15 @@ from mesh.config import InferenceConfig
 from mesh.errors import NotFoundError, PeerError
 from mesh.ids import ModelRef, NodeId, Span, StageKey
 from mesh.ports import Library, MeshView, Offload, Streams
+from mesh.tally import OTHER, Buckets, Tally
 from mesh.wire import NodeStatus
 
 log = logging.getLogger(__name__)
 MAX_FAILOVERS = 8
+#: Upper bounds (seconds) of the step and per-hop histograms: a step of a tiny model on one peer takes ~1 ms, a
+#: 70B stage over Wi-Fi seconds; a hop on one host ~0.1 ms, across a busy LAN tens of ms.
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+HOP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 #: Refusals no other route can cure (the request or the pipeline is wrong, not a peer): fail at once.
 PERMANENT = frozenset({"BAD_DTYPE", "BAD_SHAPE", "BAD_VALUES", "BAD_FRAME", "CONTEXT_TOO_LONG", "INVALID_PARAMETER",
                        "UNSUPPORTED_QUANTIZATION", "SHARD_FORMAT_MISMATCH"})
@@ -109,6 +114,10 @@ class Driver:
         self._tokenizer_lock = trio.Lock()
         self.failovers = 0
         self.generations = 0
+        # What GET /metrics exports (read at scrape time): tokens per model, requests per model and outcome
+        # (ok | failed | unavailable | cancelled), each token's step time and its time per hop.
+        self.tokens, self.requests = Tally(), Tally()
+        self.step_seconds, self.hop_seconds = Buckets(STEP_BUCKETS), Buckets(HOP_BUCKETS)
 
     # ---- routes -----------------------------------------------------------------------------------
 
@@ -172,6 +181,7 @@ class Driver:
         route = self.route(spec)
         if route is not None:
             return route
+        self.requests.add(self._label(spec), "unavailable")  # a request refused here never reaches generate
         model = ModelRef.of(spec).model
         if model in self.plans.current or model in {ModelRef.of(s).model for s in self.requested()}:
             raise ModelNotServed(f"{spec} is not ready: its stages are still being planned or loaded "
@@ -180,11 +190,47 @@ class Driver:
 
     # ---- generating -------------------------------------------------------------------------------
 
+    def _label(self, spec: str) -> str:
+        """A model's metrics label: its id when the mesh plans or was asked to serve it, else ``OTHER`` (a
+        caller's typo must not become a label)."""
+        model = ModelRef.of(spec).model
+        return model if model in self.plans.current or model in {ModelRef.of(s).model for s in self.requested()} \
+            else OTHER
+
+    def _measured(self, tok: Token, route: Route) -> None:
+        """A token's share of the metrics: its step, and the step's time outside the stages' compute per hop
+        (driver to stage 0, stage to stage, last stage back: one more hop than stages)."""
+        if not tok.stop:
+            self.tokens.add(route.model)
+        self.step_seconds.observe(tok.step_ms / 1000)
+        self.hop_seconds.observe(max(0.0, tok.step_ms - sum(tok.compute_ms)) / 1000 / (len(route.hops) + 1))
+
     async def generate(self, req: Request) -> AsyncIterator[Token]:
         """Tokens as they come (the last one may be a stop token), failing over as needed. A refusal that
         no other route can cure (``PERMANENT``) fails the request at once; otherwise the generation waits
         for a working route at most ``recovery_timeout`` from its first failure until it has a token again,
-        however many routes fail in between."""
+        however many routes fail in between. Each request counts once in ``requests`` with its outcome."""
+        outcome: str | None = "failed"
+        tokens = self._generate(req)
+        try:
+            async for tok in tokens:
+                yield tok
+            outcome = "ok"
+        except GeneratorExit:
+            outcome = "ok"  # the caller stopped reading: it had what it wanted (a stop string)
+            raise
+        except trio.Cancelled:
+            outcome = "cancelled"  # the client went away
+            raise
+        except (ModelNotServed, NotFoundError):
+            outcome = None  # counted by require as unavailable
+            raise
+        finally:
+            if outcome is not None:
+                self.requests.add(self._label(req.model), outcome)
+            await tokens.aclose()
+
+    async def _generate(self, req: Request) -> AsyncIterator[Token]:
         inf = self.config
         if not req.prompt:
             raise PeerError("the prompt has no tokens", code="INVALID_PARAMETER")
@@ -202,6 +248,7 @@ class Driver:
                 async for tok in attempt:
                     produced.append(tok.id)
                     deadline = None
+                    self._measured(tok, route)
                     yield tok
                 return
             except RouteFailed as err:

@@ -35,6 +35,7 @@ from mesh.identity import Identity, node_id_for_key
 from mesh.ids import NodeId
 from mesh.logs import Throttle
 from mesh.ports import Network
+from mesh.tally import Tally
 from mesh.transport import GossipMessage, Stream
 from mesh.wire import Reader, loads_cbor, open_envelope
 
@@ -87,6 +88,7 @@ class Gate:
         self.refused: dict[NodeId, tuple[str, float]] = {}
         self._tried: set[NodeId] = set()  # connected peers this one has sent its credential to
         self._throttle = Throttle(every=10.0)
+        self.refusals = Tally()  # what this gate refused (gossip, admission, joins) by code, for GET /metrics
         self._dirty = False  # revocations heard and not saved yet
         self.wake = trio.Event()
 
@@ -142,6 +144,7 @@ class Gate:
         return only_members
 
     def _refuse_log(self, peer: NodeId, code: str, why: str) -> None:
+        self.refusals.add(code)
         held = self._throttle.allow((peer, code), self.clock())
         if held is not None:
             log.warning("%s %s: %s%s", why, peer, code, f" ({held} more held back)" if held else "",

@@ -124,6 +124,7 @@ class Server:
     def __init__(self, store: Store, *, upload: RateLimit | None = None) -> None:
         self.store = store
         self.upload = upload or RateLimit(0)
+        self.sent_bytes = 0  # shard and model-file bytes served, for GET /metrics
 
     def register(self, transport: Transport, *, max_concurrent: int = 8) -> None:
         transport.handle(MANIFEST_PROTOCOL, self.serve_manifest, max_concurrent=max_concurrent,
@@ -181,6 +182,7 @@ class Server:
             while chunk := await f.read(piece):
                 await self.upload.take(len(chunk))
                 await stream.write(chunk)
+                self.sent_bytes += len(chunk)
 
 
 # ---- progress ------------------------------------------------------------------------------------
@@ -202,12 +204,24 @@ class Transfer:
     files_total: int = 0
     files_done: int = 0
     by_source: dict[str, int] = field(default_factory=dict)  # bytes received per holder (discarded ones too)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # per file: size, done, state, source
     _samples: collections.deque[tuple[float, int]] = field(default_factory=lambda: collections.deque(maxlen=64))
     _resumed: dict[str, int] = field(default_factory=dict)
 
-    def add(self, n: int, source: str) -> None:
+    def file(self, name: str, size: int) -> None:
+        """``name`` (``size`` bytes) is part of this transfer: its own progress is kept from now on."""
+        self.files.setdefault(name, {"name": name, "size": size, "done": 0, "state": "queued", "source": None})
+
+    def file_done(self, name: str) -> None:
+        if name in self.files:
+            self.files[name] |= {"state": "done", "done": self.files[name]["size"]}
+
+    def add(self, n: int, source: str, name: str = "") -> None:
         self.done_bytes += n
         self.by_source[source] = self.by_source.get(source, 0) + n
+        if name in self.files:
+            self.files[name]["done"] += n
+            self.files[name] |= {"state": "running", "source": source}
         now = time.monotonic()
         if not self._samples or now - self._samples[-1][0] >= 0.1:
             self._samples.append((now, self.done_bytes))
@@ -224,6 +238,8 @@ class Transfer:
         self.done_bytes -= n
         self.resumed_bytes -= self._resumed.pop(name, 0)
         self._samples.clear()
+        if name in self.files:
+            self.files[name]["done"] = 0
 
     def speed(self) -> float:
         """Bytes per second over the last few seconds."""
@@ -241,6 +257,7 @@ class Transfer:
             "error": self.error, "total_bytes": self.total_bytes, "done_bytes": self.done_bytes,
             "resumed_bytes": self.resumed_bytes, "files_total": self.files_total, "files_done": self.files_done,
             "by_source": dict(self.by_source), "bytes_per_s": round(speed),
+            "files": [dict(f) for f in self.files.values()],
             "eta_s": round(left / speed, 1) if speed > 0 and self.state == "running" else None,
             "elapsed_s": round(time.time() - self.started, 3),
         }
@@ -280,6 +297,7 @@ class Fetcher:
         self._inflight: dict[Path, trio.Event] = {}  # destination -> set when its fetch ends
         self._models: dict[tuple[str, str | None], trio.Event] = {}
         self._busy: collections.Counter[NodeId] = collections.Counter()  # our downloads in flight per holder
+        self.received_bytes = 0  # shard and model-file bytes received from holders, for GET /metrics
 
     # ---- progress events -------------------------------------------------------------------------
 
@@ -428,6 +446,9 @@ class Fetcher:
         failures: list[tuple[Job, MeshError]] = []
         limiter = trio.CapacityLimiter(self.parallel)
 
+        for job in jobs:
+            t.file(job.name, job.size)
+
         async def one(job: Job) -> None:
             async with limiter:
                 try:
@@ -449,6 +470,7 @@ class Fetcher:
         if job.dest.is_file() and job.dest.stat().st_size == job.size:
             t.files_done += 1
             t.total_bytes -= job.size
+            t.files.pop(job.name, None)  # nothing to fetch: not part of the progress
             return  # committed files were verified when they arrived
         self._inflight[job.dest] = done = trio.Event()
         try:
@@ -468,6 +490,7 @@ class Fetcher:
                 try:
                     await self._download(peer, job, t, first)
                     t.files_done += 1
+                    t.file_done(job.name)
                     return
                 except PeerError as err:
                     errors.append(f"{peer[:12]}…: {err.code}")
@@ -485,7 +508,7 @@ class Fetcher:
         if offset:
             t.resume(job.name, offset)
             if first:  # left by an earlier run: progress already made (later attempts counted it)
-                t.add(offset, "partial")
+                t.add(offset, "partial", job.name)
             self._event("resumed", t, file=job.name, peer=peer, offset=offset)
         self._busy[peer] += 1
         try:
@@ -519,7 +542,8 @@ class Fetcher:
                     chunk = await stream.read_some(min(piece, left))  # deadline = silence, not size
                     await trio.to_thread.run_sync(_append, out, h, chunk)
                     left -= len(chunk)
-                    t.add(len(chunk), peer)
+                    self.received_bytes += len(chunk)
+                    t.add(len(chunk), peer, job.name)
                     await self.download.take(len(chunk))
                 await trio.to_thread.run_sync(_sync, out)
             except OSError as exc:

@@ -32,6 +32,22 @@ def tiny_llama(seed: int = 1, **config: object) -> LlamaForCausalLM:
         "max_position_embeddings": 512, **config}))
 
 
+def chat_llama_folder(path: Path) -> Path:
+    """``tiny_llama`` saved with a word-level tokenizer (words ``w0``...``w120``) and a chat template, so every
+    generation route runs, chat included."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_llama().save_pretrained(path)
+    words = ["<unk>", "<s>", "</s>", "Hello", ",", "world", "!", *(f"w{i}" for i in range(121))]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    fast.save_pretrained(path)
+    return path
+
+
 def tiny_gpt2(seed: int = 2, **config: object) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(**{

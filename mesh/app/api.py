@@ -3,6 +3,10 @@
 Errors always answer ``{"error": {"code": ..., "message": ...}}`` with a matching status code, and are
 logged with their code; a bad request never disturbs the peer. With ``api.token`` set, every request but
 ``OPEN_ROUTES`` needs ``Authorization: Bearer <token>`` (``BearerAuth``).
+
+``GET /`` is the console (``mesh/app/console/``: one page, its script and style sheet, shipped as package data;
+no build step, nothing fetched from anywhere but this peer). ``GET /api/console`` is everything it shows in one
+snapshot; ``GET /metrics`` the Prometheus text format (``mesh.app.metrics``).
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mesh.app.metrics import CONTENT_TYPE_LATEST, Telemetry
 from mesh.errors import MeshError, NotFoundError, PeerError
 from mesh.logs import Throttle
 from mesh.wire import NodeStatus
@@ -44,8 +49,17 @@ def error_response(err: MeshError) -> JSONResponse:
     return JSONResponse({"error": openai_error(err)}, status_code=err.http_status)
 
 
-#: What answers without the token: a liveness probe that tells only the node id and its status.
-OPEN_ROUTES = frozenset({("GET", "/api/health"), ("HEAD", "/api/health")})
+#: The console's files (package data, beside this module): the page is ``GET /``, the others ``/console/NAME``.
+CONSOLE_DIR = Path(__file__).with_name("console")
+CONSOLE_FILES = {"console.js": "text/javascript; charset=utf-8", "console.css": "text/css; charset=utf-8"}
+#: The console may load its own script and style and talk to this peer, nothing else (no CDN, no font, no
+#: beacon: it must work on a LAN without internet, and tell nobody what it shows).
+CONSOLE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+                  "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+#: What answers without the token: a liveness probe that tells only the node id and its status, and the
+#: console's static files (they hold no data; the page asks for the token and sends it with every data request).
+OPEN_ROUTES = frozenset({("GET", "/api/health"), ("HEAD", "/api/health"), ("GET", "/"), ("HEAD", "/"),
+                         *((method, f"/console/{name}") for name in CONSOLE_FILES for method in ("GET", "HEAD"))})
 #: One warning per client address and reason this often: a client retrying a wrong token in a loop must not
 #: fill the log of a peer that runs for weeks.
 REFUSAL_LOG_EVERY_S = 10.0
@@ -106,6 +120,8 @@ class BearerAuth:
 
 
 def build_app(node: Node) -> Starlette:
+    telemetry = Telemetry(node)  # this app's metrics registry, throughput series and error list
+
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "node_id": node.node_id, "node_status": node.core.status.value})
 
@@ -248,6 +264,28 @@ def build_app(node: Node) -> Starlette:
         node.request_drain()
         return JSONResponse({"status": NodeStatus.DRAINING.value, "node_id": node.node_id}, status_code=202)
 
+    # ---- console and metrics ----------------------------------------------------------------------
+
+    def console_file(name: str, media_type: str) -> FileResponse:
+        return FileResponse(CONSOLE_DIR / name, media_type=media_type,
+                            headers={"Cache-Control": "no-cache", "Content-Security-Policy": CONSOLE_POLICY,
+                                     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
+
+    async def console_page(request: Request) -> FileResponse:
+        return console_file("index.html", "text/html; charset=utf-8")
+
+    async def console_static(request: Request) -> FileResponse:
+        name = request.path_params["name"]
+        if name not in CONSOLE_FILES:
+            raise NotFoundError(f"the console has no file {name[:100]!r}", code="NOT_FOUND")
+        return console_file(name, CONSOLE_FILES[name])
+
+    async def console_snapshot(request: Request) -> JSONResponse:
+        return JSONResponse(telemetry.console())
+
+    async def metrics(request: Request) -> Response:
+        return Response(telemetry.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     async def on_mesh_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, MeshError)
         return error_response(exc)
@@ -292,13 +330,19 @@ def build_app(node: Node) -> Starlette:
         Route("/api/transfers", start_transfer, methods=["POST"]),
         Route("/api/transfers/{transfer_id}", transfer),
         Route("/storage/models/{rest:path}", storage_file, methods=["GET", "HEAD"]),
+        Route("/", console_page),
+        Route("/console/{name}", console_static),
+        Route("/api/console", console_snapshot),
+        Route("/metrics", metrics),
     ]
     token = node.config.api.token
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=[Middleware(BearerAuth, token=token)] if token else [],
         exception_handlers={MeshError: on_mesh_error, HTTPException: on_http_error, Exception: on_unexpected},
     )
+    app.state.telemetry = telemetry  # serve_api runs its sampler
+    return app
 
 
 _ENCODED = re.compile(r"%(2e|2f|5c|00)", re.IGNORECASE)
@@ -342,5 +386,6 @@ async def serve_api(
         await serve(app, config, task_status=task_status)
 
     async with trio.open_nursery() as nursery:
+        await nursery.start(app.state.telemetry.run)
         binds = await nursery.start(_serve)
         task_status.started(binds[0])

@@ -83,11 +83,123 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        return watch_status(args.api, _token(args), interval=args.interval)
     nodes = api_get(args.api, "/api/nodes", token=_token(args))
     if args.json:
         print(json.dumps(nodes, indent=2))
     else:
         print(format_status(nodes))
+    return 0
+
+
+#: Colours and fill characters of the peers in ``status --watch`` (the fill tells peers apart without colour).
+PEER_STYLES = ("blue", "green", "dark_orange", "magenta", "cyan", "deep_pink3", "chartreuse4", "purple")
+PEER_FILLS = "█▓▒░#=+*"
+STATUS_STYLES = {"ready": "green", "degraded": "yellow", "draining": "blue", "registering": "dim", "offline": "red"}
+#: Characters of a plan bar in ``status --watch``.
+BAR_WIDTH = 48
+
+
+def plan_bar(splits: list[tuple[str, int, int]], total: int, width: int = BAR_WIDTH) -> list[tuple[str, int]]:
+    """A plan as runs of a text bar: (node id, characters) per stage ``(node, start, end)``, in order, every stage
+    at least one character, ``width`` in all (more only when there are more stages than characters)."""
+    if not splits:
+        return []
+    total = max(total, max(end for _, _, end in splits), 1)
+    cells, done = [], 0
+    for i, (node, _, end) in enumerate(splits):
+        upto = width if i == len(splits) - 1 else round(width * end / total)
+        n = max(1, upto - done)
+        cells.append((node, n))
+        done += n
+    return cells
+
+
+def _mark(i: int) -> tuple[str, str]:
+    """The fill character and colour of the ``i``-th peer."""
+    return PEER_FILLS[i % len(PEER_FILLS)], PEER_STYLES[i % len(PEER_STYLES)]
+
+
+def _stage(key: str) -> str:
+    """``model@revision:start:end[:dtype]`` as ``model start-end``."""
+    ref, start, end = key.split(":")[:3]
+    return f"{ref.split('@')[0]} {start}-{end}"
+
+
+def status_view(snap: dict[str, Any]) -> Any:
+    """``GET /api/console`` as rich renderables: the peers' table, then each plan as a bar of its layers."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = sorted(snap["nodes"]["nodes"], key=lambda r: (r.get("name") or r["node_id"], r["node_id"]))
+    style = {r["node_id"]: i for i, r in enumerate(rows)}
+    name = {r["node_id"]: r.get("name") or r["node_id"][:12] for r in rows}
+    term = snap["nodes"]["term"]
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("", "NAME", "NODE", "STATUS", "ROLE", "CPU", "FREE/MEM GB", "LOAD", "HEARTBEAT", "STAGES"):
+        table.add_column(column, no_wrap=column != "STAGES")
+    for r in rows:
+        hw, hb = r["hardware"], r.get("heartbeats") or {}
+        fill, colour = _mark(style[r["node_id"]])
+        role = " ".join(x for x in ("coordinator" * r["is_coordinator"], "(self)" * r["is_self"]) if x)
+        stages = ", ".join(_stage(k) for k in r.get("stages", []))
+        beats = f"{hb.get('mean_s', 0):.2f}s, {hb.get('off_pace', 0) + hb.get('missed', 0)} off" if hb else "-"
+        table.add_row(Text(fill, style=colour), name[r["node_id"]], r["node_id"][:16] + "…",
+                      Text(r["status"], style=STATUS_STYLES.get(r["status"], "")), role, str(hw["cpu_cores"]),
+                      f"{hw['memory_free_gb']:.1f}/{hw['memory_gb']:.1f}", f"{hw['load']:.2f}", beats, stages or "-")
+    parts: list[Any] = [table, Text("")]
+    ready = {(m["model"], s["node_id"], s["layers"][0], s["layers"][1]): s["ready"]
+             for m in snap["serving"]["models"] for s in m.get("stages", [])}
+    for plan in snap["plans"]["plans"]:
+        splits = [(s["assigned_node"], *s["layer_range"]) for s in plan["model_split_plan"]["splits"]]
+        total = plan["model_split_plan"]["total_layers"]
+        line = Text(f"{plan['model']}  epoch {plan['epoch']} term {plan['term']}  ", style="bold")
+        line.append("[")
+        for node, n in plan_bar(splits, total):
+            fill, colour = _mark(style.get(node, len(style)))
+            line.append(fill * n, style=colour)
+        line.append(f"] {total} layers")
+        legend = Text("   ")
+        for node, start, end in splits:
+            fill, colour = _mark(style.get(node, len(style)))
+            state = "ready" if ready.get((plan["model"], node, start, end), False) else "loading"
+            legend.append(f"{fill} {name.get(node, node[:12])} {start}-{end} {state}   ", style=colour)
+        parts += [line, legend]
+        why = plan.get("why")
+        if isinstance(why, dict):
+            parts.append(Text("   why: " + ", ".join(f"{k} {v}" for k, v in why.items()
+                                                        if isinstance(v, str | int | float)), style="dim"))
+    if not snap["plans"]["plans"]:
+        parts.append(Text("no model planned yet", style="dim"))
+    lead = snap["nodes"]["coordinator"]
+    parts.append(Text(f"\ncoordinator {name.get(lead, lead or '(none yet)')}  term {term}  ·  "
+                      f"{time.strftime('%H:%M:%S', time.localtime(snap['time']))}  ·  Ctrl-C to stop", style="dim"))
+    return Group(*parts)
+
+
+def watch_status(api: str, token: str | None, *, interval: float = 1.0, rounds: int | None = None,
+                 console: Any = None) -> int:
+    """``meshnode status --watch``: the status table and plan bars redrawn in place every ``interval`` seconds
+    (rich Live) until Ctrl-C (or ``rounds`` redraws). A peer that stops answering is said so, and retried."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    done = 0
+    with Live(console=console or Console(), auto_refresh=False) as live:
+        while rounds is None or done < rounds:
+            try:
+                view = status_view(api_get(api, "/api/console", token=token))
+            except MeshError as err:
+                if err.code == "UNAUTHORIZED":
+                    raise
+                view = Text(f"{api}: {err.code} {err} (retrying every {interval:g} s)", style="red")
+            live.update(view, refresh=True)
+            done += 1
+            if rounds is None or done < rounds:
+                time.sleep(interval)
     return 0
 
 
@@ -294,6 +406,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="print the mesh as this peer sees it")
     _api_arguments(p)
     p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.add_argument("--watch", action="store_true", help="redraw the table and the plans' layer bars in place")
+    p.add_argument("--interval", type=float, default=1.0, help="with --watch: seconds between redraws (default 1)")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("invite", help="print an invite token a new peer joins with (meshnode start --join TOKEN)")
     _api_arguments(p)
