@@ -63,6 +63,7 @@ class Worker:
     link_s: float = 0.0
     bandwidth: float = 0.0  # memory bandwidth, bytes/s (0: unknown)
     scale: float = 1.0  # measured step time over the estimate, where it serves
+    overhead_s: float = 0.0  # one block's dispatch time per token in the plan's compute dtype
 
     @property
     def usable(self) -> bool:
@@ -77,7 +78,8 @@ class Worker:
 
     def peer(self, layers: Sequence[Layer]) -> Peer:
         holds = frozenset(x.index for x in layers) if self.holds_model else frozenset()
-        return Peer(self.node_id, self.flops, self.memory_bytes, self.link_s, holds, self.bandwidth, self.scale)
+        return Peer(self.node_id, self.flops, self.memory_bytes, self.link_s, holds, bandwidth=self.bandwidth,
+                    overhead_s=self.overhead_s, scale=self.scale)
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ class Layer:
     flops_per_token: float
     bytes: int  # memory it takes: weights and KV cache
     read_bytes: int | None = None  # what one token reads (weights, the KV it attends to); None: ``bytes``
+    calls: float = 0.0  # per-token dispatch overhead in units of one transformer block (a block 1, a norm ~0.1)
 
     @property
     def read(self) -> int:
@@ -56,6 +57,7 @@ class Peer:
     link_s: float = 0.0  # hop to the next stage, seconds per token (where no measured link says otherwise)
     holds: frozenset[int] = frozenset()  # layer indices it already has on disk
     bandwidth: float = 0.0  # measured memory bandwidth, bytes/s (0: unknown, the stage is FLOP-bound)
+    overhead_s: float = 0.0  # measured per-token time of one block's dispatch (a tiny block's decode step)
     scale: float = 1.0  # measured step time over the estimate (1 until it serves)
 
 

@@ -1,10 +1,12 @@
 """The best plan over any peers in any order, for one of two objectives. Pure: numbers in, a plan out.
 
-A stage on peer q over layers [s, e) computes for ``max(flops / q.flops, read_bytes / q.bandwidth)`` seconds
-per token (decode on CPUs is bound by memory bandwidth; a peer with no measured bandwidth is FLOP-bound),
-times ``q.scale`` (measured step time over the estimate, 1 until the peer serves), then hands its
-activations to the next stage over the link between them; the last stage hands the token back to the
-first (the driver). ``Links`` gives a hop's time for a pair: the measured one, else the sender's ``link_s``.
+A stage on peer q over layers [s, e) computes for ``max(flops / q.flops, read_bytes / q.bandwidth)
++ calls * q.overhead_s`` seconds per token (decode on CPUs is bound by memory bandwidth, plus a fixed
+dispatch cost per layer that dominates small models: ``calls`` counts blocks, ``overhead_s`` is a tiny
+block's measured decode step; a peer with no measured bandwidth is FLOP-bound), times ``q.scale``
+(measured step time over the estimate, 1 until the peer serves), then hands its activations to the next
+stage over the link between them; the last stage hands the token back to the first (the driver).
+``Links`` gives a hop's time for a pair: the measured one, else the sender's ``link_s``.
 
 - ``latency`` (the default) minimises one token's time: every stage's compute plus every hop, around the
   cycle. What one user's chat waits for.
@@ -67,14 +69,15 @@ class Links:
         return a.link_s if hop is None else hop
 
 
-def compute_s(peer: Peer, flops: float, read_bytes: float) -> float:
-    """Seconds per token of a stage doing ``flops`` and reading ``read_bytes`` on ``peer``."""
+def compute_s(peer: Peer, flops: float, read_bytes: float, calls: float = 0.0) -> float:
+    """Seconds per token of a stage doing ``flops``, reading ``read_bytes`` and dispatching ``calls`` blocks'
+    worth of kernels on ``peer``."""
     if peer.flops <= 0:
         return INF
     t = flops / peer.flops
     if peer.bandwidth > 0:
         t = max(t, read_bytes / peer.bandwidth)
-    return t * peer.scale
+    return (t + calls * peer.overhead_s) * peer.scale
 
 
 def cost(split: Split, objective: str) -> float:
@@ -86,10 +89,11 @@ def build(layers: Sequence[Layer], order: Sequence[tuple[Peer, int, int]], links
     fl = [0.0, *itertools.accumulate(x.flops_per_token for x in layers)]
     by = [0, *itertools.accumulate(x.bytes for x in layers)]
     rd = [0, *itertools.accumulate(x.read for x in layers)]
+    ca = [0.0, *itertools.accumulate(x.calls for x in layers)]
     stages = []
     for i, (q, s, e) in enumerate(order):
         nxt = order[(i + 1) % len(order)][0]
-        c = compute_s(q, fl[e] - fl[s], rd[e] - rd[s])
+        c = compute_s(q, fl[e] - fl[s], rd[e] - rd[s], ca[e] - ca[s])
         hop = links.between(q, nxt)
         stages.append(Stage(q.node_id, s, e, fl[e] - fl[s], by[e] - by[s], c + hop, c, hop))
     return Split(tuple(stages), max(s.time_s for s in stages))
@@ -101,7 +105,8 @@ def _costs(layers: Sequence[Layer], peers: Sequence[Peer]) -> np.ndarray:
     fl = np.concatenate([[0.0], np.cumsum([x.flops_per_token for x in layers])])
     by = np.concatenate([[0.0], np.cumsum([float(x.bytes) for x in layers])])
     rd = np.concatenate([[0.0], np.cumsum([float(x.read) for x in layers])])
-    dfl, dby, drd = (a[None, :] - a[:, None] for a in (fl, by, rd))
+    ca = np.concatenate([[0.0], np.cumsum([x.calls for x in layers])])
+    dfl, dby, drd, dca = (a[None, :] - a[:, None] for a in (fl, by, rd, ca))
     valid = np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)
     out = np.full((len(peers), n + 1, n + 1), INF)
     for i, q in enumerate(peers):
@@ -110,7 +115,7 @@ def _costs(layers: Sequence[Layer], peers: Sequence[Peer]) -> np.ndarray:
         t = dfl / q.flops
         if q.bandwidth > 0:
             t = np.maximum(t, drd / q.bandwidth)
-        out[i] = np.where(valid & (dby <= q.memory_bytes), t * q.scale, INF)
+        out[i] = np.where(valid & (dby <= q.memory_bytes), (t + dca * q.overhead_s) * q.scale, INF)
     return out
 
 
@@ -269,7 +274,8 @@ def search(layers: Sequence[Layer], peers: Sequence[Peer], *, links: Links | Non
             found.append(build(layers, [(usable[i], s, e) for i, s, e in hit.parts], links))
     else:
         flops, read = sum(x.flops_per_token for x in layers), sum(x.read for x in layers)
-        speed = [compute_s(q, flops, read) for q in usable]  # the whole model's time: who is fastest
+        calls = sum(x.calls for x in layers)
+        speed = [compute_s(q, flops, read, calls) for q in usable]  # the whole model's time: who is fastest
         fastest = sorted(range(len(usable)), key=lambda i: (speed[i], usable[i].node_id))
         # The pool: the POOL fastest, more (up to MAX_POOL) while they offer less than 1.5x the model's memory.
         need, size, offered = sum(x.bytes for x in layers), 0, 0

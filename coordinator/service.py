@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 #: How long an unpinned model id ("tiny", not "tiny@rev") keeps the revision it resolved to before a plan exists.
 RESOLVE_TTL = 30.0
+#: Per-token dispatch cost of a shard in blocks (``Layer.calls``): a block runs attention and an MLP, ~a dozen
+#: kernels; an embedding lookup, a norm or a head is one or two.
+CALLS = {"block": 1.0}
 #: A measured step time moves a peer's speed estimate by at most this factor either way.
 MAX_SCALE = 8.0
 
@@ -64,8 +67,13 @@ def planner_layers(manifest: Manifest, context_tokens: int, compute: str | None 
             weights = formats.loaded_bytes([(t.name, t.dtype, t.shape) for t in own.tensors], compute)
             kv = kv * formats.COMPUTE_ITEMSIZE[compute] // formats.COMPUTE_ITEMSIZE[manifest.compute]
         out.append(Layer(s.index, float(s.flops_base + s.flops_per_context * context_tokens),
-                         weights + kv * context_tokens))
+                         weights + kv * context_tokens, calls=CALLS.get(s.kind, 0.1)))
     return out
+
+
+def overhead_of(measured_us: Mapping[str, float], compute: str) -> float:
+    """A peer's gossiped per-block dispatch time (µs per compute dtype) in ``compute``, seconds (0: unknown)."""
+    return measured_us.get(compute, 0.0) / 1e6
 
 
 #: How a refused gossip message is reported (the root's rate-limited log of rejections).
@@ -182,7 +190,7 @@ class PlanService:
                 layers, revision, compute = await self.layers(model, revision)
                 self._latest[model] = (revision, self.now())
                 current = held.plan if held is not None and held.plan.revision == revision else None
-                workers = self.workers(model, revision, layers)
+                workers = self.workers(model, revision, layers, compute)
                 links = self.links()
                 term = self.mesh.leadership.term
                 decision = await self.offload(self.controller.decide, model, layers, workers, current, term,
@@ -265,7 +273,9 @@ class PlanService:
         return capped_claims({m.node_id: (m.info.compute_flops, m.info.hardware.cpu_cores)
                               for m in self.mesh.membership.members()})
 
-    def workers(self, model: str, revision: str, layers: Sequence[Layer] = ()) -> list[Worker]:
+    def workers(self, model: str, revision: str, layers: Sequence[Layer] = (), compute: str = "float32"
+                ) -> list[Worker]:
+        """Every member as the controller sees it, its speed model in ``compute`` (the plan's dtype)."""
         entry = str(ModelRef(model, revision))
         hop = self.config.coordinator.hop_ms / 1000
         gpu_only = self.config.membership.require_gpu
@@ -273,7 +283,8 @@ class PlanService:
         scales = self._scales(model, revision, layers, flops)
         return [Worker(m.node_id, flops[m.node_id], m.info.layer_memory_bytes, m.status,
                        m.info.accept_public_jobs and not (gpu_only and not m.info.hardware.gpus),
-                       entry in m.info.installed_models, hop, m.info.memory_bandwidth, scales.get(m.node_id, 1.0))
+                       entry in m.info.installed_models, hop, m.info.memory_bandwidth, scales.get(m.node_id, 1.0),
+                       overhead_of(m.info.layer_overhead_us, compute))
                 for m in self.mesh.membership.members()]
 
     def _scales(self, model: str, revision: str, layers: Sequence[Layer], flops: dict[str, float]) -> dict[str, float]:
@@ -289,8 +300,10 @@ class PlanService:
             if m is None or not (ms := m.info.step_ms.get(key)) or a.start not in pos or a.end - 1 not in pos:
                 continue
             part = layers[pos[a.start]:pos[a.end - 1] + 1]
-            peer = planner.Peer(a.node, flops.get(a.node, 0.0), 0, bandwidth=m.info.memory_bandwidth)
-            estimate = search.compute_s(peer, sum(x.flops_per_token for x in part), sum(x.read for x in part))
+            peer = planner.Peer(a.node, flops.get(a.node, 0.0), 0, bandwidth=m.info.memory_bandwidth,
+                                overhead_s=overhead_of(m.info.layer_overhead_us, plan.compute_dtype))
+            estimate = search.compute_s(peer, sum(x.flops_per_token for x in part), sum(x.read for x in part),
+                                        sum(x.calls for x in part))
             if 0 < estimate < float("inf"):
                 out[a.node] = min(max(ms / 1000 / estimate, 1 / MAX_SCALE), MAX_SCALE)
         return out
@@ -363,7 +376,7 @@ class PlanService:
         revision = held.plan.revision if held is not None else None
         layers, revision, compute = await self.layers(model, revision)
         stages = parse_splits(current_splits, layers)
-        workers = self.workers(model, revision, layers)
+        workers = self.workers(model, revision, layers, compute)
         alive = {w.node_id for w in workers if w.alive}
         # Stage peers the table knows are offline or draining count as failed too.
         gone = set(failed) | {n for n, _, _ in stages if n not in alive and any(w.node_id == n for w in workers)}

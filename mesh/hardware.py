@@ -1,6 +1,7 @@
 """What this machine has: psutil for CPU, memory, load and battery; torch for GPUs and the compute score.
 
-``measure_flops`` and ``measure_bandwidth`` are blocking torch work: callers run it with ``trio.to_thread.run_sync``.
+``measure_flops``, ``measure_bandwidth`` and ``measure_overhead`` are blocking torch work: callers run them
+with ``trio.to_thread.run_sync``.
 """
 
 from __future__ import annotations
@@ -128,3 +129,37 @@ def measure_bandwidth(seconds: float) -> float:
     log.info("memory bandwidth benchmark: %.1f GB/s on %s (%d matrix-vector products of %dx%d)", bandwidth / 1e9,
              device, iters, rows, cols)
     return bandwidth
+
+
+#: The overhead benchmark's block: a Llama decoder layer this small computes next to nothing, so its decode
+#: step is what every layer pays whatever its size (kernel dispatch, Python, attention bookkeeping).
+OVERHEAD_BLOCK = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
+OVERHEAD_STEPS = 24
+
+
+def measure_overhead(dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict[str, float]:
+    """Per-token dispatch time of one transformer block, seconds, per compute dtype: the median decode step
+    of a tiny Llama block (``OVERHEAD_BLOCK``) with a KV cache, on the CPU, with this process's threads."""
+    import torch
+    from transformers import DynamicCache, LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = LlamaConfig(num_hidden_layers=1, **OVERHEAD_BLOCK)
+    config._attn_implementation = "sdpa"
+    out = {}
+    with torch.no_grad():
+        for name in dtypes:
+            dtype = getattr(torch, name)
+            block = LlamaDecoderLayer(config, 0).to(dtype).eval()
+            rope = LlamaRotaryEmbedding(config)
+            cache = DynamicCache(config=config)
+            x = torch.randn(1, 1, config.hidden_size, dtype=dtype)
+            times = []
+            for i in range(OVERHEAD_STEPS):
+                pos = torch.tensor([[i]])
+                t0 = time.perf_counter()
+                block(x, position_embeddings=rope(x, pos), cache=cache, position_ids=pos, use_cache=True)
+                times.append(time.perf_counter() - t0)
+            out[name] = sorted(times[4:])[len(times[4:]) // 2]  # the first steps warm up
+    log.info("per-block overhead: %s", ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in out.items()))
+    return out

@@ -114,6 +114,7 @@ class PeerCore:
         memory_bandwidth: float = 0.0,
         links: Mapping[str, float] | None = None,
         step_ms: Mapping[str, float] | None = None,
+        layer_overhead_us: Mapping[str, float] | None = None,
     ) -> tuple[bytes, list[PeerEvent]]:
         """Build, sign and record this peer's next heartbeat; returns the bytes to publish."""
         events: list[PeerEvent] = []
@@ -147,6 +148,7 @@ class PeerCore:
             device=dict(device or {}),
             links=dict(links or {}),
             step_ms=dict(step_ms or {}),
+            layer_overhead_us=dict(layer_overhead_us or {}),
         )
         self._last_info = info
         # Our own entry; its status events duplicate the ones _set_status already returned.

@@ -109,6 +109,8 @@ class NodeInfo:
     links: Mapping[str, float] = field(default_factory=dict)
     # Measured decode step time (ms, smoothed) of each ready stage here: stage key (as in ``stages``) -> ms.
     step_ms: Mapping[str, float] = field(default_factory=dict)
+    # Measured per-token dispatch time of one transformer block, µs, per compute dtype ("float32", ...).
+    layer_overhead_us: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def claims_coordinator(self) -> bool:
@@ -361,6 +363,7 @@ def encode_node_info(info: NodeInfo) -> bytes:
             "device": dict(info.device),
             "links": dict(info.links),
             "step_ms": dict(info.step_ms),
+            "layer_overhead_us": dict(info.layer_overhead_us),
         }
     )
 
@@ -412,6 +415,7 @@ def decode_node_info(payload: bytes) -> NodeInfo:
         device=scalar_map(r.raw("device", {}), "node_info.device"),
         links=_ms_map(r.raw("links", {}), "node_info.links", MAX_LINKS, MAX_RTT_MS),
         step_ms=_ms_map(r.raw("step_ms", {}), "node_info.step_ms", MAX_LIST, MAX_RTT_MS),
+        layer_overhead_us=_ms_map(r.raw("layer_overhead_us", {}), "node_info.layer_overhead_us", 8, 1e6),
     )
 
 

@@ -127,6 +127,7 @@ async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_
         log.info("memory bandwidth %.1f GB/s as configured (not measured)", config.node.memory_bandwidth_gbps)
     else:
         bandwidth = await trio.to_thread.run_sync(hardware.measure_bandwidth, config.node.benchmark_seconds)
+    overhead = await trio.to_thread.run_sync(hardware.measure_overhead) if config.node.benchmark_seconds > 0 else {}
     m = config.membership
     profile = PeerProfile(
         version=VERSION, name=config.node.name, incarnation=int(time.time() * 1000),
@@ -142,7 +143,7 @@ async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_
                               gossip_heartbeat=m.heartbeat_interval) as transport:
         membership, config = await admission(config, identity, transport)
         node = Node(config, identity, core, transport, gpus, flops, store, membership=membership,
-                    bandwidth=bandwidth)
+                    bandwidth=bandwidth, overhead=overhead)
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: node.run(api=serve_api, task_status=task_status))
             if membership is not None:  # the mesh and how to invite; never a secret

@@ -82,6 +82,7 @@ class Node:
         gpus: tuple[GpuInfo, ...], flops: float, store: Store, *, offload: Offload = threads,
         reads: Offload = abandoning, membership: Membership | None = None,
         wall_clock: Callable[[], float] = time.time, bandwidth: float = 0.0,
+        overhead: dict[str, float] | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -90,6 +91,7 @@ class Node:
         self.gpus = gpus
         self.flops = flops
         self.bandwidth = bandwidth  # memory bandwidth, bytes/s (0: unknown)
+        self.overhead = dict(overhead or {})  # compute dtype -> one block's dispatch time per token, s
         self.links = LinkTable()
         self.api_url = ""
         self.started_wall = time.time()
@@ -214,6 +216,7 @@ class Node:
             memory_bandwidth=self.bandwidth,
             links=self.links.nearest(),
             step_ms=self.stages.step_times(),
+            layer_overhead_us={k: round(v * 1e6, 3) for k, v in self.overhead.items()},
         )
         self._log_events(events)
         # A publish must never hold up the next heartbeat, whatever a peer's socket does.

@@ -43,6 +43,7 @@ def info(**kw: object) -> NodeInfo:
         memory_bandwidth=15.5e9,
         links={"12D3KooWpeerB": 0.42, "12D3KooWpeerC": 12.5},
         step_ms={"m@r:0:16:float32": 31.25},
+        layer_overhead_us={"float32": 317.5, "bfloat16": 410.0},
         addrs=("/ip4/127.0.0.1/tcp/4001/p2p/" + ME.node_id,),
         term=3,
         coordinator=ME.node_id,
@@ -138,6 +139,8 @@ def test_unsigned_and_wrongly_signed_are_refused() -> None:
         ("links", [["peer", 1.0]]),
         ("step_ms", {"m@r:0:16:float32": "fast"}),
         ("step_ms", {"k" * 1000: 1.0}),
+        ("layer_overhead_us", {"float32": -1.0}),
+        ("layer_overhead_us", {f"dtype{i}": 1.0 for i in range(9)}),
     ],
 )
 def test_wrong_types_are_refused_with_a_code(field: str, value: object) -> None:
