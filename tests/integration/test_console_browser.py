@@ -41,6 +41,7 @@ CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "local-3.toml")
 TOKEN = "console-Token_7"
 MODEL = "tiny-chat"
 QUESTION = "Hello world"
+MAX_TOKENS = 24  # typed into the page's max tokens field
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 #: Everything that could make Chromium talk to anything but the page's peer is off, and no name resolves but
 #: 127.0.0.1 (the peers are reached by that address).
@@ -196,14 +197,16 @@ def test_the_console_shows_the_mesh_streams_a_chat_answer_and_marks_a_killed_pee
     if exe is None:
         pytest.skip(f"no Chromium found (looked for {', '.join(BROWSERS)}): apt-get install chromium")
     folder = chat_llama_folder(tmp_path / "model")
-    for name in ("peer-a", "peer-b"):  # c holds nothing: it fetches its stage's shards
-        assert cli(["models", "--data-dir", str(tmp_path / "mesh" / name), "add", str(folder), "--id", MODEL]) == 0
-    manifest = Store(tmp_path / "mesh" / "peer-a" / "store", Identity.generate()).manifest(MODEL)[0]
+    store = tmp_path / "mesh" / "peer-a" / "store"
+    assert cli(["models", "--data-dir", str(store.parent), "add", str(folder), "--id", MODEL]) == 0
+    shutil.copytree(store, tmp_path / "mesh" / "peer-b" / "store")  # b holds it too; c holds nothing: it fetches
+    manifest = Store(store, Identity.generate()).manifest(MODEL)[0]
     need = sum(x.bytes for x in planner_layers(manifest, 2048))
     # Each peer offers just under half of what the model needs with its KV cache (room for two of its four
-    # blocks): no two peers can hold it, the plan needs all three.
-    offer = ("--max-layer-memory-mb", f"{0.495 * need / 2**20:.6f}", "--compute-gflops", "50", "--hop-ms", "0.05",
-             "--api-token", TOKEN)
+    # blocks): no two peers can hold it, the plan needs all three. Compute and bandwidth are pinned and the
+    # start-up benchmarks skipped: a busy machine's numbers never decide the plan, and the peers start sooner.
+    offer = ("--max-layer-memory-mb", f"{0.495 * need / 2**20:.6f}", "--compute-gflops", "50",
+             "--memory-bandwidth-gbps", "10", "--benchmark-seconds", "0", "--hop-ms", "0.05", "--api-token", TOKEN)
     profile = tmp_path / "chromium" / "profile"
     profile.mkdir(parents=True)
     with LocalMesh(tmp_path / "mesh", config_file=CONFIG, extra_args=offer) as mesh:
@@ -243,11 +246,13 @@ async def drive(exe: str, profile: Path, peers: list[PeerProcess], shots: Path) 
 
         # A question typed into the chat box streams the answer /v1/chat/completions gives.
         await page.until(f"document.getElementById('chat-model').value === {json.dumps(MODEL)}", 10, "the model")
+        await page.js("document.getElementById('chat-max').select()")
+        await page.call("Input.insertText", text=str(MAX_TOKENS))
         await page.js("document.getElementById('chat-input').focus()")
         await page.call("Input.insertText", text=QUESTION)
         await page.enter()
         answer = (await shown(page, 's.answer && s.answer.state !== "streaming"', 60, "the answer"))["answer"]
-        body = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 64,
+        body = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": MAX_TOKENS,
                 "temperature": 0}
         direct = await trio.to_thread.run_sync(lambda: api_get(a.api, "/v1/chat/completions", method="POST",
                                                                body=body, token=TOKEN, timeout=60))
