@@ -170,7 +170,8 @@ class Controller:
         lost = [a.node for a in current.assignments if a.node not in alive]
         if lost:
             self._considered[model] = usable_ids
-            return self.cover(layers, workers, current.split(layers), lost, links=links)
+            return self.cover(layers, workers, current.split(layers), lost, links=links,
+                              prefer={a.node: a.fallback for a in current.assignments if a.fallback})
 
         if current.term != term:
             peers = {q.node_id: q for q in usable}
@@ -191,7 +192,8 @@ class Controller:
         return None
 
     def cover(self, layers: Sequence[Layer], workers: Sequence[Worker], current: Split, failed: Iterable[str], *,
-              reason: str = "reassign", links: Links | None = None) -> Decision:
+              reason: str = "reassign", links: Links | None = None, prefer: dict[str, str] | None = None
+              ) -> Decision:
         """``planner.reassign`` of ``current`` without ``failed``: survivors keep their ranges even if
         degraded or refusing jobs (``fixed``); new work goes only to usable peers. The reason is
         ``reason``, or "replan" when the threshold forced a full replan."""
@@ -201,7 +203,7 @@ class Controller:
         fixed = {w.node_id for w in workers if w.node_id in in_plan and w.alive and not w.usable} - gone
         order = best_order(layers, [w.peer(layers) for w in workers if w.usable and w.node_id not in gone])
         order += [by_id[node].peer(layers) for node in sorted(fixed)]
-        r = planner.reassign(layers, order, current, gone, threshold=self.threshold, fixed=fixed)
+        r = planner.reassign(layers, order, current, gone, threshold=self.threshold, fixed=fixed, prefer=prefer)
         costed = search.build(layers, [(next(q for q in order if q.node_id == s.node), s.start, s.end)
                                        for s in r.split.stages], links or Links())
         why = search.why(costed, None, False, self.objective) | {"method": "reassign"}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from mesh.errors import PeerError
@@ -287,12 +287,15 @@ def brute_force(layers: Sequence[Layer], peers: Sequence[Peer]) -> float:
 
 def fallback_for(stage: Stage, split: Split, peers: Sequence[Peer]) -> str | None:
     """Who takes ``stage`` if its peer drops: the fastest peer outside the plan that can hold it, else a
-    peer of the plan with that much memory to spare; None if nobody can."""
+    neighbouring stage's peer with that much memory to spare (it extends its range, as ``reassign`` does);
+    None if nobody can. That peer keeps the range's shards on disk ahead of time (standby shards)."""
     used = {s.node: s.bytes for s in split.stages}
     free = [q for q in peers if q.node_id not in used and q.flops > 0 and q.memory_bytes >= stage.bytes]
     if free:
         return min(free, key=lambda q: (stage_time(stage.flops, q), q.node_id)).node_id
-    spare = [q for q in peers if q.node_id in used and q.node_id != stage.node
+    i = next(k for k, s in enumerate(split.stages) if s.node == stage.node and s.start == stage.start)
+    near = {split.stages[j].node for j in (i - 1, i + 1) if 0 <= j < len(split.stages)}
+    spare = [q for q in peers if q.node_id in near and q.node_id != stage.node
              and q.memory_bytes - used[q.node_id] >= stage.bytes]
     return min(spare, key=lambda q: (stage_time(stage.flops, q), q.node_id)).node_id if spare else None
 
@@ -351,13 +354,16 @@ class Reassignment:
 
 
 def reassign(layers: Sequence[Layer], peers: Sequence[Peer], current: Split, failed: Iterable[str], *,
-             threshold: float = 0.25, fixed: Iterable[str] = ()) -> Reassignment:
+             threshold: float = 0.25, fixed: Iterable[str] = (), prefer: Mapping[str, str] | None = None
+             ) -> Reassignment:
     """Cover the ranges of ``failed`` peers, keeping every surviving assignment: each lost range goes to
     the best of a free peer (one not in the plan) or a neighbouring stage's peer extending its range
     when it has the memory. A full replan over ``peers`` (alive, in pipeline order) happens only when
     no patch exists or the patched bottleneck exceeds the current one by more than ``threshold``;
     PlanInfeasible when nothing fits. ``fixed`` peers keep their ranges but take no more work (not
-    extended, not in a full replan): survivors that are degraded or no longer accept jobs."""
+    extended, not in a full replan): survivors that are degraded or no longer accept jobs. ``prefer``: a
+    failed peer -> the peer that takes its range when that is one of the options and its stage time is
+    within ``threshold`` of the best option's (the plan's fallback, which has the range's shards on disk)."""
     gone, keep_only = set(failed), set(fixed)
     alive = {q.node_id: q for q in peers if q.node_id not in gone}
     p = _Prefix.of(layers)
@@ -387,7 +393,10 @@ def reassign(layers: Sequence[Layer], peers: Sequence[Peer], current: Split, fai
         if not options:
             patched = False
             break
-        _, how, chosen = min(options)
+        best = min(options)
+        # The fallback (shards on disk already) wins unless another option is better by more than the threshold.
+        preferred = [o for o in options if prefer and o[2] == prefer.get(node) and o[0] <= best[0] * (1 + threshold)]
+        _, how, chosen = min(preferred) if preferred else best
         reassigned.append(chosen)
         if how == "free":
             parts[i] = (chosen, s, e)

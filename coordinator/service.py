@@ -7,6 +7,12 @@ Tasks (children of the peer's nursery):
                   (initial plan, reassignment, re-issue under a new term, improvement on joins), sign,
                   publish; republish the current plans every ``republish_interval`` for late joiners
 
+Suspects: a driver whose route failed names the route's peers (``check_suspects``, here or over
+``SUSPECT_PROTOCOL`` from another peer); the coordinator pings each one in a current plan with a short
+deadline, and one that does not answer counts as offline for planning at once (the next epoch is issued
+now, not when its heartbeats time out) until a heartbeat of it arrives after the failed ping. A driver
+cannot make the coordinator drop a peer that answers.
+
 Planning runs in a worker thread (a 1,000-peer mesh takes tens of milliseconds), never on the event loop.
 The layers of a model come from its signed manifest: this peer's store, or else a peer that holds it.
 """
@@ -17,23 +23,24 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+import cbor2
 import trio
 
 from coordinator import planner, search
 from coordinator.control import Controller, Decision, Worker, capped_claims
 from coordinator.planner import Layer
-from coordinator.plans import Held, NodeSummary, Plan, PlanBook, Verdict, make_plan, open_plan, seal_plan
+from coordinator.plans import MAX_STAGES, Held, NodeSummary, Plan, PlanBook, Verdict, make_plan, open_plan, seal_plan
 from coordinator.search import Links
 from mesh.config import Config
-from mesh.errors import MeshError, NotFoundError, PeerError
-from mesh.ids import ModelRef, Span, StageKey, check_spans, keep_ref
+from mesh.errors import DecodeError, MeshError, NotFoundError, PeerError
+from mesh.ids import ModelRef, NodeId, Span, StageKey, check_spans, keep_ref
 from mesh.logs import Throttle
 from mesh.ports import Clock, Gossip, Library, MeshView, Offload, Signer
 from mesh.transport import GossipMessage
-from mesh.wire import PLANS_TOPIC, NodeStatus
+from mesh.wire import PLANS_TOPIC, NodeStatus, loads_cbor
 from storage import formats
 from storage.manifest import Manifest
 
@@ -45,6 +52,11 @@ RESOLVE_TTL = 30.0
 #: Per-token dispatch cost of a shard in blocks (``Layer.calls``): a block runs attention and an MLP, ~a dozen
 #: kernels; an embedding lookup, a norm or a head is one or two.
 CALLS = {"block": 1.0}
+#: A peer a driver reports must answer a ping within this many seconds, or it counts as offline for planning.
+SUSPECT_PING = 1.0
+#: Drivers report a failed route's peers to the coordinator on this protocol (one CBOR map each way).
+SUSPECT_PROTOCOL = "/meshnode/suspect/1"
+MAX_SUSPECT_REPORT = 4096  # bytes: a model id and a route's peers
 #: A measured step time moves a peer's speed estimate by at most this factor either way.
 MAX_SCALE = 8.0
 
@@ -82,7 +94,8 @@ Reject = Callable[[PeerError, str], None]
 
 class PlanService:
     def __init__(self, config: Config, mesh: MeshView, gossip: Gossip, signer: Signer, library: Library, *,
-                 reject: Reject, on_plan: Callable[[], None], now: Clock, offload: Offload) -> None:
+                 reject: Reject, on_plan: Callable[[], None], now: Clock, offload: Offload,
+                 ping: Callable[[NodeId, float], Awaitable[float]] | None = None) -> None:
         self.config, self.mesh, self.gossip, self.signer, self.library = config, mesh, gossip, signer, library
         self._reject, self._on_plan, self.now, self.offload = reject, on_plan, now, offload
         co = config.coordinator
@@ -97,6 +110,9 @@ class PlanService:
         self._wake = trio.Event()
         self._lock = trio.Lock()
         self._latest: dict[str, tuple[str, float]] = {}  # unpinned model -> (revision found, when)
+        self._ping = ping
+        self.suspects: dict[NodeId, float] = {}  # peer -> when a ping of it failed (offline for planning)
+        self._checking: set[NodeId] = set()  # pings in flight (one per peer however many drivers report)
 
     # ---- receiving ---------------------------------------------------------------------------------
 
@@ -245,6 +261,70 @@ class PlanService:
             if held.plan.coordinator == self.mesh.node_id and held.plan.term == term:
                 await self._publish(held.envelope)
 
+    # ---- suspects ----------------------------------------------------------------------------------
+
+    def suspected(self, node: NodeId) -> bool:
+        """A ping of ``node`` failed and no heartbeat of it arrived since (then it is forgotten)."""
+        at = self.suspects.get(node)
+        if at is None:
+            return False
+        m = self.mesh.membership.get(node)
+        if m is None or m.last_seen > at:
+            del self.suspects[node]
+            return False
+        return True
+
+    async def check_suspects(self, nodes: Sequence[NodeId], reporter: str) -> list[NodeId]:
+        """Ping each of ``nodes`` that is in a current plan (at once, ``SUSPECT_PING`` each); those that do not
+        answer are suspects from now: the coordinating loop is woken to cover their ranges. Coordinator only
+        (NOT_COORDINATOR otherwise). Returns the peers found unresponsive."""
+        if not self.is_coordinator():
+            lead = self.mesh.leadership
+            raise NotCoordinator(f"this peer is not the coordinator (term {lead.term}: {lead.coordinator})")
+        in_plans = {a.node for h in self.book.current.values() for a in h.plan.assignments}
+        todo = [n for n in dict.fromkeys(nodes) if n in in_plans and n != self.mesh.node_id
+                and n not in self._checking and not self.suspected(n)]
+        found: list[NodeId] = []
+
+        async def check(node: NodeId) -> None:
+            self._checking.add(node)
+            try:
+                assert self._ping is not None
+                await self._ping(node, SUSPECT_PING)
+            except (PeerError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
+                self.suspects[node] = self.now()
+                found.append(node)
+                log.warning("peer %s did not answer a ping after %s reported a failed route: %s; covering its "
+                            "ranges now", node, reporter, err,
+                            extra={"event": "suspect_confirmed", "peer": node, "reporter": reporter,
+                                   "node_id": self.mesh.node_id})
+            finally:
+                self._checking.discard(node)
+
+        if self._ping is not None and todo:
+            async with trio.open_nursery() as nursery:
+                for node in todo:
+                    nursery.start_soon(check, node)
+        if found:
+            self._wake.set()
+        return found
+
+    async def on_suspect_stream(self, stream: Any) -> None:
+        """``SUSPECT_PROTOCOL``: ``{"nodes": [id, ...]}`` from a driver; answers ``{"unresponsive": [...]}``
+        (or ``{"error": code}``). Malformed reports are refused with MALFORMED_MESSAGE."""
+        raw = loads_cbor(await stream.receive_frame(MAX_SUSPECT_REPORT), MAX_SUSPECT_REPORT)
+        nodes = raw.get("nodes") if isinstance(raw, dict) else None
+        if not (isinstance(nodes, list) and 0 < len(nodes) <= MAX_STAGES
+                and all(isinstance(n, str) and 0 < len(n) <= 128 for n in nodes)):
+            raise DecodeError("a suspect report is {\"nodes\": [node id, ...]} with at most "
+                              f"{MAX_STAGES} ids")
+        try:
+            found = await self.check_suspects([NodeId(n) for n in nodes], reporter=stream.peer)
+            answer: dict[str, Any] = {"unresponsive": list(found)}
+        except NotCoordinator:
+            answer = {"error": NotCoordinator.code}
+        await stream.send_frame(cbor2.dumps(answer))
+
     # ---- inputs ------------------------------------------------------------------------------------
 
     async def layers(self, model: str, revision: str | None) -> tuple[list[Layer], str, str]:
@@ -281,7 +361,8 @@ class PlanService:
         gpu_only = self.config.membership.require_gpu
         flops = self._flops()
         scales = self._scales(model, revision, layers, flops)
-        return [Worker(m.node_id, flops[m.node_id], m.info.layer_memory_bytes, m.status,
+        return [Worker(m.node_id, flops[m.node_id], m.info.layer_memory_bytes,
+                       NodeStatus.OFFLINE if self.suspected(m.node_id) else m.status,
                        m.info.accept_public_jobs and not (gpu_only and not m.info.hardware.gpus),
                        entry in m.info.installed_models, hop, m.info.memory_bandwidth, scales.get(m.node_id, 1.0),
                        overhead_of(m.info.layer_overhead_us, compute))

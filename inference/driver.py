@@ -5,7 +5,10 @@ when it is here), send the prompt as step 0 (prefill), then one token per step; 
 and sends each token straight back here. Per token that is one hop per stage and nothing more.
 
 Failover: a step fails when a stage reports an error, a hop's stream breaks, the plan moves to other
-stages, or no token comes within ``step_timeout``. A refusal no route can cure (a wrong dtype or shape, a
+stages, a stage stalls (no token for ``STALL_AFTER`` and a route peer does not answer a ping), or no token
+comes within ``step_timeout``. The driver then names the route's peers to the coordinator (``report``),
+which pings them and covers an unresponsive one's range at once, without waiting for heartbeats to time
+out. A refusal no route can cure (a wrong dtype or shape, a
 bad request) fails the request at once. Otherwise the driver waits (up to ``recovery_timeout`` from the
 first failure, however many routes fail meanwhile) for a route whose stages are all ready — the
 coordinator's next epoch, with the replacement's stage loaded — and replays the generation with its
@@ -45,6 +48,11 @@ from mesh.wire import NodeStatus
 
 log = logging.getLogger(__name__)
 MAX_FAILOVERS = 8
+#: A step without its token for this long (or ``STALL_STEPS`` times the session's slowest step so far, if
+#: more) makes the driver ping the route's peers: one that does not answer in ``STALL_PING`` s has hung.
+STALL_AFTER = 1.0
+STALL_STEPS = 8
+STALL_PING = 1.0
 #: Upper bounds (seconds) of the step and per-hop histograms: a step of a tiny model on one peer takes ~1 ms, a
 #: 70B stage over Wi-Fi seconds; a hop on one host ~0.1 ms, across a busy LAN tens of ms.
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -105,11 +113,14 @@ class LocalStages(Protocol):
 class Driver:
     def __init__(self, config: InferenceConfig, offline_after: float, mesh: MeshView, plans: PlanBook,
                  library: Library, streams: Streams, local: LocalStages, results: Results, *,
-                 requested: Callable[[], list[str]], offload: Offload) -> None:
+                 requested: Callable[[], list[str]], offload: Offload,
+                 ping: Callable[[NodeId, float], Awaitable[float]] | None = None,
+                 report: Callable[[list[NodeId]], Awaitable[None]] | None = None) -> None:
         self.config, self.offline_after, self.mesh, self.plans = config, offline_after, mesh, plans
         self.library, self.streams, self.local, self.requested, self.offload = (library, streams, local, requested,
                                                                                 offload)
         self.results = results  # where the last stage's answers to our sessions arrive
+        self._ping, self._report = ping, report  # a hung-peer check; failed routes to the coordinator
         self._tokenizers: dict[tuple[str, str], Any] = {}
         self._tokenizer_lock = trio.Lock()
         self.failovers = 0
@@ -269,9 +280,43 @@ class Driver:
                         from None
                 if deadline is None:
                     deadline = trio.current_time() + inf.recovery_timeout
+                await self._tell_coordinator(route)
                 route = await self._await_route(req.model, route, deadline, failures)
             finally:
                 await attempt.aclose()  # a caller that stops early frees the route's sessions now, not at GC
+
+    async def _tell_coordinator(self, route: Route) -> None:
+        """Name the failed route's other peers to the coordinator (bounded: a dead or hung coordinator costs
+        at most ``STALL_PING`` + 1 s; then heartbeats decide, as before)."""
+        peers = [h.node for h in route.hops if h.node != self.mesh.node_id]
+        if self._report is None or not peers:
+            return
+        with trio.move_on_after(STALL_PING + 1.0):
+            try:
+                await self._report(peers)
+            except (PeerError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
+                log.info("could not report the failed route to the coordinator: %s", err,
+                         extra={"event": "report_failed", "code": getattr(err, "code", "STREAM_CLOSED"),
+                                "node_id": self.mesh.node_id})
+
+    async def _hung(self, route: Route) -> str | None:
+        """The first route peer that does not answer a ping within ``STALL_PING`` (None: all answer)."""
+        if self._ping is None:
+            return None
+        silent: list[str] = []
+        ping = self._ping
+
+        async def check(node: NodeId) -> None:
+            try:
+                await ping(node, STALL_PING)
+            except (PeerError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                silent.append(node)
+
+        async with trio.open_nursery() as nursery:
+            for h in route.hops:
+                if h.node != self.mesh.node_id:
+                    nursery.start_soon(check, h.node)
+        return silent[0] if silent else None
 
     async def _await_route(self, spec: str, failed: Route, deadline: float, failures: list[str]) -> Route:
         """A ready route other than ``failed`` (or ``failed`` again once its peers have had time to be
@@ -318,8 +363,9 @@ class Driver:
                     await self._replay(send, frames, results, route, produced, step_timeout)
                 else:
                     await send(frames[0])
+                slowest = 0.0  # the longest decode step so far, s: a stall is judged against it
                 while len(produced) < req.max_tokens:
-                    result = await self._wait(results, route, step, step_timeout)
+                    result = await self._wait(results, route, step, step_timeout, slowest)
                     token = result.extra.get("token")
                     if type(token) is not int or token < 0:
                         raise RouteFailed("BAD_RESULT", f"the last stage answered token {token!r}", route.nodes[-1])
@@ -327,6 +373,8 @@ class Driver:
                     tok = Token(token, len(produced), token in req.stop_ids, route.epoch,
                                 replayed and step == first_new, tuple(timings) if isinstance(timings, list) else (),
                                 (time.perf_counter() - t0) * 1000, result.tensor)
+                    if step > first_new:
+                        slowest = max(slowest, tok.step_ms / 1000)
                     yield tok
                     if tok.stop or len(produced) >= req.max_tokens:  # the caller appended it
                         break
@@ -396,8 +444,14 @@ class Driver:
                 raise RouteFailed(err.code, f"sending to the first stage failed: {err}", first) from None
         return remote
 
-    async def _wait(self, results: trio.MemoryReceiveChannel[Frame], route: Route, step: int, timeout: float) -> Frame:
-        deadline = trio.current_time() + timeout
+    async def _wait(self, results: trio.MemoryReceiveChannel[Frame], route: Route, step: int, timeout: float,
+                    slowest: float = 0.0) -> Frame:
+        """The result of ``step``. Past ``max(STALL_AFTER, STALL_STEPS * slowest)`` without it (and again each
+        time that passes) the route's peers are pinged: a silent one fails the step as PEER_UNRESPONSIVE."""
+        start = trio.current_time()
+        deadline = start + timeout
+        stall = max(STALL_AFTER, STALL_STEPS * slowest)
+        check_at = start + stall
         while True:
             with trio.move_on_after(0.2):
                 frame = await results.receive()
@@ -410,6 +464,12 @@ class Driver:
                                   route.nodes[-1])
             if trio.current_time() >= deadline:
                 raise RouteFailed("STEP_TIMEOUT", f"no token within {timeout}s", "")
+            if trio.current_time() >= check_at:
+                hung = await self._hung(route)
+                if hung is not None:
+                    raise RouteFailed("PEER_UNRESPONSIVE", f"no token for {trio.current_time() - start:.1f}s and "
+                                      f"{hung} does not answer a ping", hung)
+                check_at = trio.current_time() + stall
             if self._broken(route):
                 raise RouteFailed("ROUTE_CHANGED", "the plan moved to other stages or a stage peer went offline", "")
 

@@ -129,7 +129,7 @@ class Upstream:
 class StageHost:
     def __init__(self, config: InferenceConfig, node_id: NodeId, plans: PlanBook, library: Library,
                  streams: Streams, results: Results, *, now: Clock,
-                 offload: Offload) -> None:
+                 offload: Offload, on_ready: Callable[[], None] | None = None) -> None:
         self.node_id, self.plans, self.library, self.streams = node_id, plans, library, streams
         self.results, self.now, self.offload = results, now, offload  # results: for drivers on this peer
         inf = config
@@ -141,6 +141,9 @@ class StageHost:
         self._throttle = Throttle(every=10.0)
         self._streams: collections.Counter[NodeId] = collections.Counter()  # open inbound streams per peer
         self.wake = trio.Event()
+        self.on_ready = on_ready  # a stage became ready here (the node heartbeats at once)
+        self.standby: dict[str, str] = {}  # model -> the range (stage key) whose shards are on disk as fallback
+        self._prefetch: tuple[trio.CancelScope, trio.Event] | None = None  # the background prefetch, if any
 
     def ready(self) -> tuple[str, ...]:
         return tuple(sorted(s.key for s in self.loaded.values()))
@@ -180,14 +183,73 @@ class StageHost:
             failed = self._failed.get(model)
             if failed is not None and failed[0] == key and self.now() - failed[1] < RETRY_LOAD:
                 continue
+            await self._stop_prefetch()  # a stage to load goes first: it may need the same files
             try:
                 self.loaded[model] = await self._load(model, revision, start, end, compute)
                 self.errors.pop(model, None)
                 self._failed.pop(model, None)
+                if self.on_ready is not None:
+                    self.on_ready()
             except MeshError as err:
                 self._load_failed(model, key, err)
             except (OSError, ValueError, RuntimeError, KeyError) as exc:  # a broken shard or config file
                 self._load_failed(model, key, LocalError(f"{type(exc).__name__}: {exc}", code="STAGE_LOAD_FAILED"))
+
+        self._standby_follow()
+
+    # ---- standby shards ---------------------------------------------------------------------------
+
+    def _standby_wanted(self) -> list[tuple[str, str, int, int, str]]:
+        """(model, revision, start, end, key) of every range a current plan names this peer the fallback for
+        (and not the peer of): its shards should be on disk before they are needed."""
+        me, out = self.node_id, []
+        for model, held in list(self.plans.current.items()):
+            for a in held.plan.assignments:
+                if a.fallback == me and a.node != me:
+                    key = str(StageKey.make(model, held.plan.revision, a.start, a.end, held.plan.compute_dtype))
+                    out.append((model, held.plan.revision, a.start, a.end, key))
+        return out
+
+    def _standby_follow(self) -> None:
+        """Start the background prefetch of standby ranges not on disk yet (one task at a time)."""
+        wanted = self._standby_wanted()
+        keep = {w[0] + "#" + w[4] for w in wanted}
+        self.standby = {k: v for k, v in self.standby.items() if k in keep}  # ranges no plan names any more
+        todo = [w for w in wanted if self.standby.get(w[0] + "#" + w[4]) is None]
+        if not todo or self._prefetch is not None or self._nursery is None:
+            return
+        scope, done = trio.CancelScope(), trio.Event()
+        self._prefetch = (scope, done)
+        self._nursery.start_soon(self._prefetch_ranges, todo, scope, done)
+
+    async def _stop_prefetch(self) -> None:
+        if self._prefetch is not None:
+            scope, done = self._prefetch
+            scope.cancel()
+            await done.wait()  # a file write in a worker thread finishes first: one writer per file
+
+    async def _prefetch_ranges(self, todo: list[tuple[str, str, int, int, str]], scope: trio.CancelScope,
+                               done: trio.Event) -> None:
+        """Fetch (SHA256-checked) the shards of each standby range that are missing here, one range at a time;
+        cancelled whenever a stage must load. Never raises: a failure is logged and retried on a later plan."""
+        try:
+            with scope:
+                for model, revision, start, end, key in todo:
+                    try:
+                        manifest, _ = await self.library.manifest(model, revision)
+                        shards = list(manifest.shards[start:end])
+                        t0 = time.perf_counter()
+                        await self.library.ensure(manifest, shards)
+                        self.standby[model + "#" + key] = key
+                        log.info("standby shards of %s on disk (%.2fs)", key, time.perf_counter() - t0,
+                                 extra={"event": "standby_ready", "model": model, "node_id": self.node_id})
+                    except MeshError as err:
+                        if self._throttle.allow(("standby", key, err.code), self.now()) is not None:
+                            log.warning("cannot prefetch standby shards of %s: %s %s", key, err.code, err,
+                                        extra={"event": "standby_failed", "code": err.code, "model": model})
+        finally:
+            self._prefetch = None
+            done.set()
 
     def _load_failed(self, model: str, key: str, err: MeshError) -> None:
         self._failed[model] = (key, self.now())

@@ -31,10 +31,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import psutil
 import trio
 
-from coordinator.service import PlanService
+from coordinator.service import MAX_SUSPECT_REPORT, SUSPECT_PROTOCOL, PlanService
 from inference.driver import Driver
 from inference.host import StageHost
 from inference.protocol import ACTIVATIONS_PROTOCOL
@@ -115,14 +116,18 @@ class Node:
         self._serve: list[str] = list(config.inference.serve)  # models this peer asks the mesh to serve
         self.offload, self.reads = offload, reads
         # The services, each from the narrow parts it uses; the callbacks are the only paths between them.
-        self.library = Library(store, self.fetcher, core, offload)
+        self.library = Library(store, self.fetcher, core, offload, manifest_ttl=st.manifest_cache_ttl)
         self.plans = PlanService(config, core, transport, identity, self.library, reject=self._reject,
-                                 on_plan=lambda: self.stages.wake.set(), now=self.now, offload=offload)
+                                 on_plan=lambda: self.stages.wake.set(), now=self.now, offload=offload,
+                                 ping=self._ping_peer)
         self.results = Results(config.inference.session_idle_timeout)  # one table: host writes, driver reads
+        self._beat_now = trio.Event()  # set: publish a heartbeat now (a stage became ready)
         self.stages = StageHost(config.inference, self.node_id, self.plans.book, self.library, transport,
-                                self.results, now=self.now, offload=offload)
+                                self.results, now=self.now, offload=offload,
+                                on_ready=lambda: self._beat_now.set())
         self.driver = Driver(config.inference, config.membership.offline_after, core, self.plans.book, self.library,
-                             transport, self.stages, self.results, requested=self.serve_requests, offload=offload)
+                             transport, self.stages, self.results, requested=self.serve_requests, offload=offload,
+                             ping=self._ping_peer, report=self.report_failed_route)
         # A closed mesh: members only, on every protocol (mesh.gate); None runs an open mesh.
         self.gate: Gate | None = None
         if membership is not None:
@@ -177,6 +182,8 @@ class Node:
     # ---- tasks -----------------------------------------------------------------------------------
 
     async def heartbeats(self) -> None:
+        """One heartbeat per interval, and one at once when a stage became ready (drivers learn of the new
+        route now, not up to an interval later)."""
         interval = self.config.membership.heartbeat_interval
         next_at = self.now()
         while True:
@@ -184,7 +191,11 @@ class Node:
             next_at += interval
             if next_at < self.now():  # we fell behind (a stalled loop): do not burst to catch up
                 next_at = self.now() + interval
-            await trio.sleep_until(next_at)
+            with trio.move_on_at(next_at):
+                await self._beat_now.wait()
+            if self._beat_now.is_set():  # an early beat: the next one an interval after it, never later
+                self._beat_now = trio.Event()
+                next_at = self.now()
 
     async def publish_heartbeat(self) -> None:
         # The store is read in a worker thread (it may be busy with a large add); a slow read keeps the
@@ -345,6 +356,22 @@ class Node:
             async with trio.open_nursery() as nursery:
                 for peer in due:
                     nursery.start_soon(self._ping_link, peer)
+
+    async def _ping_peer(self, peer: NodeId, timeout: float) -> float:
+        return await self.transport.ping(peer, timeout=timeout)
+
+    async def report_failed_route(self, nodes: list[NodeId]) -> None:
+        """A driver's route through ``nodes`` failed: the coordinator checks them (``PlanService.check_suspects``),
+        here when this peer coordinates, else over ``SUSPECT_PROTOCOL``. Raises PeerError when it cannot."""
+        lead = self.core.leadership
+        if lead.coordinator is None:
+            return
+        if lead.coordinator == self.node_id:
+            await self.plans.check_suspects(nodes, reporter=self.node_id)
+            return
+        async with self.transport.open_stream(lead.coordinator, SUSPECT_PROTOCOL, timeout=2.0) as stream:
+            await stream.send_frame(cbor2.dumps({"nodes": list(nodes)}))
+            await stream.receive_frame(MAX_SUSPECT_REPORT)
 
     async def _ping_link(self, peer: NodeId) -> None:
         try:
@@ -680,11 +707,14 @@ class Node:
             self.shard_server.register(t)
             t.handle(ACTIVATIONS_PROTOCOL, self.stages.on_stream, max_concurrent=2 * inf.max_sessions + 16)
             t.handle(ADMIT_PROTOCOL, self._refuse_closed, max_concurrent=4, timeout=5.0)
+            t.handle(SUSPECT_PROTOCOL, self.plans.on_suspect_stream, max_concurrent=8, timeout=5.0)
         else:  # the same, from members only
             t.set_validator(PLANS_TOPIC, lambda m: gate.accepts(m) and self.plans.accept_gossip(m))
             self.shard_server.register(gate.guarded(t))
             t.handle(ACTIVATIONS_PROTOCOL, gate.guard(ACTIVATIONS_PROTOCOL, self.stages.on_stream),
                      max_concurrent=2 * inf.max_sessions + 16)
+            t.handle(SUSPECT_PROTOCOL, gate.guard(SUSPECT_PROTOCOL, self.plans.on_suspect_stream), max_concurrent=8,
+                     timeout=5.0)
         async with trio.open_nursery() as nursery:
             if gate is not None:
                 await nursery.start(gate.run)
