@@ -287,7 +287,8 @@ def run_mesh(base: Path, count: int, model: str, prompt: list[int], new: int, re
                                "gflops": [rows[h["node_id"]].get("compute_flops", 0.0) / 1e9 for h in stages],
                                "gbps": [rows[h["node_id"]].get("memory_bandwidth", 0.0) / 1e9 for h in stages],
                                "overhead_us": [rows[h["node_id"]].get("layer_overhead_us", {}).get(compute, 0.0)
-                                               for h in stages]}
+                                               for h in stages],
+                               "kernels": [rows[h["node_id"]].get("kernel_bandwidth", {}) for h in stages]}
         if do_recovery:
             try:
                 out["recovery"] = recovery(peers, model, entry, driver, coordinator, prompt, reference)
@@ -481,9 +482,9 @@ def compare_objectives(args: argparse.Namespace, throughput: dict[str, Any], lat
 
 def speed_model(manifest: Any, args: argparse.Namespace, meshes: dict[str, dict[str, Any]]) -> None:
     """Each stage's decode time as the planner's speed model estimates it (the larger of FLOPs over the peer's
-    FLOP/s and bytes read over its memory bandwidth, plus its blocks times one block's dispatch overhead; all
-    three measured at the peer's start; at this run's mean context) against the measured decode compute of
-    that stage."""
+    FLOP/s and the bytes it streams through each weight kernel over that kernel's speed, plus its blocks times
+    one block's dispatch overhead; all measured at the peer's start; at this run's mean context) against the
+    measured decode compute of that stage."""
     from coordinator import search
     from coordinator.planner import Peer
     from coordinator.service import planner_layers
@@ -491,22 +492,25 @@ def speed_model(manifest: Any, args: argparse.Namespace, meshes: dict[str, dict[
     context = args.prompt_tokens + args.new_tokens // 2
     print(f"\nspeed model vs measured decode compute per stage (context {context} tokens; estimates use each "
           f"peer's start-up benchmarks: GFLOP/s and GB/s, one thread each):")
-    print("| mesh | stage | layers | GFLOP/s | GB/s | block overhead us | FLOPs-bound ms | bytes-bound ms "
-          "| overhead ms | estimate ms | measured ms | measured / estimate |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| mesh | stage | layers | GFLOP/s | memory GB/s | kernels GB/s (int4, int8, bf16) | block overhead us "
+          "| FLOPs-bound ms | bytes-bound ms | overhead ms | estimate ms | measured ms | measured / estimate |")
+    print("| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, m in meshes.items():
         layers = planner_layers(manifest, context, m["compute_dtype"])
         pos = {x.index: i for i, x in enumerate(layers)}
-        for i, (rng, gf, gb, us) in enumerate(zip(m["layers"], m["gflops"], m["gbps"], m["overhead_us"],
-                                                  strict=True)):
-            part = layers[pos[rng[0]]:pos[rng[1] - 1] + 1]
+        for i, (rng, gf, gb, us, kern) in enumerate(zip(m["layers"], m["gflops"], m["gbps"], m["overhead_us"],
+                                                        m["kernels"], strict=True)):
+            s, e = pos[rng[0]], pos[rng[1] - 1] + 1
+            part = layers[s:e]
             flops, read, calls = (sum(x.flops_per_token for x in part), sum(x.read for x in part),
                                   sum(x.calls for x in part))
-            peer = Peer("p", gf * 1e9, 0, bandwidth=gb * 1e9, overhead_s=us / 1e6)
-            est = search.compute_s(peer, flops, read, calls) * 1000
+            peer = Peer("p", gf * 1e9, 0, bandwidth=gb * 1e9, overhead_s=us / 1e6, kernels=tuple(sorted(kern.items())))
+            est = search.build(layers, [(peer, s, e)], search.Links()).stages[0].compute_s * 1000
+            streamed = search.read_s(peer, read, search.reads_by_kernel(part)) * 1000
             got = statistics.median(r["per_stage_ms"][i] for r in m["runs"])
-            print(f"| {name} | {i} | {rng} | {gf:.0f} | {gb:.1f} | {us:.0f} | {flops / (gf * 1e9) * 1000:.2f} "
-                  f"| {read / (gb * 1e9) * 1000 if gb else float('nan'):.2f} | {calls * us / 1000:.2f} | {est:.2f} "
+            speeds = ", ".join(f"{kern.get(k, 0) / 1e9:.1f}" for k in ("int4", "int8", "bfloat16"))
+            print(f"| {name} | {i} | {rng} | {gf:.0f} | {gb:.1f} | {speeds} | {us:.0f} "
+                  f"| {flops / (gf * 1e9) * 1000:.2f} | {streamed:.2f} | {calls * us / 1000:.2f} | {est:.2f} "
                   f"| {got:.2f} | {got / est:.2f} |")
 
 

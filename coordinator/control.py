@@ -64,6 +64,7 @@ class Worker:
     bandwidth: float = 0.0  # memory bandwidth, bytes/s (0: unknown)
     scale: float = 1.0  # measured step time over the estimate, where it serves
     overhead_s: float = 0.0  # one block's dispatch time per token in the plan's compute dtype
+    kernels: tuple[tuple[str, float], ...] = ()  # bytes/s of each weight kernel
 
     @property
     def usable(self) -> bool:
@@ -79,7 +80,7 @@ class Worker:
     def peer(self, layers: Sequence[Layer]) -> Peer:
         holds = frozenset(x.index for x in layers) if self.holds_model else frozenset()
         return Peer(self.node_id, self.flops, self.memory_bytes, self.link_s, holds, bandwidth=self.bandwidth,
-                    overhead_s=self.overhead_s, scale=self.scale)
+                    overhead_s=self.overhead_s, kernels=self.kernels, scale=self.scale)
 
 
 @dataclass(frozen=True, slots=True)

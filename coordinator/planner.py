@@ -43,6 +43,9 @@ class Layer:
     bytes: int  # memory it takes: weights and KV cache
     read_bytes: int | None = None  # what one token reads (weights, the KV it attends to); None: ``bytes``
     calls: float = 0.0  # per-token dispatch overhead in units of one transformer block (a block 1, a norm ~0.1)
+    # What ``read`` streams through which weight kernel, (kernel, bytes): "int4", "int8", "bfloat16", "float32";
+    # "" for plain memory (the KV cache). Empty: all of ``read`` at the peer's memory bandwidth.
+    reads: tuple[tuple[str, int], ...] = ()
 
     @property
     def read(self) -> int:
@@ -58,6 +61,7 @@ class Peer:
     holds: frozenset[int] = frozenset()  # layer indices it already has on disk
     bandwidth: float = 0.0  # measured memory bandwidth, bytes/s (0: unknown, the stage is FLOP-bound)
     overhead_s: float = 0.0  # measured per-token time of one block's dispatch (a tiny block's decode step)
+    kernels: tuple[tuple[str, float], ...] = ()  # measured bytes/s of each weight kernel (else ``bandwidth``)
     scale: float = 1.0  # measured step time over the estimate (1 until it serves)
 
 

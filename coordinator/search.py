@@ -69,15 +69,38 @@ class Links:
         return a.link_s if hop is None else hop
 
 
-def compute_s(peer: Peer, flops: float, read_bytes: float, calls: float = 0.0) -> float:
-    """Seconds per token of a stage doing ``flops``, reading ``read_bytes`` and dispatching ``calls`` blocks'
-    worth of kernels on ``peer``."""
+def read_s(peer: Peer, read_bytes: float, reads: Mapping[str, float] | None = None) -> float:
+    """Seconds to stream a stage's weights: each kernel's bytes over that kernel's measured speed on ``peer``
+    (else its memory bandwidth); 0 when the peer measured neither (FLOP-bound)."""
+    if not reads:
+        return read_bytes / peer.bandwidth if peer.bandwidth > 0 else 0.0
+    speed = dict(peer.kernels)
+    t = 0.0
+    for kernel, size in reads.items():
+        bw = speed.get(kernel, peer.bandwidth)
+        t += size / bw if bw > 0 else 0.0
+    return t
+
+
+def compute_s(peer: Peer, flops: float, read_bytes: float, calls: float = 0.0,
+              reads: Mapping[str, float] | None = None) -> float:
+    """Seconds per token of a stage doing ``flops``, reading ``read_bytes`` (``reads``: by kernel) and
+    dispatching ``calls`` blocks' worth of kernels on ``peer``."""
     if peer.flops <= 0:
         return INF
-    t = flops / peer.flops
-    if peer.bandwidth > 0:
-        t = max(t, read_bytes / peer.bandwidth)
+    t = max(flops / peer.flops, read_s(peer, read_bytes, reads))
     return (t + calls * peer.overhead_s) * peer.scale
+
+
+def reads_by_kernel(layers: Sequence[Layer]) -> dict[str, float] | None:
+    """The layers' bytes by kernel, None when no layer says (then ``read`` at the memory bandwidth)."""
+    if not any(x.reads for x in layers):
+        return None
+    out: dict[str, float] = {}
+    for x in layers:
+        for kernel, size in x.reads or (("", x.read),):
+            out[kernel] = out.get(kernel, 0.0) + size
+    return out
 
 
 def cost(split: Split, objective: str) -> float:
@@ -93,7 +116,7 @@ def build(layers: Sequence[Layer], order: Sequence[tuple[Peer, int, int]], links
     stages = []
     for i, (q, s, e) in enumerate(order):
         nxt = order[(i + 1) % len(order)][0]
-        c = compute_s(q, fl[e] - fl[s], rd[e] - rd[s], ca[e] - ca[s])
+        c = compute_s(q, fl[e] - fl[s], rd[e] - rd[s], ca[e] - ca[s], reads_by_kernel(layers[s:e]))
         hop = links.between(q, nxt)
         stages.append(Stage(q.node_id, s, e, fl[e] - fl[s], by[e] - by[s], c + hop, c, hop))
     return Split(tuple(stages), max(s.time_s for s in stages))
@@ -107,13 +130,28 @@ def _costs(layers: Sequence[Layer], peers: Sequence[Peer]) -> np.ndarray:
     rd = np.concatenate([[0.0], np.cumsum([float(x.read) for x in layers])])
     ca = np.concatenate([[0.0], np.cumsum([x.calls for x in layers])])
     dfl, dby, drd, dca = (a[None, :] - a[:, None] for a in (fl, by, rd, ca))
+    kinds = sorted({k for x in layers for k, _ in x.reads})
+    by_kernel = {}  # kernel -> [s, e] bytes through it (a layer without ``reads`` counts under "")
+    if kinds:
+        for kernel in {*kinds, ""}:
+            col = [float(sum(b for k, b in (x.reads or (("", x.read),)) if k == kernel)) for x in layers]
+            pre = np.concatenate([[0.0], np.cumsum(col)])
+            by_kernel[kernel] = pre[None, :] - pre[:, None]
     valid = np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)
     out = np.full((len(peers), n + 1, n + 1), INF)
     for i, q in enumerate(peers):
         if q.flops <= 0:
             continue
         t = dfl / q.flops
-        if q.bandwidth > 0:
+        if by_kernel:
+            speed = dict(q.kernels)
+            rt = np.zeros_like(t)
+            for kernel, d in by_kernel.items():
+                bw = speed.get(kernel, q.bandwidth)
+                if bw > 0:
+                    rt = rt + d / bw
+            t = np.maximum(t, rt)
+        elif q.bandwidth > 0:
             t = np.maximum(t, drd / q.bandwidth)
         out[i] = np.where(valid & (dby <= q.memory_bytes), (t + dca * q.overhead_s) * q.scale, INF)
     return out
@@ -274,8 +312,8 @@ def search(layers: Sequence[Layer], peers: Sequence[Peer], *, links: Links | Non
             found.append(build(layers, [(usable[i], s, e) for i, s, e in hit.parts], links))
     else:
         flops, read = sum(x.flops_per_token for x in layers), sum(x.read for x in layers)
-        calls = sum(x.calls for x in layers)
-        speed = [compute_s(q, flops, read, calls) for q in usable]  # the whole model's time: who is fastest
+        calls, reads = sum(x.calls for x in layers), reads_by_kernel(layers)
+        speed = [compute_s(q, flops, read, calls, reads) for q in usable]  # the whole model's time: who is fastest
         fastest = sorted(range(len(usable)), key=lambda i: (speed[i], usable[i].node_id))
         # The pool: the POOL fastest, more (up to MAX_POOL) while they offer less than 1.5x the model's memory.
         need, size, offered = sum(x.bytes for x in layers), 0, 0

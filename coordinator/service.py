@@ -78,8 +78,13 @@ def planner_layers(manifest: Manifest, context_tokens: int, compute: str | None 
             own = s if s.tensors or not s.tied_to else by_name[s.tied_to]
             weights = formats.loaded_bytes([(t.name, t.dtype, t.shape) for t in own.tensors], compute)
             kv = kv * formats.COMPUTE_ITEMSIZE[compute] // formats.COMPUTE_ITEMSIZE[manifest.compute]
+        # What a token streams: a block's or head's weights through its kernel (compact formats their own,
+        # float ones as loaded in the compute dtype), the KV cache at memory speed; an embedding one row.
+        kernel = s.format if s.format in ("int8", "int4") else compute
+        streamed = 0 if s.kind == "embedding" else weights
         out.append(Layer(s.index, float(s.flops_base + s.flops_per_context * context_tokens),
-                         weights + kv * context_tokens, calls=CALLS.get(s.kind, 0.1)))
+                         weights + kv * context_tokens, read_bytes=streamed + kv * context_tokens,
+                         calls=CALLS.get(s.kind, 0.1), reads=((kernel, streamed), ("", kv * context_tokens))))
     return out
 
 
@@ -365,7 +370,7 @@ class PlanService:
                        NodeStatus.OFFLINE if self.suspected(m.node_id) else m.status,
                        m.info.accept_public_jobs and not (gpu_only and not m.info.hardware.gpus),
                        entry in m.info.installed_models, hop, m.info.memory_bandwidth, scales.get(m.node_id, 1.0),
-                       overhead_of(m.info.layer_overhead_us, compute))
+                       overhead_of(m.info.layer_overhead_us, compute), tuple(sorted(m.info.kernel_bandwidth.items())))
                 for m in self.mesh.membership.members()]
 
     def _scales(self, model: str, revision: str, layers: Sequence[Layer], flops: dict[str, float]) -> dict[str, float]:
@@ -380,11 +385,10 @@ class PlanService:
             key = str(StageKey.make(model, revision, a.start, a.end, plan.compute_dtype))
             if m is None or not (ms := m.info.step_ms.get(key)) or a.start not in pos or a.end - 1 not in pos:
                 continue
-            part = layers[pos[a.start]:pos[a.end - 1] + 1]
             peer = planner.Peer(a.node, flops.get(a.node, 0.0), 0, bandwidth=m.info.memory_bandwidth,
-                                overhead_s=overhead_of(m.info.layer_overhead_us, plan.compute_dtype))
-            estimate = search.compute_s(peer, sum(x.flops_per_token for x in part), sum(x.read for x in part),
-                                        sum(x.calls for x in part))
+                                overhead_s=overhead_of(m.info.layer_overhead_us, plan.compute_dtype),
+                                kernels=tuple(sorted(m.info.kernel_bandwidth.items())))
+            estimate = search.build(layers, [(peer, pos[a.start], pos[a.end - 1] + 1)], Links()).stages[0].compute_s
             if 0 < estimate < float("inf"):
                 out[a.node] = min(max(ms / 1000 / estimate, 1 / MAX_SCALE), MAX_SCALE)
         return out

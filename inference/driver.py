@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -73,6 +74,39 @@ class GenerationFailed(PeerError):
     code = "GENERATION_FAILED"
 
 
+class MeshBusy(PeerError):
+    """Every pipeline slot and queue place for the model is taken; ``retry_after``: seconds to wait."""
+
+    code = "MESH_BUSY"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class Admission:
+    """One model's pipeline at this driver: at most ``slots`` generations at once, at most ``queue`` waiting
+    (FIFO: trio's semaphore wakes waiters in order); ``seconds`` is the recent mean generation time."""
+
+    slots: int
+    queue: int
+    active: int = 0
+    waiting: int = 0
+    seconds: float = 1.0
+    gate: trio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gate = trio.Semaphore(self.slots)
+
+    def full(self) -> bool:
+        return self.active >= self.slots and self.waiting >= self.queue
+
+    def retry_after(self) -> int:
+        """Whole seconds until a queue place is likely free: the queue ahead over the slots, per generation."""
+        return max(1, math.ceil((self.waiting + 1) / self.slots * self.seconds))
+
+
 class RouteFailed(Exception):
     """One attempt over one route failed; the driver fails over."""
 
@@ -121,6 +155,7 @@ class Driver:
                                                                                 offload)
         self.results = results  # where the last stage's answers to our sessions arrive
         self._ping, self._report = ping, report  # a hung-peer check; failed routes to the coordinator
+        self._admission: dict[str, Admission] = {}  # model -> its pipeline's slots and queue here
         self._tokenizers: dict[tuple[str, str], Any] = {}
         self._tokenizer_lock = trio.Lock()
         self.failovers = 0
@@ -216,6 +251,42 @@ class Driver:
         self.step_seconds.observe(tok.step_ms / 1000)
         self.hop_seconds.observe(max(0.0, tok.step_ms - sum(tok.compute_ms)) / 1000 / (len(route.hops) + 1))
 
+    def admission(self, spec: str) -> Admission:
+        model = ModelRef.of(spec).model
+        if model not in self._admission:  # bounded: only models with a plan or a serve request get here
+            self._admission[model] = Admission(self.config.max_pipeline_sessions, self.config.max_queued_requests)
+        return self._admission[model]
+
+    def check_capacity(self, spec: str) -> None:
+        """MESH_BUSY (429, ``retry_after``) when a new request for ``spec`` could neither run nor wait now."""
+        adm = self.admission(spec)
+        if adm.full():
+            self.requests.add(self._label(spec), "busy")
+            log.warning("refused a generation of %s: %d running, %d waiting (the most allowed)", spec, adm.active,
+                        adm.waiting, extra={"event": "mesh_busy", "code": "MESH_BUSY", "model": spec,
+                                            "node_id": self.mesh.node_id})
+            raise MeshBusy(f"{spec}: {adm.active} generations running and {adm.waiting} waiting here, the most "
+                           f"allowed; retry in {adm.retry_after()}s", adm.retry_after())
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, spec: str) -> AsyncIterator[None]:
+        """A pipeline slot for one generation, waiting in the bounded queue for one (MESH_BUSY past it)."""
+        self.check_capacity(spec)
+        adm = self.admission(spec)
+        adm.waiting += 1
+        try:
+            await adm.gate.acquire()
+        finally:
+            adm.waiting -= 1
+        adm.active += 1
+        began = trio.current_time()
+        try:
+            yield
+        finally:
+            adm.active -= 1
+            adm.gate.release()
+            adm.seconds += 0.2 * (trio.current_time() - began - adm.seconds)
+
     async def generate(self, req: Request) -> AsyncIterator[Token]:
         """Tokens as they come (the last one may be a stop token), failing over as needed. A refusal that
         no other route can cure (``PERMANENT``) fails the request at once; otherwise the generation waits
@@ -224,8 +295,9 @@ class Driver:
         outcome: str | None = "failed"
         tokens = self._generate(req)
         try:
-            async for tok in tokens:
-                yield tok
+            async with self._slot(req.model):
+                async for tok in tokens:
+                    yield tok
             outcome = "ok"
         except GeneratorExit:
             outcome = "ok"  # the caller stopped reading: it had what it wanted (a stop string)
@@ -233,8 +305,8 @@ class Driver:
         except trio.Cancelled:
             outcome = "cancelled"  # the client went away
             raise
-        except (ModelNotServed, NotFoundError):
-            outcome = None  # counted by require as unavailable
+        except (ModelNotServed, NotFoundError, MeshBusy):
+            outcome = None  # counted where it was refused (require: unavailable; check_capacity: busy)
             raise
         finally:
             if outcome is not None:

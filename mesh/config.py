@@ -78,6 +78,10 @@ class StorageConfig:
     retries: int = 3  # rounds over every holder of a shard, with exponential backoff, before giving up
     upload_limit_mb_s: float = 0.0  # serving shards to peers, MB/s (0: unlimited)
     download_limit_mb_s: float = 0.0  # fetching shards from peers, MB/s (0: unlimited)
+    manifest_cache_ttl: float = 300.0  # seconds a manifest learned from a holder is used before asking again
+    task_lock_timeout: float = 1800.0  # a model version being added or fetched: another process may take it after
+    file_lock_timeout: float = 300.0  # one file being fetched (renewed while its bytes arrive)
+    stale_lock_age: float = 3600.0  # lock files older than this are removed when the store opens
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +101,10 @@ class CoordinatorConfig:
 class InferenceConfig:
     serve: tuple[str, ...] = ()  # models ("id" or "id@revision") this peer asks the mesh to serve
     max_sessions: int = 64  # generations a stage runs at once; more are refused (TOO_MANY_SESSIONS)
+    # Back-pressure at a driver: generations it runs at once on one model's pipeline; more wait in a queue of
+    # at most max_queued_requests; past that a request is refused at once (429 MESH_BUSY, Retry-After).
+    max_pipeline_sessions: int = 8
+    max_queued_requests: int = 32
     session_idle_timeout: float = 120.0  # a stage frees a session's KV cache after this much silence
     step_timeout: float = 60.0  # the driver's wait for one step's token before it gives up on the route
     recovery_timeout: float = 60.0  # how long a generation waits for a working route after a failure
@@ -168,6 +176,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("storage.retries", "--download-retries", "rounds over every holder of a shard before giving up"),
     Option("storage.upload_limit_mb_s", "--upload-limit", "MB/s when serving shards to peers (0: unlimited)"),
     Option("storage.download_limit_mb_s", "--download-limit", "MB/s when fetching shards (0: unlimited)"),
+    Option("storage.manifest_cache_ttl", "--manifest-cache-ttl",
+           "seconds a manifest learned from a holder is used before it is asked for again"),
+    Option("storage.task_lock_timeout", "--task-lock-timeout",
+           "seconds a model's add or fetch lock holds before another process may take it over"),
+    Option("storage.file_lock_timeout", "--file-lock-timeout",
+           "seconds a file's fetch lock holds without progress before another process may take it over"),
+    Option("storage.stale_lock_age", "--stale-lock-age", "lock files older than this (s) are removed at start"),
     Option("coordinator.models", "--plan-model", "model (id or id@revision) to keep a plan for (repeatable)"),
     Option("coordinator.hop_ms", "--hop-ms", "planner cost of one activation hop between stages, ms per token"),
     Option("coordinator.context_tokens", "--context-tokens", "context every stage's KV cache must hold"),
@@ -182,6 +197,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("inference.session_idle_timeout", "--session-idle-timeout",
            "seconds of silence before a stage frees a session's KV cache"),
     Option("inference.step_timeout", "--step-timeout", "seconds the driver waits for one token"),
+    Option("inference.max_pipeline_sessions", "--max-pipeline-sessions",
+           "generations this peer drives at once on one model's pipeline (more wait in the queue)"),
+    Option("inference.max_queued_requests", "--max-queued-requests",
+           "requests that may wait for a pipeline slot; more are refused with 429 MESH_BUSY"),
     Option("inference.recovery_timeout", "--recovery-timeout",
            "seconds a generation waits for a working route after a stage fails"),
     Option("inference.compute_dtype", "--compute-dtype",
@@ -291,6 +310,12 @@ def validate(config: Config) -> None:
         raise ValueError("storage.parallel_downloads and storage.retries must be at least 1")
     if st.upload_limit_mb_s < 0 or st.download_limit_mb_s < 0:
         raise ValueError("storage rate limits must not be negative (0 means unlimited)")
+    if st.manifest_cache_ttl < 0:
+        raise ValueError("storage.manifest_cache_ttl must not be negative (0: never cached)")
+    if min(st.task_lock_timeout, st.file_lock_timeout, st.stale_lock_age) <= 0:
+        raise ValueError("storage.task_lock_timeout, file_lock_timeout and stale_lock_age must be positive")
+    if st.stale_lock_age < max(st.task_lock_timeout, st.file_lock_timeout):
+        raise ValueError("storage.stale_lock_age must be at least the lock timeouts (a live lock is never stale)")
     co = config.coordinator
     if co.hop_ms < 0 or co.context_tokens < 1 or co.reassign_threshold < 0 or co.republish_interval <= 0:
         raise ValueError("coordinator: hop_ms and reassign_threshold must not be negative, context_tokens and "
@@ -306,6 +331,8 @@ def validate(config: Config) -> None:
     inf = config.inference
     if inf.max_sessions < 1 or min(inf.session_idle_timeout, inf.step_timeout, inf.recovery_timeout) <= 0:
         raise ValueError("inference: max_sessions must be at least 1 and its timeouts positive")
+    if inf.max_pipeline_sessions < 1 or inf.max_queued_requests < 0:
+        raise ValueError("inference: max_pipeline_sessions must be at least 1, max_queued_requests not negative")
     if inf.compute_dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"inference.compute_dtype: auto, float32 or bfloat16, not {inf.compute_dtype!r}")
     if config.demo.peers < 1:

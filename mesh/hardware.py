@@ -163,3 +163,45 @@ def measure_overhead(dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict[
             out[name] = sorted(times[4:])[len(times[4:]) // 2]  # the first steps warm up
     log.info("per-block overhead: %s", ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in out.items()))
     return out
+
+
+#: The weight-kernel benchmark's matrix (rows x columns): 32 M weights, 16-128 MiB by format, beyond the caches.
+KERNEL_MATRIX = (8192, 4096)
+
+
+def measure_kernels(seconds: float) -> dict[str, float]:
+    """Bytes of weights per second each matrix-vector kernel a stage runs streams on the CPU, one batch-1 token
+    at a time: "float32" (fp32 activations), "bfloat16", and the weight-only "int8" and "int4" kernels (bf16
+    activations), each measured for ``seconds``. Decode reads every weight once per token, so a stage's
+    weights over these is its time; compact kernels may be slower than memory (they unpack as they go)."""
+    import torch
+
+    if seconds <= 0:
+        return {}
+    rows, cols = KERNEL_MATRIX
+    x32, x16 = torch.randn(1, cols), torch.randn(1, cols, dtype=torch.bfloat16)
+    w32 = torch.randn(rows, cols)
+    w16 = w32.to(torch.bfloat16)
+    q8 = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+    s8 = torch.rand(rows, dtype=torch.bfloat16)
+    q4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (rows, cols), dtype=torch.int32), 1)
+    sz4 = torch.rand(cols // 32, rows, 2, dtype=torch.bfloat16)
+    kernels = {
+        "float32": (lambda: x32 @ w32.t(), rows * cols * 4),
+        "bfloat16": (lambda: x16 @ w16.t(), rows * cols * 2),
+        "int8": (lambda: torch.ops.aten._weight_int8pack_mm(x16, q8, s8), rows * cols),
+        "int4": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x16, q4, 32, sz4), rows * cols // 2),
+    }
+    out = {}
+    for name, (run, size) in kernels.items():
+        run()  # warm-up
+        iters, start = 0, time.perf_counter()
+        while True:
+            run()
+            iters += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                break
+        out[name] = size * iters / elapsed
+    log.info("weight kernels: %s", ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in out.items()))
+    return out

@@ -115,6 +115,7 @@ class PeerCore:
         links: Mapping[str, float] | None = None,
         step_ms: Mapping[str, float] | None = None,
         layer_overhead_us: Mapping[str, float] | None = None,
+        kernel_bandwidth: Mapping[str, float] | None = None,
     ) -> tuple[bytes, list[PeerEvent]]:
         """Build, sign and record this peer's next heartbeat; returns the bytes to publish."""
         events: list[PeerEvent] = []
@@ -149,6 +150,7 @@ class PeerCore:
             links=dict(links or {}),
             step_ms=dict(step_ms or {}),
             layer_overhead_us=dict(layer_overhead_us or {}),
+            kernel_bandwidth=dict(kernel_bandwidth or {}),
         )
         self._last_info = info
         # Our own entry; its status events duplicate the ones _set_status already returned.

@@ -111,6 +111,8 @@ class NodeInfo:
     step_ms: Mapping[str, float] = field(default_factory=dict)
     # Measured per-token dispatch time of one transformer block, µs, per compute dtype ("float32", ...).
     layer_overhead_us: Mapping[str, float] = field(default_factory=dict)
+    # Measured bytes/s of each batch-1 weight kernel ("float32", "bfloat16", "int8", "int4").
+    kernel_bandwidth: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def claims_coordinator(self) -> bool:
@@ -364,6 +366,7 @@ def encode_node_info(info: NodeInfo) -> bytes:
             "links": dict(info.links),
             "step_ms": dict(info.step_ms),
             "layer_overhead_us": dict(info.layer_overhead_us),
+            "kernel_bandwidth": dict(info.kernel_bandwidth),
         }
     )
 
@@ -416,6 +419,7 @@ def decode_node_info(payload: bytes) -> NodeInfo:
         links=_ms_map(r.raw("links", {}), "node_info.links", MAX_LINKS, MAX_RTT_MS),
         step_ms=_ms_map(r.raw("step_ms", {}), "node_info.step_ms", MAX_LIST, MAX_RTT_MS),
         layer_overhead_us=_ms_map(r.raw("layer_overhead_us", {}), "node_info.layer_overhead_us", 8, 1e6),
+        kernel_bandwidth=_ms_map(r.raw("kernel_bandwidth", {}), "node_info.kernel_bandwidth", 8, 1e15),
     )
 
 

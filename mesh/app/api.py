@@ -33,6 +33,7 @@ from mesh.app.metrics import CONTENT_TYPE_LATEST, Telemetry
 from mesh.errors import MeshError, NotFoundError, PeerError
 from mesh.logs import Throttle
 from mesh.wire import NodeStatus
+from storage.queue import parse_priority
 
 if TYPE_CHECKING:
     from mesh.app.node import Node
@@ -46,7 +47,9 @@ def error_response(err: MeshError) -> JSONResponse:
     from mesh.app.openai import openai_error
 
     log.warning("api error %s: %s", err.code, err, extra={"event": "api_error", "code": err.code})
-    return JSONResponse({"error": openai_error(err)}, status_code=err.http_status)
+    retry = getattr(err, "retry_after", None)  # MESH_BUSY: when to come back
+    headers = {"Retry-After": str(retry)} if isinstance(retry, int) else None
+    return JSONResponse({"error": openai_error(err)}, status_code=err.http_status, headers=headers)
 
 
 #: The console's files (package data, beside this module): the page is ``GET /``, the others ``/console/NAME``.
@@ -184,14 +187,22 @@ def build_app(node: Node) -> Starlette:
         return JSONResponse(node.store.ranking())  # the seeds' list, most requested first
 
     async def start_transfer(request: Request) -> JSONResponse:
-        body = await json_body(request, '{"model": ..., "revision": ..., "source": ...}')
+        body = await json_body(request, '{"model": ..., "revision": ..., "priority": ..., "source": ...}')
         if not isinstance(body.get("model"), str) or not body["model"]:
             raise PeerError("\"model\" (a model id) is required", code="MISSING_PARAMETER")
         for key in ("revision", "source"):
             if body.get(key) is not None and not isinstance(body[key], str):
                 raise PeerError(f"{key!r} must be a string", code="INVALID_PARAMETER")
-        transfer = node.library.start_fetch(body["model"], body.get("revision"), body.get("source"))
+        transfer = node.library.start_fetch(body["model"], body.get("revision"), body.get("source"),
+                                            priority=parse_priority(body.get("priority")))
         return JSONResponse({"transfer": transfer.snapshot()}, status_code=202)
+
+    def control_transfer(action: Callable[[str], Any]) -> Callable[[Request], Any]:
+        """POST /api/transfers/{id}/pause, /resume or /cancel (``storage.queue.TRANSITIONS``)."""
+        async def control(request: Request) -> JSONResponse:
+            return JSONResponse({"transfer": action(request.path_params["transfer_id"]).snapshot()})
+
+        return control
 
     async def transfers(request: Request) -> JSONResponse:
         try:
@@ -329,6 +340,9 @@ def build_app(node: Node) -> Starlette:
         Route("/api/transfers", transfers),
         Route("/api/transfers", start_transfer, methods=["POST"]),
         Route("/api/transfers/{transfer_id}", transfer),
+        Route("/api/transfers/{transfer_id}/pause", control_transfer(node.library.pause), methods=["POST"]),
+        Route("/api/transfers/{transfer_id}/resume", control_transfer(node.library.resume), methods=["POST"]),
+        Route("/api/transfers/{transfer_id}/cancel", control_transfer(node.library.cancel), methods=["POST"]),
         Route("/storage/models/{rest:path}", storage_file, methods=["GET", "HEAD"]),
         Route("/", console_page),
         Route("/console/{name}", console_static),

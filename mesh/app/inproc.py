@@ -105,7 +105,7 @@ class InProcessMesh:
         return await self.join(name, invite)
 
     async def start(self, name: str, *, flops: float = 1e10, layer_memory: int = 1 << 34, bandwidth: float = 0.0,
-                    overhead: dict[str, float] | None = None,
+                    overhead: dict[str, float] | None = None, kernels: dict[str, float] | None = None,
                     bootstrap: bool = True, membership: Membership | None = None, open: bool = False,
                     **inference: Any) -> Peer:
         """Start peer ``name`` and return once it runs; it bootstraps from every live peer started before it.
@@ -133,7 +133,7 @@ class InProcessMesh:
                 async with self.network.open(identity) as transport:
                     node = Node(cfg, identity, core, transport, (), flops, store, offload=inline, reads=inline,
                                 membership=membership, wall_clock=trio.current_time, bandwidth=bandwidth,
-                                overhead=overhead)
+                                overhead=overhead, kernels=kernels)
                     started.append(Peer(name, node, scope))
                     await node.run(task_status=task_status)
 

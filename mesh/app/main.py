@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from mesh.identity import Identity
 from mesh.keyfile import load_or_create
 from mesh.peer import PeerCore, PeerProfile
 from mesh.transport import Transport, is_loopback_addr
+from storage.registry import LockTimeouts
 from storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -128,6 +130,7 @@ async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_
     else:
         bandwidth = await trio.to_thread.run_sync(hardware.measure_bandwidth, config.node.benchmark_seconds)
     overhead = await trio.to_thread.run_sync(hardware.measure_overhead) if config.node.benchmark_seconds > 0 else {}
+    kernels = await trio.to_thread.run_sync(hardware.measure_kernels, config.node.benchmark_seconds / 4)
     m = config.membership
     profile = PeerProfile(
         version=VERSION, name=config.node.name, incarnation=int(time.time() * 1000),
@@ -137,13 +140,15 @@ async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_
         features_supported=("gossip-v1", "election-v1", *await trio.to_thread.run_sync(hardware.bf16_features)),
     )
     core = PeerCore(identity, profile, m, trio.current_time())
-    store = await trio.to_thread.run_sync(Store, data_dir / "store", identity)
+    st = config.storage
+    locks = LockTimeouts(task=st.task_lock_timeout, file=st.file_lock_timeout, stale=st.stale_lock_age)
+    store = await trio.to_thread.run_sync(functools.partial(Store, data_dir / "store", identity, locks=locks))
     async with Transport.open(identity, config.network.listen, mdns=config.network.mdns,
                               loopback_only=config.network.loopback_only,
                               gossip_heartbeat=m.heartbeat_interval) as transport:
         membership, config = await admission(config, identity, transport)
         node = Node(config, identity, core, transport, gpus, flops, store, membership=membership,
-                    bandwidth=bandwidth, overhead=overhead)
+                    bandwidth=bandwidth, overhead=overhead, kernels=kernels)
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: node.run(api=serve_api, task_status=task_status))
             if membership is not None:  # the mesh and how to invite; never a secret

@@ -83,7 +83,7 @@ class Node:
         gpus: tuple[GpuInfo, ...], flops: float, store: Store, *, offload: Offload = threads,
         reads: Offload = abandoning, membership: Membership | None = None,
         wall_clock: Callable[[], float] = time.time, bandwidth: float = 0.0,
-        overhead: dict[str, float] | None = None,
+        overhead: dict[str, float] | None = None, kernels: dict[str, float] | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -93,6 +93,7 @@ class Node:
         self.flops = flops
         self.bandwidth = bandwidth  # memory bandwidth, bytes/s (0: unknown)
         self.overhead = dict(overhead or {})  # compute dtype -> one block's dispatch time per token, s
+        self.kernels = dict(kernels or {})  # weight kernel -> bytes/s it streams
         self.links = LinkTable()
         self.api_url = ""
         self.started_wall = time.time()
@@ -228,6 +229,7 @@ class Node:
             links=self.links.nearest(),
             step_ms=self.stages.step_times(),
             layer_overhead_us={k: round(v * 1e6, 3) for k, v in self.overhead.items()},
+            kernel_bandwidth=self.kernels,
         )
         self._log_events(events)
         # A publish must never hold up the next heartbeat, whatever a peer's socket does.

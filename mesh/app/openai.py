@@ -212,6 +212,7 @@ class Api:
         final ("done", Outcome). Errors before the first event are raised here, not in the stream."""
         p = parse_params(body, default_max)
         route = self.node.driver.require(p.model)
+        self.node.driver.check_capacity(p.model)  # MESH_BUSY before anything is streamed
         self.node.store.count(route.model, "generation")  # the model ranking counts generation requests
         prompt, tok, stops = await self._prompt(body, chat, route)
         if body.get("ignore_eos") is True:
@@ -348,8 +349,10 @@ class Api:
                                         "temperature": 0.0}, chat=False, default_max=64)
             out = await _last(events)
         except MeshError as err:
+            retry = getattr(err, "retry_after", None)
             return JSONResponse({"success": False, "message": str(err), "code": err.code, "request_id": request_id},
-                                status_code=err.http_status)
+                                status_code=err.http_status,
+                                headers={"Retry-After": str(retry)} if isinstance(retry, int) else None)
         answer: dict[str, Any] = {"success": True, "message": "Inference request processed successfully",
                                   "request_id": request_id, "selected_nodes": [], "model_split_plan": None,
                                   "estimated_total_time": None, "fallback_nodes": []}

@@ -502,3 +502,39 @@ async def test_the_latency_plan_is_the_exact_optimum_over_gossiped_bandwidth_lin
         held = service.book.current[MODEL].plan
         scales = service._scales(MODEL, held.revision, layers, service._flops())
         assert set(scales) == stage_nodes and all(1 / 8 <= s <= 8 for s in scales.values())
+
+
+async def test_past_the_admission_bound_a_request_gets_429_mesh_busy_and_nothing_queued_is_lost(
+        tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
+    folder, want = tiny
+    c = config()
+    cfg = dataclasses.replace(c, inference=dataclasses.replace(c.inference, max_pipeline_sessions=1,
+                                                               max_queued_requests=1))
+    async with InProcessMesh(tmp_path, cfg) as mesh:
+        *_, peer = await three_peers(mesh, folder)
+        driver = peer.node.driver
+        hold, got = trio.Event(), {}
+
+        async def run(name: str, stall: bool) -> None:
+            out = []
+            async for tok in driver.generate(Request(MODEL, PROMPT, 12)):
+                out.append(tok.id)
+                if stall:
+                    await hold.wait()  # keeps its pipeline slot while the others wait
+            got[name] = out
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "first", True)
+            await mesh.wait(lambda: driver.admission(MODEL).active == 1, timeout=10, what="the slot taken")
+            nursery.start_soon(run, "queued", False)
+            await mesh.wait(lambda: driver.admission(MODEL).waiting == 1, timeout=10, what="one request queued")
+            async with api_client(peer.node) as http:
+                r = await http.post("/v1/completions", json={"model": MODEL, "prompt": list(PROMPT), "max_tokens": 4})
+                seed = await http.post("/api/request", json={"model_id": MODEL, "input_data": {"text": "hi"}})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "MESH_BUSY", r.text
+            assert int(r.headers["Retry-After"]) >= 1
+            assert seed.status_code == 429 and seed.json()["code"] == "MESH_BUSY" and "Retry-After" in seed.headers
+            assert driver.admission(MODEL).waiting == 1  # the refusal queued nothing
+            hold.set()
+        assert got == {"first": want[:12], "queued": want[:12]}  # both finished, in order, with the oracle's tokens
+        assert driver.admission(MODEL).active == 0 and driver.admission(MODEL).waiting == 0

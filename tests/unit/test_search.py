@@ -16,13 +16,18 @@ from hypothesis import strategies as st
 from coordinator.planner import Layer, Peer, PlanInfeasible, Split, plan_split
 from coordinator.search import EXACT_PEERS, Links, brute_force, cost, plan, search
 
-layers_st = st.lists(st.tuples(st.floats(1.0, 100.0), st.integers(1, 50), st.sampled_from([0.0, 0.1, 1.0])),
-                     min_size=1, max_size=8).map(lambda xs: [Layer(i, f, b, calls=c) for i, (f, b, c) in enumerate(xs)])
+READS = [(), (("int4", 20),), (("int8", 10), ("", 5))]  # bytes by weight kernel ("" the memory bandwidth)
+KERNELS = [(), (("int4", 5.0),), (("int4", 1.0), ("int8", 30.0))]  # bytes/s by kernel
+layers_st = st.lists(st.tuples(st.floats(1.0, 100.0), st.integers(1, 50), st.sampled_from([0.0, 0.1, 1.0]),
+                               st.sampled_from(READS)),
+                     min_size=1, max_size=8).map(
+    lambda xs: [Layer(i, f, b, calls=c, reads=r) for i, (f, b, c, r) in enumerate(xs)])
 peers_st = st.lists(
     st.tuples(st.floats(1.0, 50.0), st.integers(10, 300), st.sampled_from([0.0, 0.5, 2.0]),
-              st.sampled_from([0.0, 2.0, 20.0]), st.sampled_from([0.0, 0.01, 0.2])),
+              st.sampled_from([0.0, 2.0, 20.0]), st.sampled_from([0.0, 0.01, 0.2]), st.sampled_from(KERNELS)),
     min_size=1, max_size=5,
-).map(lambda xs: [Peer(f"p{i}", f, m, link, bandwidth=bw, overhead_s=o) for i, (f, m, link, bw, o) in enumerate(xs)])
+).map(lambda xs: [Peer(f"p{i}", f, m, link, bandwidth=bw, overhead_s=o, kernels=k)
+                  for i, (f, m, link, bw, o, k) in enumerate(xs)])
 
 
 @st.composite

@@ -44,6 +44,7 @@ def info(**kw: object) -> NodeInfo:
         links={"12D3KooWpeerB": 0.42, "12D3KooWpeerC": 12.5},
         step_ms={"m@r:0:16:float32": 31.25},
         layer_overhead_us={"float32": 317.5, "bfloat16": 410.0},
+        kernel_bandwidth={"int4": 8.5e9, "int8": 1.02e10},
         addrs=("/ip4/127.0.0.1/tcp/4001/p2p/" + ME.node_id,),
         term=3,
         coordinator=ME.node_id,
@@ -141,6 +142,7 @@ def test_unsigned_and_wrongly_signed_are_refused() -> None:
         ("step_ms", {"k" * 1000: 1.0}),
         ("layer_overhead_us", {"float32": -1.0}),
         ("layer_overhead_us", {f"dtype{i}": 1.0 for i in range(9)}),
+        ("kernel_bandwidth", {"int4": -5.0}),
     ],
 )
 def test_wrong_types_are_refused_with_a_code(field: str, value: object) -> None:

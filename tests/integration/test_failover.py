@@ -1,0 +1,137 @@
+"""Failover that does not wait for heartbeats, with real processes and SmolLM2: the latency plan puts the model
+on one peer, its fallback keeps the shards on disk ahead of time, and a kill -9 (then a SIGSTOP) of the serving
+peer mid-stream moves the session at once: the driver names the route to the coordinator, which pings the
+peer and covers its range before the heartbeat timeout would have fired; the takeover fetches nothing; the
+text equals the uninterrupted run's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh.app.client import api_get, stream_events
+from mesh.app.localmesh import LocalMesh, PeerProcess, agreed, wait_for
+from mesh.config import MembershipConfig
+from mesh.identity import Identity
+from storage.store import Store
+
+pytestmark = pytest.mark.integration
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "local-3.toml")
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def route(peers: list[PeerProcess], exclude: tuple[str, ...] = ()) -> list[str] | None:
+    """The stage peers of SmolLM2's route once every peer lists it ready on the same ones (none in ``exclude``)."""
+    seen = []
+    for p in peers:
+        entry = next((m for m in (p.try_get("/v1/models") or {}).get("data", []) if m["id"] == SMOLLM2), None)
+        if entry is None:
+            return None
+        seen.append([s["node_id"] for s in entry["meshnode"]["stages"]])
+    return seen[0] if all(s == seen[0] for s in seen) and not set(seen[0]) & set(exclude) else None
+
+
+def events(peer: PeerProcess, name: str) -> list[dict[str, Any]]:
+    return [r for r in peer.log_records() if r.get("event") == name]
+
+
+def received_bytes(peer: PeerProcess) -> float:
+    """What the peer has fetched from holders so far (its /metrics counter)."""
+    with urllib.request.urlopen(f"{peer.api}/metrics", timeout=3.0) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("meshnode_transfer_bytes_total") and 'direction="in"' in line)
+
+
+class Stream:
+    """A streamed completion read in the background (token ids and when each arrived)."""
+
+    def __init__(self, peer: PeerProcess, body: dict[str, Any]) -> None:
+        self.tokens: list[int] = []
+        self.arrivals: list[float] = []
+        self.final: dict[str, Any] = {}
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                for event in stream_events(peer.api, "/v1/completions", body, timeout=120.0):
+                    if "token_id" in event.get("meshnode", {}):
+                        self.tokens.append(event["meshnode"]["token_id"])
+                        self.arrivals.append(time.time())
+                    if event["choices"][0]["finish_reason"] is not None:
+                        self.final = event
+            except BaseException as exc:  # reported by the test
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+
+def test_kill_and_sigstop_of_the_serving_peer_fail_over_at_once_from_standby_shards(
+        tmp_path: Path, smollm2_store: Store) -> None:
+    from inference.local import LocalModel
+    from inference.tokenizer import chat_ids
+
+    shutil.copytree(smollm2_store.root, tmp_path / "a" / "store")  # a holds the model; b and c fetch from it
+    reference = LocalModel(Store(tmp_path / "a" / "store", Identity.generate()), SMOLLM2)
+    prompt = chat_ids(reference.tokenizer, [{"role": "user", "content": "Write a short story about a lighthouse."}])
+    want = reference.generate(prompt, 40, stop=False).token_ids
+    del reference
+    offline_after = MembershipConfig().offline_after
+    # The speed model pinned (no start-up benchmark decides): the latency plan runs the model on b (the most
+    # memory bandwidth), with c (the next) as its fallback; a, started first, coordinates and drives.
+    common = ("--objective", "latency", "--compute-gflops", "50", "--benchmark-seconds", "0", "--link-interval", "1")
+    bandwidth = {"a": "5", "b": "20", "c": "10"}
+    with LocalMesh(tmp_path, config_file=CONFIG, extra_args=common) as mesh:
+        a = mesh.start_peer("a", args=("--memory-bandwidth-gbps", bandwidth["a"]))
+        wait_for(lambda: agreed([a]), 20, what="a to coordinate")
+        b, c = (mesh.wait_started(p) for p in [mesh.launch(n, a.addrs[:1], args=("--memory-bandwidth-gbps",
+                                                                                  bandwidth[n])) for n in "bc"])
+        peers = [a, b, c]
+        wait_for(lambda: agreed(peers), 30, what="one coordinator")
+        assert agreed(peers)[0] == a.node_id
+        api_get(a.api, "/api/model", method="POST", body={"model_id": SMOLLM2})
+        assert wait_for(lambda: route(peers), 90, what="SmolLM2 ready") == [b.node_id]
+        plan = a.get(f"/api/plan?model={SMOLLM2}")["plans"][0]
+        assert plan["objective"] == "latency" and plan["fallback_nodes"][0]["node_id"] == c.node_id
+        wait_for(lambda: events(c, "standby_ready"), 60, what="c to hold b's range on disk")
+        before = received_bytes(c)
+
+        body = {"model": SMOLLM2, "prompt": prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        s = Stream(a, body)
+        wait_for(lambda: len(s.tokens) >= 8 or s.error, 60, what="8 tokens")
+        killed_at = time.time()
+        b.signal(signal.SIGKILL)
+        wait_for(lambda: route(peers[::2], exclude=(b.node_id,)), 30, what="the route on c")
+        s.thread.join(120)
+        assert s.error is None and s.tokens == want, (s.error, s.tokens, want)
+        confirmed = [r for r in events(a, "suspect_confirmed") if r.get("peer") == b.node_id]
+        assert confirmed and confirmed[0]["ts"] - killed_at < offline_after, (confirmed, killed_at)
+        assert received_bytes(c) == before  # the takeover loaded b's range from c's own disk
+        print(f"kill -9: suspect confirmed {confirmed[0]['ts'] - killed_at:.2f}s after the kill (heartbeats: "
+              f"{offline_after}s); next token {min(t for t in s.arrivals if t > killed_at) - killed_at:.2f}s")
+
+        # A hung peer: SIGSTOP c while it serves; the driver's stall check finds it silent, a takes the range.
+        s = Stream(a, body)
+        wait_for(lambda: len(s.tokens) >= 8 or s.error, 60, what="8 tokens")
+        stopped_at = time.time()
+        c.signal(signal.SIGSTOP)
+        try:
+            s.thread.join(120)
+            assert s.error is None and s.tokens == want, (s.error, s.tokens, want)
+            hung = [r for r in events(a, "failover") if r.get("code") == "PEER_UNRESPONSIVE"]
+            assert hung and hung[-1]["ts"] > stopped_at
+            assert [r for r in events(a, "suspect_confirmed") if r.get("peer") == c.node_id]
+            print(f"SIGSTOP: next token {min(t for t in s.arrivals if t > stopped_at) - stopped_at:.2f}s later")
+        finally:
+            c.signal(signal.SIGCONT)
+        print(json.dumps(a.get(f"/api/plan?model={SMOLLM2}")["plans"][0]["why"]))
