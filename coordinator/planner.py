@@ -294,14 +294,21 @@ def fallback_for(stage: Stage, split: Split, peers: Sequence[Peer]) -> str | Non
     neighbouring stage's peer with that much memory to spare (it extends its range, as ``reassign`` does);
     None if nobody can. That peer keeps the range's shards on disk ahead of time (standby shards)."""
     used = {s.node: s.bytes for s in split.stages}
+
+    def speed(q: Peer) -> tuple[float, str]:  # the stage on q: FLOP-bound or bandwidth-bound, then the id
+        t = stage.flops / q.flops
+        if q.bandwidth > 0:
+            t = max(t, stage.bytes / q.bandwidth)
+        return t * q.scale + q.link_s, q.node_id
+
     free = [q for q in peers if q.node_id not in used and q.flops > 0 and q.memory_bytes >= stage.bytes]
     if free:
-        return min(free, key=lambda q: (stage_time(stage.flops, q), q.node_id)).node_id
+        return min(free, key=speed).node_id
     i = next(k for k, s in enumerate(split.stages) if s.node == stage.node and s.start == stage.start)
     near = {split.stages[j].node for j in (i - 1, i + 1) if 0 <= j < len(split.stages)}
     spare = [q for q in peers if q.node_id in near and q.node_id != stage.node
              and q.memory_bytes - used[q.node_id] >= stage.bytes]
-    return min(spare, key=lambda q: (stage_time(stage.flops, q), q.node_id)).node_id if spare else None
+    return min(spare, key=speed).node_id if spare else None
 
 
 # ---- what-if input (``meshnode plan``) -----------------------------------------------------------

@@ -149,12 +149,14 @@ class Driver:
                  library: Library, streams: Streams, local: LocalStages, results: Results, *,
                  requested: Callable[[], list[str]], offload: Offload,
                  ping: Callable[[NodeId, float], Awaitable[float]] | None = None,
-                 report: Callable[[list[NodeId]], Awaitable[None]] | None = None) -> None:
+                 report: Callable[[list[NodeId]], Awaitable[None]] | None = None,
+                 connected: Callable[[], set[NodeId]] | None = None) -> None:
         self.config, self.offline_after, self.mesh, self.plans = config, offline_after, mesh, plans
         self.library, self.streams, self.local, self.requested, self.offload = (library, streams, local, requested,
                                                                                 offload)
         self.results = results  # where the last stage's answers to our sessions arrive
         self._ping, self._report = ping, report  # a hung-peer check; failed routes to the coordinator
+        self._connected = connected  # the peers this one has a connection to (a dead one's drops at once)
         self._admission: dict[str, Admission] = {}  # model -> its pipeline's slots and queue here
         self._tokenizers: dict[tuple[str, str], Any] = {}
         self._tokenizer_lock = trio.Lock()
@@ -206,6 +208,19 @@ class Driver:
     def served(self) -> list[Route]:
         """Every model with a ready route (what ``/v1/models`` lists)."""
         return [r for m in sorted(self.plans.current) if (r := self.route(m)) is not None]
+
+    def _watched(self, route: Route) -> set[NodeId]:
+        """The first and last stage's peers (the two this driver talks to) it is connected to now."""
+        up = self._connected() if self._connected is not None else set()
+        return {n for n in (route.hops[0].node, route.hops[-1].node) if n != self.mesh.node_id and n in up}
+
+    def _cut(self, watched: set[NodeId]) -> NodeId | None:
+        """One of ``watched`` whose connection has gone since (a killed process's drops at once, long before
+        its heartbeats time out)."""
+        if self._connected is None or not watched:
+            return None
+        up = self._connected()
+        return next((n for n in watched if n not in up), None)
 
     def _broken(self, route: Route) -> bool:
         """A stage peer of ``route`` is offline, or the plan moved on and its new route is ready (a route
@@ -436,8 +451,9 @@ class Driver:
                 else:
                     await send(frames[0])
                 slowest = 0.0  # the longest decode step so far, s: a stall is judged against it
+                watched = self._watched(route)
                 while len(produced) < req.max_tokens:
-                    result = await self._wait(results, route, step, step_timeout, slowest)
+                    result = await self._wait(results, route, step, step_timeout, slowest, watched)
                     token = result.extra.get("token")
                     if type(token) is not int or token < 0:
                         raise RouteFailed("BAD_RESULT", f"the last stage answered token {token!r}", route.nodes[-1])
@@ -517,7 +533,7 @@ class Driver:
         return remote
 
     async def _wait(self, results: trio.MemoryReceiveChannel[Frame], route: Route, step: int, timeout: float,
-                    slowest: float = 0.0) -> Frame:
+                    slowest: float = 0.0, watched: set[NodeId] | None = None) -> Frame:
         """The result of ``step``. Past ``max(STALL_AFTER, STALL_STEPS * slowest)`` without it (and again each
         time that passes) the route's peers are pinged: a silent one fails the step as PEER_UNRESPONSIVE."""
         start = trio.current_time()
@@ -536,6 +552,8 @@ class Driver:
                                   route.nodes[-1])
             if trio.current_time() >= deadline:
                 raise RouteFailed("STEP_TIMEOUT", f"no token within {timeout}s", "")
+            if (cut := self._cut(watched or set())) is not None:
+                raise RouteFailed("PEER_DISCONNECTED", f"the connection to {cut} is gone", cut)
             if trio.current_time() >= check_at:
                 hung = await self._hung(route)
                 if hung is not None:

@@ -142,7 +142,8 @@ class StageHost:
         self._streams: collections.Counter[NodeId] = collections.Counter()  # open inbound streams per peer
         self.wake = trio.Event()
         self.on_ready = on_ready  # a stage became ready here (the node heartbeats at once)
-        self.standby: dict[str, str] = {}  # model -> the range (stage key) whose shards are on disk as fallback
+        self.standby: dict[str, str] = {}  # model#key -> the range (stage key) whose shards are on disk as fallback
+        self.warm: dict[str, Loaded] = {}  # stage key -> a standby range loaded ahead (idle peers only)
         self._prefetch: tuple[trio.CancelScope, trio.Event] | None = None  # the background prefetch, if any
 
     def ready(self) -> tuple[str, ...]:
@@ -185,7 +186,12 @@ class StageHost:
                 continue
             await self._stop_prefetch()  # a stage to load goes first: it may need the same files
             try:
-                self.loaded[model] = await self._load(model, revision, start, end, compute)
+                warm = self.warm.pop(key, None)  # a standby range loaded ahead: the takeover is instant
+                self.warm.clear()  # this peer serves now: its memory is for the plan's stages
+                self.loaded[model] = warm or await self._load(model, revision, start, end, compute)
+                if warm is not None:
+                    log.info("stage %s taken over from the warm standby", key,
+                             extra={"event": "standby_taken", "model": model, "node_id": me})
                 self.errors.pop(model, None)
                 self._failed.pop(model, None)
                 if self.on_ready is not None:
@@ -199,7 +205,7 @@ class StageHost:
 
     # ---- standby shards ---------------------------------------------------------------------------
 
-    def _standby_wanted(self) -> list[tuple[str, str, int, int, str]]:
+    def _standby_wanted(self) -> list[tuple[str, str, int, int, str, str]]:
         """(model, revision, start, end, key) of every range a current plan names this peer the fallback for
         (and not the peer of): its shards should be on disk before they are needed."""
         me, out = self.node_id, []
@@ -207,15 +213,16 @@ class StageHost:
             for a in held.plan.assignments:
                 if a.fallback == me and a.node != me:
                     key = str(StageKey.make(model, held.plan.revision, a.start, a.end, held.plan.compute_dtype))
-                    out.append((model, held.plan.revision, a.start, a.end, key))
+                    out.append((model, held.plan.revision, a.start, a.end, held.plan.compute_dtype, key))
         return out
 
     def _standby_follow(self) -> None:
         """Start the background prefetch of standby ranges not on disk yet (one task at a time)."""
         wanted = self._standby_wanted()
-        keep = {w[0] + "#" + w[4] for w in wanted}
+        keep = {w[0] + "#" + w[5] for w in wanted}
         self.standby = {k: v for k, v in self.standby.items() if k in keep}  # ranges no plan names any more
-        todo = [w for w in wanted if self.standby.get(w[0] + "#" + w[4]) is None]
+        self.warm = {k: v for k, v in self.warm.items() if k in {w[5] for w in wanted}}
+        todo = [w for w in wanted if self.standby.get(w[0] + "#" + w[5]) is None]
         if not todo or self._prefetch is not None or self._nursery is None:
             return
         scope, done = trio.CancelScope(), trio.Event()
@@ -228,13 +235,14 @@ class StageHost:
             scope.cancel()
             await done.wait()  # a file write in a worker thread finishes first: one writer per file
 
-    async def _prefetch_ranges(self, todo: list[tuple[str, str, int, int, str]], scope: trio.CancelScope,
+    async def _prefetch_ranges(self, todo: list[tuple[str, str, int, int, str, str]], scope: trio.CancelScope,
                                done: trio.Event) -> None:
         """Fetch (SHA256-checked) the shards of each standby range that are missing here, one range at a time;
-        cancelled whenever a stage must load. Never raises: a failure is logged and retried on a later plan."""
+        a peer that serves nothing also loads the range (a warm standby: the takeover costs no load).
+        Cancelled whenever a stage must load. Never raises: a failure is logged and retried on a later plan."""
         try:
             with scope:
-                for model, revision, start, end, key in todo:
+                for model, revision, start, end, compute, key in todo:
                     try:
                         manifest, _ = await self.library.manifest(model, revision)
                         shards = list(manifest.shards[start:end])
@@ -243,10 +251,13 @@ class StageHost:
                         self.standby[model + "#" + key] = key
                         log.info("standby shards of %s on disk (%.2fs)", key, time.perf_counter() - t0,
                                  extra={"event": "standby_ready", "model": model, "node_id": self.node_id})
-                    except MeshError as err:
-                        if self._throttle.allow(("standby", key, err.code), self.now()) is not None:
-                            log.warning("cannot prefetch standby shards of %s: %s %s", key, err.code, err,
-                                        extra={"event": "standby_failed", "code": err.code, "model": model})
+                        if not self.loaded and not self.warm:  # idle: its memory can hold the range ready
+                            self.warm[key] = await self._load(model, revision, start, end, compute)
+                    except (MeshError, OSError, ValueError, RuntimeError, KeyError) as err:
+                        code = getattr(err, "code", "STAGE_LOAD_FAILED")
+                        if self._throttle.allow(("standby", key, code), self.now()) is not None:
+                            log.warning("cannot prefetch standby shards of %s: %s %s", key, code, err,
+                                        extra={"event": "standby_failed", "code": code, "model": model})
         finally:
             self._prefetch = None
             done.set()

@@ -128,7 +128,8 @@ class Node:
                                 on_ready=lambda: self._beat_now.set())
         self.driver = Driver(config.inference, config.membership.offline_after, core, self.plans.book, self.library,
                              transport, self.stages, self.results, requested=self.serve_requests, offload=offload,
-                             ping=self._ping_peer, report=self.report_failed_route)
+                             ping=self._ping_peer, report=self.report_failed_route,
+                             connected=transport.connected_peers)
         # A closed mesh: members only, on every protocol (mesh.gate); None runs an open mesh.
         self.gate: Gate | None = None
         if membership is not None:
