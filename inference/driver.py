@@ -553,12 +553,13 @@ class Driver:
             if trio.current_time() >= deadline:
                 raise RouteFailed("STEP_TIMEOUT", f"no token within {timeout}s", "")
             if (cut := self._cut(watched or set())) is not None:
-                raise RouteFailed("PEER_DISCONNECTED", f"the connection to {cut} is gone", cut)
+                raise RouteFailed(code="PEER_DISCONNECTED", message=f"the connection to {cut} is gone", node=cut)
             if trio.current_time() >= check_at:
                 hung = await self._hung(route)
                 if hung is not None:
-                    raise RouteFailed("PEER_UNRESPONSIVE", f"no token for {trio.current_time() - start:.1f}s and "
-                                      f"{hung} does not answer a ping", hung)
+                    waited = trio.current_time() - start
+                    raise RouteFailed(code="PEER_UNRESPONSIVE", node=hung,
+                                      message=f"no token for {waited:.1f}s and {hung} does not answer a ping")
                 check_at = trio.current_time() + stall
             if self._broken(route):
                 raise RouteFailed("ROUTE_CHANGED", "the plan moved to other stages or a stage peer went offline", "")
