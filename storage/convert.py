@@ -21,8 +21,9 @@ from mesh.errors import LocalError
 from storage.families import Family, by_name
 from storage.formats import DTYPE_BYTES, FLOAT_DTYPES, FLOAT_FORMATS, GROUP, MIN, QUANTIZED, SCALE
 from storage.metadata import Architecture, ModelMetadata, TensorInfo, group_layers, read_model_tensors
+from storage.pieces import PIECE_SIZE
 from storage.quantize import SAFETENSORS_DTYPES, TORCH_DTYPES, encode_weight, tensor_bytes
-from storage.shards import write_produced_shard
+from storage.shards import Written, shard_bytes, write_produced_shard
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,12 @@ def stored(name: str, shape: tuple[int, ...], fmt: str) -> list[TensorInfo]:
 
 
 def convert(tensors: list[SourceTensor], weights: str, arch: Architecture, shard_dir: Path,
-            written_one: Callable[[int, int], None] = lambda done, total: None,
-            ) -> tuple[ModelMetadata, list[tuple[int, str]]]:
+            written_one: Callable[[int, int], None] = lambda done, total: None, *,
+            reserve: Callable[[int], None] = lambda nbytes: None, piece_size: int = PIECE_SIZE,
+            ) -> tuple[ModelMetadata, list[Written]]:
     """Write every layer's shard in the chosen format, one source tensor at a time; (metadata of the
-    stored tensors, (size, sha256) per layer). ``written_one(done, total)`` after each shard."""
+    stored tensors, each layer's shard as written). ``reserve(bytes)`` is told what the shards will take
+    before the first is written (it raises to refuse); ``written_one(done, total)`` after each shard."""
     family = by_name(arch.family)
     if weights in QUANTIZED and not family.quantized_weights:
         raise LocalError(f"{arch.model_type} weights can be stored as float32, bfloat16 or float16, not quantized",
@@ -84,6 +87,7 @@ def convert(tensors: list[SourceTensor], weights: str, arch: Architecture, shard
             infos[info.name] = info
             source_of[info.name] = st.name
     meta = group_layers(arch, infos)
+    reserve(sum(shard_bytes(layer.name, [infos[n] for n in layer.tensors]) for layer in meta.layers))
     pending: dict[str, torch.Tensor] = {}  # produced tensors waiting for their turn (a weight's scales)
 
     def produce(name: str) -> bytes:
@@ -103,7 +107,8 @@ def convert(tensors: list[SourceTensor], weights: str, arch: Architecture, shard
 
     written = []
     for layer in meta.layers:
-        written.append(write_produced_shard(layer.name, [infos[n] for n in layer.tensors], produce, shard_dir))
+        written.append(write_produced_shard(layer.name, [infos[n] for n in layer.tensors], produce, shard_dir,
+                                            piece_size))
         written_one(len(written), len(meta.layers))
     return meta, written
 

@@ -6,10 +6,16 @@ and the other files a peer needs to run it (config, tokenizer, chat template) wi
 hashes. It travels as a signed envelope (``mesh.wire.seal``, kind ``manifest``); the receiver checks the
 signature, that ``created_by`` is the node id of the signing key, every field's type and bound, and then
 each shard's size and hash before use.
+
+Version 2 adds piece hashes (``storage.pieces``): ``piece_size`` at the top and per shard and file
+``pieces``, the SHA256 of each piece, so a resumed or damaged file is checked piece by piece. A manifest
+without them is still written (and read) as version 1, byte for byte as before: manifests signed by older
+peers stay readable, and their files are checked whole.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,11 +24,14 @@ import cbor2
 from mesh.errors import DecodeError, PeerError
 from mesh.identity import Identity, node_id_for_key
 from mesh.ids import NodeId
-from mesh.wire import Reader, open_envelope, seal, versioned
+from mesh.wire import Reader, loads_cbor, open_envelope, seal
 from storage.formats import COMPUTE_DTYPES
+from storage.pieces import DIGEST, MAX_PIECES, piece_count, valid_piece_size
 
 MANIFEST = "manifest"
-MANIFEST_VERSION = 1
+#: Written when the manifest has piece hashes; ``VERSIONS`` are the ones read (1: no piece hashes).
+MANIFEST_VERSION = 2
+VERSIONS = (1, 2)
 #: A manifest of a 400B-class model (~130 layers, ~10 tensors each) is ~100 KiB; this leaves room.
 MAX_MANIFEST = 4 * 2**20
 MAX_SHARDS = 4096
@@ -62,6 +71,7 @@ class Shard:
     flops_per_context: int = 0
     tied_to: str | None = None  # a head without weights of its own uses this shard's weights
     format: str = ""  # the weight format of its matrices: "int4", "int4+int8", "bfloat16" (storage.formats)
+    pieces: bytes = b""  # SHA256 of each piece of the file (32 bytes each), b"" in a version-1 manifest
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +79,7 @@ class ManifestFile:
     path: str  # a plain file name in the model folder: config.json, tokenizer.json, ...
     size: int
     sha256: str
+    pieces: bytes = b""  # as Shard.pieces
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +94,7 @@ class Manifest:
     weights: str = "auto"  # what ``models add --weights`` asked for
     compute: str = "float32"  # the compute dtype its formats call for (a plan may override it)
     notes: tuple[str, ...] = ()  # how the source's tensors were mapped ("Q8_0 -> int8 (requantized ...)")
+    piece_size: int = 0  # bytes per piece of every shard and file's ``pieces``; 0: no piece hashes (version 1)
 
     @property
     def formats(self) -> tuple[str, ...]:
@@ -100,18 +112,22 @@ class Manifest:
 
 
 def encode_manifest(m: Manifest) -> bytes:
+    """Version 2 with piece hashes; without them (``piece_size`` 0) version 1, exactly as older peers wrote it."""
+    pieces = bool(m.piece_size)
+    shards = [{
+        "index": s.index, "name": s.name, "kind": s.kind, "layers": [s.layer_start, s.layer_end],
+        "tensors": [[t.name, t.dtype, list(t.shape)] for t in s.tensors], "size": s.size, "sha256": s.sha256,
+        "params": s.params, "memory_bytes": s.memory_bytes, "kv_bytes_per_token": s.kv_bytes_per_token,
+        "flops_base": s.flops_base, "flops_per_context": s.flops_per_context, "tied_to": s.tied_to,
+        "format": s.format, **({"pieces": s.pieces} if pieces else {}),
+    } for s in m.shards]
+    files = [{"path": f.path, "size": f.size, "sha256": f.sha256, **({"pieces": f.pieces} if pieces else {})}
+             for f in m.files]
     return cbor2.dumps({
-        "version": MANIFEST_VERSION, "model_id": m.model_id, "revision": m.revision, "family": m.family,
-        "config_sha256": m.config_sha256, "created_by": m.created_by,
-        "shards": [{
-            "index": s.index, "name": s.name, "kind": s.kind, "layers": [s.layer_start, s.layer_end],
-            "tensors": [[t.name, t.dtype, list(t.shape)] for t in s.tensors], "size": s.size, "sha256": s.sha256,
-            "params": s.params, "memory_bytes": s.memory_bytes, "kv_bytes_per_token": s.kv_bytes_per_token,
-            "flops_base": s.flops_base, "flops_per_context": s.flops_per_context, "tied_to": s.tied_to,
-            "format": s.format,
-        } for s in m.shards],
-        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in m.files],
-        "weights": m.weights, "compute": m.compute, "notes": list(m.notes),
+        "version": MANIFEST_VERSION if pieces else 1, "model_id": m.model_id, "revision": m.revision,
+        "family": m.family, "config_sha256": m.config_sha256, "created_by": m.created_by,
+        "shards": shards, "files": files, "weights": m.weights, "compute": m.compute, "notes": list(m.notes),
+        **({"piece_size": m.piece_size} if pieces else {}),
     })
 
 
@@ -135,9 +151,19 @@ def open_manifest(data: bytes) -> Manifest:
 
 
 def decode_manifest(payload: bytes) -> Manifest:
-    r = versioned(payload, "manifest", MANIFEST_VERSION, limit=MAX_MANIFEST)
-    shards = r.array("shards", _shard, limit=MAX_SHARDS, required=True)
-    files = r.array("files", _file, limit=MAX_FILES, required=True)
+    r = Reader(loads_cbor(payload, MAX_MANIFEST), "manifest")
+    version = r.integer("version")
+    if version not in VERSIONS:
+        raise DecodeError(f"manifest version {version} is not supported", code="UNSUPPORTED_VERSION")
+    piece_size = 0
+    if version >= 2:
+        piece_size = r.integer("piece_size")
+        if not valid_piece_size(piece_size):
+            raise DecodeError(f"manifest.piece_size: {piece_size} is not a power of two in the allowed range")
+    shards = r.array("shards", functools.partial(_shard, piece_size=piece_size), limit=MAX_SHARDS, required=True)
+    files = r.array("files", functools.partial(_file, piece_size=piece_size), limit=MAX_FILES, required=True)
+    if piece_size and sum(len(x.pieces) for x in (*shards, *files)) > MAX_PIECES * DIGEST:
+        raise DecodeError(f"manifest: more than {MAX_PIECES} piece hashes")
     if [s.index for s in shards] != list(range(len(shards))):
         raise DecodeError("manifest.shards: indexes must be 0, 1, 2, ... in order")
     expected_start = 0
@@ -155,8 +181,19 @@ def decode_manifest(payload: bytes) -> Manifest:
         model_id=r.text("model_id"), revision=r.text("revision"), family=r.text("family"),
         config_sha256=_hex(r.text("config_sha256"), "manifest.config_sha256"),
         created_by=NodeId(r.text("created_by")), shards=shards, files=files,
-        weights=r.opt_text("weights") or "auto", compute=compute, notes=notes,
+        weights=r.opt_text("weights") or "auto", compute=compute, notes=notes, piece_size=piece_size,
     )
+
+
+def _pieces(r: Reader, where: str, size: int, piece_size: int) -> bytes:
+    """A file's piece hashes (version 2): exactly one 32-byte digest per piece."""
+    if not piece_size:
+        return b""
+    pieces = r.blob("pieces")
+    if len(pieces) != piece_count(size, piece_size) * DIGEST:
+        raise DecodeError(f"{where}.pieces: {len(pieces)} bytes, expected {piece_count(size, piece_size)} "
+                          f"digests of {DIGEST} bytes")
+    return pieces
 
 
 def _note(raw: Any, where: str) -> str:
@@ -178,7 +215,7 @@ def _count(r: Reader, key: str) -> int:
     return v
 
 
-def _shard(raw: Any, where: str) -> Shard:
+def _shard(raw: Any, where: str, *, piece_size: int) -> Shard:
     r = Reader(raw, where)
     layers = r.raw("layers")
     if not (isinstance(layers, list) and len(layers) == 2 and all(type(x) is int and x >= 0 for x in layers)):
@@ -203,13 +240,14 @@ def _shard(raw: Any, where: str) -> Shard:
         params=_count(r, "params"), memory_bytes=_count(r, "memory_bytes"),
         kv_bytes_per_token=_count(r, "kv_bytes_per_token"), flops_base=_count(r, "flops_base"),
         flops_per_context=_count(r, "flops_per_context"), tied_to=r.opt_text("tied_to"),
-        format=r.opt_text("format") or "",
+        format=r.opt_text("format") or "", pieces=_pieces(r, where, size, piece_size),
     )
 
 
-def _file(raw: Any, where: str) -> ManifestFile:
+def _file(raw: Any, where: str, *, piece_size: int) -> ManifestFile:
     r = Reader(raw, where)
     path = r.text("path")
     if not path or "/" in path or "\\" in path or path.startswith(".") or "\x00" in path:
         raise DecodeError(f"{where}.path: {path!r} is not a plain file name")
-    return ManifestFile(path, _count(r, "size"), _hex(r.text("sha256"), f"{where}.sha256"))
+    size = _count(r, "size")
+    return ManifestFile(path, size, _hex(r.text("sha256"), f"{where}.sha256"), _pieces(r, where, size, piece_size))

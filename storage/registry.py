@@ -10,6 +10,11 @@ Layout under ``<data_dir>/store``::
 A reader always sees the old registry or the new one, never a torn file (temp file, fsync, rename); a
 crash mid-write leaves at most an orphan temp file, removed at the next start with expired and orphan
 locks. Asking for a model that is not ready raises ModelNotAvailable with a reason, never returns None.
+
+Locks (``LockTimeouts``, the seeds' plan, each a ``[storage]`` config key): a task lock (one model version
+being added or fetched) holds for 30 minutes, a file lock (one file being fetched, renewed while its bytes
+flow) for 5; a lock past its timeout or held by a dead process is taken over, and any lock older than an
+hour is removed when the store opens.
 """
 
 from __future__ import annotations
@@ -38,6 +43,20 @@ REGISTRY_VERSION = 1
 UPDATE_WAIT = 10.0
 STATUSES = ("downloading", "verifying", "ready", "error")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+#: Any lock file older than this is an orphan of a crash: removed when the store opens (the seeds' plan).
+STALE_LOCK_AGE = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class LockTimeouts:
+    """Seconds a lock holds before another process may take it over, and the age at which the store's open
+    removes a lock whoever holds it (``storage.task_lock_timeout``, ``file_lock_timeout``, ``stale_lock_age``)."""
+
+    task: float = 1800.0  # a model version being added or fetched (a large model takes a while)
+    file: float = 300.0  # one file being fetched; renewed while its bytes arrive, so only a stuck fetch loses it
+    stale: float = STALE_LOCK_AGE
 
 
 class ModelNotAvailable(PeerError):
@@ -116,14 +135,14 @@ class Registry:
     # ---- load and save ---------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, root: Path, now: float | None = None) -> Registry:
+    def open(cls, root: Path, now: float | None = None, *, stale_after: float = STALE_LOCK_AGE) -> Registry:
         """Load (or start) the registry and clean what a crash may have left: orphan temp files, expired
-        and orphan locks."""
+        and orphan locks, and locks older than ``stale_after`` seconds."""
         reg = cls(root)
         root.mkdir(parents=True, exist_ok=True)
         for tmp in root.glob(".registry.json.*.tmp"):
             tmp.unlink(missing_ok=True)
-        reg.clean_locks(time.time() if now is None else now)
+        reg.clean_locks(time.time() if now is None else now, stale_after=stale_after)
         reg.refresh()
         return reg
 
@@ -184,6 +203,28 @@ class Registry:
             if status == "ready":
                 entry.default_version = revision
 
+    def version(self, model_id: str, revision: str) -> Version | None:
+        """A copy of one version's entry as the file has it now; None when there is none."""
+        with self._mutex:
+            self.refresh()
+            entry = self.models.get(model_id)
+            found = entry.versions.get(revision) if entry else None
+            return None if found is None else Version(**asdict(found))
+
+    def restore(self, model_id: str, revision: str, previous: Version | None) -> None:
+        """Put one version back as it was (``version`` before a change): that entry, or none."""
+        with self._update():
+            entry = self.models.get(model_id)
+            if previous is not None:
+                entry = self.models.setdefault(model_id, Entry(default_version=revision))
+                entry.versions[revision] = Version(**asdict(previous))
+            elif entry is not None and revision in entry.versions:
+                del entry.versions[revision]
+                if not entry.versions:
+                    del self.models[model_id]
+                elif entry.default_version == revision:
+                    entry.default_version = sorted(entry.versions)[-1]
+
     def remove(self, model_id: str, revision: str) -> None:
         with self._update():
             entry = self.models.get(model_id)
@@ -219,14 +260,15 @@ class Registry:
         return StoreLock.acquire(self.lock_dir / f"{safe_name(name)}.lock", model=model, version=version,
                                  timeout=timeout, now=time.time() if now is None else now)
 
-    def clean_locks(self, now: float) -> list[str]:
+    def clean_locks(self, now: float, *, stale_after: float = STALE_LOCK_AGE) -> list[str]:
+        """Remove expired, orphan (dead holder) and torn locks, and any older than ``stale_after``; their names."""
         removed = []
         for path in self.lock_dir.glob("*.lock"):
             with _guard(self.lock_dir):
                 info = _read_lock(path)
-                if info is None or _stale(info, now):
+                if info is None or _stale(info, now) or _age(info, now) > stale_after:
                     path.unlink(missing_ok=True)
-                removed.append(path.name)
+                    removed.append(path.name)
         return removed
 
 
@@ -252,6 +294,15 @@ class StoreLock:
                 f.flush()
                 os.fsync(f.fileno())
         return cls(path, info)
+
+    def renew(self, now: float) -> None:
+        """Count the timeout from ``now`` again (a holder still at work); LockHeld if it was taken over."""
+        with _guard(self.path.parent):
+            held = _read_lock(self.path)
+            if held is None or held.get("token") != self.info["token"]:
+                raise LockHeld(f"{self.path.name} was taken over (by pid {(held or {}).get('pid')})")
+            self.info = self.info | {"created_at": now}
+            self.path.write_text(json.dumps(self.info))
 
     def release(self) -> None:
         with _guard(self.path.parent):
@@ -285,6 +336,13 @@ def _guard(lock_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing drops the flock
+
+
+def _age(info: dict[str, Any], now: float) -> float:
+    try:
+        return now - float(info["created_at"])
+    except (KeyError, TypeError, ValueError):
+        return float("inf")
 
 
 def _stale(info: dict[str, Any], now: float) -> bool:

@@ -3,8 +3,9 @@ SHA256, and verify shard files against a manifest.
 
 Splitting copies byte ranges: each shard's header is written from the source header (tensor names sorted,
 offsets contiguous, padded to 8 bytes like the reference writer) and the tensor bytes are streamed from the
-source files in chunks while being hashed. No tensor is decoded, any dtype works (bf16 included), memory
-stays flat, and the same model always gives the same shards (the hashes are reproducible).
+source files in chunks while being hashed, whole and per piece (``storage.pieces``). No tensor is decoded,
+any dtype works (bf16 included), memory stays flat, and the same model always gives the same shards (the
+hashes are reproducible).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from mesh.errors import LocalError, PeerError
 from mesh.identity import Identity
 from storage.manifest import Manifest, ManifestFile, Shard, ShardTensor
 from storage.metadata import ModelMetadata, TensorInfo
+from storage.pieces import PIECE_SIZE, PieceHasher, piece_size_for
 
 CHUNK = 1 << 20
 SHARD_SUFFIX = ".safetensors"
@@ -39,18 +42,35 @@ class ShardHashMismatch(PeerError):
     code = "SHARD_HASH_MISMATCH"
 
 
+class Written(NamedTuple):
+    """A file as it was written: its size, SHA256 and piece hashes (at ``piece_size``)."""
+
+    size: int
+    sha256: str
+    pieces: bytes
+    piece_size: int
+
+
 def shard_path(shard_dir: Path, sha256: str) -> Path:
     return shard_dir / f"{sha256}{SHARD_SUFFIX}"
 
 
 def sha256_file(path: Path) -> tuple[int, str]:
     """(size, hex SHA256) of a file, read in chunks."""
-    h, size = hashlib.sha256(), 0
+    written = hash_file(path, 0)
+    return written.size, written.sha256
+
+
+def hash_file(path: Path, piece_size: int) -> Written:
+    """A file's size, SHA256 and (``piece_size`` > 0) piece hashes, read in chunks."""
+    h, size, pieces = hashlib.sha256(), 0, PieceHasher(piece_size or CHUNK)
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
+            if piece_size:
+                pieces.update(chunk)
             size += len(chunk)
-    return size, h.hexdigest()
+    return Written(size, h.hexdigest(), pieces.digests() if piece_size else b"", piece_size)
 
 
 def _shard_header(layer_name: str, tensors: list[tuple[str, str, tuple[int, ...], int]]) -> bytes:
@@ -65,17 +85,18 @@ def _shard_header(layer_name: str, tensors: list[tuple[str, str, tuple[int, ...]
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _write(layer_name: str, head: bytes, chunks: Iterator[bytes], shard_dir: Path) -> tuple[int, str]:
+def _write(layer_name: str, head: bytes, chunks: Iterator[bytes], shard_dir: Path, piece_size: int) -> Written:
     """Write a shard (header, then the data ``chunks`` yields) into ``shard_dir``: temp file, fsync, rename
     to its hash. A failure (a short source, a full disk) leaves no file behind."""
     shard_dir.mkdir(parents=True, exist_ok=True)
     tmp = shard_dir / f".{layer_name}.{os.getpid()}.tmp"
-    h, size = hashlib.sha256(), 0
+    h, size, pieces = hashlib.sha256(), 0, PieceHasher(piece_size)
     try:
         with open(tmp, "wb") as out:
             for chunk in itertools.chain([head], chunks):
                 out.write(chunk)
                 h.update(chunk)
+                pieces.update(chunk)
                 size += len(chunk)
             out.flush()
             os.fsync(out.fileno())
@@ -83,11 +104,12 @@ def _write(layer_name: str, head: bytes, chunks: Iterator[bytes], shard_dir: Pat
         os.replace(tmp, shard_path(shard_dir, digest))  # same bytes, same name: a re-split is a no-op
     finally:
         tmp.unlink(missing_ok=True)
-    return size, digest
+    return Written(size, digest, pieces.digests(), piece_size)
 
 
-def write_shard(folder: Path, layer_name: str, tensors: Iterable[TensorInfo], shard_dir: Path) -> tuple[int, str]:
-    """One layer's shard copied byte for byte from a safetensors folder; (size, sha256)."""
+def write_shard(folder: Path, layer_name: str, tensors: Iterable[TensorInfo], shard_dir: Path,
+                piece_size: int = PIECE_SIZE) -> Written:
+    """One layer's shard copied byte for byte from a safetensors folder."""
     ordered = sorted(tensors, key=lambda t: t.name)
 
     def chunks() -> Iterator[bytes]:
@@ -103,13 +125,20 @@ def write_shard(folder: Path, layer_name: str, tensors: Iterable[TensorInfo], sh
                     yield chunk
 
     head = _shard_header(layer_name, [(t.name, t.dtype, t.shape, t.nbytes) for t in ordered])
-    return _write(layer_name, head, chunks(), shard_dir)
+    return _write(layer_name, head, chunks(), shard_dir, piece_size)
+
+
+def shard_bytes(layer_name: str, tensors: Iterable[TensorInfo]) -> int:
+    """The size of the shard ``write_shard`` or ``write_produced_shard`` makes of these tensors."""
+    infos = sorted(tensors, key=lambda t: t.name)
+    return len(_shard_header(layer_name, [(t.name, t.dtype, t.shape, t.nbytes) for t in infos])) + sum(
+        t.nbytes for t in infos)
 
 
 def write_produced_shard(layer_name: str, tensors: Iterable[TensorInfo], produce: Callable[[str], bytes],
-                         shard_dir: Path) -> tuple[int, str]:
+                         shard_dir: Path, piece_size: int = PIECE_SIZE) -> Written:
     """One layer's shard whose tensor bytes come from ``produce(name)``, called once per tensor in the
-    shard's (sorted) order, each checked to be exactly the size its header says; (size, sha256)."""
+    shard's (sorted) order, each checked to be exactly the size its header says."""
     ordered = sorted(tensors, key=lambda t: t.name)
 
     def chunks() -> Iterator[bytes]:
@@ -121,40 +150,50 @@ def write_produced_shard(layer_name: str, tensors: Iterable[TensorInfo], produce
             yield data
 
     head = _shard_header(layer_name, [(t.name, t.dtype, t.shape, t.nbytes) for t in ordered])
-    return _write(layer_name, head, chunks(), shard_dir)
+    return _write(layer_name, head, chunks(), shard_dir, piece_size)
 
 
-def manifest_of(folder: Path, meta: ModelMetadata, written: list[tuple[int, str]], *, model_id: str,
-                revision: str, identity: Identity, weights: str = "auto", notes: Sequence[str] = ()) -> Manifest:
-    """The manifest of a model whose layer ``i`` was written as shard ``written[i]`` (size, sha256); the
-    model files (config, tokenizer) are taken from ``folder``. Sign it with ``seal_manifest``."""
+def manifest_of(folder: Path, meta: ModelMetadata, written: list[Written], *, model_id: str, revision: str,
+                identity: Identity, weights: str = "auto", notes: Sequence[str] = (), shard_dir: Path | None = None,
+                ) -> Manifest:
+    """The manifest of a model whose layer ``i`` was written as shard ``written[i]``; the model files (config,
+    tokenizer) are taken from ``folder``. Its piece size is the one the shards were hashed at, unless the
+    model is too large for that many piece hashes (``piece_size_for``): then the shards in ``shard_dir`` are
+    read again at the larger size. Sign it with ``seal_manifest``."""
+    names = [name for name in MODEL_FILES if (folder / name).is_file()]
+    preferred = written[0].piece_size if written else PIECE_SIZE
+    piece_size = piece_size_for([w.size for w in written] + [(folder / n).stat().st_size for n in names], preferred)
+    if piece_size != preferred:
+        if shard_dir is None:
+            raise ValueError(f"shards hashed at {preferred}-byte pieces need {piece_size}: give shard_dir")
+        written = [hash_file(shard_path(shard_dir, w.sha256), piece_size) for w in written]
     shards = []
-    for layer, (size, digest) in zip(meta.layers, written, strict=True):
+    for layer, (size, digest, pieces, _) in zip(meta.layers, written, strict=True):
         infos = sorted((meta.tensors[name] for name in layer.tensors), key=lambda t: t.name)
         shards.append(Shard(
             index=layer.index, name=layer.name, kind=layer.kind, layer_start=layer.index, layer_end=layer.index + 1,
             tensors=tuple(ShardTensor(t.name, t.dtype, t.shape) for t in infos),
             size=size, sha256=digest, params=layer.params, memory_bytes=layer.memory_bytes,
             kv_bytes_per_token=layer.kv_bytes_per_token, flops_base=layer.flops_base,
-            flops_per_context=layer.flops_per_context, tied_to=layer.tied_to, format=layer.format,
+            flops_per_context=layer.flops_per_context, tied_to=layer.tied_to, format=layer.format, pieces=pieces,
         ))
     files = []
-    for name in MODEL_FILES:
-        if (folder / name).is_file():
-            size, digest = sha256_file(folder / name)
-            files.append(ManifestFile(name, size, digest))
+    for name in names:
+        size, digest, pieces, _ = hash_file(folder / name, piece_size)
+        files.append(ManifestFile(name, size, digest, pieces))
     config = next(f for f in files if f.path == "config.json")
     return Manifest(model_id=model_id, revision=revision, family=meta.arch.family, config_sha256=config.sha256,
                     created_by=identity.node_id, shards=tuple(shards), files=tuple(files), weights=weights,
-                    compute=meta.compute, notes=tuple(notes))
+                    compute=meta.compute, notes=tuple(notes), piece_size=piece_size)
 
 
 def split_model(folder: Path, meta: ModelMetadata, shard_dir: Path, *, model_id: str, revision: str,
-                identity: Identity) -> Manifest:
+                identity: Identity, piece_size: int = PIECE_SIZE) -> Manifest:
     """Write every layer's shard byte for byte and return the manifest describing them."""
-    written = [write_shard(folder, layer.name, [meta.tensors[n] for n in layer.tensors], shard_dir)
+    written = [write_shard(folder, layer.name, [meta.tensors[n] for n in layer.tensors], shard_dir, piece_size)
                for layer in meta.layers]
-    return manifest_of(folder, meta, written, model_id=model_id, revision=revision, identity=identity)
+    return manifest_of(folder, meta, written, model_id=model_id, revision=revision, identity=identity,
+                       shard_dir=shard_dir)
 
 
 def verify_file(path: Path, size: int, sha256: str, what: str) -> None:

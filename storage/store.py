@@ -13,6 +13,7 @@ Sources (``meshnode models add SOURCE``):
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import importlib.util
 import json
@@ -34,8 +35,19 @@ from storage.families import by_name
 from storage.formats import WEIGHTS
 from storage.manifest import Manifest, open_manifest, seal_manifest
 from storage.metadata import architecture, layers_of
-from storage.registry import Registry, safe_name
-from storage.shards import SHARD_SUFFIX, manifest_of, sha256_file, shard_path, verify_file, verify_shard, write_shard
+from storage.pieces import PIECE_SIZE, valid_piece_size
+from storage.registry import LockTimeouts, Registry, Version, safe_name
+from storage.shards import (
+    MODEL_FILES,
+    SHARD_SUFFIX,
+    manifest_of,
+    sha256_file,
+    shard_bytes,
+    shard_path,
+    verify_file,
+    verify_shard,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.cbor"
@@ -50,15 +62,57 @@ USAGE_FILE = "usage.json"  # request counts per model and kind (the ranking), ac
 AddProgress = Callable[[str, int, int | None, str], None]
 
 
+DEFAULT_LOCKS = LockTimeouts()
+#: Room on the store's disk beyond a model's files, for the registry, manifests, lock files and transfer records:
+#: held as a file (``.ballast``) once a check found room for it, and given up when the disk fills anyway, so
+#: that what happened (the model back in its previous state) can still be written.
+STORE_HEADROOM = 2**20
+BALLAST_FILE = ".ballast"
+
+
 class SourceError(LocalError):
     code = "MODEL_SOURCE_UNAVAILABLE"
 
 
+class InsufficientStorage(LocalError):
+    """The store's disk cannot hold what would be written (refused before the first byte), or it filled while a
+    file was written (that file is removed, the model left as it was)."""
+
+    code = "INSUFFICIENT_STORAGE"
+
+
+def disk_full(err: OSError) -> bool:
+    return err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _allocate(path: Path, size: int) -> None:
+    """A file of ``size`` bytes whose blocks are allocated (not sparse); none when the disk has no room for it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError:
+        path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+def task_lock(model_id: str, revision: str) -> str:
+    """The lock name of work on one model version (``models add``, a fetch): one at a time across processes."""
+    return f"model-{model_id}-{revision}"
+
+
 class Store:
-    def __init__(self, root: Path, identity: Identity) -> None:
+    def __init__(self, root: Path, identity: Identity, *, locks: LockTimeouts = DEFAULT_LOCKS,
+                 piece_size: int = PIECE_SIZE) -> None:
+        """``locks``: how long a task and a file lock hold, when old locks are cleaned (``storage.*_lock_*``);
+        ``piece_size``: the piece hashes of models added here (``storage.pieces``)."""
+        if not valid_piece_size(piece_size):
+            raise ValueError(f"piece_size {piece_size} is not a power of two in the allowed range")
         self.root = root
         self.identity = identity
-        self.registry = Registry.open(root)
+        self.locks = locks
+        self.piece_size = piece_size
+        self.registry = Registry.open(root, stale_after=locks.stale)
         #: Requests per (model, kind): generations, manifests and blobs served to peers, HTTP downloads,
         #: fetches. Kept in ``usage.json`` (``save_usage``), so the ranking survives a restart.
         self.usage: Counter[tuple[str, str]] = self._load_usage()
@@ -81,18 +135,27 @@ class Store:
         if weights != "auto" and revision is None:
             resolved = f"{resolved}-{weights}"  # another format of the same source is another version
         model_id = model_id or default_id
-        with self.registry.lock(f"add-{model_id}-{resolved}", model=model_id, version=resolved):
+        with self.registry.lock(task_lock(model_id, resolved), model=model_id, version=resolved,
+                                timeout=self.locks.task):
             existing = self._ready(model_id, resolved)
             if existing is not None:
                 return existing
+            previous = self.registry.version(model_id, resolved)
             self.registry.set_status(model_id, resolved, "verifying", source=source)
             tmp = self.root / "tmp" / f"add-{safe_name(model_id)}-{safe_name(resolved)}-{os.getpid()}"
             try:
                 manifest = self._write(kind, path, tmp, model_id, resolved, weights, report)
+            except InsufficientStorage:
+                self._undo_add(model_id, resolved, previous)
+                raise
             except MeshError as err:
                 self.registry.set_status(model_id, resolved, "error", error=f"{err.code}: {err}")
                 raise
             except OSError as err:
+                if disk_full(err):  # the file being written is gone (shards._write, atomic_write)
+                    self._undo_add(model_id, resolved, previous, full=True)
+                    raise InsufficientStorage(f"the disk filled while {model_id} was written: {err} "
+                                              f"({self.free_bytes()} bytes free now)") from err
                 self.registry.set_status(model_id, resolved, "error", error=f"STORE_IO: {err}")
                 raise LocalError(f"cannot store {model_id}: {err}", code="STORE_IO") from err
             finally:
@@ -102,6 +165,37 @@ class Store:
                  manifest.size, "+".join(manifest.formats),
                  extra={"event": "model_added", "model": model_id, "version": resolved})
         return manifest
+
+    def _undo_add(self, model_id: str, revision: str, previous: Version | None, *, full: bool = False) -> None:
+        """A failed add leaves the model as it was: its registry entry, and no folder it did not have (``full``:
+        the disk filled, the headroom is given up for that)."""
+        if full:
+            self.release_headroom()
+        if previous is None:
+            shutil.rmtree(self.registry.model_dir(model_id, revision), ignore_errors=True)
+        self.registry.restore(model_id, revision, previous)
+
+    def free_bytes(self) -> int:
+        """Bytes the store's file system has free for this user."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, needed: int, what: str, reserved: int = 0) -> None:
+        """INSUFFICIENT_STORAGE unless ``needed`` bytes (and ``reserved`` promised to others, and the store's
+        headroom when its ballast is not held yet) fit on the store's file system now."""
+        ballast = self.root / BALLAST_FILE
+        held = ballast.is_file() and ballast.stat().st_size == STORE_HEADROOM
+        free = self.free_bytes()
+        if needed + reserved + (0 if held else STORE_HEADROOM) > free:
+            others = f", {reserved} reserved by other transfers" if reserved else ""
+            raise InsufficientStorage(f"{what} needs {needed} bytes ({needed / 2**20:.1f} MiB) and {free} bytes "
+                                      f"({free / 2**20:.1f} MiB) are free in {self.root}{others}")
+        if not held:
+            _allocate(ballast, STORE_HEADROOM)
+
+    def release_headroom(self) -> None:
+        """The disk filled: give up the ballast, so the registry can still be written."""
+        (self.root / BALLAST_FILE).unlink(missing_ok=True)
 
     def _ready(self, model_id: str, revision: str) -> Manifest | None:
         try:
@@ -115,6 +209,7 @@ class Store:
         shard_dir = self.registry.shard_dir
         notes: list[str] = []
         report("reading", 0, None, "")
+        what = f"{model_id} ({revision})"
 
         def shard_written(done: int, total: int) -> None:
             report("shards", done, total, "shards")
@@ -122,27 +217,36 @@ class Store:
             from storage.gguf import open_gguf
 
             src = open_gguf(path)  # refuses unsupported types and truncated files before anything is written
-            tmp.mkdir(parents=True, exist_ok=True)
-            src.write_model_files(tmp)
+            # config and tokenizer come from the GGUF's metadata: what they take is not known before they are
+            # written, so twice the metadata's size is counted for them
+            allowance = 2 * src.header.data_start + STORE_HEADROOM
             folder, tensors, notes = tmp, src.tensors, list(src.notes)
-            meta, written = convert(tensors, weights, architecture(src.config), shard_dir, shard_written)
+            meta, written = convert(tensors, weights, architecture(src.config), shard_dir, shard_written,
+                                    reserve=lambda n: self.check_space(n + allowance, what),
+                                    piece_size=self.piece_size)
+            src.write_model_files(tmp)
         else:
             folder = path
+            files = sum((folder / n).stat().st_size for n in MODEL_FILES if (folder / n).is_file())
             tensors = [] if weights == "auto" else folder_tensors(folder)
             arch = architecture(_config(folder))
             if all(choose(t, weights, by_name(arch.family)) == t.auto for t in tensors):  # nothing to convert
                 meta = layers_of(folder)
+                self.check_space(files + sum(shard_bytes(layer.name, [meta.tensors[n] for n in layer.tensors])
+                                             for layer in meta.layers), what)
                 written = []
                 for layer in meta.layers:
                     written.append(write_shard(folder, layer.name, [meta.tensors[n] for n in layer.tensors],
-                                               shard_dir))
+                                               shard_dir, self.piece_size))
                     shard_written(len(written), len(meta.layers))
             else:
-                meta, written = convert(tensors, weights, arch, shard_dir, shard_written)
+                meta, written = convert(tensors, weights, arch, shard_dir, shard_written,
+                                        reserve=lambda n: self.check_space(n + files, what),
+                                        piece_size=self.piece_size)
         if weights != "auto":
             notes.append(f"converted to {weights} on request")
         manifest = manifest_of(folder, meta, written, model_id=model_id, revision=revision,
-                               identity=self.identity, weights=weights, notes=notes)
+                               identity=self.identity, weights=weights, notes=notes, shard_dir=shard_dir)
         target = self.registry.model_dir(model_id, revision)
         target.mkdir(parents=True, exist_ok=True)
         for f in manifest.files:

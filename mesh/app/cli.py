@@ -17,7 +17,17 @@ import trio
 
 from mesh import config as config_mod
 from mesh import logs
-from mesh.app.client import API_TOKEN_FILE, add_progress, api_get, client_token, format_status, pull, stream_events
+from mesh.app.client import (
+    API_TOKEN_FILE,
+    add_progress,
+    api_get,
+    client_token,
+    control,
+    failed,
+    format_status,
+    pull_many,
+    stream_events,
+)
 from mesh.errors import MeshError, NotFoundError
 from storage.formats import WEIGHTS
 
@@ -258,12 +268,32 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
+def _pull(args: argparse.Namespace) -> int:
+    """``models pull MODEL...``: fetch them, one bar each and a total; ``--pause``/``--resume``/``--cancel``:
+    act on their transfers (a model id or a transfer id each)."""
+    action = next((a for a in ("pause", "resume", "cancel") if getattr(args, a)), None)
+    if action is not None:
+        for t in control(args.api, action, args.model, token=_token(args)):
+            print(f"{t['id']} {t['model']}: {t['state']}, {_size(t['done_bytes'])} of {_size(t['total_bytes'])} here")
+        return 0
+    settled = pull_many(args.api, args.model, args.revision, args.source, priority=args.priority, quiet=args.quiet,
+                        token=_token(args))
+    for t in settled:
+        if t["state"] == "done":
+            print(f"{t['model']} ({t['revision']}): ready, {_size(t['done_bytes'])} in {t['elapsed_s']:.1f}s "
+                  f"({_size(t['resumed_bytes'])} resumed) from {len(t['by_source'])} source(s)")
+        elif t["state"] == "paused":
+            print(f"{t['model']}: paused ({t['id']}), {_size(t['done_bytes'])} of {_size(t['total_bytes'])} here; "
+                  f"meshnode models pull --resume {t['id']}")
+    for t in settled:
+        if t["state"] != "paused":
+            failed(t)  # the first that is not done, with its code
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     if args.models_command == "pull":
-        t = pull(args.api, args.model, args.revision, args.source, quiet=args.quiet, token=_token(args))
-        print(f"{t['model']} ({t['revision']}): ready, {_size(t['done_bytes'])} in {t['elapsed_s']:.1f}s "
-              f"({_size(t['resumed_bytes'])} resumed) from {len(t['by_source'])} source(s)")
-        return 0
+        return _pull(args)
     store = _store(args)
     if args.models_command == "add":
         logs.setup("info", False)
@@ -440,10 +470,16 @@ def make_parser() -> argparse.ArgumentParser:
     lst.add_argument("--json", action="store_true")
     show = msub.add_parser("show", help="one model: versions, files, shards and checksums")
     show.add_argument("id")
-    pl = msub.add_parser("pull", help="have the running peer fetch a model from the peers that hold it")
-    pl.add_argument("model")
+    pl = msub.add_parser("pull", help="have the running peer fetch models from the peers that hold them (a queue: "
+                                      "priorities, pause, resume, cancel)")
+    pl.add_argument("model", nargs="+", help="model id(s); with --pause/--resume/--cancel a model or a transfer id")
     pl.add_argument("--revision", help="a version the holders advertise (default: theirs)")
     pl.add_argument("--source", help="where to add it from if no peer can deliver it (as for `add`)")
+    pl.add_argument("--priority", help="low, normal (the default), high or an integer in [-100, 100]: higher first")
+    act = pl.add_mutually_exclusive_group()
+    act.add_argument("--pause", action="store_true", help="pause the transfer (its bytes stay, also over a restart)")
+    act.add_argument("--resume", action="store_true", help="resume a paused or failed transfer from its bytes")
+    act.add_argument("--cancel", action="store_true", help="cancel the transfer and remove its partial files")
     _api_arguments(pl, data_dir=False)
     pl.add_argument("--quiet", action="store_true", help="no progress bar")
     for store_command in (add, lst, show, pl):  # also after the subcommand: `models add SOURCE --data-dir D`

@@ -112,29 +112,82 @@ def format_status(nodes: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def pull(api: str, model: str, revision: str | None, source: str | None, *, quiet: bool = False,
-         poll: float = 0.25, token: str | None = None) -> dict[str, Any]:
-    """Ask the running peer at ``api`` to fetch a model from the mesh and follow its progress (a rich
-    progress bar with speed and ETA); the finished transfer, or MeshError with the transfer's code."""
+#: Transfer states that end ``pull``'s wait (``storage.queue``): over, or paused by someone.
+SETTLED = ("done", "error", "cancelled", "paused")
+#: What each control action applies to (``storage.queue.TRANSITIONS``), to find a model's transfer.
+CONTROLLABLE = {"pause": ("queued", "running"), "resume": ("paused", "error"),
+                "cancel": ("queued", "running", "paused", "error")}
+
+
+def pull_many(api: str, models: list[str], revision: str | None, source: str | None, *,
+              priority: str | None = None, quiet: bool = False, poll: float = 0.25,
+              token: str | None = None) -> list[dict[str, Any]]:
+    """Ask the running peer at ``api`` to fetch ``models`` from the mesh (queued at ``priority``) and follow them
+    all: one progress bar per model and one for the total, with speed and ETA. Each transfer as it settled
+    (done, error, cancelled, or paused by someone)."""
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    started = api_get(api, "/api/transfers", method="POST", token=token,
-                      body={"model": model, "revision": revision, "source": source})["transfer"]
+    started = [api_get(api, "/api/transfers", method="POST", token=token,
+                       body={"model": m, "revision": revision, "source": source,
+                             **({"priority": priority} if priority is not None else {})})["transfer"]
+               for m in models]
     columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, disable=quiet, transient=False) as bar:
-        task = bar.add_task(f"{model}", total=None)
+    latest = {t["id"]: t for t in started}
+    with Progress(*columns, console=Console(stderr=True), disable=quiet, transient=False) as bar:
+        bars = {t["id"]: bar.add_task(t["model"], total=None) for t in started}
+        total = bar.add_task("total", total=None) if len(started) > 1 else None
         while True:
-            t = api_get(api, f"/api/transfers/{started['id']}", token=token)
-            bar.update(task, total=t["total_bytes"] or None, completed=t["done_bytes"],
-                       description=f"{model} {t['files_done']}/{t['files_total']} files")
-            if t["state"] != "running":
-                break
+            for tid in [tid for tid, t in latest.items() if t["state"] not in SETTLED]:
+                latest[tid] = api_get(api, f"/api/transfers/{tid}", token=token)
+            for tid, t in latest.items():
+                state = "" if t["state"] in ("running", "done") else f" {t['state']}"
+                bar.update(bars[tid], total=t["total_bytes"] or None, completed=t["done_bytes"],
+                           description=f"{t['model']} {t['files_done']}/{t['files_total']} files{state}")
+            if total is not None:
+                settled = sum(t["state"] in SETTLED for t in latest.values())
+                bar.update(total, total=sum(t["total_bytes"] for t in latest.values()) or None,
+                           completed=sum(t["done_bytes"] for t in latest.values()),
+                           description=f"total {settled}/{len(latest)} models")
+            if all(t["state"] in SETTLED for t in latest.values()):
+                return list(latest.values())
             time.sleep(poll)
-    if t["state"] == "error":
-        err = t["error"] or {}
-        raise MeshError(err.get("message", "transfer failed"), code=err.get("code", "TRANSFER_FAILED"))
+
+
+def pull(api: str, model: str, revision: str | None, source: str | None, *, quiet: bool = False,
+         poll: float = 0.25, token: str | None = None) -> dict[str, Any]:
+    """``pull_many`` of one model: the finished transfer, or MeshError with the transfer's code."""
+    (t,) = pull_many(api, [model], revision, source, quiet=quiet, poll=poll, token=token)
+    failed(t)
     return t
+
+
+def failed(t: dict[str, Any]) -> None:
+    """MeshError with a settled transfer's code, unless it is done."""
+    if t["state"] == "done":
+        return
+    err = t["error"] or {"code": "TRANSFER_FAILED", "message": f"the transfer of {t['model']} is {t['state']}"}
+    raise MeshError(err.get("message", "transfer failed"), code=err.get("code", "TRANSFER_FAILED"))
+
+
+def control(api: str, action: str, targets: list[str], *, token: str | None = None) -> list[dict[str, Any]]:
+    """``POST /api/transfers/{id}/{action}`` (pause, resume or cancel) for each target: a transfer id, or a model
+    id, which names its newest transfer that ``action`` applies to (UNKNOWN_TRANSFER when there is none)."""
+    listed = api_get(api, "/api/transfers", token=token)["transfers"]
+    out = []
+    for target in targets:
+        if any(t["id"] == target for t in listed):
+            tid = target
+        else:
+            mine = [t for t in listed if t["model"] == target and t.get("controllable")
+                    and t["state"] in CONTROLLABLE[action]]
+            if not mine:
+                raise MeshError(f"no transfer of {target!r} to {action} (meshnode models pull starts one)",
+                                code="UNKNOWN_TRANSFER")
+            tid = max(mine, key=lambda t: int(t["id"][1:]) if t["id"][1:].isdigit() else 0)["id"]
+        out.append(api_get(api, f"/api/transfers/{tid}/{action}", method="POST", token=token)["transfer"])
+    return out
 
 
 @contextlib.contextmanager

@@ -88,6 +88,9 @@ def good_requests(ctx: dict[str, Any]) -> dict[tuple[str, str], tuple[str, Any]]
         ("GET", "/api/transfers"): ("/api/transfers", None),
         ("POST", "/api/transfers"): ("/api/transfers", {"model": m}),
         ("GET", "/api/transfers/{transfer_id}"): (f"/api/transfers/{ctx['transfer']}", None),
+        ("POST", "/api/transfers/{transfer_id}/pause"): (f"/api/transfers/{ctx['queued']}/pause", None),
+        ("POST", "/api/transfers/{transfer_id}/resume"): (f"/api/transfers/{ctx['queued']}/resume", None),  # after
+        ("POST", "/api/transfers/{transfer_id}/cancel"): (f"/api/transfers/{ctx['failed']}/cancel", None),
         ("GET", "/storage/models/{rest:path}"): (f"/storage/models/{m}/{version}/{file}", None),
         ("GET", "/v1/models"): ("/v1/models", None),
         ("POST", "/v1/completions"): ("/v1/completions", gen),
@@ -160,12 +163,21 @@ async def test_every_route_but_health_needs_the_token_and_answers_with_it(
             assert all(TOKEN not in r.getMessage() for r in caplog.records)
 
             r = await send(http, "POST", "/api/transfers", {"model": MODEL}, authorized)
+            b.node.store.add(str(folder), model_id="spare")  # a fetches it: a transfer to pause and resume
+            await mesh.wait(lambda: a.node.library.holders("spare", None), timeout=10, what="b to advertise spare")
+            for token in range(a.node.fetcher.slots.capacity):  # every download slot taken: "spare" stays queued
+                assert a.node.fetcher.slots.ask(-1 - token, 100, 0, 0)
+            queued = await send(http, "POST", "/api/transfers", {"model": "spare", "priority": "low"}, authorized)
+            failed = await send(http, "POST", "/api/transfers", {"model": "held-by-nobody"}, authorized)
+            await mesh.wait(lambda: a.node.fetcher.transfers[failed.json()["transfer"]["id"]].state == "error",
+                            timeout=5, what="the fetch of a model nobody holds to fail")
             models = (await send(http, "GET", "/api/models", None, authorized)).json()
             plan = (await send(http, "GET", "/api/plan", None, authorized)).json()["plans"][0]
             layers = plan["model_split_plan"]["total_layers"]
             version = models[0]["versions"][0]
             ctx = {"layers": layers, "half": layers // 2, "self": a.node_id, "other": b.node_id,
                    "transfer": r.json()["transfer"]["id"], "version": version["version"],
+                   "queued": queued.json()["transfer"]["id"], "failed": failed.json()["transfer"]["id"],
                    "file": version["files"][0]["path"], "carol": Identity.generate().node_id}
             gate = a.node.gate
             gate.roster.add_chain(issue(gate.membership.chain, a.node.identity, ctx["carol"], trio.current_time()))

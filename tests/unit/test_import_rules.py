@@ -14,7 +14,7 @@ PURE = [
     "mesh/admission.py", "mesh/tally.py",
     "mesh/sim.py", "mesh/config.py", "coordinator/election.py", "coordinator/planner.py", "coordinator/plans.py",
     "coordinator/control.py", "coordinator/search.py", "mesh/links.py", "storage/formats.py", "storage/manifest.py",
-    "inference/sessions.py",
+    "storage/pieces.py", "storage/queue.py", "inference/sessions.py",
 ]
 # Pure third-party helpers: CBOR, ed25519, base58, numpy (the planner's search). No trio, libp2p, torch,
 # psutil, HTTP, sockets, clocks.
@@ -62,7 +62,7 @@ FOUNDATION = {"mesh", "coordinator", "storage", "inference", "mesh.errors", "mes
               "mesh.wire", "mesh.fsutil", "mesh.logs", "mesh.tally"}
 CORES = {"mesh.membership", "mesh.admission", "mesh.peer", "mesh.sim", "mesh.config", "coordinator.election",
          "coordinator.planner", "coordinator.plans", "coordinator.control", "coordinator.search", "mesh.links",
-         "storage.formats",
+         "storage.formats", "storage.pieces", "storage.queue",
          "storage.manifest",
          "inference.sessions"}
 ADAPTERS = {"mesh.transport", "mesh.memtransport", "mesh.keyfile", "mesh.credential", "mesh.hardware", "mesh.churn",
