@@ -100,7 +100,8 @@ class Library(Protocol):
 
     async def manifest(self, model: str, revision: str | None) -> tuple[Manifest, bytes]: ...
 
-    async def ensure(self, manifest: Manifest, shards: Sequence[Shard]) -> tuple[Path, dict[str, Path]]: ...
+    async def ensure(self, manifest: Manifest, shards: Sequence[Shard], *,
+                     priority: int = 0) -> tuple[Path, dict[str, Path]]: ...  # storage.queue: NORMAL 0, LOW -10
 
 
 class Network(Streams, Gossip, Protocol):

@@ -236,25 +236,31 @@ class Library:
         self._nursery.start_soon(self._run, t, wait)
 
     async def _run(self, t: Transfer, wait: bool) -> None:
-        """A transfer's task: fetch (until done, failed, paused or cancelled), then keep or drop its record."""
+        """A transfer's task: fetch (until done, failed, paused or cancelled), then keep or drop its record. What
+        a user asks meanwhile (``control``) is seen after every await: a resume while a pause winds down starts
+        the fetch again, a cancel of a paused transfer only cleans up."""
         try:
-            while t.control not in ("pause", "cancel"):
-                await self.offload(self._save, t)
-                await self._fetch(t, wait)
-                if t.control != "resume" or t.state == "done":
-                    break
-                t.control, wait = None, True  # resumed while its pause wound down
-            if t.control == "cancel" and t.state != "done":
-                removed = await self.fetcher.drop_partials(t)
-                await self.offload(self.fetcher.unregister, t)
-                t.state = "cancelled"
-                log.info("transfer %s of %s cancelled: %d partial files removed", t.id, t.model, removed,
-                         extra={"event": "transfer_cancelled", "model": t.model})
-            t.control = None
-            if t.state in ("done", "cancelled"):
-                await self.offload(self._forget, t)
-            else:
-                await self.offload(self._save, t)
+            while True:
+                if t.control == "resume":
+                    t.control, wait = None, True
+                if t.control is None:
+                    await self.offload(self._save, t)
+                    await self._fetch(t, wait)
+                if t.control == "cancel" and t.state != "done":
+                    removed = await self.fetcher.drop_partials(t)
+                    await self.offload(self.fetcher.unregister, t)
+                    t.state = "cancelled"
+                    log.info("transfer %s of %s cancelled: %d partial files removed", t.id, t.model, removed,
+                             extra={"event": "transfer_cancelled", "model": t.model})
+                if t.control in ("pause", "cancel"):
+                    t.control = None
+                if t.state in ("done", "cancelled"):
+                    await self.offload(self._forget, t)
+                else:
+                    await self.offload(self._save, t)
+                if t.control is None or t.state == "done":  # nothing asked while the record was written
+                    t.control = None
+                    return
         finally:
             self._running.discard(t.id)
 

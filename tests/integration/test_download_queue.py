@@ -5,9 +5,9 @@ the stress models and pulls from A (at 2 MB/s, 2 files at once); C pulls.
    of the large one starts until every file of the high one has started.
 2. ``meshnode models pull --pause low`` keeps the large model's bytes; ``--cancel`` of a third removes its
    partial files and leaves no registry entry.
-3. Stress: ``meshnode models pull m0 ... m9`` on C, from A and B, while B is killed (-9) and restarted: every
-   model ends ready, each byte arrived once (no file fetched twice: the norm and head shards that all ten share
-   included), every shard's SHA256 checks, C's memory stays flat, the CLI shows a total.
+3. Stress: ``meshnode models pull m0 ... m9`` on C (at 8 MB/s), from A and B, while B is killed (-9) mid-pull
+   and restarted: every model ends ready, each byte arrived once (no file fetched twice: the norm and head shards
+   that all ten share included), every shard's SHA256 checks, C's memory stays flat, the CLI shows a total.
 4. B after its restart lists the paused transfer with the bytes it kept, and ``--resume`` finishes it fetching
    only what was missing."""
 
@@ -90,7 +90,7 @@ def test_priorities_pause_resume_cancel_and_ten_models_while_a_holder_restarts(t
     base, src = tmp_path / "mesh", tmp_path / "src"
     a_store = Store(base / "a" / "store", Identity.generate())
     b_store = Store(base / "b" / "store", Identity.generate())
-    wide = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 8}  # ~4.8 MB, 13 files
+    wide = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 10}  # ~6 MB, 15 files
     made = {"low": add(a_store, src / "low", "low", 1, **wide), "x": add(a_store, src / "x", "x", 2, **wide),
             "high": add(a_store, src / "high", "high", 3)}
     for i, m in enumerate(STRESS):  # ~2.4 MB each; their norm and head shards are the same bytes in all ten
@@ -102,7 +102,7 @@ def test_priorities_pause_resume_cancel_and_ten_models_while_a_holder_restarts(t
     with LocalMesh(base, config_file=CONFIG) as mesh:
         a = mesh.start_peer("a", args=QUICK)
         b = mesh.launch("b", a.addrs[:1], args=b_args)
-        c = mesh.wait_started(mesh.launch("c", a.addrs[:1], args=QUICK))
+        c = mesh.wait_started(mesh.launch("c", a.addrs[:1], args=(*QUICK, "--download-limit", "8.0")))
         mesh.wait_started(b)
         wait_for(lambda: holds(b, {a.node_id: ["low", "x", "high"]}), 30, what="B to see what A holds")
 
@@ -160,6 +160,8 @@ def test_priorities_pause_resume_cancel_and_ten_models_while_a_holder_restarts(t
 
             wait_for(lambda: from_b() > 300_000, 30, interval=0.05, what="B to serve C some bytes")
             b.proc.kill()
+            at_kill = c.get("/api/transfers")["transfers"]
+            assert sum(t["done_bytes"] for t in at_kill) < sum(m.size for k, m in made.items() if k in STRESS) / 2
             b.proc.wait()
             b = mesh.wait_started(mesh.launch("b", a.addrs[:1], args=b_args))
             out, _ = pull.communicate(timeout=120)
