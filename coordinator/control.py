@@ -22,6 +22,7 @@ along a pipeline order: ``planner.plan_split`` is exact for a given order; ``bes
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +35,33 @@ from mesh.wire import NodeStatus
 #: A peer measuring less than this (FLOP/s; real peers measure 1e9 and up) gets no layers: a near-zero
 #: score, honest or not, would make its stage time infinite.
 MIN_WORKER_FLOPS = 1e6
+#: ``replicas = 0`` (auto): another pipeline is added while one fits on the peers left and its cost is within
+#: this factor of the first's (a much slower pipeline would serve its sessions much later than the first).
+AUTO_REPLICA_COST = 2.0
+
+
+def replica_splits(layers: Sequence[Layer], peers: Sequence[Peer], first: Split, links: Links, objective: str,
+                   want: int) -> list[Split]:
+    """More pipelines after ``first``, each the best plan for ``objective`` over the peers no pipeline uses
+    yet: ``want - 1`` of them (``want`` = 0: as many as fit within ``AUTO_REPLICA_COST`` of the first's cost)."""
+    used = {s.node for s in first.stages}
+    out: list[Split] = []
+    limit = float("inf") if want == 0 else want - 1
+    while len(out) < limit:
+        rest = [q for q in peers if q.node_id not in used]
+        if not rest:
+            break
+        try:
+            split = search.plan(layers, rest, links=links, objective=objective)
+        except PlanInfeasible:
+            break
+        if want == 0 and search.cost(split, objective) > AUTO_REPLICA_COST * search.cost(first, objective):
+            break
+        out.append(split)
+        used |= {s.node for s in split.stages}
+    return out
+
+
 #: A member's compute claim counts for at most this many times the best per-core claim of the *other*
 #: members, times its own cores: a confused (or lying) member cannot pull every layer to itself.
 CLAIM_CAP = 2.0
@@ -90,6 +118,7 @@ class Decision:
     reason: str
     reassigned: tuple[str, ...] = ()
     why: dict[str, object] = field(default_factory=dict)  # ``search.why`` of the split
+    replicas: tuple[Split, ...] = ()  # more pipelines of the model, on peers of no other pipeline
 
 
 def _orders(peers: Sequence[Peer]) -> list[list[Peer]]:
@@ -148,6 +177,7 @@ def best_order(layers: Sequence[Layer], peers: Sequence[Peer]) -> list[Peer]:
 class Controller:
     threshold: float = 0.25  # a patch or a join may change the cost by this much before a replan
     objective: str = "latency"  # what a plan minimises (``search.OBJECTIVES``)
+    replicas: int = 1  # pipelines per model: 1 (no replica), N, or 0 (auto: as many as fit, see replica_splits)
     _considered: dict[str, frozenset[str]] = field(default_factory=dict)  # model -> usable peers last planned over
 
     def plan(self, layers: Sequence[Layer], peers: Sequence[Peer], links: Links) -> tuple[Split, dict[str, object]]:
@@ -165,20 +195,41 @@ class Controller:
         if current is None or current.total_layers != len(layers):
             self._considered[model] = usable_ids
             split, why = self.plan(layers, usable, links)
-            return Decision(split, tuple(usable), "initial", why=why)
+            return Decision(split, tuple(usable), "initial", why=why, replicas=self._more(layers, usable, split, links))
 
         alive = {w.node_id: w for w in workers if w.alive}
         lost = [a.node for a in current.assignments if a.node not in alive]
+        intact = [current.split(layers, i) for i, p in enumerate(current.pipelines)
+                  if i > 0 and all(a.node in alive for a in p)]
+        if lost and intact:  # the first pipeline broke: a replica (loaded already) takes its place at once
+            self._considered[model] = usable_ids
+            first, rest = intact[0], intact[1:]
+            why = search.why(search.build(layers, [(alive[s.node].peer(layers), s.start, s.end)
+                                                   for s in first.stages], links), None, False, self.objective)
+            return Decision(first, tuple(usable), "promote", tuple(lost), why=why | {"method": "promote"},
+                            replicas=tuple(rest))
         if lost:
             self._considered[model] = usable_ids
-            return self.cover(layers, workers, current.split(layers), lost, links=links,
-                              prefer={a.node: a.fallback for a in current.assignments if a.fallback})
+            d = self.cover(layers, [w for w in workers if not any(w.node_id in {s.node for s in r.stages}
+                                                                    for r in intact)],
+                           current.split(layers), lost, links=links,
+                           prefer={a.node: a.fallback for a in current.assignments if a.fallback})
+            return dataclasses.replace(d, replicas=tuple(intact))
+        if len(intact) != len(current.replicas):  # a replica lost a peer: drop it, refill from free peers
+            self._considered[model] = usable_ids
+            first = current.split(layers)
+            kept = list(intact)
+            taken = {s.node for s in first.stages} | {s.node for r in kept for s in r.stages}
+            more = self._more(layers, [q for q in usable if q.node_id not in taken], first, links,
+                              have=len(kept))
+            return Decision(first, tuple(usable), "replica", why=dict(current.why), replicas=(*kept, *more))
 
         if current.term != term:
             peers = {q.node_id: q for q in usable}
             for a in current.assignments:
                 peers.setdefault(a.node, alive[a.node].peer(layers))
-            return Decision(current.split(layers), tuple(peers.values()), "term", why=dict(current.why))
+            return Decision(current.split(layers), tuple(peers.values()), "term", why=dict(current.why),
+                            replicas=tuple(intact))
 
         if not usable_ids <= self._considered.get(model, frozenset()):
             self._considered[model] = usable_ids
@@ -189,8 +240,23 @@ class Controller:
             now = search.build(layers, [(alive[s.node].peer(layers), s.start, s.end)
                                         for s in current.split(layers).stages], links)
             if search.cost(fresh, self.objective) * (1 + self.threshold) < search.cost(now, self.objective):
-                return Decision(fresh, tuple(usable), "improve", why=why)
+                return Decision(fresh, tuple(usable), "improve", why=why,
+                                replicas=self._more(layers, usable, fresh, links))
+            taken = {a.node for p in current.pipelines for a in p}
+            more = self._more(layers, [q for q in usable if q.node_id not in taken], current.split(layers), links,
+                              have=len(intact))
+            if more:  # new peers make room for another pipeline
+                return Decision(current.split(layers), tuple(usable), "replica", why=dict(current.why),
+                                replicas=(*intact, *more))
         return None
+
+    def _more(self, layers: Sequence[Layer], peers: Sequence[Peer], first: Split, links: Links, have: int = 0
+              ) -> tuple[Split, ...]:
+        """Replica pipelines beyond ``have`` existing ones, over ``peers`` (none of ``first``'s)."""
+        if self.replicas == 1 or (self.replicas > 1 and have >= self.replicas - 1):
+            return ()
+        want = 0 if self.replicas == 0 else self.replicas - have
+        return tuple(replica_splits(layers, peers, first, links, self.objective, want))
 
     def cover(self, layers: Sequence[Layer], workers: Sequence[Worker], current: Split, failed: Iterable[str], *,
               reason: str = "reassign", links: Links | None = None, prefer: dict[str, str] | None = None

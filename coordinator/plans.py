@@ -40,6 +40,7 @@ T = TypeVar("T")
 PLAN = "plan"
 PLAN_VERSION = 1
 MAX_STAGES = 1024
+MAX_REPLICAS = 64  # pipelines of one model besides the first
 MAX_PENDING = 64  # plans of a future term kept aside, one per (model, claimant)
 
 
@@ -90,6 +91,17 @@ class Plan:
     # The plan explains itself (``coordinator.search.why``): objective, exact, ms_per_token, tokens_per_s,
     # bound, runner_up_ms, ...; empty when the planner gave none (a reassignment keeps survivors' ranges).
     why: Mapping[str, str | int | float | bool] = field(default_factory=dict)
+    # More pipelines of the same model (replicas), each over all layers, on peers of no other pipeline;
+    # drivers spread sessions over ``pipelines`` (the assignments first).
+    replicas: tuple[tuple[Assignment, ...], ...] = ()
+
+    @property
+    def pipelines(self) -> tuple[tuple[Assignment, ...], ...]:
+        return (self.assignments, *self.replicas)
+
+    def all_spans(self) -> tuple[tuple[Span, ...], ...]:
+        """Each pipeline's spans (a route's hops equal one of them)."""
+        return tuple(tuple(a.span for a in p) for p in self.pipelines)
 
     @property
     def latency_s(self) -> float:
@@ -103,11 +115,12 @@ class Plan:
         """The assignments as plain spans (node and layer indices): equal to a route's hops for this plan."""
         return tuple(a.span for a in self.assignments)
 
-    def split(self, layers: Sequence[planner.Layer]) -> planner.Split:
-        """The plan as a planner Split over ``layers`` (positions, not indices)."""
+    def split(self, layers: Sequence[planner.Layer], pipeline: int = 0) -> planner.Split:
+        """A pipeline of the plan (the first: its assignments) as a planner Split over ``layers`` (positions,
+        not indices)."""
         pos = {layer.index: i for i, layer in enumerate(layers)}
         stages = []
-        for a in self.assignments:
+        for a in self.pipelines[pipeline]:
             if a.start not in pos or (a.end - 1) not in pos:
                 raise PeerError(f"layer range [{a.start}, {a.end}) is outside the model's layers",
                                 code="INVALID_PLAN_INPUT")
@@ -147,6 +160,10 @@ class Plan:
             # Pipelined decoding of one sequence is latency-bound: each token passes every stage in turn.
             "estimated_total_time": self.latency_s * tokens,
             "fallback_nodes": [{"layer_range": [a.start, a.end], "node_id": a.fallback} for a in self.assignments],
+            # Every pipeline of the model, this plan's splits first: each serves whole sessions.
+            "replicas": [{"splits": [{"layer_range": [a.start, a.end], "assigned_node": a.node,
+                                      "stage_time_s": a.time_s} for a in p],
+                          "latency_s": sum(a.time_s for a in p)} for p in self.pipelines],
         }
 
 
@@ -154,15 +171,21 @@ def make_plan(layers: Sequence[planner.Layer], peers: Sequence[planner.Peer], sp
               model: str = "", revision: str = "", term: int = 0, epoch: int = 0, coordinator: str = "",
               request_id: str = "", reason: str = "", reassigned: Sequence[str] = (), issued_at: float = 0.0,
               nodes: dict[str, NodeSummary] | None = None, compute_dtype: str = "float32", objective: str = "",
-              why: Mapping[str, str | int | float | bool | None] | None = None) -> Plan:
-    """A Plan from a planner Split: layer positions become layer indices, every range gets a fallback
-    (``planner.fallback_for``), ``nodes`` adds load/latency/reliability to the selected peers."""
+              why: Mapping[str, str | int | float | bool | None] | None = None,
+              replicas: Sequence[planner.Split] = ()) -> Plan:
+    """A Plan from a planner Split (and more pipelines, ``replicas``): layer positions become layer indices,
+    every range of the first gets a fallback among the peers of no pipeline (``planner.fallback_for``),
+    ``nodes`` adds load/latency/reliability to the selected peers."""
     by_id = {q.node_id: q for q in peers}
     nodes = nodes or {}
+    taken = {s.node for r in replicas for s in r.stages}
+    spare = [q for q in peers if q.node_id not in taken]
     assignments = tuple(
         Assignment(s.node, layers[s.start].index, layers[s.end - 1].index + 1, s.bytes, s.flops, s.time_s,
-                   planner.fallback_for(s, split, peers))
+                   planner.fallback_for(s, split, spare))
         for s in split.stages)
+    more = tuple(tuple(Assignment(s.node, layers[s.start].index, layers[s.end - 1].index + 1, s.bytes, s.flops,
+                                  s.time_s, None) for s in r.stages) for r in replicas)
     summaries = tuple(
         nodes.get(s.node, NodeSummary(s.node, by_id[s.node].flops, by_id[s.node].memory_bytes,
                                       latency_ms=by_id[s.node].link_s * 1000))
@@ -173,7 +196,7 @@ def make_plan(layers: Sequence[planner.Layer], peers: Sequence[planner.Peer], sp
         communication_overhead_s=sum(by_id[s.node].link_s for s in split.stages[:-1]),
         request_id=request_id, reason=reason, reassigned=tuple(reassigned), issued_at=issued_at,
         compute_dtype=compute_dtype, objective=objective,
-        why={k: v for k, v in (why or {}).items() if v is not None},
+        why={k: v for k, v in (why or {}).items() if v is not None}, replicas=more,
     )
 
 
@@ -190,6 +213,8 @@ def encode_plan(p: Plan) -> bytes:
         "bottleneck_s": p.bottleneck_s, "communication_overhead_s": p.communication_overhead_s,
         "request_id": p.request_id, "reason": p.reason, "reassigned": list(p.reassigned),
         "issued_at": p.issued_at, "compute_dtype": p.compute_dtype, "objective": p.objective, "why": dict(p.why),
+        "replicas": [[[a.node, a.start, a.end, a.memory_bytes, a.flops, a.time_s, a.fallback] for a in r]
+                     for r in p.replicas],
     })
 
 
@@ -253,6 +278,10 @@ def decode_plan(payload: bytes) -> Plan:
     objective = r.text("objective", "")
     if objective not in ("", "latency", "throughput"):
         raise DecodeError(f"plan.objective: {objective!r} is not latency or throughput")
+    replicas = r.array("replicas", lambda x, where: _pipeline(x, where, total), limit=MAX_REPLICAS)
+    seen = [a.node for p in (assignments, *replicas) for a in p]
+    if len(seen) != len(set(seen)):
+        raise DecodeError("plan.replicas: a peer is in two pipelines")
     return Plan(
         model_id=r.text("model_id"), revision=r.text("revision"), term=term, epoch=epoch,
         coordinator=r.text("coordinator"), total_layers=total, assignments=assignments, nodes=nodes,
@@ -260,8 +289,17 @@ def decode_plan(payload: bytes) -> Plan:
         communication_overhead_s=_typed([r.number("communication_overhead_s", 0.0)], "f", "plan.overhead")[0],
         request_id=r.text("request_id", ""), reason=r.text("reason", ""), reassigned=reassigned,
         issued_at=r.number("issued_at", 0.0), compute_dtype=compute, objective=objective,
-        why=scalar_map(r.raw("why", {}), "plan.why"),
+        why=scalar_map(r.raw("why", {}), "plan.why"), replicas=replicas,
     )
+
+
+def _pipeline(raw: Any, where: str, total: int) -> tuple[Assignment, ...]:
+    """One replica pipeline: assignment rows covering every layer once."""
+    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_STAGES:
+        raise DecodeError(f"{where}: expected a list of 1 to {MAX_STAGES} assignments")
+    out = tuple(_row("tiiiffo", Assignment)(row, f"{where}[{i}]") for i, row in enumerate(raw))
+    check_spans(out, total, error=DecodeError, what=where)
+    return out
 
 
 # ---- what this peer believes ---------------------------------------------------------------------

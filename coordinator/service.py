@@ -105,7 +105,8 @@ class PlanService:
         self._reject, self._on_plan, self.now, self.offload = reject, on_plan, now, offload
         co = config.coordinator
         self.book = PlanBook()
-        self.controller = Controller(threshold=co.reassign_threshold, objective=co.objective)
+        self.controller = Controller(threshold=co.reassign_threshold, objective=co.objective,
+                                     replicas=0 if co.replicas == "auto" else int(co.replicas))
         self.models: list[str] = []  # specs: "id" or "id@revision", one per model id
         for spec in co.models:
             self._keep(spec)
@@ -247,7 +248,8 @@ class PlanService:
         plan = make_plan(layers, d.peers, d.split, model=model, revision=revision, term=lead.term,
                          epoch=self.book.next_epoch(model), coordinator=self.mesh.node_id, request_id=request_id,
                          reason=d.reason, reassigned=d.reassigned, issued_at=time.time(), nodes=self._summaries(),
-                         compute_dtype=compute, objective=self.controller.objective, why=d.why)
+                         compute_dtype=compute, objective=self.controller.objective, why=d.why,
+                         replicas=d.replicas)
         envelope = seal_plan(plan, self.signer)
         verdict = self.book.offer(Held(plan, envelope), lead)
         assert verdict.accepted, verdict
@@ -286,7 +288,7 @@ class PlanService:
         if not self.is_coordinator():
             lead = self.mesh.leadership
             raise NotCoordinator(f"this peer is not the coordinator (term {lead.term}: {lead.coordinator})")
-        in_plans = {a.node for h in self.book.current.values() for a in h.plan.assignments}
+        in_plans = {a.node for h in self.book.current.values() for p in h.plan.pipelines for a in p}
         todo = [n for n in dict.fromkeys(nodes) if n in in_plans and n != self.mesh.node_id
                 and n not in self._checking and not self.suspected(n)]
         found: list[NodeId] = []

@@ -158,6 +158,7 @@ class Driver:
         self._ping, self._report = ping, report  # a hung-peer check; failed routes to the coordinator
         self._connected = connected  # the peers this one has a connection to (a dead one's drops at once)
         self._admission: dict[str, Admission] = {}  # model -> its pipeline's slots and queue here
+        self._on_route: dict[tuple[Span, ...], int] = {}  # a pipeline's hops -> sessions this driver runs on it
         self._tokenizers: dict[tuple[str, str], Any] = {}
         self._tokenizer_lock = trio.Lock()
         self.failovers = 0
@@ -193,21 +194,38 @@ class Driver:
                 "compute_dtype": plan.compute_dtype,
                 "ready": all(s["ready"] for s in stages), "stages": stages}
 
-    def route(self, spec: str) -> Route | None:
-        """The current plan's route for ``spec`` when every stage on it is loaded and its peer is live."""
+    def routes(self, spec: str) -> list[Route]:
+        """The current plan's ready routes for ``spec``: each pipeline (replicas too) whose stages are all
+        loaded on live peers, in the plan's order."""
         model, revision = ModelRef.of(spec)
         held = self.plans.current.get(model)
         if held is None or (revision is not None and held.plan.revision != revision):
-            return None
+            return []
         plan = held.plan
-        hops = plan.spans()
-        if not all(self._stage_ready(h.node, self._key(model, plan.revision, h, plan.compute_dtype)) for h in hops):
+        return [Route(model, plan.revision, (plan.term, plan.epoch), hops, plan.compute_dtype)
+                for hops in plan.all_spans()
+                if all(self._stage_ready(h.node, self._key(model, plan.revision, h, plan.compute_dtype))
+                       for h in hops)]
+
+    def route(self, spec: str, avoid: tuple[Span, ...] | None = None) -> Route | None:
+        """The least loaded ready route for ``spec`` (the fewest sessions this driver runs on it, then the
+        plan's order), another than ``avoid`` when there is one; None when none is ready."""
+        ready = self.routes(spec)
+        others = [r for r in ready if r.hops != avoid] or ready
+        if not others:
             return None
-        return Route(model, plan.revision, (plan.term, plan.epoch), hops, plan.compute_dtype)
+        return min(others, key=lambda r: (self._on_route.get(r.hops, 0), ready.index(r)))
 
     def served(self) -> list[Route]:
         """Every model with a ready route (what ``/v1/models`` lists)."""
         return [r for m in sorted(self.plans.current) if (r := self.route(m)) is not None]
+
+    def _left_route(self, hops: tuple[Span, ...]) -> None:
+        left = self._on_route.get(hops, 0) - 1
+        if left > 0:
+            self._on_route[hops] = left
+        else:
+            self._on_route.pop(hops, None)  # bounded by the routes with sessions running
 
     def _watched(self, route: Route) -> set[NodeId]:
         """The first and last stage's peers (the two this driver talks to) it is connected to now."""
@@ -226,7 +244,7 @@ class Driver:
         """A stage peer of ``route`` is offline, or the plan moved on and its new route is ready (a route
         that still works is kept while the new plan's stages load)."""
         held = self.plans.current.get(route.model)
-        if held is None or held.plan.spans() != route.hops:
+        if held is None or route.hops not in held.plan.all_spans():
             newer = self.route(route.model)
             if newer is not None and newer.hops != route.hops:
                 return True
@@ -412,7 +430,7 @@ class Driver:
         same_after = now + self.offline_after + 1.0
         timeout = self.config.recovery_timeout
         while True:
-            route = self.route(spec)
+            route = self.route(spec, avoid=failed.hops)  # a replica, when the plan has one, at once
             if route is not None and not self._broken(route) and (
                     route.hops != failed.hops or trio.current_time() >= same_after):
                 return route
@@ -433,7 +451,9 @@ class Driver:
         me = self.mesh.node_id
         session = new_session_id(me)
         step_timeout = self.config.step_timeout
-        with self.results.waiting(session, route) as results:
+        self._on_route[route.hops] = self._on_route.get(route.hops, 0) + 1
+        with contextlib.ExitStack() as counted, self.results.waiting(session, route) as results:
+            counted.callback(self._left_route, route.hops)
             async with contextlib.AsyncExitStack() as stack:
                 send = await self._upstream(stack, route)
                 first = {**route.to_wire(), "driver": me, "sampling": req.sampling.to_wire()}

@@ -169,7 +169,7 @@ class StageHost:
         me = self.node_id
         wanted: dict[str, tuple[str, int, int, str]] = {}
         for model, held in list(self.plans.current.items()):
-            mine = next((a for a in held.plan.assignments if a.node == me), None)
+            mine = next((a for p in held.plan.pipelines for a in p if a.node == me), None)
             if mine is not None:
                 wanted[model] = (held.plan.revision, mine.start, mine.end, held.plan.compute_dtype)
         for model in [m for m in self.loaded if m not in wanted]:

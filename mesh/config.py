@@ -95,6 +95,9 @@ class CoordinatorConfig:
     # "throughput" (the slowest stage: a full pipeline of concurrent sessions).
     objective: str = "latency"
     link_interval: float = 5.0  # seconds between rounds of pinging peers (the measured link matrix)
+    # Pipelines per model: "1" (no replica), "N", or "auto" (another on the peers left while one fits and is
+    # within 2x the first's cost); drivers spread sessions over them and fail over to one at once.
+    replicas: str = "1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +195,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("coordinator.objective", "--objective",
            "what plans minimise: latency (one token's time) or throughput (the slowest stage)"),
     Option("coordinator.link_interval", "--link-interval", "seconds between rounds of pinging peers"),
+    Option("coordinator.replicas", "--replicas", "pipelines per model: 1, N or auto (as many as fit)"),
     Option("inference.serve", "--serve", "model (id or id@revision) to ask the mesh to serve (repeatable)"),
     Option("inference.max_sessions", "--max-sessions", "generations one stage runs at once"),
     Option("inference.session_idle_timeout", "--session-idle-timeout",
@@ -324,6 +328,8 @@ def validate(config: Config) -> None:
         raise ValueError(f"coordinator.objective: latency or throughput, not {co.objective!r}")
     if co.link_interval <= 0:
         raise ValueError("coordinator.link_interval must be positive")
+    if not (co.replicas == "auto" or (co.replicas.isdigit() and int(co.replicas) >= 1)):
+        raise ValueError(f"coordinator.replicas: auto or a whole number >= 1, not {co.replicas!r}")
     nd = config.node
     if nd.max_layer_memory_mb < 0 or nd.compute_gflops < 0 or nd.memory_bandwidth_gbps < 0:
         raise ValueError("node.max_layer_memory_mb, node.compute_gflops and node.memory_bandwidth_gbps must not "

@@ -327,7 +327,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """What-if planning without a mesh: the plan as JSON on stdout; an infeasible input exits 2."""
-    from coordinator import planner, plans, search
+    from coordinator import control, planner, plans, search
 
     def read(path: str, what: str) -> Any:
         try:
@@ -346,9 +346,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         split = {"greedy": planner.greedy_by_compute, "memory": planner.split_by_memory}[args.method](layers, peers)
         explained = search.why(split, None, False, args.objective) | {"method": args.method}
-    plan = plans.make_plan(layers, peers, split, request_id=args.request_id)
+    want = 0 if args.replicas == "auto" else int(args.replicas)
+    replicas = control.replica_splits(layers, peers, split, links, args.objective, want) if want != 1 else []
+    plan = plans.make_plan(layers, peers, split, request_id=args.request_id, replicas=replicas)
     print(json.dumps(plan.view(args.tokens) | {"why": explained}, indent=2))
     return 0
+
+
+def _replicas(text: str) -> str:
+    if text == "auto" or (text.isdigit() and int(text) >= 1):
+        return text
+    raise argparse.ArgumentTypeError(f"auto or a whole number >= 1, not {text!r}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -493,6 +501,8 @@ def make_parser() -> argparse.ArgumentParser:
                    "of the sending node)")
     p.add_argument("--objective", choices=("latency", "throughput"), default="latency",
                    help="latency: one token's time (every stage and hop); throughput: the slowest stage")
+    p.add_argument("--replicas", type=_replicas, default="1",
+                   help="pipelines: 1, N, or auto (more on the peers left while one fits within 2x the first's cost)")
     p.add_argument("--tokens", type=int, default=1, help="tokens to generate, for estimated_total_time")
     p.add_argument("--method", choices=("optimal", "greedy", "memory"), default="optimal",
                    help="the best plan over any peers and order, or a baseline: compute- or memory-proportional")

@@ -538,3 +538,52 @@ async def test_past_the_admission_bound_a_request_gets_429_mesh_busy_and_nothing
             hold.set()
         assert got == {"first": want[:12], "queued": want[:12]}  # both finished, in order, with the oracle's tokens
         assert driver.admission(MODEL).active == 0 and driver.admission(MODEL).waiting == 0
+
+
+async def test_eight_sessions_spread_over_two_replicas_and_a_killed_replica_peer_moves_its_sessions(
+        tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
+    """Four peers with room for 60% of the model each: two pipelines of two (``--replicas 2``). Eight sessions at
+    once from one driver spread over both; a kill -9 of a peer of one pipeline moves its sessions to the other at
+    once (the replica is loaded already); every session's tokens equal the unsplit model's."""
+    folder, want = tiny
+    c = config()
+    cfg = dataclasses.replace(c, coordinator=dataclasses.replace(c.coordinator, objective="latency", replicas="2"))
+    async with InProcessMesh(tmp_path, cfg) as mesh:
+        mesh.store("a").add(str(folder), model_id=MODEL)
+        manifest = mesh.store("a").manifest(MODEL)[0]
+        offer = int(0.6 * sum(x.bytes for x in planner_layers(manifest, 2048, "float32")))
+        peers = {n: await mesh.start(n, layer_memory=offer) for n in "abcd"}
+        await mesh.wait(mesh.agreed, timeout=30, what="one coordinator")
+        driver_peer = peers["a"]
+        await driver_peer.node.request_serve(MODEL)
+        driver = driver_peer.node.driver
+        await mesh.wait(lambda: len(driver.routes(MODEL)) == 2, timeout=60, what="two ready pipelines")
+        plan = driver_peer.node.plans.view(MODEL)["plans"][0]
+        assert len(plan["replicas"]) == 2
+        pipelines = [r.hops for r in driver.routes(MODEL)]
+        assert not {h.node for h in pipelines[0]} & {h.node for h in pipelines[1]}
+
+        got: dict[int, list[int]] = {}
+        spread: dict[tuple, int] = {}
+        go = trio.Event()
+
+        async def run(k: int) -> None:
+            out = []
+            async for tok in driver.generate(Request(MODEL, PROMPT, 24)):
+                out.append(tok.id)
+                if len(out) == 4:
+                    await go.wait()  # every session is running before any goes on
+            got[k] = out
+
+        async with trio.open_nursery() as nursery:
+            for k in range(8):
+                nursery.start_soon(run, k)
+            await mesh.wait(lambda: sum(driver._on_route.values()) == 8, timeout=30, what="8 sessions running")
+            spread.update(driver._on_route)
+            victim_id = next(h.node for h in pipelines[1] if h.node != driver_peer.node_id)
+            victim = next(p for p in peers.values() if p.node_id == victim_id)
+            mesh.kill(victim.name)  # its pipeline's sessions fail over to the other one
+            go.set()
+        assert all(n >= 3 for n in spread.values()) and sum(spread.values()) == 8, spread
+        assert got == {k: want[:24] for k in range(8)}
+        assert driver.failovers >= spread[pipelines[1]]

@@ -157,6 +157,16 @@ def test_meshnode_plan_prints_the_plan_or_fails_clearly(tmp_path, capsys) -> Non
     plan = json.loads(capsys.readouterr().out)
     assert [s["assigned_node"] for s in plan["model_split_plan"]["splits"]] == ["b"]
     assert plan["why"]["objective"] == "latency" and plan["why"]["stages"] == 1
+    # --replicas: every peer can hold the model alone; auto adds none here (a and c would take 3x b's time per
+    # token, past AUTO_REPLICA_COST), 3 asks for all three one-stage pipelines, b's first
+    assert main(["plan", *files, "--replicas", "auto"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["replicas"]) == 1
+    assert main(["plan", *files, "--replicas", "3"]) == 0
+    pipelines = json.loads(capsys.readouterr().out)["replicas"]
+    assert [[s["assigned_node"] for s in p["splits"]] for p in pipelines] == [["b"], ["a"], ["c"]]
+    with pytest.raises(SystemExit):
+        main(["plan", *files, "--replicas", "0"])
+    capsys.readouterr()
     (tmp_path / "links.json").write_text(json.dumps({"a": {"zz": 1.0}}))
     assert main(["plan", *files, "--links", str(tmp_path / "links.json")]) == 2
     assert "INVALID_PLAN_INPUT" in capsys.readouterr().err

@@ -5,6 +5,7 @@ only past the threshold — checked on many simulated peers."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import cbor2
@@ -401,3 +402,38 @@ def test_a_faster_peer_joining_improves_the_latency_plan_and_the_why_says_so() -
     d = ctl.decide("m", LAYERS, ws, book.current["m"].plan, 1)
     assert d is not None and d.reason == "improve" and [s.node for s in d.split.stages] == ["fast"]
     assert d.why["bound"] == "peer fast" and d.why["runner_up_ms"] > d.why["ms_per_token"]
+
+
+def test_replicas_are_planned_on_the_peers_left_round_trip_and_a_broken_first_pipeline_promotes_one() -> None:
+    ident, book = Identity.generate(), PlanBook()
+    ctl = Controller(replicas=0)  # auto: as many pipelines as fit
+    ws = [Worker(f"w{i:02d}", 1e10, 1000, S.READY, link_s=0.001) for i in range(5)]  # each holds 10 of 16 layers
+    d = ctl.decide("m", LAYERS, ws, None, 1)
+    assert d is not None and len(d.split.stages) == 2 and len(d.replicas) == 1  # 2 + 2 peers; 1 left over
+    plan = make_plan(LAYERS, d.peers, d.split, model="m", revision="r1", term=1, epoch=1,
+                     coordinator=ident.node_id, reason=d.reason, replicas=d.replicas)
+    nodes = [a.node for p in plan.pipelines for a in p]
+    assert len(nodes) == len(set(nodes)) == 4
+    assert {a.fallback for a in plan.assignments} <= {w.node_id for w in ws} - set(nodes)  # fallbacks are free
+    got = open_plan(seal_plan(plan, ident))
+    assert got.replicas == plan.replicas and len(got.view()["replicas"]) == 2
+    twice = dataclasses.replace(plan, replicas=(plan.assignments,))  # a peer in two pipelines
+    with pytest.raises(PeerError) as err:
+        open_plan(seal_plan(twice, ident))
+    assert err.value.code == "MALFORMED_MESSAGE"
+    assert book.offer(held(plan, ident), Leadership(1, NodeId(ident.node_id))).accepted
+    # A peer of the first pipeline dies: the replica (loaded already) becomes the first pipeline at once.
+    dead = plan.assignments[0].node
+    ws = [Worker(w.node_id, w.flops, w.memory_bytes, S.OFFLINE if w.node_id == dead else S.READY, link_s=0.001)
+          for w in ws]
+    d2 = ctl.decide("m", LAYERS, ws, plan, 1)
+    assert d2 is not None and d2.reason == "promote"
+    assert [(s.node, s.start, s.end) for s in d2.split.stages] == [
+        (s.node, s.start, s.end) for s in plan.split(LAYERS, 1).stages]
+    # A peer of a replica dies instead: the replica goes, the first pipeline stays as it is.
+    gone = plan.replicas[0][0].node
+    ws = [Worker(w.node_id, w.flops, w.memory_bytes, S.OFFLINE if w.node_id == gone else S.READY, link_s=0.001)
+          for w in ws]
+    d3 = ctl.decide("m", LAYERS, ws, plan, 1)
+    assert d3 is not None and d3.reason == "replica" and d3.split.stages == plan.split(LAYERS).stages
+    assert all(gone not in {s.node for s in r.stages} for r in d3.replicas)
