@@ -86,21 +86,38 @@ class MeshBusy(PeerError):
 
 @dataclass
 class Admission:
-    """One model's pipeline at this driver: at most ``slots`` generations at once, at most ``queue`` waiting
-    (FIFO: trio's semaphore wakes waiters in order); ``seconds`` is the recent mean generation time."""
+    """One model at this driver: at most ``slots`` generations at once (the slots per pipeline times the
+    plan's pipelines, so it follows the replicas), at most ``queue`` waiting, woken in order (a parking lot);
+    ``seconds`` is the recent mean generation time."""
 
     slots: int
     queue: int
     active: int = 0
     waiting: int = 0
     seconds: float = 1.0
-    gate: trio.Semaphore = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.gate = trio.Semaphore(self.slots)
+    lot: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
 
     def full(self) -> bool:
         return self.active >= self.slots and self.waiting >= self.queue
+
+    async def enter(self) -> None:
+        if self.active >= self.slots or self.waiting:
+            self.waiting += 1
+            try:
+                while True:
+                    await self.lot.park()
+                    if self.active < self.slots:
+                        break
+            except BaseException:
+                self.lot.unpark()  # a cancelled waiter passes its wake-up on (the woken one checks again)
+                raise
+            finally:
+                self.waiting -= 1
+        self.active += 1
+
+    def leave(self) -> None:
+        self.active -= 1
+        self.lot.unpark()
 
     def retry_after(self) -> int:
         """Whole seconds until a queue place is likely free: the queue ahead over the slots, per generation."""
@@ -288,7 +305,12 @@ class Driver:
         model = ModelRef.of(spec).model
         if model not in self._admission:  # bounded: only models with a plan or a serve request get here
             self._admission[model] = Admission(self.config.max_pipeline_sessions, self.config.max_queued_requests)
-        return self._admission[model]
+        adm = self._admission[model]
+        held = self.plans.current.get(model)
+        adm.slots = self.config.max_pipeline_sessions * (len(held.plan.pipelines) if held is not None else 1)
+        for _ in range(adm.slots - adm.active):  # more pipelines than before: let waiters in
+            adm.lot.unpark()
+        return adm
 
     def check_capacity(self, spec: str) -> None:
         """MESH_BUSY (429, ``retry_after``) when a new request for ``spec`` could neither run nor wait now."""
@@ -306,18 +328,12 @@ class Driver:
         """A pipeline slot for one generation, waiting in the bounded queue for one (MESH_BUSY past it)."""
         self.check_capacity(spec)
         adm = self.admission(spec)
-        adm.waiting += 1
-        try:
-            await adm.gate.acquire()
-        finally:
-            adm.waiting -= 1
-        adm.active += 1
+        await adm.enter()
         began = trio.current_time()
         try:
             yield
         finally:
-            adm.active -= 1
-            adm.gate.release()
+            adm.leave()
             adm.seconds += 0.2 * (trio.current_time() - began - adm.seconds)
 
     async def generate(self, req: Request) -> AsyncIterator[Token]:
