@@ -289,10 +289,14 @@ class StoreLock:
                     raise LockHeld(f"{path.name} is held by pid {held.get('pid')} since {held.get('created_at')}")
                 path.unlink()  # expired, orphan (dead pid) or torn by a crash: take it over
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "w") as f:
-                json.dump(info, f)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(info, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError:  # a full disk: no torn lock file left behind
+                path.unlink(missing_ok=True)
+                raise
         return cls(path, info)
 
     def renew(self, now: float) -> None:

@@ -43,6 +43,8 @@ def leftovers(store: Store) -> dict[str, object]:
         "partials": sorted(p.name for p in root.rglob("*.partial")),
         "tmp": sorted(p.name for p in root.rglob("*.tmp")) + sorted(p.name for p in (root / "tmp").glob("*")),
         "shards": len(list(store.registry.shard_dir.glob("*.safetensors"))),
+        "whole": len([p for d in ("shards", "models") for p in (root / d).rglob("*")
+                      if p.is_file() and not p.name.startswith(".")]),
         "locks": sorted(p.name for p in store.registry.lock_dir.glob("*.lock")),
         "versions": {m: {r: v.status for r, v in e.versions.items()} for m, e in store.registry.models.items()},
         "default": {m: e.default_version for m, e in store.registry.models.items()},

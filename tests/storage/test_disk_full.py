@@ -73,6 +73,6 @@ def test_a_short_disk_is_refused_up_front_and_one_that_fills_mid_write_fails_cle
     assert filled["code"] == "INSUFFICIENT_STORAGE" and filled["state"] == "error"
     assert {k: filled[k] for k in nothing} == nothing  # the file that hit the full disk left no partial
     assert filled["versions"] == {}  # the model is not installed, as before: no downloading entry left behind
-    assert 1 <= filled["files_done"] < 9 and filled["shards"] >= 1  # files that arrived whole are kept
+    assert 1 <= filled["files_done"] < 9 and filled["whole"] >= 1  # files that arrived whole are kept
     after = fetch["after"]
     assert after["verified"] and {k: after[k] for k in nothing} == nothing
