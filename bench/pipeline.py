@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/pipeline.py [--weights auto|float32|bfloat16|int8|int4] [--new-tokens 64]
                                        [--prompt-tokens 128] [--repeat 3] [--skip-recovery] [--data-dir DIR]
+                                       [--concurrency-only]
 
 The packaged GGUF is added once into a store in the format ``--weights`` picks (``auto``, the default and the
 fastest measured so far: as it ships, int4 blocks + an int8 embedding and head, computed in bf16; the others
@@ -35,6 +36,9 @@ mesh number also as a ratio to the single process:
 5. the speed model: each stage's estimated decode time (the larger of its FLOPs over the peer's measured
    FLOP/s and its weight bytes over the peer's measured memory bandwidth, at the run's mean context) against
    its measured decode compute.
+
+6. concurrency (``--concurrency-only`` runs just this): 1, 4 and 16 requests at once to 3 peers planned for
+   latency, with one pipeline and with ``--replicas 2``: aggregate tok/s, p50/p99 TTFT and inter-token gap.
 
 Everything runs on this machine's cores: peers, driver and the benchmark compete for them, so ratios are
 for this box, not for peers on separate machines. Warnings, errors and lines that are not JSON in the
@@ -329,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3, help="measured runs per setup (medians are shown)")
     parser.add_argument("--skip-recovery", action="store_true", help="no kill -9 of the middle stage")
+    parser.add_argument("--concurrency-only", action="store_true",
+                        help="only the concurrent-streams table (replicas against one pipeline)")
     parser.add_argument("--data-dir", help="keep the store in DIR/store and reuse it (skips the conversion next "
                                            "time); the whole store is copied into every peer")
     args = parser.parse_args(argv)
@@ -342,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         install(store, root / "mesh3", ["m3-a", "m3-b", "m3-c"])
         local = LocalModel(store, model_id)  # the compute dtype a plan over this machine would choose
         prompt = prompt_ids(local.tokenizer, args.prompt_tokens)
+        if args.concurrency_only:
+            del local
+            concurrency(store, root, model_id, prompt, args.new_tokens)
+            return 0
         singles, reference, default_threads = single_process(
             local, prompt, args.new_tokens, args.repeat, 0 if args.skip_recovery else RECOVERY_TOKENS)
         info = {"model_id": model_id, "formats": "+".join(local.manifest.formats), "compute_dtype": local.compute,
@@ -359,6 +369,77 @@ def main(argv: list[str] | None = None) -> int:
     speed_model(manifest, args, {"3 peers, throughput plan": meshes[3], "2 peers, throughput plan": meshes[2],
                                  "3 peers, latency plan": latency})
     return 0
+
+
+STREAMS = (1, 4, 16)
+
+
+def concurrency(store: Store, root: Path, model: str, prompt: list[int], new: int) -> None:
+    """1, 4 and 16 concurrent requests to a 3-peer mesh planned for latency (SmolLM2 fits one peer: each
+    pipeline is one stage) with one pipeline and with ``--replicas 2``: aggregate decode tok/s, p50/p99 TTFT
+    and inter-token latency. The requests go to a peer of no pipeline when there is one (its driver spreads
+    them)."""
+    print("\n| pipelines | streams | aggregate tok/s | x 1 stream | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms "
+          "| inter-token p99 ms | failed |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for replicas in ("1", "2"):
+        _concurrency_mesh(store, root / f"conc{replicas}", model, prompt, new, replicas)
+
+
+def _concurrency_mesh(store: Store, base: Path, model: str, prompt: list[int], new: int, replicas: str) -> None:
+    install(store, base, [f"c{replicas}-{x}" for x in "abc"])
+    args = ("--benchmark-seconds", "0.2", "--objective", "latency", "--replicas", replicas,
+            "--max-pipeline-sessions", "16")
+    with LocalMesh(base, config_file=CONFIG, extra_args=args) as mesh:
+        peers = mesh.start_chain(3, prefix=f"c{replicas}")
+        wait_for(lambda: agreed(peers), 40, what="one coordinator")
+        api_get(peers[0].api, "/api/model", method="POST", body={"model_id": model})
+
+        def ready() -> list[list[str]] | None:
+            plans = (peers[0].try_get(f"/api/plan?model={model}") or {}).get("plans") or []
+            if not plans or len(plans[0]["replicas"]) != int(replicas):
+                return None
+            served = (peers[0].try_get("/v1/models") or {}).get("data", [])
+            return [[s["assigned_node"] for s in r["splits"]] for r in plans[0]["replicas"]] if served else None
+
+        pipelines = wait_for(ready, 120, what=f"{replicas} pipelines")
+        time.sleep(3.0)  # every replica's stage loaded (the model is listed once its first route is ready)
+        driver = next((p for p in peers if p.node_id not in {n for r in pipelines for n in r}), peers[0])
+        request(driver, model, prompt[:16], 4)
+        one = None
+        for k in STREAMS:
+            wall, ok = _burst(driver, model, prompt, new, k)
+            tokens = sum(len(r["token_ids"]) for r in ok)
+            ttft = sorted(r["timings"]["ttft_ms"] for r in ok) or [float("nan")]
+            gaps = sorted(g for r in ok for g in r["timings"]["step_ms"][1:]) or [float("nan")]
+            rate = tokens / wall
+            one = one or rate
+            print(f"| {replicas} | {k} | {rate:.1f} | {rate / one:.2f} | {pct(ttft, 50):.0f} | {pct(ttft, 99):.0f} "
+                  f"| {pct(gaps, 50):.1f} | {pct(gaps, 99):.1f} | {k - len(ok)} |")
+
+
+def _burst(driver: PeerProcess, model: str, prompt: list[int], new: int, k: int
+           ) -> tuple[float, list[dict[str, Any]]]:
+    """``k`` requests at once from threads: (wall seconds, the answers that came)."""
+    results: list[dict[str, Any] | None] = [None] * k
+
+    def go(i: int) -> None:
+        try:
+            results[i] = request(driver, model, prompt, new)
+        except MeshError:
+            results[i] = None
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(k)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.monotonic() - t0, [r for r in results if r is not None]
+
+
+def pct(values: list[float], p: float) -> float:
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 def report(args: argparse.Namespace, info: dict[str, Any], singles: dict[str, list[dict[str, Any]]],
