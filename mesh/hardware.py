@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Any
 
 import psutil
 
@@ -91,18 +92,21 @@ def measure_flops(seconds: float) -> float:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a = torch.randn(BENCH_MATRIX, BENCH_MATRIX, device=device)
     b = torch.randn(BENCH_MATRIX, BENCH_MATRIX, device=device)
-    (a @ b).sum().item()  # warm-up (and lazy CUDA init)
-    iters = 0
-    start = time.perf_counter()
+    flops = 2 * BENCH_MATRIX**3 * _per_second(lambda: (a @ b).sum().item(), seconds)
+    log.info("compute benchmark: %.2f GFLOP/s on %s (matmuls of %d^2)", flops / 1e9, device, BENCH_MATRIX)
+    return flops
+
+
+def _per_second(run: Any, seconds: float) -> float:
+    """How many times a second ``run()`` completes, after one warm-up call, over at least ``seconds``."""
+    run()  # warm-up: pages touched, kernels chosen (and lazy CUDA init)
+    iters, start = 0, time.perf_counter()
     while True:
-        (a @ b).sum().item()
+        run()
         iters += 1
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
-            break
-    flops = 2 * BENCH_MATRIX**3 * iters / elapsed
-    log.info("compute benchmark: %.2f GFLOP/s on %s (%d matmuls of %d^2)", flops / 1e9, device, iters, BENCH_MATRIX)
-    return flops
+            return iters / elapsed
 
 
 def measure_bandwidth(seconds: float) -> float:
@@ -116,18 +120,9 @@ def measure_bandwidth(seconds: float) -> float:
     rows, cols = BANDWIDTH_MATRIX
     w = torch.randn(rows, cols, device=device)
     x = torch.randn(cols, device=device)
-    (w @ x).sum().item()  # warm-up: pages touched, kernels chosen
-    iters = 0
-    start = time.perf_counter()
-    while True:
-        (w @ x).sum().item()
-        iters += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            break
-    bandwidth = w.numel() * w.element_size() * iters / elapsed
-    log.info("memory bandwidth benchmark: %.1f GB/s on %s (%d matrix-vector products of %dx%d)", bandwidth / 1e9,
-             device, iters, rows, cols)
+    bandwidth = w.numel() * w.element_size() * _per_second(lambda: (w @ x).sum().item(), seconds)
+    log.info("memory bandwidth benchmark: %.1f GB/s on %s (matrix-vector products of %dx%d)", bandwidth / 1e9,
+             device, rows, cols)
     return bandwidth
 
 
@@ -194,14 +189,6 @@ def measure_kernels(seconds: float) -> dict[str, float]:
     }
     out = {}
     for name, (run, size) in kernels.items():
-        run()  # warm-up
-        iters, start = 0, time.perf_counter()
-        while True:
-            run()
-            iters += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds:
-                break
-        out[name] = size * iters / elapsed
+        out[name] = size * _per_second(run, seconds)
     log.info("weight kernels: %s", ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in out.items()))
     return out
