@@ -45,6 +45,7 @@ from mesh.ids import NodeId, StageKey
 from mesh.logs import Throttle
 from mesh.ports import Clock, Library, Offload, Streams
 from mesh.transport import Stream, StreamClosedError
+from storage import queue
 
 log = logging.getLogger(__name__)
 #: Seconds before a stage that failed to load is tried again.
@@ -247,7 +248,7 @@ class StageHost:
                         manifest, _ = await self.library.manifest(model, revision)
                         shards = list(manifest.shards[start:end])
                         t0 = time.perf_counter()
-                        await self.library.ensure(manifest, shards)
+                        await self.library.ensure(manifest, shards, priority=queue.LOW)  # after users' pulls
                         self.standby[model + "#" + key] = key
                         log.info("standby shards of %s on disk (%.2fs)", key, time.perf_counter() - t0,
                                  extra={"event": "standby_ready", "model": model, "node_id": self.node_id})

@@ -294,7 +294,9 @@
       const serving = servingRows.find((m) => m.model === plan.model);
       const split = plan.model_split_plan || {};
       const total = split.total_layers || 0;
-      const replicas = Array.isArray(plan.replicas) && plan.replicas.length ? plan.replicas : [split.splits || []];
+      // GET /api/plan lists every pipeline as {splits, latency_s}, the plan's own splits first
+      const replicas = (Array.isArray(plan.replicas) && plan.replicas.length ? plan.replicas : [split.splits || []])
+        .map(r => (Array.isArray(r) ? r : r.splits || []));
       const ready = Boolean(serving && serving.ready);
       const bars = replicas.length === 1 ? planBar(replicas[0], total, serving)
         : replicas.map((r, i) => [el("div", { class: "replica-label", text: `replica ${i + 1}` }), planBar(r, total, serving)]);
