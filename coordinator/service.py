@@ -81,6 +81,8 @@ def planner_layers(manifest: Manifest, context_tokens: int, compute: str | None 
         # What a token streams: a block's or head's weights through its kernel (compact formats their own,
         # float ones as loaded in the compute dtype), the KV cache at memory speed; an embedding one row.
         kernel = s.format if s.format in ("int8", "int4") else compute
+        if s.kind == "head":
+            kernel += "-wide"  # a vocabulary of outputs over the hidden size: its own measured speed
         streamed = 0 if s.kind == "embedding" else weights
         out.append(Layer(s.index, float(s.flops_base + s.flops_per_context * context_tokens),
                          weights + kv * context_tokens, read_bytes=streamed + kv * context_tokens,

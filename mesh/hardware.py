@@ -162,6 +162,9 @@ def measure_overhead(dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict[
 
 #: The weight-kernel benchmark's matrix (rows x columns): 32 M weights, 16-128 MiB by format, beyond the caches.
 KERNEL_MATRIX = (8192, 4096)
+#: ... and a head's shape (a vocabulary of outputs over a narrow hidden size), measured as "<kernel>-wide":
+#: the int8 kernel streams a 49152x576 head at half its 8192x4096 speed here.
+WIDE_MATRIX = (32768, 1024)
 
 
 def measure_kernels(seconds: float) -> dict[str, float]:
@@ -169,11 +172,18 @@ def measure_kernels(seconds: float) -> dict[str, float]:
     at a time: "float32" (fp32 activations), "bfloat16", and the weight-only "int8" and "int4" kernels (bf16
     activations), each measured for ``seconds``. Decode reads every weight once per token, so a stage's
     weights over these is its time; compact kernels may be slower than memory (they unpack as they go)."""
-    import torch
-
     if seconds <= 0:
         return {}
-    rows, cols = KERNEL_MATRIX
+    out = _kernels(*KERNEL_MATRIX, seconds)
+    out |= {f"{k}-wide": v for k, v in _kernels(*WIDE_MATRIX, seconds, ("bfloat16", "int8", "int4")).items()}
+    log.info("weight kernels: %s", ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in out.items()))
+    return out
+
+
+def _kernels(rows: int, cols: int, seconds: float, names: tuple[str, ...] = ("float32", "bfloat16", "int8", "int4")
+             ) -> dict[str, float]:
+    import torch
+
     x32, x16 = torch.randn(1, cols), torch.randn(1, cols, dtype=torch.bfloat16)
     w32 = torch.randn(rows, cols)
     w16 = w32.to(torch.bfloat16)
@@ -187,8 +197,4 @@ def measure_kernels(seconds: float) -> dict[str, float]:
         "int8": (lambda: torch.ops.aten._weight_int8pack_mm(x16, q8, s8), rows * cols),
         "int4": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x16, q4, 32, sz4), rows * cols // 2),
     }
-    out = {}
-    for name, (run, size) in kernels.items():
-        out[name] = size * _per_second(run, seconds)
-    log.info("weight kernels: %s", ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in out.items()))
-    return out
+    return {name: size * _per_second(run, seconds) for name, (run, size) in kernels.items() if name in names}
