@@ -184,13 +184,14 @@ def _kernels(rows: int, cols: int, seconds: float, names: tuple[str, ...] = ("fl
              ) -> dict[str, float]:
     import torch
 
+    # Constant weights (the kernels' speed does not depend on the values; random ones take longer to make).
     x32, x16 = torch.randn(1, cols), torch.randn(1, cols, dtype=torch.bfloat16)
-    w32 = torch.randn(rows, cols)
-    w16 = w32.to(torch.bfloat16)
-    q8 = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
-    s8 = torch.rand(rows, dtype=torch.bfloat16)
-    q4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (rows, cols), dtype=torch.int32), 1)
-    sz4 = torch.rand(cols // 32, rows, 2, dtype=torch.bfloat16)
+    w32 = torch.full((rows, cols), 0.5) if "float32" in names else torch.empty(0, cols)
+    w16 = torch.full((rows, cols), 0.5, dtype=torch.bfloat16)
+    q8 = torch.full((rows, cols), 3, dtype=torch.int8)
+    s8 = torch.full((rows,), 0.01, dtype=torch.bfloat16)
+    q4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.full((rows, cols), 7, dtype=torch.int32), 1)
+    sz4 = torch.full((cols // 32, rows, 2), 0.01, dtype=torch.bfloat16)
     kernels = {
         "float32": (lambda: x32 @ w32.t(), rows * cols * 4),
         "bfloat16": (lambda: x16 @ w16.t(), rows * cols * 2),

@@ -129,6 +129,8 @@ async def run(config: Config, *, task_status: trio.TaskStatus[Node] = trio.TASK_
         log.info("memory bandwidth %.1f GB/s as configured (not measured)", config.node.memory_bandwidth_gbps)
     else:
         bandwidth = await trio.to_thread.run_sync(hardware.measure_bandwidth, config.node.benchmark_seconds)
+    # Before the node starts: measured beside a stage's first load, transformers' lazy imports in two threads
+    # can stall each other.
     overhead = await trio.to_thread.run_sync(hardware.measure_overhead) if config.node.benchmark_seconds > 0 else {}
     kernels = await trio.to_thread.run_sync(hardware.measure_kernels, config.node.benchmark_seconds / 4)
     m = config.membership
