@@ -143,7 +143,7 @@ class StageHost:
         self._streams: collections.Counter[NodeId] = collections.Counter()  # open inbound streams per peer
         self.wake = trio.Event()
         self.on_ready = on_ready  # a stage became ready here (the node heartbeats at once)
-        self.standby: dict[str, str] = {}  # model#key -> the range (stage key) whose shards are on disk as fallback
+        self.standby: set[str] = set()  # stage keys (model included) of fallback ranges whose shards are on disk
         self.warm: dict[str, Loaded] = {}  # stage key -> a standby range loaded ahead (idle peers only)
         self._prefetch: tuple[trio.CancelScope, trio.Event] | None = None  # the background prefetch, if any
 
@@ -220,10 +220,10 @@ class StageHost:
     def _standby_follow(self) -> None:
         """Start the background prefetch of standby ranges not on disk yet (one task at a time)."""
         wanted = self._standby_wanted()
-        keep = {w[0] + "#" + w[5] for w in wanted}
-        self.standby = {k: v for k, v in self.standby.items() if k in keep}  # ranges no plan names any more
-        self.warm = {k: v for k, v in self.warm.items() if k in {w[5] for w in wanted}}
-        todo = [w for w in wanted if self.standby.get(w[0] + "#" + w[5]) is None]
+        keep = {w[5] for w in wanted}
+        self.standby &= keep  # ranges no plan names any more
+        self.warm = {k: v for k, v in self.warm.items() if k in keep}
+        todo = [w for w in wanted if w[5] not in self.standby]
         if not todo or self._prefetch is not None or self._nursery is None:
             return
         scope, done = trio.CancelScope(), trio.Event()
@@ -249,7 +249,7 @@ class StageHost:
                         shards = list(manifest.shards[start:end])
                         t0 = time.perf_counter()
                         await self.library.ensure(manifest, shards, priority=queue.LOW)  # after users' pulls
-                        self.standby[model + "#" + key] = key
+                        self.standby.add(key)
                         log.info("standby shards of %s on disk (%.2fs)", key, time.perf_counter() - t0,
                                  extra={"event": "standby_ready", "model": model, "node_id": self.node_id})
                         if not self.loaded and not self.warm:  # idle: its memory can hold the range ready
