@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import cbor2
@@ -52,8 +52,9 @@ RESOLVE_TTL = 30.0
 #: Per-token dispatch cost of a shard in blocks (``Layer.calls``): a block runs attention and an MLP, ~a dozen
 #: kernels; an embedding lookup, a norm or a head is one or two.
 CALLS = {"block": 1.0}
-#: A peer a driver reports must answer a ping within this many seconds, or it counts as offline for planning.
-SUSPECT_PING = 1.0
+#: A peer a driver reports must answer a ping within this many seconds, or it counts as offline for planning;
+#: one whose heartbeats this peer already misses (``degraded``) counts at once: the report is a second signal.
+SUSPECT_PING = 0.5
 #: Drivers report a failed route's peers to the coordinator on this protocol (one CBOR map each way).
 SUSPECT_PROTOCOL = "/meshnode/suspect/1"
 MAX_SUSPECT_REPORT = 4096  # bytes: a model id and a route's peers
@@ -283,9 +284,12 @@ class PlanService:
             return False
         return True
 
-    async def check_suspects(self, nodes: Sequence[NodeId], reporter: str) -> list[NodeId]:
+    async def check_suspects(self, nodes: Sequence[NodeId], reporter: str,
+                             unanswered: Collection[NodeId] = ()) -> list[NodeId]:
         """Ping each of ``nodes`` that is in a current plan (at once, ``SUSPECT_PING`` each); those that do not
-        answer are suspects from now: the coordinating loop is woken to cover their ranges. Coordinator only
+        answer are suspects from now: the coordinating loop is woken to cover their ranges. One whose heartbeats
+        are already missed here, or in ``unanswered`` (this peer's own driver pinged it in vain just now; a
+        remote reporter's word is never taken for it), counts without another ping. Coordinator only
         (NOT_COORDINATOR otherwise). Returns the peers found unresponsive."""
         if not self.is_coordinator():
             lead = self.mesh.leadership
@@ -298,13 +302,18 @@ class PlanService:
         async def check(node: NodeId) -> None:
             self._checking.add(node)
             try:
+                m = self.mesh.membership.get(node)
+                if m is not None and m.status == NodeStatus.DEGRADED:
+                    raise PeerError("its heartbeats are missed here too (degraded)", code="PEER_UNRESPONSIVE")
+                if node in unanswered and reporter == self.mesh.node_id:
+                    raise PeerError("it did not answer this peer's driver's ping", code="PEER_UNRESPONSIVE")
                 assert self._ping is not None
                 await self._ping(node, SUSPECT_PING)
             except (PeerError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
                 self.suspects[node] = self.now()
                 found.append(node)
-                log.warning("peer %s did not answer a ping after %s reported a failed route: %s; covering its "
-                            "ranges now", node, reporter, err,
+                log.warning("peer %s is unresponsive (%s reported a failed route): %s; covering its ranges now",
+                            node, reporter, err,
                             extra={"event": "suspect_confirmed", "peer": node, "reporter": reporter,
                                    "node_id": self.mesh.node_id})
             finally:

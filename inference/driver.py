@@ -20,9 +20,11 @@ working route in time the request ends with ``GENERATION_FAILED``; it never hang
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
+import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -49,11 +51,14 @@ from mesh.wire import NodeStatus
 
 log = logging.getLogger(__name__)
 MAX_FAILOVERS = 8
-#: A step without its token for this long (or ``STALL_STEPS`` times the session's slowest step so far, if
-#: more) makes the driver ping the route's peers: one that does not answer in ``STALL_PING`` s has hung.
+#: A step without its token for this long (or ``STALL_STEPS`` times the median of the session's last
+#: ``STALL_WINDOW`` decode steps, if more) makes the driver ping the route's peers: one that does not answer in
+#: ``STALL_PING`` s has hung. The median, not the slowest: one step slowed by a busy host must not push the
+#: check past the heartbeat timeout (a ping of a live peer costs a few bytes; only its silence fails a step).
 STALL_AFTER = 1.0
 STALL_STEPS = 8
-STALL_PING = 1.0
+STALL_WINDOW = 8
+STALL_PING = 0.5
 #: Upper bounds (seconds) of the step and per-hop histograms: a step of a tiny model on one peer takes ~1 ms, a
 #: 70B stage over Wi-Fi seconds; a hop on one host ~0.1 ms, across a busy LAN tens of ms.
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -166,7 +171,7 @@ class Driver:
                  library: Library, streams: Streams, local: LocalStages, results: Results, *,
                  requested: Callable[[], list[str]], offload: Offload,
                  ping: Callable[[NodeId, float], Awaitable[float]] | None = None,
-                 report: Callable[[list[NodeId]], Awaitable[None]] | None = None,
+                 report: Callable[[list[NodeId], list[NodeId]], Awaitable[None]] | None = None,
                  connected: Callable[[], set[NodeId]] | None = None) -> None:
         self.config, self.offline_after, self.mesh, self.plans = config, offline_after, mesh, plans
         self.library, self.streams, self.local, self.requested, self.offload = (library, streams, local, requested,
@@ -401,20 +406,20 @@ class Driver:
                         from None
                 if deadline is None:
                     deadline = trio.current_time() + inf.recovery_timeout
-                await self._tell_coordinator(route)
+                await self._tell_coordinator(route, [NodeId(err.node)] if err.code == "PEER_UNRESPONSIVE" else [])
                 route = await self._await_route(req.model, route, deadline, failures)
             finally:
                 await attempt.aclose()  # a caller that stops early frees the route's sessions now, not at GC
 
-    async def _tell_coordinator(self, route: Route) -> None:
-        """Name the failed route's other peers to the coordinator (bounded: a dead or hung coordinator costs
-        at most ``STALL_PING`` + 1 s; then heartbeats decide, as before)."""
+    async def _tell_coordinator(self, route: Route, silent: list[NodeId]) -> None:
+        """Name the failed route's other peers to the coordinator, and those of them this peer just pinged in
+        vain (bounded: a dead or hung coordinator costs at most ``STALL_PING`` + 1 s; then heartbeats decide)."""
         peers = [h.node for h in route.hops if h.node != self.mesh.node_id]
         if self._report is None or not peers:
             return
         with trio.move_on_after(STALL_PING + 1.0):
             try:
-                await self._report(peers)
+                await self._report(peers, silent)
             except (PeerError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
                 log.info("could not report the failed route to the coordinator: %s", err,
                          extra={"event": "report_failed", "code": getattr(err, "code", "STREAM_CLOSED"),
@@ -486,10 +491,11 @@ class Driver:
                     await self._replay(send, frames, results, route, produced, step_timeout)
                 else:
                     await send(frames[0])
-                slowest = 0.0  # the longest decode step so far, s: a stall is judged against it
+                recent: collections.deque[float] = collections.deque(maxlen=STALL_WINDOW)  # decode steps, s
                 watched = self._watched(route)
                 while len(produced) < req.max_tokens:
-                    result = await self._wait(results, route, step, step_timeout, slowest, watched)
+                    typical = statistics.median(recent) if recent else 0.0  # a stall is judged against it
+                    result = await self._wait(results, route, step, step_timeout, typical, watched)
                     token = result.extra.get("token")
                     if type(token) is not int or token < 0:
                         raise RouteFailed("BAD_RESULT", f"the last stage answered token {token!r}", route.nodes[-1])
@@ -498,7 +504,7 @@ class Driver:
                                 replayed and step == first_new, tuple(timings) if isinstance(timings, list) else (),
                                 (time.perf_counter() - t0) * 1000, result.tensor)
                     if step > first_new:
-                        slowest = max(slowest, tok.step_ms / 1000)
+                        recent.append(tok.step_ms / 1000)
                     yield tok
                     if tok.stop or len(produced) >= req.max_tokens:  # the caller appended it
                         break
@@ -569,12 +575,13 @@ class Driver:
         return remote
 
     async def _wait(self, results: trio.MemoryReceiveChannel[Frame], route: Route, step: int, timeout: float,
-                    slowest: float = 0.0, watched: set[NodeId] | None = None) -> Frame:
-        """The result of ``step``. Past ``max(STALL_AFTER, STALL_STEPS * slowest)`` without it (and again each
-        time that passes) the route's peers are pinged: a silent one fails the step as PEER_UNRESPONSIVE."""
+                    typical: float = 0.0, watched: set[NodeId] | None = None) -> Frame:
+        """The result of ``step``. Past ``max(STALL_AFTER, STALL_STEPS * typical)`` without it (``typical``: a
+        recent decode step's time; and again each time that passes) the route's peers are pinged: a silent one
+        fails the step as PEER_UNRESPONSIVE."""
         start = trio.current_time()
         deadline = start + timeout
-        stall = max(STALL_AFTER, STALL_STEPS * slowest)
+        stall = max(STALL_AFTER, STALL_STEPS * typical)
         check_at = start + stall
         while True:
             with trio.move_on_after(0.2):

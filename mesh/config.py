@@ -94,7 +94,8 @@ class CoordinatorConfig:
     # What a plan minimises: "latency" (one token's time: every stage and every hop; one user's chat) or
     # "throughput" (the slowest stage: a full pipeline of concurrent sessions).
     objective: str = "latency"
-    link_interval: float = 5.0  # seconds between rounds of pinging peers (the measured link matrix)
+    # Seconds between rounds of pinging peers (the measured link matrix); 0: no pings, every hop costs hop_ms.
+    link_interval: float = 5.0
     # Pipelines per model: "1" (no replica), "N", or "auto" (another on the peers left while one fits and is
     # within 2x the first's cost); drivers spread sessions over them and fail over to one at once.
     replicas: str = "1"
@@ -194,7 +195,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("coordinator.republish_interval", "--republish-interval", "seconds between plan republishes"),
     Option("coordinator.objective", "--objective",
            "what plans minimise: latency (one token's time) or throughput (the slowest stage)"),
-    Option("coordinator.link_interval", "--link-interval", "seconds between rounds of pinging peers"),
+    Option("coordinator.link_interval", "--link-interval",
+           "seconds between rounds of pinging peers (0: no link measurement; hops cost --hop-ms)"),
     Option("coordinator.replicas", "--replicas", "pipelines per model: 1, N or auto (as many as fit)"),
     Option("inference.serve", "--serve", "model (id or id@revision) to ask the mesh to serve (repeatable)"),
     Option("inference.max_sessions", "--max-sessions", "generations one stage runs at once"),
@@ -326,8 +328,8 @@ def validate(config: Config) -> None:
                          "republish_interval must be positive")
     if co.objective not in ("latency", "throughput"):
         raise ValueError(f"coordinator.objective: latency or throughput, not {co.objective!r}")
-    if co.link_interval <= 0:
-        raise ValueError("coordinator.link_interval must be positive")
+    if co.link_interval < 0:
+        raise ValueError("coordinator.link_interval must not be negative (0 turns link measurement off)")
     if not (co.replicas == "auto" or (co.replicas.isdigit() and int(co.replicas) >= 1)):
         raise ValueError(f"coordinator.replicas: auto or a whole number >= 1, not {co.replicas!r}")
     nd = config.node

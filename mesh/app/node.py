@@ -348,7 +348,9 @@ class Node:
 
     async def measure_links(self) -> None:
         """Every ``coordinator.link_interval``: ping the connected members due (``LinkTable.due``), at once,
-        each with its own deadline; a failed ping forgets that link's estimate."""
+        each with its own deadline; a failed ping forgets that link's estimate. 0: never (hops cost hop_ms)."""
+        if self.config.coordinator.link_interval == 0:
+            return
         while True:
             await trio.sleep(self.config.coordinator.link_interval)
             members = {m.node_id for m in self.core.membership.members() if m.status != NodeStatus.OFFLINE}
@@ -363,14 +365,16 @@ class Node:
     async def _ping_peer(self, peer: NodeId, timeout: float) -> float:
         return await self.transport.ping(peer, timeout=timeout)
 
-    async def report_failed_route(self, nodes: list[NodeId]) -> None:
-        """A driver's route through ``nodes`` failed: the coordinator checks them (``PlanService.check_suspects``),
-        here when this peer coordinates, else over ``SUSPECT_PROTOCOL``. Raises PeerError when it cannot."""
+    async def report_failed_route(self, nodes: list[NodeId], silent: list[NodeId]) -> None:
+        """A driver's route through ``nodes`` failed (``silent``: those it just pinged in vain): the coordinator
+        checks them (``PlanService.check_suspects``), here when this peer coordinates (its own driver's ping
+        counts as the check), else over ``SUSPECT_PROTOCOL`` (the coordinator pings them itself). Raises
+        PeerError when it cannot."""
         lead = self.core.leadership
         if lead.coordinator is None:
             return
         if lead.coordinator == self.node_id:
-            await self.plans.check_suspects(nodes, reporter=self.node_id)
+            await self.plans.check_suspects(nodes, reporter=self.node_id, unanswered=silent)
             return
         async with self.transport.open_stream(lead.coordinator, SUSPECT_PROTOCOL, timeout=2.0) as stream:
             await stream.send_frame(cbor2.dumps({"nodes": list(nodes)}))

@@ -43,6 +43,13 @@ def events(peer: PeerProcess, name: str) -> list[dict[str, Any]]:
     return [r for r in peer.log_records() if r.get("event") == name]
 
 
+def timed_out(peer: PeerProcess, node: str) -> float:
+    """When ``peer``'s heartbeat detector first marked ``node`` offline by silence (inf: it has not)."""
+    return min((r["ts"] for r in events(peer, "status_changed")
+                if r.get("peer") == node and r.get("new") == "offline" and r.get("reason") == "timeout"),
+               default=float("inf"))
+
+
 def received_bytes(peer: PeerProcess) -> float:
     """What the peer has fetched from holders so far (its /metrics counter)."""
     with urllib.request.urlopen(f"{peer.api}/metrics", timeout=3.0) as r:
@@ -85,10 +92,15 @@ def test_kill_and_sigstop_of_the_serving_peer_fail_over_at_once_from_standby_sha
     prompt = chat_ids(reference.tokenizer, [{"role": "user", "content": "Write a short story about a lighthouse."}])
     want = reference.generate(prompt, 28, stop=False).token_ids
     del reference
-    offline_after = MembershipConfig().offline_after
+    # Heartbeats time out later than by default (6 s, not 2.6 s), so what moves the sessions can only be the
+    # driver's report and the coordinator's check, even on a host so busy that a step takes 10x its time; the
+    # default timings' race goes to the benchmark (bench/pipeline.py --recovery).
+    offline_after = 6.0
+    assert offline_after > MembershipConfig().offline_after
     # The speed model pinned (no start-up benchmark decides): the latency plan runs the model on b (the most
     # memory bandwidth), with c (the next) as its fallback; a, started first, coordinates and drives.
-    common = ("--objective", "latency", "--compute-gflops", "50", "--benchmark-seconds", "0", "--link-interval", "1")
+    common = ("--objective", "latency", "--compute-gflops", "50", "--benchmark-seconds", "0", "--link-interval", "1",
+              "--suspect-after", "3", "--offline-after", str(offline_after))
     bandwidth = {"a": "5", "b": "20", "c": "10"}
     with LocalMesh(tmp_path, config_file=CONFIG, extra_args=common) as mesh:
         a = mesh.start_peer("a", args=("--memory-bandwidth-gbps", bandwidth["a"]))
@@ -115,7 +127,7 @@ def test_kill_and_sigstop_of_the_serving_peer_fail_over_at_once_from_standby_sha
         s.thread.join(120)
         assert s.error is None and s.tokens == want, (s.error, s.tokens, want)
         confirmed = [r for r in events(a, "suspect_confirmed") if r.get("peer") == b.node_id]
-        assert confirmed and confirmed[0]["ts"] - killed_at < offline_after, (confirmed, killed_at)
+        assert confirmed and confirmed[0]["ts"] < timed_out(a, b.node_id), (confirmed, killed_at)
         assert received_bytes(c) == before  # the takeover loaded b's range from c's own disk
         print(f"kill -9: suspect confirmed {confirmed[0]['ts'] - killed_at:.2f}s after the kill (heartbeats: "
               f"{offline_after}s); next token {min(t for t in s.arrivals if t > killed_at) - killed_at:.2f}s")
@@ -130,7 +142,8 @@ def test_kill_and_sigstop_of_the_serving_peer_fail_over_at_once_from_standby_sha
             assert s.error is None and s.tokens == want, (s.error, s.tokens, want)
             hung = [r for r in events(a, "failover") if r.get("code") == "PEER_UNRESPONSIVE"]
             assert hung and hung[-1]["ts"] > stopped_at
-            assert [r for r in events(a, "suspect_confirmed") if r.get("peer") == c.node_id]
+            confirmed = [r for r in events(a, "suspect_confirmed") if r.get("peer") == c.node_id]
+            assert confirmed and confirmed[0]["ts"] < timed_out(a, c.node_id), confirmed
             print(f"SIGSTOP: next token {min(t for t in s.arrivals if t > stopped_at) - stopped_at:.2f}s later")
         finally:
             c.signal(signal.SIGCONT)

@@ -144,11 +144,12 @@ def test_two_families_fp32_and_int8_streams_survive_kill_9_of_the_middle_stage_t
         manifest = Store(tmp_path / "mesh" / "a" / "store", Identity.generate()).manifest(name)[0]
         needs[name] = sum(x.bytes for x in planner_layers(manifest, 2048))
     # Each peer offers 60% of what the bigger model needs: no peer runs it alone, any two can. The speed model
-    # is pinned (one compute score and bandwidth, no start-up benchmark), so a noisy measurement never decides
-    # how many stages the throughput plan has.
+    # is pinned (one compute score and bandwidth, no start-up benchmark, no link pings: every hop costs
+    # --hop-ms), so a noisy measurement never decides how many stages the throughput plan has: with measured
+    # links a busy host's RTTs outweighed these tiny stages' compute and the plan left a peer out.
     offer = ("--max-layer-memory-mb", f"{0.6 * max(needs.values()) / 2**20:.6f}", "--hop-ms", "0.05",
-             "--compute-gflops", "50", "--memory-bandwidth-gbps", "10", "--benchmark-seconds", "0",
-             "--recovery-timeout", "10")
+             "--link-interval", "0", "--compute-gflops", "50", "--memory-bandwidth-gbps", "10",
+             "--benchmark-seconds", "0", "--recovery-timeout", "10")
     with LocalMesh(tmp_path / "mesh", config_file=CONFIG, extra_args=offer) as mesh:
         a = mesh.start_peer("a")
         b, c = (mesh.wait_started(p) for p in [mesh.launch(n, a.addrs[:1]) for n in "bc"])

@@ -353,14 +353,45 @@ async def test_a_frozen_middle_stage_is_routed_around_and_rejoins_when_thawed(
         assert trio.current_time() - started < config().inference.recovery_timeout
         assert driver.node.driver.failovers >= 1
         assert victim.node_id not in driver.node.driver.route(MODEL).nodes
-        for p in others:
-            m = p.node.core.membership.get(victim.node_id)
-            assert m is not None and m.status == NodeStatus.OFFLINE
+        # (the session moved on the driver's stall check, before heartbeats time out; then they do)
+        await mesh.wait(lambda: all(p.node.core.membership.get(victim.node_id).status == NodeStatus.OFFLINE
+                                    for p in others), timeout=config().membership.offline_after + 1,
+                        what="the others to mark the frozen peer offline")
         mesh.network.thaw(victim.node_id)
         await mesh.wait(mesh.agreed, timeout=30, what="the thawed peer ready again for everyone")
         # (its return may bring a better plan, whose stages load first)
         await mesh.wait(lambda: driver.node.driver.route(MODEL), timeout=30, what="a ready route")
         assert await generate(driver.node, 16) == want[:16]
+
+
+async def test_a_reported_suspect_counts_only_once_checked_and_until_its_next_heartbeat(
+        tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
+    """The coordinator's check of a failed route's peers: a live peer answers its ping and stays (another peer's
+    claim that it was silent is not taken); a frozen one is confirmed within the ping's deadline, before its
+    heartbeats time out; its own driver's failed ping counts as the check; a heartbeat clears a suspect."""
+    from coordinator.service import SUSPECT_PING
+    folder, _ = tiny
+    async with InProcessMesh(tmp_path, config()) as mesh:
+        peers = await three_peers(mesh, folder, holders=("a", "b", "c"))
+        lead = next(p for p in peers if p.node_id == p.node.core.leadership.coordinator)
+        live, frozen = [p for p in peers if p is not lead]
+        plans = lead.node.plans
+        assert await plans.check_suspects([live.node_id], reporter=frozen.node_id, unanswered=[live.node_id]) == []
+        assert not plans.suspected(live.node_id)
+
+        mesh.network.freeze(frozen.node_id)
+        started = trio.current_time()
+        assert await plans.check_suspects([frozen.node_id, live.node_id], reporter=live.node_id) == [frozen.node_id]
+        assert trio.current_time() - started <= SUSPECT_PING + 0.01
+        assert plans.suspected(frozen.node_id) and not plans.suspected(live.node_id)
+        assert lead.node.core.membership.get(frozen.node_id).status != NodeStatus.OFFLINE  # heartbeats not yet
+        mesh.network.thaw(frozen.node_id)
+        await mesh.wait(lambda: not plans.suspected(frozen.node_id), timeout=5, what="the suspect's next heartbeat")
+
+        before = trio.current_time()
+        assert await plans.check_suspects([live.node_id], reporter=lead.node_id, unanswered=[live.node_id]) == \
+            [live.node_id]
+        assert trio.current_time() == before  # no second ping: this peer's own driver just pinged it in vain
 
 
 async def test_the_coordinator_killed_the_survivors_plan_and_serve(

@@ -39,12 +39,15 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     assert c.node.name == "from-flag" and c.network.mdns is False
     assert c.network.bootstrap == ("/ip4/127.0.0.1/tcp/1/p2p/x",)
     assert c.membership.heartbeat_interval == 0.5 and c.node.compute_gflops == 12.5
+    # 0 turns link measurement off (hops cost --hop-ms): a test or a user pins the link model with it.
+    assert cfg.build(make_parser().parse_args(["start", "--link-interval", "0"])).coordinator.link_interval == 0
 
 
 @pytest.mark.parametrize(
     "text",
     ['[node]\nnmae = "typo"\n', '[nodes]\nname = "x"\n', "[node]\nrequire_gpu = 3\n", "not toml [",
-     "[membership]\nsuspect_after = 5.0\n", "[node]\ncompute_gflops = -1.0\n"],
+     "[membership]\nsuspect_after = 5.0\n", "[node]\ncompute_gflops = -1.0\n",
+     "[coordinator]\nlink_interval = -1.0\n"],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str) -> None:
     f = tmp_path / "c.toml"
