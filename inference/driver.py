@@ -26,7 +26,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,6 +66,22 @@ HOP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
 #: Refusals no other route can cure (the request or the pipeline is wrong, not a peer): fail at once.
 PERMANENT = frozenset({"BAD_DTYPE", "BAD_SHAPE", "BAD_VALUES", "BAD_FRAME", "CONTEXT_TOO_LONG", "INVALID_PARAMETER",
                        "UNSUPPORTED_QUANTIZATION", "SHARD_FORMAT_MISMATCH"})
+
+
+def least_loaded(routes: Sequence[Route], loads: Sequence[Sequence[tuple[int, float | None]]],
+                 mine: Sequence[int]) -> Route:
+    """The route a new session waits least on: each stage serves its sessions in turn, so one more waits
+    about ``(sessions + 1) * step`` there, summed over the route's stages. A stage's sessions are the larger
+    of what its peer gossiped (every driver's, as of its last heartbeat) and this driver's own on that route
+    now (``mine``: exact, and newer than any heartbeat). A step not measured yet counts as the mean measured
+    one (1 ms when none is). Ties go to the plan's order."""
+    known = [ms for route in loads for _, ms in route if ms]
+    default = sum(known) / len(known) if known else 1.0
+
+    def wait(i: int) -> float:
+        return sum((max(n, mine[i]) + 1) * (ms or default) for n, ms in loads[i])
+
+    return routes[min(range(len(routes)), key=lambda i: (wait(i), i))]
 
 
 class ModelNotServed(PeerError):
@@ -163,6 +179,10 @@ class LocalStages(Protocol):
 
     def ready(self) -> tuple[str, ...]: ...
 
+    def step_times(self) -> dict[str, float]: ...
+
+    def active_sessions(self) -> dict[str, int]: ...
+
     def open_local(self, first: Frame) -> trio.MemorySendChannel[Frame]: ...
 
 
@@ -230,13 +250,28 @@ class Driver:
                        for h in hops)]
 
     def route(self, spec: str, avoid: tuple[Span, ...] | None = None) -> Route | None:
-        """The least loaded ready route for ``spec`` (the fewest sessions this driver runs on it, then the
-        plan's order), another than ``avoid`` when there is one; None when none is ready."""
+        """The least loaded ready route for ``spec`` (``least_loaded``: what each stage's peer gossips of its
+        sessions and step time, and the sessions this driver runs on it), another than ``avoid`` when there is
+        one; None when none is ready."""
         ready = self.routes(spec)
         others = [r for r in ready if r.hops != avoid] or ready
         if not others:
             return None
-        return min(others, key=lambda r: (self._on_route.get(r.hops, 0), ready.index(r)))
+        if len(others) == 1:
+            return others[0]
+        return least_loaded(others, [[self._load(r, h) for h in r.hops] for r in others],
+                            [self._on_route.get(r.hops, 0) for r in others])
+
+    def _load(self, route: Route, hop: Span) -> tuple[int, float | None]:
+        """What ``hop``'s peer last said of the stage: sessions it serves and its decode step, ms (None:
+        not measured yet)."""
+        key = self._key(route.model, route.revision, hop, route.compute)
+        if hop.node == self.mesh.node_id:
+            return self.local.active_sessions().get(key, 0), self.local.step_times().get(key)
+        m = self.mesh.membership.get(hop.node)
+        if m is None:
+            return 0, None
+        return m.info.sessions.get(key, 0), m.info.step_ms.get(key)
 
     def served(self) -> list[Route]:
         """Every model with a ready route (what ``/v1/models`` lists)."""

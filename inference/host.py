@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 RETRY_LOAD = 5.0
 #: An inbound activation stream must send its first frame within this many seconds.
 FIRST_FRAME_TIMEOUT = 10.0
+#: A session that stepped within this many seconds counts as served here (NodeInfo.sessions); one left idle
+#: longer (its driver failed over, or waits on its client) does not load the stage.
+ACTIVE_WITHIN = 5.0
 #: Weight of a new decode step time in the smoothed one a stage gossips (NodeInfo.step_ms).
 DECODE_ALPHA = 0.2
 
@@ -153,6 +156,11 @@ class StageHost:
     def step_times(self) -> dict[str, float]:
         """Ready stage key -> its smoothed decode step time, ms (stages that ran a decode step)."""
         return {s.key: round(s.decode_ms, 3) for s in self.loaded.values() if s.decode_ms > 0}
+
+    def active_sessions(self) -> dict[str, int]:
+        """Ready stage key -> sessions that stepped within ``ACTIVE_WITHIN`` s (stages serving any)."""
+        now = self.now()
+        return {s.key: n for s in self.loaded.values() if (n := s.sessions.active(now, ACTIVE_WITHIN))}
 
     # ---- following the plans --------------------------------------------------------------------
 

@@ -66,6 +66,10 @@ class SessionTable:
         s.last_used = now
         return s
 
+    def active(self, now: float, within: float) -> int:
+        """Sessions that stepped within the last ``within`` seconds (not those left idle, to expire)."""
+        return sum(1 for s in self._sessions.values() if now - s.last_used <= within)
+
     def done(self, s: Session, now: float) -> None:
         s.next_step += 1
         s.last_used = now

@@ -114,6 +114,7 @@ class PeerCore:
         memory_bandwidth: float = 0.0,
         links: Mapping[str, float] | None = None,
         step_ms: Mapping[str, float] | None = None,
+        sessions: Mapping[str, int] | None = None,
         layer_overhead_us: Mapping[str, float] | None = None,
         kernel_bandwidth: Mapping[str, float] | None = None,
     ) -> tuple[bytes, list[PeerEvent]]:
@@ -149,6 +150,7 @@ class PeerCore:
             device=dict(device or {}),
             links=dict(links or {}),
             step_ms=dict(step_ms or {}),
+            sessions=dict(sessions or {}),
             layer_overhead_us=dict(layer_overhead_us or {}),
             kernel_bandwidth=dict(kernel_bandwidth or {}),
         )

@@ -35,6 +35,7 @@ MAX_LIST = 256  # gpus, addresses, models, features: a real node has a handful
 MAX_LINKS = 8
 #: The longest round trip a link may claim, ms (a minute: anything slower is not a link to plan over).
 MAX_RTT_MS = 60_000.0
+MAX_SESSIONS = 1 << 20  # a stage's sessions, as gossiped (far above any real table)
 ENVELOPE_VERSION = 1
 SUPPORTED_CAPABILITY_SCHEMAS = frozenset({"1.0"})
 DEFAULT_CAPABILITY_SCHEMA = "1.0"
@@ -109,6 +110,9 @@ class NodeInfo:
     links: Mapping[str, float] = field(default_factory=dict)
     # Measured decode step time (ms, smoothed) of each ready stage here: stage key (as in ``stages``) -> ms.
     step_ms: Mapping[str, float] = field(default_factory=dict)
+    # Sessions each ready stage here is serving (a step within the last few seconds): stage key -> count.
+    # With ``step_ms``, what drivers route new requests by (the least loaded pipeline).
+    sessions: Mapping[str, int] = field(default_factory=dict)
     # Measured per-token dispatch time of one transformer block, µs, per compute dtype ("float32", ...).
     layer_overhead_us: Mapping[str, float] = field(default_factory=dict)
     # Measured bytes/s of each batch-1 weight kernel ("float32", "bfloat16", "int8", "int4").
@@ -301,6 +305,20 @@ def _ms_map(raw: Any, where: str, limit: int, top: float) -> dict[str, float]:
     return out
 
 
+def _count_map(raw: Any, where: str, limit: int, top: int) -> dict[str, int]:
+    """text -> a whole number in [0, top], at most ``limit`` entries."""
+    if not isinstance(raw, dict) or len(raw) > limit:
+        raise DecodeError(f"{where}: expected a map of at most {limit} entries")
+    out: dict[str, int] = {}
+    for k, v in raw.items():
+        if not isinstance(k, str) or len(k) > MAX_STR:
+            raise DecodeError(f"{where}: keys must be short text")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= top:
+            raise DecodeError(f"{where}.{k}: expected a whole number in [0, {top}], got {v!r}")
+        out[k] = v
+    return out
+
+
 def _gpu(raw: Any, where: str) -> GpuInfo:
     r = Reader(raw, where)
     return GpuInfo(name=r.text("name"), memory_gb=r.number("memory_gb"), usage=r.number("usage", 0.0))
@@ -365,6 +383,7 @@ def encode_node_info(info: NodeInfo) -> bytes:
             "device": dict(info.device),
             "links": dict(info.links),
             "step_ms": dict(info.step_ms),
+            "sessions": dict(info.sessions),
             "layer_overhead_us": dict(info.layer_overhead_us),
             "kernel_bandwidth": dict(info.kernel_bandwidth),
         }
@@ -418,6 +437,7 @@ def decode_node_info(payload: bytes) -> NodeInfo:
         device=scalar_map(r.raw("device", {}), "node_info.device"),
         links=_ms_map(r.raw("links", {}), "node_info.links", MAX_LINKS, MAX_RTT_MS),
         step_ms=_ms_map(r.raw("step_ms", {}), "node_info.step_ms", MAX_LIST, MAX_RTT_MS),
+        sessions=_count_map(r.raw("sessions", {}), "node_info.sessions", MAX_LIST, MAX_SESSIONS),
         layer_overhead_us=_ms_map(r.raw("layer_overhead_us", {}), "node_info.layer_overhead_us", 8, 1e6),
         kernel_bandwidth=_ms_map(r.raw("kernel_bandwidth", {}), "node_info.kernel_bandwidth", 8, 1e15),
     )

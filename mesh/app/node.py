@@ -229,6 +229,7 @@ class Node:
             memory_bandwidth=self.bandwidth,
             links=self.links.nearest(),
             step_ms=self.stages.step_times(),
+            sessions=self.stages.active_sessions(),
             layer_overhead_us={k: round(v * 1e6, 3) for k, v in self.overhead.items()},
             kernel_bandwidth=self.kernels,
         )

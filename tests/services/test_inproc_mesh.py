@@ -571,6 +571,67 @@ async def test_past_the_admission_bound_a_request_gets_429_mesh_busy_and_nothing
         assert driver.admission(MODEL).active == 0 and driver.admission(MODEL).waiting == 0
 
 
+async def test_a_second_driver_sends_its_session_to_the_replica_the_first_drivers_sessions_do_not_load(
+        tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
+    """Two pipelines (``--replicas 2``) and two drivers on different peers. The first opens two sessions, which
+    go to the pipeline the plan lists first; once the stages' heartbeats say so, the second driver, which runs
+    nothing itself, sends its session to the other pipeline. Every session's tokens equal the unsplit model's."""
+    folder, want = tiny
+    c = config()
+    cfg = dataclasses.replace(c, coordinator=dataclasses.replace(c.coordinator, objective="latency", replicas="2"))
+    async with InProcessMesh(tmp_path, cfg) as mesh:
+        mesh.store("a").add(str(folder), model_id=MODEL)
+        manifest = mesh.store("a").manifest(MODEL)[0]
+        offer = int(0.6 * sum(x.bytes for x in planner_layers(manifest, 2048, "float32")))
+        peers = [await mesh.start(n, layer_memory=offer) for n in "abcd"]
+        await mesh.wait(mesh.agreed, timeout=30, what="one coordinator")
+        await peers[0].node.request_serve(MODEL)
+        await mesh.wait(lambda: all(len(p.node.driver.routes(MODEL)) == 2 for p in peers), timeout=60,
+                        what="two ready pipelines everywhere")
+        first, other = (p.hops for p in peers[0].node.driver.routes(MODEL))
+        one = next(p for p in peers if p.node_id not in {h.node for h in first})  # drives; runs the 2 sessions
+        two = next(p for p in peers if p is not one and p.node_id not in {h.node for h in first})
+        assert one.node.driver.route(MODEL).hops == first == two.node.driver.route(MODEL).hops  # idle: in order
+
+        got: dict[int, list[int]] = {}
+        go = trio.Event()
+
+        async def run(k: int, node) -> None:  # type: ignore[no-untyped-def]
+            out = []
+            async for tok in node.driver.generate(Request(MODEL, PROMPT, 24)):
+                out.append(tok.id)
+                if len(out) == 4:
+                    await go.wait()  # every session stays open until the choices are checked
+            got[k] = out
+
+        async with trio.open_nursery() as nursery:
+            for k in range(2):
+                nursery.start_soon(run, k, one.node)
+            await mesh.wait(lambda: one.node.driver._on_route.get(first) == 1, timeout=30, what="1 session")
+            # (the second goes to the other pipeline: this driver counts its own first one at once)
+            await mesh.wait(lambda: sum(one.node.driver._on_route.values()) == 2, timeout=30, what="2 sessions")
+            spread = dict(one.node.driver._on_route)
+            assert spread == {first: 1, other: 1}, spread
+            go.set()
+        # Both pipelines idle again, then the first driver's sessions on the first pipeline only: kept open
+        # while the second driver, which has seen their stages' heartbeats, chooses.
+        go = trio.Event()
+        await trio.sleep(cfg.membership.heartbeat_interval * 8)  # the sessions' stages go idle (ACTIVE_WITHIN)
+        async with trio.open_nursery() as nursery:
+            one.node.driver._on_route[other] = 1_000  # (this driver's choice only: its two go to the first)
+            for k in range(2):
+                nursery.start_soon(run, k, one.node)
+            await mesh.wait(lambda: one.node.driver._on_route.get(first) == 2, timeout=30, what="2 on the first")
+            await trio.sleep(cfg.membership.heartbeat_interval * 2)
+            assert two.node.driver._on_route == {}
+            assert two.node.driver.route(MODEL).hops == other
+            nursery.start_soon(run, 2, two.node)
+            await mesh.wait(lambda: two.node.driver._on_route.get(other) == 1, timeout=30, what="on the other")
+            go.set()
+            one.node.driver._on_route[other] -= 1_000
+        assert got == {k: want[:24] for k in range(3)}
+
+
 async def test_eight_sessions_spread_over_two_replicas_and_a_killed_replica_peer_moves_its_sessions(
         tmp_path: Path, tiny: tuple[Path, list[int]], autojump_clock: trio.testing.MockClock) -> None:
     """Four peers with room for 60% of the model each: two pipelines of two (``--replicas 2``). Eight sessions at
