@@ -206,8 +206,10 @@ class Controller:
             first, rest = intact[0], intact[1:]
             why = search.why(search.build(layers, [(alive[s.node].peer(layers), s.start, s.end)
                                                    for s in first.stages], links), None, False, self.objective)
+            taken = {s.node for r in intact for s in r.stages}  # the lost pipeline's survivors are free now
+            more = self._more(layers, [q for q in usable if q.node_id not in taken], first, links, have=len(rest))
             return Decision(first, tuple(usable), "promote", tuple(lost), why=why | {"method": "promote"},
-                            replicas=tuple(rest))
+                            replicas=(*rest, *more))
         if lost:
             self._considered[model] = usable_ids
             d = self.cover(layers, [w for w in workers if not any(w.node_id in {s.node for s in r.stages}

@@ -8,7 +8,10 @@ Failover: a step fails when a stage reports an error, a hop's stream breaks, the
 stages, a stage stalls (no token for ``STALL_AFTER`` and a route peer does not answer a ping), or no token
 comes within ``step_timeout``. The driver then names the route's peers to the coordinator (``report``),
 which pings them and covers an unresponsive one's range at once, without waiting for heartbeats to time
-out. A refusal no route can cure (a wrong dtype or shape, a
+out. With a replica pipeline ready
+(one the session has not seen fail), the session moves there at once and the report goes to the
+coordinator in the background (a bounded queue, ``reporting``); the stall check is then shorter
+(``REPLICA_STALL_AFTER``). A refusal no route can cure (a wrong dtype or shape, a
 bad request) fails the request at once. Otherwise the driver waits (up to ``recovery_timeout`` from the
 first failure, however many routes fail meanwhile) for a route whose stages are all ready — the
 coordinator's next epoch, with the replacement's stage loaded — and replays the generation with its
@@ -26,7 +29,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,6 +62,15 @@ STALL_AFTER = 1.0
 STALL_STEPS = 8
 STALL_WINDOW = 8
 STALL_PING = 0.5
+#: With another ready pipeline (a replica) to move to, a stall is judged sooner: moving costs a replay, not
+#: a wait for the coordinator's next epoch, so a hung peer is left after ``REPLICA_STALL_AFTER`` (or
+#: ``STALL_STEPS`` typical steps) and a ping of ``REPLICA_STALL_PING``.
+REPLICA_STALL_AFTER = 0.3
+REPLICA_STALL_PING = 0.25
+#: How often a step's wait looks at its hops' connections (a killed peer's connection drops at once).
+CUT_POLL = 0.05
+#: Failed routes waiting to be reported to the coordinator while the session already runs on a replica.
+REPORT_QUEUE = 8
 #: Upper bounds (seconds) of the step and per-hop histograms: a step of a tiny model on one peer takes ~1 ms, a
 #: 70B stage over Wi-Fi seconds; a hop on one host ~0.1 ms, across a busy LAN tens of ms.
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -203,7 +215,10 @@ class Driver:
         self._on_route: dict[tuple[Span, ...], int] = {}  # a pipeline's hops -> sessions this driver runs on it
         self._tokenizers: dict[tuple[str, str], Any] = {}
         self._tokenizer_lock = trio.Lock()
+        # Failed routes to report while their sessions go on elsewhere (``reporting`` sends them), bounded.
+        self._reports, self._report_queue = trio.open_memory_channel[tuple[Route, list[NodeId]]](REPORT_QUEUE)
         self.failovers = 0
+        self.to_replica = 0  # failovers that moved straight to another ready pipeline
         self.generations = 0
         # What GET /metrics exports (read at scrape time): tokens per model, requests per model and outcome
         # (ok | failed | unavailable | cancelled), each token's step time and its time per hop.
@@ -413,6 +428,7 @@ class Driver:
         self.generations += 1
         produced: list[int] = []
         failures: list[str] = []
+        left: set[tuple[Span, ...]] = set()  # pipelines this generation failed on (not moved back to at once)
         deadline: float | None = None  # set by a failure, cleared by the next token
         while True:
             attempt = self._attempt(route, req, produced, replayed=bool(failures))
@@ -432,19 +448,52 @@ class Driver:
                               extra={"event": "generation_refused", "code": err.code, "model": route.model,
                                      "node_id": self.mesh.node_id, "peer": err.node})
                     raise GenerationFailed(f"{err.code}: {err}") from None
-                log.warning("generation on %s epoch %s failed after %d tokens: %s %s; failing over", route.model,
-                            route.epoch, len(produced), err.code, err,
+                left.add(route.hops)
+                replica = self._replica(req.model, left)
+                log.warning("generation on %s epoch %s failed after %d tokens: %s %s; failing over to %s",
+                            route.model, route.epoch, len(produced), err.code, err,
+                            "a replica" if replica else "the coordinator's next route",
                             extra={"event": "failover", "code": err.code, "model": route.model,
-                                   "node_id": self.mesh.node_id, "peer": err.node})
+                                   "node_id": self.mesh.node_id, "peer": err.node,
+                                   "to": "replica" if replica else "coordinator"})
                 if len(failures) > MAX_FAILOVERS:
                     raise GenerationFailed(f"gave up after {len(failures)} failed routes: {'; '.join(failures)}") \
                         from None
                 if deadline is None:
                     deadline = trio.current_time() + inf.recovery_timeout
-                await self._tell_coordinator(route, [NodeId(err.node)] if err.code == "PEER_UNRESPONSIVE" else [])
+                silent = [NodeId(err.node)] if err.code == "PEER_UNRESPONSIVE" else []
+                if replica is not None:  # move now; the coordinator hears of it in the background
+                    self.to_replica += 1
+                    self._report_later(route, silent)
+                    route = replica
+                    continue
+                await self._tell_coordinator(route, silent)
                 route = await self._await_route(req.model, route, deadline, failures)
             finally:
                 await attempt.aclose()  # a caller that stops early frees the route's sessions now, not at GC
+
+    def _replica(self, spec: str, failed: Collection[tuple[Span, ...]]) -> Route | None:
+        """The least loaded ready pipeline of the plan other than the ``failed`` ones, on peers that are not
+        offline (None: none; then the coordinator must cover the failed range)."""
+        ready = [r for r in self.routes(spec) if r.hops not in failed and not self._broken(r)]
+        if len(ready) <= 1:
+            return ready[0] if ready else None
+        return least_loaded(ready, [[self._load(r, h) for h in r.hops] for r in ready],
+                            [self._on_route.get(r.hops, 0) for r in ready])
+
+    def _report_later(self, route: Route, silent: list[NodeId]) -> None:
+        """Queue ``route``'s failure for ``reporting`` (full queue: logged and left to the heartbeats)."""
+        try:
+            self._reports.send_nowait((route, silent))
+        except trio.WouldBlock:
+            log.warning("%d failed routes already wait to be reported; the coordinator's heartbeats will see "
+                        "this one", REPORT_QUEUE, extra={"event": "report_dropped",
+                                                          "node_id": self.mesh.node_id})
+
+    async def reporting(self) -> None:
+        """Report queued failed routes to the coordinator, one at a time (a task of the peer's nursery)."""
+        async for route, silent in self._report_queue:
+            await self._tell_coordinator(route, silent)
 
     async def _tell_coordinator(self, route: Route, silent: list[NodeId]) -> None:
         """Name the failed route's other peers to the coordinator, and those of them this peer just pinged in
@@ -460,8 +509,8 @@ class Driver:
                          extra={"event": "report_failed", "code": getattr(err, "code", "STREAM_CLOSED"),
                                 "node_id": self.mesh.node_id})
 
-    async def _hung(self, route: Route) -> str | None:
-        """The first route peer that does not answer a ping within ``STALL_PING`` (None: all answer)."""
+    async def _hung(self, route: Route, deadline: float = STALL_PING) -> str | None:
+        """The first route peer that does not answer a ping within ``deadline`` s (None: all answer)."""
         if self._ping is None:
             return None
         silent: list[str] = []
@@ -469,7 +518,7 @@ class Driver:
 
         async def check(node: NodeId) -> None:
             try:
-                await ping(node, STALL_PING)
+                await ping(node, deadline)
             except (PeerError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 silent.append(node)
 
@@ -616,10 +665,12 @@ class Driver:
         fails the step as PEER_UNRESPONSIVE."""
         start = trio.current_time()
         deadline = start + timeout
-        stall = max(STALL_AFTER, STALL_STEPS * typical)
+        spare = self._replica(route.model, {route.hops}) is not None  # leaving costs only a replay
+        stall = max(REPLICA_STALL_AFTER if spare else STALL_AFTER, STALL_STEPS * typical)
+        ping = REPLICA_STALL_PING if spare else STALL_PING
         check_at = start + stall
         while True:
-            with trio.move_on_after(0.2):
+            with trio.move_on_after(CUT_POLL):
                 frame = await results.receive()
                 if frame.kind == "error":
                     code, message = frame.extra.get("code"), frame.extra.get("message")
@@ -633,7 +684,7 @@ class Driver:
             if (cut := self._cut(watched or set())) is not None:
                 raise RouteFailed(code="PEER_DISCONNECTED", message=f"the connection to {cut} is gone", node=cut)
             if trio.current_time() >= check_at:
-                hung = await self._hung(route)
+                hung = await self._hung(route, ping)
                 if hung is not None:
                     waited = trio.current_time() - start
                     raise RouteFailed(code="PEER_UNRESPONSIVE", node=hung,

@@ -735,7 +735,8 @@ class Node:
             log.info("peer %s listening on %s, api %s", self.node_id, " ".join(t.addrs()), self.api_url or "off",
                      extra={"event": "started", "node_id": self.node_id, "api": self.api_url})
             for task in (self.receive, self.heartbeats, self.ticks, self.dialer, self.reaper, self.lifecycle,
-                         self.plans.receive, self.plans.coordinate, self.keep_usage, self.measure_links):
+                         self.plans.receive, self.plans.coordinate, self.keep_usage, self.measure_links,
+                         self.driver.reporting):
                 nursery.start_soon(task)
             if self.config.network.mdns:
                 nursery.start_soon(self.mdns_dialer)

@@ -148,3 +148,91 @@ def test_kill_and_sigstop_of_the_serving_peer_fail_over_at_once_from_standby_sha
         finally:
             c.signal(signal.SIGCONT)
         print(json.dumps(a.get(f"/api/plan?model={SMOLLM2}")["plans"][0]["why"]))
+
+
+def stage_sessions(peer: PeerProcess) -> float:
+    """Activation sessions open on the peer's stages now (its /metrics gauge)."""
+    with urllib.request.urlopen(f"{peer.api}/metrics", timeout=3.0) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("meshnode_stage_sessions{"))
+
+
+def pipelines(peer: PeerProcess) -> list[list[str]]:
+    """The peers of each pipeline of SmolLM2's plan as ``peer`` holds it (the first, then the replicas)."""
+    plans = (peer.try_get(f"/api/plan?model={SMOLLM2}") or {}).get("plans") or [{}]
+    return [[s["assigned_node"] for s in p["splits"]] for p in plans[0].get("replicas", [])]
+
+
+def serving(peers: list[PeerProcess]) -> PeerProcess | None:
+    """The one peer of ``peers`` with a session open on its stage (None: none, or more than one)."""
+    busy = [p for p in peers if stage_sessions(p) > 0]
+    return busy[0] if len(busy) == 1 else None
+
+
+def test_with_a_replica_a_kill_and_a_sigstop_move_the_session_to_the_other_pipeline_at_once(
+        tmp_path: Path, smollm2_store: Store) -> None:
+    """``--replicas 2`` on four peers: a coordinates and drives (no jobs), b and c each run the whole model (two
+    pipelines), d is the fallback with the shards on disk. kill -9 of the peer serving a stream moves it to the
+    other pipeline at once (the driver does not wait for the coordinator: the failover says ``to: replica``),
+    and d refills the lost pipeline from its own disk; then SIGSTOP of the serving peer moves the next stream
+    the same way. Both texts equal the uninterrupted run's."""
+    from inference.local import LocalModel
+    from inference.tokenizer import chat_ids
+
+    shutil.copytree(smollm2_store.root, tmp_path / "a" / "store")
+    reference = LocalModel(Store(tmp_path / "a" / "store", Identity.generate()), SMOLLM2)
+    prompt = chat_ids(reference.tokenizer, [{"role": "user", "content": "Name three birds of the sea."}])
+    want = reference.generate(prompt, 24, stop=False).token_ids
+    del reference
+    common = ("--objective", "latency", "--replicas", "2", "--compute-gflops", "50", "--benchmark-seconds", "0",
+              "--link-interval", "1", "--suspect-after", "3", "--offline-after", "6")
+    bandwidth = {"b": "20", "c": "15", "d": "10"}  # b the first pipeline, c the replica, d the spare
+    with LocalMesh(tmp_path, config_file=CONFIG, extra_args=common) as mesh:
+        a = mesh.start_peer("a", args=("--no-accept-public-jobs", "--memory-bandwidth-gbps", "5"))
+        wait_for(lambda: agreed([a]), 20, what="a to coordinate")
+        b, c, d = (mesh.wait_started(p) for p in [mesh.launch(n, a.addrs[:1], args=(
+            "--memory-bandwidth-gbps", bandwidth[n])) for n in "bcd"])
+        peers = [a, b, c, d]
+        wait_for(lambda: agreed(peers), 30, what="one coordinator")
+        api_get(a.api, "/api/model", method="POST", body={"model_id": SMOLLM2})
+        wait_for(lambda: pipelines(a) == [[b.node_id], [c.node_id]] and route(peers), 90,
+                 what="SmolLM2 on two pipelines")
+        wait_for(lambda: events(b, "stage_ready") and events(c, "stage_ready") and events(d, "standby_ready"), 60,
+                 what="both pipelines loaded and d's standby on disk")
+        before = received_bytes(d)
+        body = {"model": SMOLLM2, "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+
+        s = Stream(a, body)
+        wait_for(lambda: len(s.tokens) >= 8 or s.error, 60, what="8 tokens")
+        victim = wait_for(lambda: serving([b, c]), 10, what="the pipeline serving the stream")
+        survivor = c if victim is b else b
+        killed_at = time.time()
+        victim.signal(signal.SIGKILL)
+        s.thread.join(120)
+        assert s.error is None and s.tokens == want, (s.error, s.tokens, want)
+        moved = [r for r in events(a, "failover") if r["ts"] > killed_at - 1]
+        assert moved and moved[0]["to"] == "replica", moved  # no wait for the coordinator's next epoch
+        print(f"kill -9 with a replica: next token {min(t for t in s.arrivals if t > killed_at) - killed_at:.2f}s")
+        # The coordinator, told in the background, keeps two pipelines: the survivor's and d's from its disk.
+        wait_for(lambda: sorted(pipelines(a)) == sorted([[survivor.node_id], [d.node_id]]), 30,
+                 what="the lost pipeline refilled on d")
+        wait_for(lambda: [r for r in events(d, "stage_ready") + events(d, "standby_taken") if r["ts"] > killed_at], 60,
+                 what="d's stage loaded")
+        assert received_bytes(d) == before  # the refill loaded the range from d's own disk
+
+        s = Stream(a, body)
+        wait_for(lambda: len(s.tokens) >= 8 or s.error, 60, what="8 tokens")
+        hung = wait_for(lambda: serving([survivor, d]), 10, what="the pipeline serving the stream")
+        stopped_at = time.time()
+        hung.signal(signal.SIGSTOP)
+        try:
+            s.thread.join(120)
+            assert s.error is None and s.tokens == want, (s.error, s.tokens, want)
+            moved = [r for r in events(a, "failover") if r["ts"] > stopped_at]
+            assert moved and moved[0]["to"] == "replica" and moved[0]["code"] == "PEER_UNRESPONSIVE", moved
+            print(f"SIGSTOP with a replica: next token "
+                  f"{min(t for t in s.arrivals if t > stopped_at) - stopped_at:.2f}s")
+        finally:
+            hung.signal(signal.SIGCONT)

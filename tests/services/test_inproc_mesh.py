@@ -679,3 +679,4 @@ async def test_eight_sessions_spread_over_two_replicas_and_a_killed_replica_peer
         assert all(n >= 3 for n in spread.values()) and sum(spread.values()) == 8, spread
         assert got == {k: want[:24] for k in range(8)}
         assert driver.failovers >= spread[pipelines[1]]
+        assert driver.to_replica >= spread[pipelines[1]]  # each moved at once, not after the coordinator's epoch

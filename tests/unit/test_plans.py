@@ -430,6 +430,9 @@ def test_replicas_are_planned_on_the_peers_left_round_trip_and_a_broken_first_pi
     assert d2 is not None and d2.reason == "promote"
     assert [(s.node, s.start, s.end) for s in d2.split.stages] == [
         (s.node, s.start, s.end) for s in plan.split(LAYERS, 1).stages]
+    # ... and the free peers (the broken pipeline's survivor, the one left over) refill a replica in the same step
+    free = {w.node_id for w in ws} - {dead} - {a.node for a in plan.replicas[0]}
+    assert len(d2.replicas) == 1 and {s.node for s in d2.replicas[0].stages} == free
     # A peer of a replica dies instead: the replica goes, the first pipeline stays as it is.
     gone = plan.replicas[0][0].node
     ws = [Worker(w.node_id, w.flops, w.memory_bytes, S.OFFLINE if w.node_id == gone else S.READY, link_s=0.001)
