@@ -269,13 +269,14 @@ class Driver:
         sessions and step time, and the sessions this driver runs on it), another than ``avoid`` when there is
         one; None when none is ready."""
         ready = self.routes(spec)
-        others = [r for r in ready if r.hops != avoid] or ready
-        if not others:
-            return None
-        if len(others) == 1:
-            return others[0]
-        return least_loaded(others, [[self._load(r, h) for h in r.hops] for r in others],
-                            [self._on_route.get(r.hops, 0) for r in others])
+        return self._least_loaded([r for r in ready if r.hops != avoid] or ready)
+
+    def _least_loaded(self, ready: list[Route]) -> Route | None:
+        """``least_loaded`` of ``ready`` by what its stages' peers gossip and this driver's own sessions."""
+        if len(ready) <= 1:
+            return ready[0] if ready else None
+        return least_loaded(ready, [[self._load(r, h) for h in r.hops] for r in ready],
+                            [self._on_route.get(r.hops, 0) for r in ready])
 
     def _load(self, route: Route, hop: Span) -> tuple[int, float | None]:
         """What ``hop``'s peer last said of the stage: sessions it serves and its decode step, ms (None:
@@ -475,11 +476,11 @@ class Driver:
     def _replica(self, spec: str, failed: Collection[tuple[Span, ...]]) -> Route | None:
         """The least loaded ready pipeline of the plan other than the ``failed`` ones, on peers that are not
         offline (None: none; then the coordinator must cover the failed range)."""
-        ready = [r for r in self.routes(spec) if r.hops not in failed and not self._broken(r)]
-        if len(ready) <= 1:
-            return ready[0] if ready else None
-        return least_loaded(ready, [[self._load(r, h) for h in r.hops] for r in ready],
-                            [self._on_route.get(r.hops, 0) for r in ready])
+        return self._least_loaded(self._spares(spec, failed))
+
+    def _spares(self, spec: str, failed: Collection[tuple[Span, ...]]) -> list[Route]:
+        """The plan's ready pipelines other than the ``failed`` ones, on peers that are not offline."""
+        return [r for r in self.routes(spec) if r.hops not in failed and not self._broken(r)]
 
     def _report_later(self, route: Route, silent: list[NodeId]) -> None:
         """Queue ``route``'s failure for ``reporting`` (full queue: logged and left to the heartbeats)."""
@@ -665,7 +666,7 @@ class Driver:
         fails the step as PEER_UNRESPONSIVE."""
         start = trio.current_time()
         deadline = start + timeout
-        spare = self._replica(route.model, {route.hops}) is not None  # leaving costs only a replay
+        spare = bool(self._spares(route.model, {route.hops}))  # leaving costs only a replay
         stall = max(REPLICA_STALL_AFTER if spare else STALL_AFTER, STALL_STEPS * typical)
         ping = REPLICA_STALL_PING if spare else STALL_PING
         check_at = start + stall

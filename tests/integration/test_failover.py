@@ -50,12 +50,17 @@ def timed_out(peer: PeerProcess, node: str) -> float:
                default=float("inf"))
 
 
-def received_bytes(peer: PeerProcess) -> float:
-    """What the peer has fetched from holders so far (its /metrics counter)."""
+def metric(peer: PeerProcess, prefix: str, label: str = "") -> float:
+    """The sum of the peer's /metrics samples whose line starts with ``prefix`` and contains ``label``."""
     with urllib.request.urlopen(f"{peer.api}/metrics", timeout=3.0) as r:
         text = r.read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("meshnode_transfer_bytes_total") and 'direction="in"' in line)
+               if line.startswith(prefix) and label in line)
+
+
+def received_bytes(peer: PeerProcess) -> float:
+    """What the peer has fetched from holders so far (its /metrics counter)."""
+    return metric(peer, "meshnode_transfer_bytes_total", 'direction="in"')
 
 
 class Stream:
@@ -152,10 +157,7 @@ def test_kill_and_sigstop_of_the_serving_peer_fail_over_at_once_from_standby_sha
 
 def stage_sessions(peer: PeerProcess) -> float:
     """Activation sessions open on the peer's stages now (its /metrics gauge)."""
-    with urllib.request.urlopen(f"{peer.api}/metrics", timeout=3.0) as r:
-        text = r.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("meshnode_stage_sessions{"))
+    return metric(peer, "meshnode_stage_sessions{")
 
 
 def pipelines(peer: PeerProcess) -> list[list[str]]:
